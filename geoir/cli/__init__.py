@@ -1,0 +1,75 @@
+"""The ``geoir`` command line: a click group whose subcommands live one per module.
+
+Subcommand modules are imported only when a command runs (or ``--help`` lists them), and heavy
+libraries (torch, timm, faiss, geopandas) only inside command bodies, so ``geoir --help`` is instant.
+Plugins add commands through the ``geoir.commands`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from geoir import __version__
+from geoir.errors import GeoirError
+
+#: Built-in subcommands: name -> "module:attribute".
+COMMANDS = {
+    "tile": "geoir.cli.tile:tile",
+}
+
+
+class GeoirGroup(click.Group):
+    """Lazily loaded subcommands; :class:`GeoirError` becomes a one-line message and exit code 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *(ep.name for ep in entry_points(group="geoir.commands"))})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            eps = [ep for ep in entry_points(group="geoir.commands") if ep.name == cmd_name]
+            return eps[0].load() if eps else None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except GeoirError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno == logging.INFO else f"{record.levelname.lower()}: {msg}"
+
+
+@click.group(cls=GeoirGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="geoir")
+@click.option("-v", "--verbose", count=True, help="More messages on stderr (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Fewer messages and no progress bars (repeatable).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """Find places that look alike in satellite and aerial imagery.
+
+    \b
+    $ geoir tile scene.tif                      # tile, encode and index into ./geoir-index
+    $ geoir search query.png --out hits.gpkg    # top-k similar tiles as polygons for QGIS
+    """
+    level = logging.INFO + 10 * (quiet - verbose)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter("%(message)s"))
+    log = logging.getLogger("geoir")
+    log.handlers[:] = [handler]
+    log.setLevel(max(logging.DEBUG, level))
+    log.propagate = False
+    ctx.obj = {"verbosity": verbose - quiet}
+
+
+main = cli

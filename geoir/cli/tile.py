@@ -1,0 +1,113 @@
+"""``geoir tile``: cut scenes into georeferenced tiles and record them in an index bundle."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from geoir.cli.options import BandsType, FractionType, PositiveFloat, index_option, progress_enabled, tqdm_progress
+
+
+@click.command(short_help="Cut scenes into tiles and index them.")
+@click.argument("scenes", nargs=-1, required=True, metavar="SCENE...")
+@index_option
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Tile size in pixels [default: 256].")
+@click.option(
+    "--overlap",
+    type=FractionType(0.0, 1.0, high_open=True),
+    default=None,
+    help="Overlap between neighbouring tiles as a fraction of --size, in [0, 1) [default: 0].",
+)
+@click.option(
+    "--stride", type=click.IntRange(min=1), default=None, help="Step between tiles in pixels (instead of --overlap)."
+)
+@click.option(
+    "--gsd",
+    type=PositiveFloat(),
+    default=None,
+    help="Target metres per pixel: scenes are resampled so tiles cover the same ground size.",
+)
+@click.option(
+    "--bands",
+    type=BandsType(),
+    default=None,
+    help="Bands for red,green,blue, e.g. 4,3,2 [default: RGB by colour interpretation, else 1,2,3].",
+)
+@click.option("--nodata", type=float, default=None, help="Treat this value as nodata (overrides the file's).")
+@click.option(
+    "--max-nodata",
+    type=FractionType(0.0, 1.0),
+    default=None,
+    help="Skip tiles with a larger fraction of nodata pixels [default: 0.5].",
+)
+@click.option(
+    "--export-chips",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write every kept tile as a small GeoTIFF into this directory.",
+)
+@click.pass_context
+def tile(
+    ctx: click.Context,
+    scenes: tuple[str, ...],
+    index_dir: str,
+    size: int | None,
+    overlap: float | None,
+    stride: int | None,
+    gsd: float | None,
+    bands: tuple[int, ...] | None,
+    nodata: float | None,
+    max_nodata: float | None,
+    export_chips: Path | None,
+) -> None:
+    """Cut SCENE rasters into tiles and record them in the index bundle.
+
+    SCENE is a raster file (GeoTIFF, COG, JP2, any GDAL format with a CRS), a glob, or a directory.
+    Scenes already in the bundle are skipped; new ones are appended. The tiling options are fixed
+    when the bundle is created; later runs reuse them.
+
+    \b
+    Examples:
+      $ geoir tile scene.tif
+      $ geoir tile scenes/ --index naip-index --size 224 --overlap 0.5
+      $ geoir tile s2.tif --bands 1,2,3 --gsd 10 --export-chips chips/
+    """
+    from geoir.index.bundle import Bundle
+    from geoir.tiling.grid import TilingParams
+    from geoir.tiling.run import check_writable_dir, prepare_scenes, tile_scenes
+
+    if overlap is not None and stride is not None:
+        raise click.UsageError("give --overlap or --stride, not both")
+    index = Path(index_dir)
+    # Options left out fall back to the bundle's own parameters (or the defaults for a new bundle);
+    # options that contradict an existing bundle are refused by Bundle.open_or_create.
+    base = Bundle.open(index).params if (index / "manifest.json").exists() else TilingParams()
+    size_ = size if size is not None else base.size
+    if stride is not None:
+        stride_ = stride
+    elif overlap is not None:
+        stride_ = TilingParams.from_overlap(size_, overlap).stride
+    else:
+        stride_ = size_ if size is not None else base.stride
+    params = TilingParams(
+        size=size_,
+        stride=stride_,
+        gsd=gsd if gsd is not None else base.gsd,
+        max_nodata=max_nodata if max_nodata is not None else base.max_nodata,
+    )
+    prepared = prepare_scenes(scenes, bands=bands, nodata=nodata)
+    if export_chips is not None:
+        check_writable_dir(export_chips, "the chips directory")
+    bundle = Bundle.open_or_create(index, params)
+    with bundle.lock():
+        report = tile_scenes(bundle, prepared, chips_dir=export_chips, progress=tqdm_progress(progress_enabled(ctx)))
+    logging.getLogger("geoir").info(
+        "%s: %d scene(s) added, %d already indexed, %d tiles added; %d tiles in total",
+        index,
+        len(report.added_scenes),
+        len(report.skipped_scenes),
+        report.tiles_added,
+        bundle.manifest["counts"]["tiles"],
+    )

@@ -1,0 +1,363 @@
+"""The index bundle: a directory holding the manifest, the tile catalog and (later) the vectors.
+
+Layout::
+
+    geoir-index/
+      manifest.json   format version, tiling parameters, model fingerprint, counts (atomic replace)
+      catalog.gpkg    layers `scenes` and `tiles` (EPSG:4326 footprints, R-tree index)
+      .lock           advisory lock held by the process writing the bundle
+
+Crash safety: a scene is committed by its row in the `scenes` layer, written *after* its tiles.
+Tiles whose scene has no row (a run killed mid-scene) are invisible to readers and deleted by the
+next writer, so an interrupted ``geoir tile`` leaves a valid bundle and a re-run resumes cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import shapely
+from pyogrio.errors import DataLayerError, DataSourceError
+
+from geoir import __version__
+from geoir.errors import BundleError
+from geoir.io.scene import Scene
+from geoir.tiling.grid import Tile, TilingParams, window_polygons
+
+FORMAT = "geoir-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CATALOG = "catalog.gpkg"
+DEFAULT_INDEX = "geoir-index"
+
+TILE_COLUMNS = ["tile_id", "scene_id", "col_off", "row_off", "width", "height", "nodata_fraction"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class Bundle:
+    """An index bundle on disk.
+
+    Use :meth:`open` for an existing bundle (searching, inspecting) and :meth:`open_or_create` when
+    tiling into it. Writers must hold :meth:`lock`.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Bundle:
+        """Open an existing bundle.
+
+        Raises:
+            BundleError: No bundle at ``path``, or its manifest is corrupt or of another format.
+        """
+        p = Path(path)
+        mf = p / MANIFEST
+        if not mf.exists():
+            if p.exists() and not p.is_dir():
+                raise BundleError(f"{p} is a file, not an index bundle directory; pass --index DIR")
+            raise BundleError(
+                f"no index bundle at {p} ({MANIFEST} missing); create one with `geoir tile SCENE --index {p}`"
+            )
+        try:
+            manifest = json.loads(mf.read_text())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{mf} is corrupt ({exc}); restore it from a backup or re-create the bundle") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"{mf} is not a geoir bundle manifest; pass the directory `geoir tile` created")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise BundleError(f"{p} was written by a newer geoir (format {manifest['format_version']}); upgrade geoir")
+        bundle = cls(p, manifest)
+        if bundle.catalog_path.exists():
+            bundle._check_catalog()
+        return bundle
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike[str], params: TilingParams | None) -> Bundle:
+        """Open the bundle at ``path``, or create it with ``params`` (defaults when None).
+
+        Raises:
+            BundleError: ``params`` differ from those the bundle was tiled with, or the directory
+                cannot be written.
+        """
+        p = Path(path)
+        if (p / MANIFEST).exists():
+            bundle = cls.open(p)
+            have = bundle.params
+            if params is not None and params != have:
+                raise BundleError(
+                    f"{p} was tiled with {_describe(have)}; re-run with those options, or use another --index"
+                )
+            return bundle
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise BundleError(f"{p} exists and is not a geoir bundle; pass an empty or new --index directory")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe = p / ".geoir-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise BundleError(
+                f"cannot write the index directory {p} ({exc.strerror}); pick a writable --index"
+            ) from exc
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "geoir_version": __version__,
+            "created": _now(),
+            "updated": _now(),
+            "tiling": (params or TilingParams()).to_dict(),
+            "model": None,
+            "counts": {"scenes": 0, "tiles": 0},
+        }
+        bundle = cls(p, manifest)
+        bundle.write_manifest()
+        return bundle
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def catalog_path(self) -> Path:
+        return self.path / CATALOG
+
+    @property
+    def params(self) -> TilingParams:
+        t = self.manifest["tiling"]
+        return TilingParams(size=t["size"], stride=t["stride"], gsd=t["gsd"], max_nodata=t["max_nodata"])
+
+    def write_manifest(self) -> None:
+        self.manifest["updated"] = _now()
+        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the bundle's write lock (advisory, released when the process dies)."""
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise BundleError(f"{self.path} is being written by another geoir process; wait for it") from exc
+                raise
+            yield
+        finally:
+            os.close(fd)
+
+    # ---------------------------------------------------------------- catalog
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.catalog_path, timeout=30)
+
+    def _check_catalog(self) -> None:
+        try:
+            layers = {name for name, _ in pyogrio.list_layers(self.catalog_path)}
+        except (DataSourceError, OSError) as exc:
+            raise BundleError(
+                f"{self.catalog_path} is corrupt ({exc}); restore it or re-create the bundle with `geoir tile`"
+            ) from exc
+        if not {"scenes", "tiles"} <= layers:
+            raise BundleError(f"{self.catalog_path} lacks the scenes/tiles layers; re-create the bundle")
+
+    def scene_records(self) -> list[dict[str, Any]]:
+        """The committed scenes, as stored (plain dicts, see :meth:`Scene.to_record`)."""
+        if not self.catalog_path.exists():
+            return []
+        with contextlib.closing(self._connect()) as con:
+            rows = con.execute("SELECT record, n_tiles, added FROM scenes ORDER BY fid").fetchall()
+        out = []
+        for record, n_tiles, added in rows:
+            d = json.loads(record)
+            d["n_tiles"] = n_tiles
+            d["added"] = added
+            out.append(d)
+        return out
+
+    def scene_ids(self) -> set[str]:
+        return {r["id"] for r in self.scene_records()}
+
+    def scene(self, scene_id: str) -> Scene:
+        """The committed scene with this id.
+
+        Raises:
+            BundleError: No such scene in the bundle.
+        """
+        for r in self.scene_records():
+            if r["id"] == scene_id:
+                return Scene.from_record(r)
+        raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info {self.path}` lists them")
+
+    def scenes(self) -> gpd.GeoDataFrame:
+        """The `scenes` layer."""
+        if not self.catalog_path.exists():
+            return gpd.GeoDataFrame({"scene_id": []}, geometry=[], crs="EPSG:4326")
+        return pyogrio.read_dataframe(self.catalog_path, layer="scenes")
+
+    def tiles(
+        self, scene_id: str | None = None, bbox: tuple[float, float, float, float] | None = None
+    ) -> gpd.GeoDataFrame:
+        """Committed tiles, optionally of one scene or intersecting a lon/lat bbox (uses the R-tree)."""
+        if not self.catalog_path.exists():
+            return gpd.GeoDataFrame({c: [] for c in TILE_COLUMNS}, geometry=[], crs="EPSG:4326")
+        committed = self.scene_ids()
+        where = "scene_id = '{}'".format(scene_id.replace("'", "''")) if scene_id else None
+        df = pyogrio.read_dataframe(self.catalog_path, layer="tiles", where=where, bbox=bbox)
+        return df[df["scene_id"].isin(committed)].reset_index(drop=True)
+
+    def n_tiles(self) -> int:
+        return int(sum(r["n_tiles"] for r in self.scene_records()))
+
+    def reconcile(self) -> int:
+        """Delete tiles whose scene was never committed (a killed run); returns how many."""
+        if not self.catalog_path.exists():
+            return 0
+        with contextlib.closing(self._connect()) as con, con:
+            cur = con.execute("DELETE FROM tiles WHERE scene_id NOT IN (SELECT scene_id FROM scenes)")
+            return cur.rowcount
+
+    def add_scene(
+        self,
+        scene: Scene,
+        grid_transform: Any,
+        grid_size: tuple[int, int],
+        scene_footprint: shapely.Polygon,
+        tiles: list[Tile],
+        nodata_fractions: Iterable[float],
+        tile_footprints: np.ndarray,
+    ) -> None:
+        """Commit a scene and its tiles: tiles first, then the scene row that makes them visible."""
+        fracs = np.fromiter(nodata_fractions, dtype=np.float64, count=len(tiles))
+        tiles_df = gpd.GeoDataFrame(
+            {
+                "tile_id": np.array([t.id for t in tiles], dtype=np.int64),
+                "scene_id": [scene.id] * len(tiles),
+                "col_off": np.array([t.window.col_off for t in tiles], dtype=np.int32),
+                "row_off": np.array([t.window.row_off for t in tiles], dtype=np.int32),
+                "width": np.array([t.window.width for t in tiles], dtype=np.int32),
+                "height": np.array([t.window.height for t in tiles], dtype=np.int32),
+                "nodata_fraction": fracs,
+            },
+            geometry=gpd.GeoSeries(tile_footprints, crs="EPSG:4326")
+            if len(tiles)
+            else gpd.GeoSeries([], crs="EPSG:4326"),
+            crs="EPSG:4326",
+        )
+        record = scene.to_record()
+        record["grid_transform"] = list(grid_transform)[:6]
+        record["grid_width"], record["grid_height"] = grid_size
+        epsg = scene.crs.to_epsg()
+        scene_df = gpd.GeoDataFrame(
+            {
+                "scene_id": [scene.id],
+                "path": [scene.path],
+                "fingerprint": [scene.fingerprint],
+                "crs": [f"EPSG:{epsg}" if epsg else scene.crs.to_wkt()],
+                "native_gsd": [scene.native_gsd],
+                "width": [scene.width],
+                "height": [scene.height],
+                "bands": [",".join(map(str, scene.bands))],
+                "dtype": [scene.dtype],
+                "nodata": [scene.nodata],
+                "scaling": [json.dumps(scene.scaling.to_dict())],
+                "n_tiles": [len(tiles)],
+                "added": [_now()],
+                "record": [json.dumps(record)],
+            },
+            geometry=[scene_footprint],
+            crs="EPSG:4326",
+        )
+        if not self.catalog_path.exists():
+            self._create_catalog(scene_df, tiles_df)
+        else:
+            try:
+                if len(tiles_df):
+                    pyogrio.write_dataframe(
+                        tiles_df, self.catalog_path, layer="tiles", append=True, promote_to_multi=False
+                    )
+                pyogrio.write_dataframe(scene_df, self.catalog_path, layer="scenes", append=True)
+            except (DataSourceError, DataLayerError, OSError) as exc:
+                raise BundleError(f"cannot write {self.catalog_path} ({exc}); is the disk full?") from exc
+        counts = self.manifest["counts"]
+        counts["scenes"] += 1
+        counts["tiles"] += len(tiles)
+        self.write_manifest()
+
+    def _create_catalog(self, scene_df: gpd.GeoDataFrame, tiles_df: gpd.GeoDataFrame) -> None:
+        # The first write builds the whole file under a temp name, so a bundle never shows half a catalog.
+        tmp = self.path / ".catalog.tmp.gpkg"
+        tmp.unlink(missing_ok=True)
+        try:
+            # GeoPackage 1.2 rather than GDAL's newest: QGIS 3.22 and older GDALs read it without warnings.
+            pyogrio.write_dataframe(
+                tiles_df, tmp, layer="tiles", driver="GPKG", geometry_type="Polygon", dataset_options={"VERSION": "1.2"}
+            )
+            pyogrio.write_dataframe(scene_df, tmp, layer="scenes", driver="GPKG", geometry_type="Polygon")
+            with contextlib.closing(sqlite3.connect(tmp)) as con, con:
+                con.execute("CREATE UNIQUE INDEX IF NOT EXISTS tiles_tile_id ON tiles(tile_id)")
+                con.execute("CREATE INDEX IF NOT EXISTS tiles_scene_id ON tiles(scene_id)")
+            os.replace(tmp, self.catalog_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def remove_scene(self, scene_id: str) -> int:
+        """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
+        if scene_id not in self.scene_ids():
+            raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info {self.path}` lists them")
+        with contextlib.closing(self._connect()) as con, con:
+            # Scene row first: from that instant its tiles are invisible, whatever happens next.
+            con.execute("DELETE FROM scenes WHERE scene_id = ?", (scene_id,))
+            n = con.execute("DELETE FROM tiles WHERE scene_id = ?", (scene_id,)).rowcount
+        counts = self.manifest["counts"]
+        counts["scenes"] -= 1
+        counts["tiles"] -= n
+        self.write_manifest()
+        return n
+
+
+def tile_footprint_native(
+    record: dict[str, Any], col_off: int, row_off: int, width: int, height: int
+) -> shapely.Polygon:
+    """Footprint of a catalog tile in its scene CRS, recovered from the scene's grid transform."""
+    from affine import Affine
+    from rasterio.windows import Window
+
+    ring = window_polygons(Affine(*record["grid_transform"]), [Window(col_off, row_off, width, height)], densify=1)
+    return shapely.Polygon(ring[0])
+
+
+def _describe(p: TilingParams) -> str:
+    gsd = f" --gsd {p.gsd:g}" if p.gsd else ""
+    return f"--size {p.size} --stride {p.stride}{gsd} --max-nodata {p.max_nodata:g}"

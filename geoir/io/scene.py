@@ -1,0 +1,462 @@
+"""Scene I/O: open rasters, choose bands, compute value scaling, read tile windows.
+
+This is the only module of the tiling stage that touches file names. A :class:`Scene` carries what
+the rest of the pipeline needs to know about a raster (CRS, grid, bands, scaling) as plain values, so
+worker processes can reopen the file themselves from ``Scene.path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geoir.errors import SceneError
+
+log = logging.getLogger("geoir")
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt", ".ntf", ".nitf", ".hdf", ".nc")
+
+#: Percentiles used to stretch non-uint8 data to 0-255. 2/98 is the usual "linear 2%" stretch of
+#: QGIS and most viewers: robust to a few saturated or dark pixels.
+DEFAULT_PERCENTILES = (2.0, 98.0)
+
+#: Longest side of the decimated read used for statistics; bounded so a 20000x20000 scene costs
+#: the same as a small one.
+STATS_MAX_SIDE = 1024
+
+_METERS_PER_DEGREE = 111_319.49
+
+
+@dataclass(frozen=True, slots=True)
+class Scaling:
+    """Linear stretch of each selected band from ``[low, high]`` to ``[0, 255]``.
+
+    Computed once per scene from a decimated read and stored in the catalog, so every tile of a
+    scene (and a GeoTIFF query cut from it) is scaled identically. ``low``/``high`` are ``None`` for
+    uint8 data, which is used as is.
+    """
+
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.low is None
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        """Scale ``data`` (bands, rows, cols) of any dtype to uint8."""
+        if self.low is None or self.high is None:
+            if data.dtype == np.uint8:
+                return data
+            return np.clip(data, 0, 255).astype(np.uint8)
+        low = np.asarray(self.low, dtype=np.float32)[:, None, None]
+        high = np.asarray(self.high, dtype=np.float32)[:, None, None]
+        span = np.maximum(high - low, 1e-6)
+        out = (data.astype(np.float32) - low) * (255.0 / span)
+        out = np.nan_to_num(out, nan=0.0)
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"low": list(self.low) if self.low else None, "high": list(self.high) if self.high else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scaling:
+        low, high = d.get("low"), d.get("high")
+        return cls(tuple(low) if low else None, tuple(high) if high else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    """A raster opened for tiling: its grid, CRS, selected bands and value scaling.
+
+    Attributes:
+        id: Short content-derived id (first 16 hex digits of ``fingerprint``).
+        path: Absolute path of the raster.
+        fingerprint: Sampled content hash (see :func:`content_fingerprint`).
+        crs: Coordinate reference system of the raster.
+        transform: Affine transform of the native pixel grid.
+        width: Native width in pixels.
+        height: Native height in pixels.
+        count: Number of bands in the file.
+        dtype: Numpy dtype name of the bands.
+        nodata: Nodata value, if any (file value or user override).
+        bands: 1-based band indexes read for each of the three model channels.
+        native_gsd: Ground sample distance of the native grid in metres (approximate for
+            geographic CRSs).
+        scaling: Stretch to 0-255 for non-uint8 data.
+        mask_kind: How invalid pixels are found: ``nodata``, ``mask`` (internal mask or alpha),
+            ``nan`` (float data), or ``none``.
+    """
+
+    id: str
+    path: str
+    fingerprint: str
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    bands: tuple[int, ...]
+    native_gsd: float
+    scaling: Scaling = field(default_factory=Scaling)
+    mask_kind: str = "none"
+
+    def grid_scale(self, gsd: float | None) -> float:
+        """Native pixels per grid pixel for a target ground sample distance (1.0 when ``gsd`` is None)."""
+        if gsd is None:
+            return 1.0
+        return gsd / self.native_gsd
+
+    def grid(self, gsd: float | None) -> tuple[Affine, int, int]:
+        """The tiling grid at ``gsd``: its transform, width and height in grid pixels."""
+        f = self.grid_scale(gsd)
+        width = max(1, round(self.width / f))
+        height = max(1, round(self.height / f))
+        return self.transform @ Affine.scale(self.width / width, self.height / height), width, height
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON-able description, as stored in the catalog."""
+        d = asdict(self)
+        d["crs"] = self.crs.to_wkt()
+        d["transform"] = list(self.transform)[:6]
+        d["bands"] = list(self.bands)
+        d["scaling"] = self.scaling.to_dict()
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> Scene:
+        """Inverse of :meth:`to_record`."""
+        return cls(
+            id=d["id"],
+            path=d["path"],
+            fingerprint=d["fingerprint"],
+            crs=CRS.from_user_input(d["crs"]),
+            transform=Affine(*d["transform"]),
+            width=int(d["width"]),
+            height=int(d["height"]),
+            count=int(d["count"]),
+            dtype=d["dtype"],
+            nodata=d["nodata"],
+            bands=tuple(int(b) for b in d["bands"]),
+            native_gsd=float(d["native_gsd"]),
+            scaling=Scaling.from_dict(d["scaling"]),
+            mask_kind=d.get("mask_kind", "none"),
+        )
+
+
+def content_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """A sha256 over the file size and three 1 MiB samples (start, middle, end).
+
+    Hashing every byte of a 10 GB scene would cost more than tiling it; sampling still changes when
+    the file is replaced, re-encoded or appended to, which is what re-running ``geoir tile`` must
+    notice. Files under 3 MiB are hashed whole.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(f"geoir-fp-v1:{size}:".encode())
+    with open(p, "rb") as f:
+        if size <= 3 * chunk:
+            h.update(f.read())
+        else:
+            for off in (0, size // 2 - chunk // 2, size - chunk):
+                f.seek(off)
+                h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def open_scene(
+    path: str | os.PathLike[str],
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+) -> Scene:
+    """Open a raster, validate it and compute what tiling needs.
+
+    Args:
+        path: Any GDAL-readable raster with a CRS.
+        bands: 1-based band indexes for the three model channels. Default: the red, green and blue
+            bands by colour interpretation, else the first three; with fewer than three bands the
+            last one is repeated.
+        nodata: Override the file's nodata value (e.g. 0 for Landsat fill without a declared nodata).
+        percentiles: Low and high percentiles of the stretch for non-uint8 data.
+
+    Raises:
+        SceneError: The file is missing, not a raster, has no CRS, or a band is out of range.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SceneError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise SceneError(f"{p} is a directory; pass raster files, a glob, or the directory to `geoir tile`")
+    try:
+        src = rasterio.open(p)
+    except RasterioIOError as exc:
+        raise SceneError(f"{p} is not a raster GDAL can read ({exc}); pass a GeoTIFF, COG, JP2 or similar") from exc
+    with src:
+        if src.crs is None:
+            raise SceneError(f"{p} has no CRS; georeference it first (e.g. gdal_edit.py -a_srs EPSG:XXXX {p.name})")
+        if src.transform.is_identity:
+            raise SceneError(f"{p} has a CRS but no geotransform; georeference it first")
+        chosen = _choose_bands(src, bands, p)
+        nd = nodata if nodata is not None else src.nodata
+        mask_kind = _mask_kind(src, chosen, nd)
+        dtype = src.dtypes[chosen[0] - 1]
+        scaling = Scaling()
+        if dtype != "uint8":
+            scaling = _percentile_scaling(src, chosen, nd, mask_kind, percentiles)
+        fp = content_fingerprint(p)
+        return Scene(
+            id=fp[:16],
+            path=str(p.resolve()),
+            fingerprint=fp,
+            crs=src.crs,
+            transform=src.transform,
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=dtype,
+            nodata=None if nd is None else float(nd),
+            bands=chosen,
+            native_gsd=native_gsd(src.crs, src.transform, src.height),
+            scaling=scaling,
+            mask_kind=mask_kind,
+        )
+
+
+def native_gsd(crs: CRS, transform: Affine, height: int) -> float:
+    """Ground sample distance of a pixel grid in metres (mean of the two pixel axes).
+
+    For geographic CRSs the degree is converted at the grid's centre latitude, which is the best a
+    single number can say for a scene in degrees.
+    """
+    sx = math.hypot(transform.a, transform.d)
+    sy = math.hypot(transform.b, transform.e)
+    if crs.is_geographic:
+        lat = transform.f + transform.e * height / 2
+        return (sx * math.cos(math.radians(lat)) + sy) / 2 * _METERS_PER_DEGREE
+    factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
+    return (sx + sy) / 2 * factor
+
+
+def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path: Path) -> tuple[int, ...]:
+    if bands is not None:
+        bad = [b for b in bands if not 1 <= b <= src.count]
+        if bad:
+            raise SceneError(f"{path} has {src.count} band(s); band {bad[0]} is out of range (use 1..{src.count})")
+        chosen = list(bands)
+    else:
+        ci = list(src.colorinterp)
+        rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+        chosen = [ci.index(c) + 1 for c in rgb] if all(c in ci for c in rgb) else list(range(1, min(3, src.count) + 1))
+    while len(chosen) < 3:
+        chosen.append(chosen[-1])
+    if len(chosen) > 3:
+        raise SceneError(f"{path}: {len(chosen)} bands selected; the model takes 3 (or 1, repeated)")
+    return tuple(chosen)
+
+
+def _mask_kind(src: rasterio.DatasetReader, bands: tuple[int, ...], nodata: float | None) -> str:
+    if nodata is not None:
+        return "nodata"
+    flags = src.mask_flag_enums[bands[0] - 1]
+    if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+        return "mask"
+    if np.issubdtype(np.dtype(src.dtypes[bands[0] - 1]), np.floating):
+        return "nan"
+    return "none"
+
+
+def _percentile_scaling(
+    src: rasterio.DatasetReader,
+    bands: tuple[int, ...],
+    nodata: float | None,
+    mask_kind: str,
+    percentiles: tuple[float, float],
+) -> Scaling:
+    # A decimated read goes through overviews when the file has them, so this stays cheap and
+    # bounded in memory whatever the scene size.
+    f = max(1.0, max(src.width, src.height) / STATS_MAX_SIDE)
+    shape = (len(bands), max(1, int(src.height / f)), max(1, int(src.width / f)))
+    data = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest).astype(np.float64)
+    valid = valid_mask(src, data, bands, nodata, mask_kind, out_shape=shape)
+    if mask_kind == "none":
+        zeros = float(np.all(data == 0, axis=0).mean())
+        if zeros > 0.05:
+            log.warning(
+                "%s: %.0f%% of pixels are 0 in every band and no nodata value is set; if 0 is fill, pass --nodata 0",
+                src.name,
+                100 * zeros,
+            )
+    low, high = [], []
+    for i in range(len(bands)):
+        v = data[i][valid]
+        if v.size == 0:
+            raise SceneError(f"{src.name} has no valid pixels in band {bands[i]}; check its nodata value")
+        lo, hi = np.percentile(v, percentiles)
+        if hi <= lo:
+            hi = lo + 1.0
+        low.append(float(lo))
+        high.append(float(hi))
+    return Scaling(tuple(low), tuple(high))
+
+
+def valid_mask(
+    src: rasterio.DatasetReader,
+    data: np.ndarray,
+    bands: tuple[int, ...],
+    nodata: float | None,
+    mask_kind: str,
+    window: Window | None = None,
+    out_shape: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """Boolean (rows, cols) mask of valid pixels for data read from ``src``.
+
+    A pixel is invalid when every selected band equals nodata (GDAL's dataset-mask rule), is NaN,
+    or is masked by an internal mask or alpha band.
+    """
+    if mask_kind == "nodata":
+        return ~np.all(data == nodata, axis=0)
+    if mask_kind == "nan":
+        return ~np.all(np.isnan(data), axis=0)
+    if mask_kind == "mask":
+        kwargs: dict[str, Any] = {"window": window, "boundless": window is not None}
+        if out_shape is not None:
+            kwargs["out_shape"] = out_shape[1:]
+        return src.read_masks(bands[0], **kwargs) > 0
+    return np.ones(data.shape[1:], dtype=bool)
+
+
+class SceneReader:
+    """Reads tile windows of one scene as scaled uint8 RGB arrays plus their valid-pixel masks.
+
+    Opens the file lazily and keeps the handle, so a DataLoader worker process that receives a
+    reader opens its own dataset handle (GDAL handles must not cross processes).
+    """
+
+    def __init__(self, scene: Scene, gsd: float | None = None, resampling: Resampling = Resampling.bilinear):
+        self.scene = scene
+        self.gsd = gsd
+        self.resampling = resampling
+        _, gw, gh = scene.grid(gsd)
+        self._fx = scene.width / gw
+        self._fy = scene.height / gh
+        self._src: rasterio.DatasetReader | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_src"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def src(self) -> rasterio.DatasetReader:
+        if self._src is None or self._src.closed:
+            try:
+                self._src = rasterio.open(self.scene.path)
+            except RasterioIOError as exc:
+                raise SceneError(f"{self.scene.path} can no longer be read ({exc}); was it moved?") from exc
+        return self._src
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Read a grid window: (3, height, width) uint8 and a (height, width) valid mask.
+
+        Windows are in the tiling grid's pixels; they are mapped to native pixels (possibly
+        fractional, when a target GSD resamples) and read boundless, so a scene smaller than one
+        tile gives a padded tile whose padding is masked invalid.
+        """
+        sc = self.scene
+        out_shape = (len(sc.bands), int(window.height), int(window.width))
+        native = Window(
+            window.col_off * self._fx, window.row_off * self._fy, window.width * self._fx, window.height * self._fy
+        )
+        fill = sc.nodata if sc.nodata is not None else 0
+        data = self.src.read(
+            list(sc.bands),
+            window=native,
+            out_shape=out_shape,
+            resampling=self.resampling,
+            boundless=True,
+            fill_value=fill,
+        )
+        valid = valid_mask(self.src, data, sc.bands, sc.nodata, sc.mask_kind, window=native, out_shape=out_shape)
+        inside = _inside_mask(native, sc.width, sc.height, out_shape[1:])
+        if inside is not None:
+            valid &= inside
+        rgb = sc.scaling.apply(data)
+        if not valid.all():
+            rgb = rgb.copy()
+            rgb[:, ~valid] = 0
+        return rgb, valid
+
+
+def _inside_mask(native: Window, width: int, height: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """Mask of the grid pixels that fall inside the raster (None when the window is fully inside)."""
+    if (
+        native.col_off >= 0
+        and native.row_off >= 0
+        and native.col_off + native.width <= width + 1e-6
+        and native.row_off + native.height <= height + 1e-6
+    ):
+        return None
+    rows, cols = shape
+    ys = native.row_off + (np.arange(rows) + 0.5) * native.height / rows
+    xs = native.col_off + (np.arange(cols) + 0.5) * native.width / cols
+    return ((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :]
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Expand files, globs and directories into a sorted, de-duplicated list of raster paths.
+
+    Raises:
+        SceneError: An input matches nothing.
+    """
+    import glob
+
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in RASTER_SUFFIXES)
+            if not found:
+                raise SceneError(f"{p} contains no raster files ({', '.join(RASTER_SUFFIXES)})")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        elif any(ch in item for ch in "*?["):
+            found = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not found:
+                raise SceneError(f"{item}: the pattern matches no file")
+            out.extend(found)
+        else:
+            raise SceneError(f"{p}: no such file; check the path")
+    seen: set[Path] = set()
+    unique = []
+    for q in out:
+        r = q.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(q)
+    return unique

@@ -1,0 +1,200 @@
+"""The tiling grid: windows, tile values and their footprints.
+
+Pure functions over pixel windows and affine transforms; nothing here opens a file. Windows are in
+the pixels of the *tiling grid*, which is the native grid of the scene or, with a target ground sample
+distance, that grid rescaled (see :meth:`geoir.io.scene.Scene.grid`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from pyproj import Transformer
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from geoir.errors import TilingError
+
+#: Points inserted along each footprint edge before reprojection, so that curved edges in EPSG:4326
+#: (e.g. from a UTM grid at high latitude) are followed rather than cut by straight chords.
+DENSIFY_POINTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class TilingParams:
+    """How scenes are cut into tiles; fixed for a whole bundle.
+
+    Attributes:
+        size: Tile width and height in grid pixels.
+        stride: Step between tile origins in grid pixels (``size`` means no overlap).
+        gsd: Target ground sample distance in metres, or None to keep each scene's native grid.
+        max_nodata: Tiles with a larger fraction of invalid pixels are skipped.
+    """
+
+    size: int = 256
+    stride: int = 256
+    gsd: float | None = None
+    max_nodata: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise TilingError(f"tile size must be > 0 pixels, got {self.size}")
+        if not self.stride > 0:
+            raise TilingError(f"stride must be > 0 pixels, got {self.stride}")
+        if self.gsd is not None and not self.gsd > 0:
+            raise TilingError(f"--gsd must be > 0 metres per pixel, got {self.gsd}")
+        if not 0.0 <= self.max_nodata <= 1.0:
+            raise TilingError(f"--max-nodata must be a fraction in [0, 1], got {self.max_nodata}")
+
+    @classmethod
+    def from_overlap(cls, size: int, overlap: float, **kwargs: float | None) -> TilingParams:
+        """Parameters from a fractional overlap in [0, 1) instead of a stride."""
+        if not 0.0 <= overlap < 1.0:
+            raise TilingError(f"--overlap must be in [0, 1), got {overlap}")
+        stride = max(1, round(size * (1.0 - overlap)))
+        return cls(size=size, stride=stride, **kwargs)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"size": self.size, "stride": self.stride, "gsd": self.gsd, "max_nodata": self.max_nodata}
+
+
+def axis_offsets(length: int, size: int, stride: int) -> list[int]:
+    """Tile origins along one axis: every ``stride``, the last snapped so it ends at ``length``.
+
+    A length smaller than one tile gives a single origin 0 (a padded tile).
+    """
+    if length <= size:
+        return [0]
+    n = math.ceil((length - size) / stride) + 1
+    offsets = [min(i * stride, length - size) for i in range(n)]
+    # Snapping can make the last origin equal the one before it when stride divides exactly.
+    return sorted(set(offsets))
+
+
+def grid_windows(width: int, height: int, size: int, stride: int) -> Iterator[Window]:
+    """Windows of a ``width`` x ``height`` grid, row by row (compare ``rasterio.windows.subdivide``)."""
+    cols = axis_offsets(width, size, stride)
+    for row in axis_offsets(height, size, stride):
+        for col in cols:
+            yield Window(col, row, size, size)
+
+
+def tile_count(width: int, height: int, size: int, stride: int) -> int:
+    """Number of windows :func:`grid_windows` yields, by formula."""
+
+    def n(length: int) -> int:
+        return 1 if length <= size else math.ceil((length - size) / stride) + 1
+
+    return n(width) * n(height)
+
+
+def tile_id(scene_fingerprint: str, window: Window, params: TilingParams) -> int:
+    """A stable 63-bit id for a tile: the same scene content, window and grid always give the same id.
+
+    FAISS keys vectors by int64; 63 bits keep ids positive. Deterministic ids make re-runs and
+    distributed runs produce the same catalog as a single-process run.
+    """
+    key = f"{scene_fingerprint}:{params.size}:{params.gsd}:{int(window.col_off)}:{int(window.row_off)}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One georeferenced tile of a scene.
+
+    Attributes:
+        id: Stable 63-bit tile id (see :func:`tile_id`).
+        scene_id: Id of the scene the tile belongs to.
+        window: Pixel window in the tiling grid (``col_off, row_off, width, height``).
+        transform: Affine transform of the tile's own pixels, in the scene CRS.
+        crs: The scene CRS.
+    """
+
+    id: int
+    scene_id: str
+    window: Window
+    transform: Affine
+    crs: CRS
+
+    @property
+    def corners(self) -> np.ndarray:
+        """The four corners (x, y) in the scene CRS, clockwise from the top-left."""
+        w, h = self.window.width, self.window.height
+        return np.array([self.transform @ xy for xy in ((0, 0), (w, 0), (w, h), (0, h))])
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` in the scene CRS."""
+        c = self.corners
+        return (float(c[:, 0].min()), float(c[:, 1].min()), float(c[:, 0].max()), float(c[:, 1].max()))
+
+    @property
+    def footprint(self) -> shapely.Polygon:
+        """Footprint polygon in the scene CRS (rotated when the transform is)."""
+        return shapely.Polygon(self.corners)
+
+
+def make_tiles(
+    scene_id: str, fingerprint: str, grid_transform: Affine, width: int, height: int, crs: CRS, params: TilingParams
+) -> Iterator[Tile]:
+    """All tiles of a scene's grid, before any nodata filtering."""
+    for w in grid_windows(width, height, params.size, params.stride):
+        yield Tile(
+            id=tile_id(fingerprint, w, params),
+            scene_id=scene_id,
+            window=w,
+            transform=grid_transform @ Affine.translation(w.col_off, w.row_off),
+            crs=crs,
+        )
+
+
+def window_polygons(transform: Affine, windows: Sequence[Window], densify: int = DENSIFY_POINTS) -> np.ndarray:
+    """Densified footprint rings of windows as an array (n, 4 * densify + 1, 2) in the grid's CRS."""
+    t = np.linspace(0.0, 1.0, densify, endpoint=False)
+    # Unit square walked clockwise from the top-left, densify points per edge, then closed.
+    unit = np.concatenate(
+        [
+            np.stack([t, np.zeros_like(t)], 1),
+            np.stack([np.ones_like(t), t], 1),
+            np.stack([1 - t, np.ones_like(t)], 1),
+            np.stack([np.zeros_like(t), 1 - t], 1),
+        ]
+    )
+    unit = np.vstack([unit, unit[:1]])
+    win = np.array([[w.col_off, w.row_off, w.width, w.height] for w in windows], dtype=np.float64)
+    cols = win[:, None, 0] + unit[None, :, 0] * win[:, None, 2]
+    rows = win[:, None, 1] + unit[None, :, 1] * win[:, None, 3]
+    a, b, c, d, e, f = transform[:6]
+    xs = a * cols + b * rows + c
+    ys = d * cols + e * rows + f
+    return np.stack([xs, ys], axis=-1)
+
+
+def footprints(
+    transform: Affine, windows: Sequence[Window], src_crs: CRS, dst_crs: str | CRS = "EPSG:4326"
+) -> np.ndarray:
+    """Footprint polygons of windows reprojected to ``dst_crs``, with densified edges.
+
+    Returns:
+        A numpy array of shapely polygons, one per window.
+    """
+    if not windows:
+        return np.array([], dtype=object)
+    rings = window_polygons(transform, windows)
+    n, m, _ = rings.shape
+    src = ProjCRS.from_user_input(src_crs.to_wkt() if isinstance(src_crs, CRS) else src_crs)
+    dst = ProjCRS.from_user_input(dst_crs.to_wkt() if isinstance(dst_crs, CRS) else dst_crs)
+    if not src.equals(dst):
+        tr = Transformer.from_crs(src, dst, always_xy=True)
+        x, y = tr.transform(rings[..., 0].ravel(), rings[..., 1].ravel())
+        rings = np.stack([np.asarray(x).reshape(n, m), np.asarray(y).reshape(n, m)], axis=-1)
+    if not np.isfinite(rings).all():
+        raise TilingError(f"some tile corners cannot be reprojected from {src.name} to {dst.name}")
+    return shapely.polygons(rings)

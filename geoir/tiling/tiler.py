@@ -1,0 +1,84 @@
+"""Cut a scene into tiles: which windows to read, reading them, and skipping the empty ones.
+
+:class:`TileSource` is a map-style data set (``__len__``/``__getitem__``), so the same object feeds a
+plain loop when only tiling and a ``torch.utils.data.DataLoader`` with worker processes when encoding;
+each worker reopens the raster itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from rasterio.enums import Resampling
+
+from geoir.io.scene import Scene, SceneReader
+from geoir.tiling.grid import Tile, TilingParams, footprints, make_tiles
+
+
+@dataclass(frozen=True, slots=True)
+class TileRead:
+    """A tile with its pixels: scaled uint8 RGB (3, size, size), valid-pixel mask, invalid fraction."""
+
+    tile: Tile
+    rgb: np.ndarray
+    valid: np.ndarray
+    nodata_fraction: float
+
+
+class TileSource:
+    """All candidate tiles of one scene, read on demand.
+
+    Args:
+        scene: The scene, as returned by :func:`geoir.io.scene.open_scene`.
+        params: Tiling parameters of the bundle.
+        resampling: Resampling used when a target GSD rescales the grid.
+    """
+
+    def __init__(self, scene: Scene, params: TilingParams, resampling: Resampling = Resampling.bilinear):
+        self.scene = scene
+        self.params = params
+        self.grid_transform, self.grid_width, self.grid_height = scene.grid(params.gsd)
+        self.tiles: list[Tile] = list(
+            make_tiles(
+                scene.id, scene.fingerprint, self.grid_transform, self.grid_width, self.grid_height, scene.crs, params
+            )
+        )
+        self.reader = SceneReader(scene, params.gsd, resampling)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, float]:
+        """Pixels of tile ``i`` and its invalid-pixel fraction (a tuple, so DataLoader can collate it)."""
+        read = self.read(i)
+        return read.rgb, read.nodata_fraction
+
+    def read(self, i: int) -> TileRead:
+        """Tile ``i`` with its pixels."""
+        rgb, valid = self.reader.read(self.tiles[i].window)
+        return TileRead(self.tiles[i], rgb, valid, float(1.0 - valid.mean()))
+
+    def __iter__(self) -> Iterator[TileRead]:
+        for i in range(len(self)):
+            yield self.read(i)
+
+    def keep(self, nodata_fraction: float) -> bool:
+        """Whether a tile with this invalid fraction is kept (at most ``max_nodata``; never an empty tile)."""
+        return nodata_fraction <= self.params.max_nodata and nodata_fraction < 1.0
+
+    def footprints_lonlat(self, tiles: list[Tile]) -> np.ndarray:
+        """EPSG:4326 footprints (densified, reprojected) of some of this scene's tiles."""
+        return footprints(self.grid_transform, [t.window for t in tiles], self.scene.crs)
+
+    def scene_footprint_lonlat(self) -> shapely.Polygon:
+        """EPSG:4326 footprint of the whole scene."""
+        from rasterio.windows import Window
+
+        win = Window(0, 0, self.grid_width, self.grid_height)
+        return footprints(self.grid_transform, [win], self.scene.crs)[0]
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,243 @@
+"""`geoir tile` end to end through the CLI, reopening what it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from click.testing import CliRunner
+
+from geoir.cli import cli
+from geoir.index.bundle import Bundle, tile_footprint_native
+from geoir.tiling.grid import tile_count
+from tests.conftest import MakeGeoTiff, needs_qgis, qgis_probe
+
+
+def run(*args: str) -> object:
+    return CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
+
+
+def snapshot(index: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(index.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def test_tile_writes_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(shape=(3, 600, 700))
+    index = tmp_path / "idx"
+    r = run("tile", str(scene), "--index", str(index))
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["counts"] == {"scenes": 1, "tiles": tile_count(700, 600, 256, 256)}
+    tiles = gpd.read_file(index / "catalog.gpkg", layer="tiles")
+    scenes = gpd.read_file(index / "catalog.gpkg", layer="scenes")
+    assert tiles.crs.to_epsg() == 4326 and scenes.crs.to_epsg() == 4326
+    assert len(tiles) == 9 and tiles["tile_id"].is_unique
+    assert set(tiles.columns) >= {"tile_id", "scene_id", "col_off", "row_off", "width", "height", "nodata_fraction"}
+    assert sorted(set(tiles["col_off"])) == [0, 256, 444] and sorted(set(tiles["row_off"])) == [0, 256, 344]
+    assert set(scenes.columns) >= {
+        "scene_id",
+        "path",
+        "fingerprint",
+        "crs",
+        "native_gsd",
+        "bands",
+        "dtype",
+        "scaling",
+        "geometry",
+    }
+    assert scenes.loc[0, "crs"] == "EPSG:32618"
+    # The union of tile footprints is the scene footprint.
+    union = shapely.union_all(tiles.geometry.values)
+    # Densified edges differ slightly between one scene edge and several tile edges: tolerate 1e-5.
+    assert union.symmetric_difference(scenes.geometry[0]).area < 1e-5 * scenes.geometry[0].area
+
+
+def test_native_footprint_recoverable(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    t = Affine.translation(500_000, 4_000_000) @ Affine.rotation(25) @ Affine.scale(10, -10)
+    scene = make_geotiff(transform=t, shape=(3, 512, 512))
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    bundle = Bundle.open(index)
+    record = bundle.scene_records()[0]
+    tiles = bundle.tiles()
+    row = tiles[(tiles.col_off == 256) & (tiles.row_off == 0)].iloc[0]
+    native = tile_footprint_native(record, row.col_off, row.row_off, row.width, row.height)
+    expected = shapely.Polygon([t @ xy for xy in ((256, 0), (512, 0), (512, 256), (256, 256))])
+    assert native.equals_exact(expected, tolerance=1e-6)
+    # Rotated: the footprint is not axis-aligned, in the scene CRS and in lon/lat.
+    assert shapely.box(*native.bounds).area > 1.2 * native.area
+    assert shapely.box(*row.geometry.bounds).area > 1.2 * row.geometry.area
+
+
+def test_rerun_adds_nothing_and_new_scenes_append(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    a = make_geotiff("a.tif", seed=1)
+    b = make_geotiff("b.tif", seed=2, crs="EPSG:4326", bounds=(10.0, 45.0, 10.05, 45.05))
+    index = tmp_path / "idx"
+    assert run("tile", str(a), "--index", str(index)).exit_code == 0
+    before = gpd.read_file(index / "catalog.gpkg", layer="tiles")
+    assert run("tile", str(a), "--index", str(index)).exit_code == 0
+    assert len(gpd.read_file(index / "catalog.gpkg", layer="tiles")) == len(before)
+    assert run("tile", str(a), str(b), "--index", str(index)).exit_code == 0
+    after = gpd.read_file(index / "catalog.gpkg", layer="tiles")
+    assert len(after) == 2 * len(before) and after["tile_id"].is_unique
+    assert json.loads((index / "manifest.json").read_text())["counts"] == {"scenes": 2, "tiles": 8}
+    b_tiles = after[after.scene_id != before.scene_id[0]]
+    assert b_tiles.total_bounds == pytest.approx([10.0, 45.0, 10.05, 45.05])
+
+
+def test_overlap_stride_and_nodata_limit(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(dtype="uint16", nodata=0, nodata_block=True, shape=(3, 512, 512))
+    r = run("tile", str(scene), "--index", str(tmp_path / "o"), "--overlap", "0.5", "--max-nodata", "0.2")
+    assert r.exit_code == 0
+    tiles = gpd.read_file(tmp_path / "o" / "catalog.gpkg", layer="tiles")
+    # 3x3 grid at stride 128; tiles touching the nodata quarter by more than 20% are skipped.
+    assert sorted(set(tiles.col_off)) == [0, 128, 256]
+    assert (tiles.nodata_fraction <= 0.2).all()
+    assert len(tiles) == 5
+    r = run("tile", str(scene), "--index", str(tmp_path / "s"), "--stride", "200", "--size", "300")
+    assert r.exit_code == 0
+    tiles = gpd.read_file(tmp_path / "s" / "catalog.gpkg", layer="tiles")
+    # Origins 0, 200 and 212 (snapped) on each axis; the top-left tile is 73% nodata and skipped.
+    assert sorted(set(tiles.col_off)) == [0, 200, 212] and len(tiles) == 8
+
+
+def test_small_scene_one_padded_tile(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(shape=(3, 200, 180))
+    assert run("tile", str(scene), "--index", str(tmp_path / "i")).exit_code == 0
+    tiles = gpd.read_file(tmp_path / "i" / "catalog.gpkg", layer="tiles")
+    assert len(tiles) == 1
+    assert tiles.nodata_fraction[0] == pytest.approx(1 - 200 * 180 / 256**2)
+
+
+def test_gsd_gives_same_ground_size(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    fine = make_geotiff("fine.tif", bounds=(500_000, 4_000_000, 505_120, 4_005_120), shape=(3, 1024, 1024))
+    coarse = make_geotiff("coarse.tif", bounds=(600_000, 4_000_000, 605_120, 4_005_120), shape=(3, 512, 512))
+    index = tmp_path / "g"
+    assert run("tile", str(fine), str(coarse), "--index", str(index), "--gsd", "10").exit_code == 0
+    bundle = Bundle.open(index)
+    records = {r["path"]: r for r in bundle.scene_records()}
+    for rec in records.values():
+        assert rec["grid_width"] == 512 and Affine(*rec["grid_transform"]).a == pytest.approx(10.0)
+    assert bundle.n_tiles() == 8
+
+
+def test_export_chips(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(shape=(3, 512, 512))
+    chips = tmp_path / "chips"
+    assert run("tile", str(scene), "--index", str(tmp_path / "i"), "--export-chips", str(chips)).exit_code == 0
+    files = sorted(chips.glob("*.tif"))
+    assert len(files) == 4
+    tiles = Bundle.open(tmp_path / "i").tiles()
+    with (
+        rasterio.open(scene) as src,
+        rasterio.open(chips / next(f.name for f in files if "_r256_c256_" in f.name)) as c,
+    ):
+        assert c.crs == src.crs and c.count == 3 and c.width == 256
+        assert c.transform == src.transform @ Affine.translation(256, 256)
+        assert np.array_equal(c.read(), src.read(window=((256, 512), (256, 512))))
+    assert {int(f.stem.rsplit("_", 1)[1]) for f in files} == set(tiles.tile_id)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--size", "0"], 2, "--size"),
+        (["--overlap", "1"], 2, "--overlap"),
+        (["--overlap", "-0.5"], 2, "--overlap"),
+        (["--max-nodata", "2"], 2, "--max-nodata"),
+        (["--bands", "a,b"], 2, "--bands"),
+        (["--bands", "1,2,9"], 1, "band 9 is out of range"),
+        (["--gsd", "-3"], 2, "--gsd"),
+        (["--overlap", "0.5", "--stride", "10"], 2, "not both"),
+    ],
+)
+def test_bad_options(make_geotiff: MakeGeoTiff, tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    scene = make_geotiff()
+    index = tmp_path / "idx"
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index), *args])
+    assert r.exit_code == code, r.output
+    assert message in r.output
+    assert not index.exists()
+
+
+def test_bad_inputs_leave_bundle_untouched(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    good = make_geotiff("good.tif")
+    index = tmp_path / "idx"
+    assert run("tile", str(good), "--index", str(index)).exit_code == 0
+    before = snapshot(index)
+    no_crs = make_geotiff("nocrs.tif", crs=None, seed=3)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"\x00" * 100)
+    for bad, message in [(tmp_path / "missing.tif", "no such file"), (no_crs, "has no CRS"), (junk, "not a raster")]:
+        other = make_geotiff("other.tif", seed=9)
+        r = CliRunner().invoke(cli, ["tile", str(other), str(bad), "--index", str(index)])
+        assert r.exit_code == 1 and message in r.output, r.output
+        assert r.output.count("\n") <= 2 and "Traceback" not in r.output
+        assert snapshot(index) == before
+    r = CliRunner().invoke(cli, ["tile", str(good), "--index", str(index), "--size", "128"])
+    assert r.exit_code == 1 and "--size 256" in r.output
+    assert snapshot(index) == before
+
+
+def test_corrupt_or_unwritable_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff()
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    (index / "manifest.json").write_text("{not json")
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index)])
+    assert r.exit_code == 1 and "corrupt" in r.output
+    (index / "manifest.json").unlink()
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index)])
+    assert r.exit_code == 1 and "not a geoir bundle" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(blocker / "sub")])
+    assert r.exit_code == 1 and "cannot write the index directory" in r.output
+
+
+def test_catalog_corrupt(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff()
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    (index / "catalog.gpkg").write_bytes(b"garbage" * 100)
+    r = CliRunner().invoke(cli, ["tile", str(make_geotiff("b.tif", seed=5)), "--index", str(index)])
+    assert r.exit_code == 1 and "catalog.gpkg is corrupt" in r.output
+
+
+def test_orphan_tiles_from_killed_run_are_reconciled(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    import sqlite3
+
+    a, b = make_geotiff("a.tif", seed=1), make_geotiff("b.tif", seed=2)
+    index = tmp_path / "idx"
+    assert run("tile", str(a), str(b), "--index", str(index)).exit_code == 0
+    # Simulate a run killed after writing b's tiles but before its scene row.
+    with sqlite3.connect(index / "catalog.gpkg") as con:
+        con.execute("DELETE FROM scenes WHERE path LIKE '%b.tif'")
+    bundle = Bundle.open(index)
+    assert len(bundle.tiles()) == 4  # readers never see orphans
+    assert run("tile", str(a), str(b), "--index", str(index)).exit_code == 0
+    tiles = Bundle.open(index).tiles()
+    assert len(tiles) == 8 and tiles.tile_id.is_unique
+
+
+def test_help_has_examples_and_version() -> None:
+    r = CliRunner().invoke(cli, ["tile", "--help"])
+    assert r.exit_code == 0 and "$ geoir tile" in r.output
+    r = CliRunner().invoke(cli, ["--version"])
+    assert r.exit_code == 0 and "geoir" in r.output
+
+
+@needs_qgis
+def test_tiles_layer_opens_in_qgis(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(shape=(3, 600, 700), crs="EPSG:32633")
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    info = qgis_probe(index / "catalog.gpkg", "tiles", "scenes")
+    assert info["tiles"]["valid"] and info["tiles"]["crs"] == "EPSG:4326" and info["tiles"]["count"] == 9
+    assert info["scenes"]["valid"] and info["scenes"]["count"] == 1

@@ -1,0 +1,131 @@
+"""Properties of the tiling grid (pure functions, no files)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from geoir.errors import TilingError
+from geoir.tiling.grid import (
+    TilingParams,
+    axis_offsets,
+    footprints,
+    grid_windows,
+    make_tiles,
+    tile_count,
+    tile_id,
+)
+
+dims = st.integers(min_value=1, max_value=3000)
+sizes = st.integers(min_value=1, max_value=600)
+
+
+@given(width=dims, height=dims, size=sizes, data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_tiles_cover_the_grid_and_count_matches_formula(width: int, height: int, size: int, data) -> None:
+    stride = data.draw(st.integers(min_value=1, max_value=size))
+    windows = list(grid_windows(width, height, size, stride))
+    assert len(windows) == tile_count(width, height, size, stride)
+    # Every window has the full size; origins stay inside the grid; the last ones touch the edge.
+    assert all(w.width == size and w.height == size for w in windows)
+    cols = axis_offsets(width, size, stride)
+    rows = axis_offsets(height, size, stride)
+    assert cols[0] == 0 and rows[0] == 0
+    if width >= size:
+        assert cols[-1] + size == width
+    if height >= size:
+        assert rows[-1] + size == height
+    # Coverage: consecutive origins are at most `size` apart, so no pixel falls between tiles.
+    assert all(b - a <= min(stride, size) for a, b in itertools.pairwise(cols))
+    assert all(b - a <= min(stride, size) for a, b in itertools.pairwise(rows))
+
+
+@given(nx=st.integers(1, 12), ny=st.integers(1, 12), size=st.integers(1, 300))
+@settings(max_examples=100, deadline=None)
+def test_no_overlap_when_stride_equals_size(nx: int, ny: int, size: int) -> None:
+    windows = list(grid_windows(nx * size, ny * size, size, size))
+    assert len(windows) == nx * ny
+    covered = np.zeros((ny * size, nx * size), dtype=np.int32)
+    for w in windows:
+        covered[w.row_off : w.row_off + size, w.col_off : w.col_off + size] += 1
+    assert (covered == 1).all()
+
+
+@given(
+    a=st.floats(0.1, 100),
+    e=st.floats(0.1, 100),
+    rot=st.floats(-45, 45),
+    col=st.integers(0, 50),
+    row=st.integers(0, 50),
+    size=st.integers(1, 512),
+)
+@settings(max_examples=100, deadline=None)
+def test_window_footprint_round_trip(a: float, e: float, rot: float, col: int, row: int, size: int) -> None:
+    transform = Affine.translation(500_000, 4_000_000) @ Affine.rotation(rot) @ Affine.scale(a, -e)
+    win = Window(col * size, row * size, size, size)
+    poly = footprints(transform, [win], CRS.from_epsg(32618), CRS.from_epsg(32618))[0]
+    # Inverting the transform on the footprint's corners gives back the window.
+    xs, ys = np.asarray(poly.exterior.coords).T
+    cols, rows = (~transform) @ (xs, ys)
+    assert np.allclose(
+        [cols.min(), rows.min(), cols.max(), rows.max()],
+        [win.col_off, win.row_off, win.col_off + size, win.row_off + size],
+        atol=1e-6,
+    )
+    assert math.isclose(poly.area, a * e * size * size, rel_tol=1e-9)
+
+
+def test_rotated_transform_gives_rotated_footprint() -> None:
+    transform = Affine.translation(500_000, 4_000_000) @ Affine.rotation(30) @ Affine.scale(10, -10)
+    tiles = list(make_tiles("s", "fp", transform, 512, 512, CRS.from_epsg(32618), TilingParams()))
+    fp = tiles[0].footprint
+    # A rotated square is not its own bounding box.
+    assert fp.area == pytest.approx(2560**2)
+    assert shapely.box(*tiles[0].bounds).area > fp.area * 1.3
+
+
+def test_footprints_reprojected_and_densified() -> None:
+    # A 100 km tile in UTM zone 33N at 70 N: its edges curve in lon/lat.
+    transform = Affine(1000, 0, 400_000, 0, -1000, 7_800_000)
+    poly = footprints(transform, [Window(0, 0, 100, 100)], CRS.from_epsg(32633))[0]
+    assert len(poly.exterior.coords) == 4 * 8 + 1
+    west, south, east, north = poly.bounds
+    assert 10 < west < east < 20 and 69 < south < north < 71
+
+
+def test_tile_ids_stable_and_distinct() -> None:
+    p = TilingParams()
+    ids = {tile_id("abc", w, p) for w in grid_windows(5000, 5000, 256, 128)}
+    assert len(ids) == tile_count(5000, 5000, 256, 128)
+    assert tile_id("abc", Window(0, 0, 256, 256), p) == tile_id("abc", Window(0, 0, 256, 256), p)
+    assert tile_id("abc", Window(0, 0, 256, 256), p) != tile_id("abd", Window(0, 0, 256, 256), p)
+    assert all(0 <= i < 2**63 for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"size": 0}, "size"), ({"stride": 0}, "stride"), ({"gsd": -1.0}, "gsd"), ({"max_nodata": 1.5}, "max-nodata")],
+)
+def test_bad_params(kwargs: dict, message: str) -> None:
+    with pytest.raises(TilingError, match=message):
+        TilingParams(**kwargs)
+
+
+@pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5])
+def test_bad_overlap(overlap: float) -> None:
+    with pytest.raises(TilingError, match="overlap"):
+        TilingParams.from_overlap(256, overlap)
+
+
+def test_overlap_to_stride() -> None:
+    assert TilingParams.from_overlap(256, 0.5).stride == 128
+    assert TilingParams.from_overlap(256, 0.0).stride == 256

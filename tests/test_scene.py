@@ -1,0 +1,143 @@
+"""Scene I/O: validation, band choice, scaling, masks, window reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp
+from rasterio.windows import Window
+
+from geoir.errors import SceneError
+from geoir.io.scene import SceneReader, expand_inputs, open_scene
+from tests.conftest import MakeGeoTiff
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SceneError, match="no such file"):
+        open_scene(tmp_path / "nope.tif")
+
+
+def test_not_a_raster(tmp_path: Path) -> None:
+    p = tmp_path / "notes.tif"
+    p.write_text("this is not a raster")
+    with pytest.raises(SceneError, match="not a raster"):
+        open_scene(p)
+
+
+def test_no_crs(make_geotiff: MakeGeoTiff) -> None:
+    with pytest.raises(SceneError, match="has no CRS"):
+        open_scene(make_geotiff(crs=None))
+
+
+def test_band_out_of_range(make_geotiff: MakeGeoTiff) -> None:
+    with pytest.raises(SceneError, match="band 5 is out of range"):
+        open_scene(make_geotiff(), bands=(1, 2, 5))
+
+
+def test_default_bands_by_colour_interpretation(make_geotiff: MakeGeoTiff) -> None:
+    ci = [ColorInterp.undefined, ColorInterp.blue, ColorInterp.green, ColorInterp.red]
+    scene = open_scene(make_geotiff(shape=(4, 64, 64), colorinterp=ci))
+    assert scene.bands == (4, 3, 2)
+
+
+def test_default_bands_first_three_and_repeat(make_geotiff: MakeGeoTiff) -> None:
+    ci4 = [ColorInterp.gray, ColorInterp.undefined, ColorInterp.undefined, ColorInterp.undefined]
+    assert open_scene(make_geotiff("a.tif", shape=(4, 64, 64), colorinterp=ci4)).bands == (1, 2, 3)
+    assert open_scene(make_geotiff("b.tif", shape=(1, 64, 64))).bands == (1, 1, 1)
+    assert open_scene(make_geotiff("c.tif", shape=(4, 64, 64)), bands=(2,)).bands == (2, 2, 2)
+
+
+def test_uint16_scaled_with_percentiles(make_geotiff: MakeGeoTiff) -> None:
+    scene = open_scene(make_geotiff(dtype="uint16", shape=(3, 300, 300)))
+    assert scene.scaling.low is not None and scene.scaling.high is not None
+    # Uniform 0..10000: the 2nd/98th percentiles sit near 200 and 9800.
+    assert all(150 < lo < 250 for lo in scene.scaling.low)
+    assert all(9750 < hi < 9850 for hi in scene.scaling.high)
+    rgb, valid = SceneReader(scene).read(Window(0, 0, 256, 256))
+    assert rgb.dtype == np.uint8 and rgb.shape == (3, 256, 256) and valid.all()
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_float_and_int16(make_geotiff: MakeGeoTiff) -> None:
+    for dtype in ("float32", "int16"):
+        scene = open_scene(make_geotiff(f"{dtype}.tif", dtype=dtype, shape=(3, 64, 64)))
+        rgb, _ = SceneReader(scene).read(Window(0, 0, 64, 64))
+        assert rgb.dtype == np.uint8 and 0 < rgb.mean() < 255
+
+
+def test_nodata_block_masked(make_geotiff: MakeGeoTiff) -> None:
+    scene = open_scene(make_geotiff(dtype="uint16", nodata=0, nodata_block=True))
+    assert scene.mask_kind == "nodata"
+    rgb, valid = SceneReader(scene).read(Window(0, 0, 256, 256))
+    assert not valid.any() and (rgb == 0).all()
+    _, valid = SceneReader(scene).read(Window(256, 256, 256, 256))
+    assert valid.all()
+    # Statistics ignore nodata: the low percentile is not dragged to 0.
+    assert min(scene.scaling.low) > 100
+
+
+def test_internal_mask_honoured(make_geotiff: MakeGeoTiff) -> None:
+    scene = open_scene(make_geotiff(mask_block=True))
+    assert scene.mask_kind == "mask"
+    _, valid = SceneReader(scene).read(Window(128, 128, 256, 256))
+    assert valid.mean() == pytest.approx(0.75)
+
+
+def test_small_scene_gives_padded_read(make_geotiff: MakeGeoTiff) -> None:
+    scene = open_scene(make_geotiff(shape=(3, 100, 150)))
+    rgb, valid = SceneReader(scene).read(Window(0, 0, 256, 256))
+    assert rgb.shape == (3, 256, 256)
+    assert valid.sum() == 100 * 150
+    assert valid[:100, :150].all() and not valid[100:, :].any() and not valid[:, 150:].any()
+
+
+def test_gsd_resampling(make_geotiff: MakeGeoTiff) -> None:
+    # 512 px at 10 m; at a 20 m target the grid is 256 px and a tile covers the whole scene.
+    scene = open_scene(make_geotiff())
+    assert scene.native_gsd == pytest.approx(10.0)
+    transform, w, h = scene.grid(20.0)
+    assert (w, h) == (256, 256) and transform.a == pytest.approx(20.0)
+    rgb, valid = SceneReader(scene, gsd=20.0).read(Window(0, 0, 256, 256))
+    assert rgb.shape == (3, 256, 256) and valid.all()
+    with rasterio.open(scene.path) as src:
+        full = src.read(out_shape=(3, 256, 256), resampling=rasterio.enums.Resampling.bilinear)
+    assert np.abs(rgb.astype(int) - full.astype(int)).mean() < 1.0
+
+
+def test_geographic_gsd(make_geotiff: MakeGeoTiff) -> None:
+    scene = open_scene(make_geotiff(crs="EPSG:4326", bounds=(10.0, 0.0, 10.0512, 0.0512)))
+    # 0.0001 degree at the equator is about 11.1 m.
+    assert scene.native_gsd == pytest.approx(11.13, rel=0.01)
+
+
+def test_fingerprint_follows_content(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    a = open_scene(make_geotiff("a.tif", seed=1))
+    b = open_scene(make_geotiff("b.tif", seed=1))
+    c = open_scene(make_geotiff("c.tif", seed=2))
+    assert a.id == b.id and a.id != c.id
+
+
+def test_record_round_trip(make_geotiff: MakeGeoTiff) -> None:
+    from geoir.io.scene import Scene
+
+    t = Affine.translation(500_000, 4_000_000) @ Affine.rotation(20) @ Affine.scale(10, -10)
+    scene = open_scene(make_geotiff(transform=t, dtype="uint16"))
+    again = Scene.from_record(scene.to_record())
+    assert again == scene
+
+
+def test_expand_inputs(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    a = make_geotiff("a.tif")
+    b = make_geotiff("b.tif")
+    (tmp_path / "readme.txt").write_text("x")
+    assert [p.name for p in expand_inputs([str(tmp_path)])] == ["a.tif", "b.tif"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.tif"), str(a)])] == ["a.tif", "b.tif"]
+    assert expand_inputs([str(b)]) == [b]
+    with pytest.raises(SceneError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.jp2")])
+    with pytest.raises(SceneError, match="no such file"):
+        expand_inputs([str(tmp_path / "missing.tif")])
