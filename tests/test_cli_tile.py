@@ -20,7 +20,9 @@ from tests.conftest import MakeGeoTiff, needs_qgis, qgis_probe
 
 
 def run(*args: str) -> object:
-    return CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
+    # Catalog tests skip encoding; tests/test_cli_encode.py covers tile + encode.
+    extra = ["--no-encode"] if args[0] == "tile" else []
+    return CliRunner().invoke(cli, ["-q", *args, *extra], catch_exceptions=False)
 
 
 def snapshot(index: Path) -> dict[str, bytes]:
@@ -160,7 +162,7 @@ def test_export_chips(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
 def test_bad_options(make_geotiff: MakeGeoTiff, tmp_path: Path, args: list[str], code: int, message: str) -> None:
     scene = make_geotiff()
     index = tmp_path / "idx"
-    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index), *args])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", str(scene), "--index", str(index), *args])
     assert r.exit_code == code, r.output
     assert message in r.output
     assert not index.exists()
@@ -176,11 +178,11 @@ def test_bad_inputs_leave_bundle_untouched(make_geotiff: MakeGeoTiff, tmp_path: 
     junk.write_bytes(b"\x00" * 100)
     for bad, message in [(tmp_path / "missing.tif", "no such file"), (no_crs, "has no CRS"), (junk, "not a raster")]:
         other = make_geotiff("other.tif", seed=9)
-        r = CliRunner().invoke(cli, ["tile", str(other), str(bad), "--index", str(index)])
+        r = CliRunner().invoke(cli, ["tile", "--no-encode", str(other), str(bad), "--index", str(index)])
         assert r.exit_code == 1 and message in r.output, r.output
         assert r.output.count("\n") <= 2 and "Traceback" not in r.output
         assert snapshot(index) == before
-    r = CliRunner().invoke(cli, ["tile", str(good), "--index", str(index), "--size", "128"])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", str(good), "--index", str(index), "--size", "128"])
     assert r.exit_code == 1 and "--size 256" in r.output
     assert snapshot(index) == before
 
@@ -190,14 +192,14 @@ def test_corrupt_or_unwritable_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path)
     index = tmp_path / "idx"
     assert run("tile", str(scene), "--index", str(index)).exit_code == 0
     (index / "manifest.json").write_text("{not json")
-    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index)])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", str(scene), "--index", str(index)])
     assert r.exit_code == 1 and "corrupt" in r.output
     (index / "manifest.json").unlink()
-    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index)])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", str(scene), "--index", str(index)])
     assert r.exit_code == 1 and "not a geoir bundle" in r.output
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(blocker / "sub")])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", str(scene), "--index", str(blocker / "sub")])
     assert r.exit_code == 1 and "cannot write the index directory" in r.output
 
 
@@ -206,7 +208,7 @@ def test_catalog_corrupt(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     index = tmp_path / "idx"
     assert run("tile", str(scene), "--index", str(index)).exit_code == 0
     (index / "catalog.gpkg").write_bytes(b"garbage" * 100)
-    r = CliRunner().invoke(cli, ["tile", str(make_geotiff("b.tif", seed=5)), "--index", str(index)])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", str(make_geotiff("b.tif", seed=5)), "--index", str(index)])
     assert r.exit_code == 1 and "catalog.gpkg is corrupt" in r.output
 
 
@@ -227,7 +229,7 @@ def test_orphan_tiles_from_killed_run_are_reconciled(make_geotiff: MakeGeoTiff, 
 
 
 def test_help_has_examples_and_version() -> None:
-    r = CliRunner().invoke(cli, ["tile", "--help"])
+    r = CliRunner().invoke(cli, ["tile", "--no-encode", "--help"])
     assert r.exit_code == 0 and "$ geoir tile" in r.output
     r = CliRunner().invoke(cli, ["--version"])
     assert r.exit_code == 0 and "geoir" in r.output

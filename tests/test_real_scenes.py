@@ -27,7 +27,7 @@ MANIFEST = {m["file"]: m for m in scenes_manifest()}
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     index = tmp_path_factory.mktemp("real") / "idx"
     files = [str(SCENES / f) for f in MANIFEST if not f.startswith("landsat8")]
-    r = CliRunner().invoke(cli, ["-q", "tile", *files, "--index", str(index)], catch_exceptions=False)
+    r = CliRunner().invoke(cli, ["-q", "tile", *files, "--index", str(index), "--no-encode"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     # Landsat-8 declares no nodata although 0 is fill: the user says so with --nodata 0.
     r = CliRunner().invoke(

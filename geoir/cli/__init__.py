@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -17,9 +18,16 @@ import click
 from geoir import __version__
 from geoir.errors import GeoirError
 
+#: GDAL block cache for geoir commands, in MB (users can override with the GDAL_CACHEMAX variable).
+GDAL_CACHE_MB = 256
+
 #: Built-in subcommands: name -> "module:attribute".
 COMMANDS = {
     "tile": "geoir.cli.tile:tile",
+    "search": "geoir.cli.search:search",
+    "encode": "geoir.cli.encode:encode",
+    "info": "geoir.cli.info:info",
+    "remove": "geoir.cli.info:remove",
 }
 
 
@@ -62,6 +70,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     $ geoir tile scene.tif                      # tile, encode and index into ./geoir-index
     $ geoir search query.png --out hits.gpkg    # top-k similar tiles as polygons for QGIS
     """
+    # GDAL's block cache defaults to 5% of RAM; tiles are read in row order, so a few block rows suffice
+    # and a bounded cache keeps memory flat whatever the scene size. Set before any GDAL call.
+    os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
     level = logging.INFO + 10 * (quiet - verbose)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter("%(message)s"))

@@ -94,3 +94,115 @@ def tqdm_progress(enabled: bool) -> Callable[[int, str], Any]:
         return tqdm(total=total, desc=label, unit=unit, disable=not enabled, dynamic_ncols=True)
 
     return make
+
+
+def model_options(f: F) -> F:
+    """``--model``, ``--backbone``, ``--weights``, ``--download``, ``--device``: which encoder, and where."""
+    options = [
+        click.option(
+            "--model",
+            "model",
+            default=None,
+            metavar="FILE|default|backbone",
+            help="Model file from `geoir train`; 'default' (the shipped model) or 'backbone' (no head). "
+            "[default: the bundle's model, else 'default']",
+        ),
+        click.option(
+            "--backbone",
+            default=None,
+            metavar="NAME",
+            help="timm backbone name with --model backbone [default: tf_efficientnet_lite0].",
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(dir_okay=False, path_type=str),
+            default=None,
+            help="Local backbone weights file (state dict or timm checkpoint).",
+        ),
+        click.option("--download", is_flag=True, help="Allow timm to download pretrained backbone weights."),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where the model runs (cuda uses bf16 and channels-last).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def batch_options(f: F) -> F:
+    """``--batch-size`` and ``--workers``."""
+    f = click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Reader processes feeding the model [default: CPU cores - 1, at most 8].",
+    )(f)
+    f = click.option(
+        "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per model batch."
+    )(f)
+    return f
+
+
+def default_workers() -> int:
+    import os
+
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def resolve_model(
+    model: str | None,
+    backbone: str | None,
+    weights: str | None,
+    download: bool,
+    device: str,
+    bundle_model: dict | None = None,
+):  # type: ignore[no-untyped-def]
+    """Load the model a command asked for; with no --model, the bundle's own model name or the default."""
+    from geoir.encoding.model import load_model
+
+    if model is None and bundle_model is not None and bundle_model.get("name") == "backbone":
+        model = "backbone"
+        backbone = backbone or bundle_model.get("backbone")
+    if backbone is not None and model is None:
+        model = "backbone"
+    return load_model(model, backbone=backbone, weights=weights, download=download, device=device)
+
+
+class BBoxType(click.ParamType):
+    """``WEST,SOUTH,EAST,NORTH`` in degrees (EPSG:4326)."""
+
+    name = "WEST,SOUTH,EAST,NORTH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            w, s, e, n = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not WEST,SOUTH,EAST,NORTH in degrees, e.g. -75.7,37.6,-75.5,37.8", param, ctx)
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            self.fail(f"{value!r}: need -180 <= west < east <= 180 and -90 <= south < north <= 90", param, ctx)
+        return (w, s, e, n)
+
+
+class LonLatType(click.ParamType):
+    """``LON,LAT`` in degrees (EPSG:4326)."""
+
+    name = "LON,LAT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, float]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            lon, lat = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not LON,LAT in degrees, e.g. -75.6,37.7", param, ctx)
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            self.fail(
+                f"{value!r}: longitude must be in [-180, 180] and latitude in [-90, 90] (LON,LAT order)", param, ctx
+            )
+        return (lon, lat)

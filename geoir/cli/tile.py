@@ -7,7 +7,18 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import BandsType, FractionType, PositiveFloat, index_option, progress_enabled, tqdm_progress
+from geoir.cli.options import (
+    BandsType,
+    FractionType,
+    PositiveFloat,
+    batch_options,
+    default_workers,
+    index_option,
+    model_options,
+    progress_enabled,
+    resolve_model,
+    tqdm_progress,
+)
 
 
 @click.command(short_help="Cut scenes into tiles and index them.")
@@ -48,6 +59,17 @@ from geoir.cli.options import BandsType, FractionType, PositiveFloat, index_opti
     default=None,
     help="Also write every kept tile as a small GeoTIFF into this directory.",
 )
+@model_options
+@batch_options
+@click.option("--no-encode", is_flag=True, help="Only cut and catalog tiles; `geoir encode` can encode them later.")
+@click.option(
+    "--index-kind",
+    "index_kinds",
+    multiple=True,
+    metavar="FACTORY",
+    help="FAISS factory string for a new bundle, e.g. HNSW32 or IVF1024,PQ32 (floats), BIVF256 or BHNSW32 "
+    "(binary codes) [default: exact flat search]. Repeatable.",
+)
 @click.pass_context
 def tile(
     ctx: click.Context,
@@ -61,18 +83,29 @@ def tile(
     nodata: float | None,
     max_nodata: float | None,
     export_chips: Path | None,
+    model: str | None,
+    backbone: str | None,
+    weights: str | None,
+    download: bool,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    no_encode: bool,
+    index_kinds: tuple[str, ...],
 ) -> None:
     """Cut SCENE rasters into tiles and record them in the index bundle.
 
     SCENE is a raster file (GeoTIFF, COG, JP2, any GDAL format with a CRS), a glob, or a directory.
-    Scenes already in the bundle are skipped; new ones are appended. The tiling options are fixed
-    when the bundle is created; later runs reuse them.
+    Every kept tile is encoded by the model and indexed with FAISS. Scenes already in the bundle are
+    skipped; new ones are appended. The tiling options and the model are fixed when the bundle is
+    created; later runs reuse them.
 
     \b
     Examples:
       $ geoir tile scene.tif
       $ geoir tile scenes/ --index naip-index --size 224 --overlap 0.5
       $ geoir tile s2.tif --bands 1,2,3 --gsd 10 --export-chips chips/
+      $ geoir tile big/*.tif --index-kind BHNSW32 --device cuda --batch-size 256
     """
     from geoir.index.bundle import Bundle
     from geoir.tiling.grid import TilingParams
@@ -100,9 +133,30 @@ def tile(
     prepared = prepare_scenes(scenes, bands=bands, nodata=nodata)
     if export_chips is not None:
         check_writable_dir(export_chips, "the chips directory")
+    existing = Bundle.open(index) if (index / "manifest.json").exists() else None
+    if existing is None:
+        Bundle.check_new_location(index)
+    encoder = None
+    if not no_encode:
+        encoder = resolve_model(model, backbone, weights, download, device, existing.model if existing else None)
+        if existing is not None:
+            existing.check_model(encoder.fingerprint, encoder.meta.get("name"))
+    kinds = parse_index_kinds(index_kinds)
     bundle = Bundle.open_or_create(index, params)
+    if kinds and bundle.model is None:
+        bundle.manifest["index"] = {**bundle.manifest.get("index", {}), **kinds}
+    elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
+        raise click.UsageError(f"{index} already uses index kinds {bundle.manifest.get('index')}; drop --index-kind")
     with bundle.lock():
-        report = tile_scenes(bundle, prepared, chips_dir=export_chips, progress=tqdm_progress(progress_enabled(ctx)))
+        report = tile_scenes(
+            bundle,
+            prepared,
+            model=encoder,
+            chips_dir=export_chips,
+            progress=tqdm_progress(progress_enabled(ctx)),
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+        )
     logging.getLogger("geoir").info(
         "%s: %d scene(s) added, %d already indexed, %d tiles added; %d tiles in total",
         index,
@@ -111,3 +165,14 @@ def tile(
         report.tiles_added,
         bundle.manifest["counts"]["tiles"],
     )
+
+
+def parse_index_kinds(values: tuple[str, ...]) -> dict[str, str]:
+    """Split FAISS factory strings into the float and binary ones (binary factories start with B)."""
+    out: dict[str, str] = {}
+    for v in values:
+        kind = "binary" if v.startswith("B") else "float"
+        if kind in out:
+            raise click.BadParameter(f"two {kind} index kinds given ({out[kind]}, {v})", param_hint="--index-kind")
+        out[kind] = v
+    return out

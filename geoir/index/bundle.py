@@ -5,11 +5,18 @@ Layout::
     geoir-index/
       manifest.json   format version, tiling parameters, model fingerprint, counts (atomic replace)
       catalog.gpkg    layers `scenes` and `tiles` (EPSG:4326 footprints, R-tree index)
+      vectors/        one SCENE_ID.npz per encoded scene: tile ids, backbone features (float16),
+                      embeddings (float32), packed binary codes (uint8)
+      float.faiss     FAISS index of the embeddings, keyed by tile id
+      binary.faiss    FAISS binary index of the codes (models with a hash head)
       .lock           advisory lock held by the process writing the bundle
 
 Crash safety: a scene is committed by its row in the `scenes` layer, written *after* its tiles.
 Tiles whose scene has no row (a run killed mid-scene) are invisible to readers and deleted by the
 next writer, so an interrupted ``geoir tile`` leaves a valid bundle and a re-run resumes cleanly.
+A scene's vectors are written (temp file + rename) before its row; the FAISS indexes after it. An index
+whose ids disagree with the committed, encoded scenes (a crash between the two) is rebuilt from the
+vector files when the bundle is next opened.
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import datetime as dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import geopandas as gpd
 import numpy as np
@@ -33,14 +41,21 @@ import shapely
 from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
-from geoir.errors import BundleError
+from geoir.errors import BundleError, ModelError
 from geoir.io.scene import Scene
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
+
+if TYPE_CHECKING:
+    from geoir.index.vectors import VectorIndex
+
+log = logging.getLogger("geoir")
 
 FORMAT = "geoir-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CATALOG = "catalog.gpkg"
+VECTORS = "vectors"
+INDEX_FILES = {"float": "float.faiss", "binary": "binary.faiss"}
 DEFAULT_INDEX = "geoir-index"
 
 TILE_COLUMNS = ["tile_id", "scene_id", "col_off", "row_off", "width", "height", "nodata_fraction"]
@@ -123,8 +138,7 @@ class Bundle:
                     f"{p} was tiled with {_describe(have)}; re-run with those options, or use another --index"
                 )
             return bundle
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise BundleError(f"{p} exists and is not a geoir bundle; pass an empty or new --index directory")
+        cls.check_new_location(p)
         try:
             p.mkdir(parents=True, exist_ok=True)
             probe = p / ".geoir-write-test"
@@ -142,11 +156,32 @@ class Bundle:
             "updated": _now(),
             "tiling": (params or TilingParams()).to_dict(),
             "model": None,
+            "index": {"float": None, "binary": None},
             "counts": {"scenes": 0, "tiles": 0},
         }
         bundle = cls(p, manifest)
         bundle.write_manifest()
         return bundle
+
+    @staticmethod
+    def check_new_location(path: str | os.PathLike[str]) -> None:
+        """Raise unless a new bundle could be created at ``path`` (creates nothing).
+
+        Raises:
+            BundleError: ``path`` holds something that is not a bundle, or cannot be written.
+        """
+        p = Path(path)
+        if (p / MANIFEST).exists():
+            return
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise BundleError(f"{p} exists and is not a geoir bundle; pass an empty or new --index directory")
+        parent = p
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise BundleError(
+                f"cannot write the index directory {p} ({parent} is not a writable directory); pick a writable --index"
+            )
 
     # ---------------------------------------------------------------- properties
     @property
@@ -240,12 +275,19 @@ class Bundle:
         return int(sum(r["n_tiles"] for r in self.scene_records()))
 
     def reconcile(self) -> int:
-        """Delete tiles whose scene was never committed (a killed run); returns how many."""
-        if not self.catalog_path.exists():
-            return 0
-        with contextlib.closing(self._connect()) as con, con:
-            cur = con.execute("DELETE FROM tiles WHERE scene_id NOT IN (SELECT scene_id FROM scenes)")
-            return cur.rowcount
+        """Delete tiles and vector files whose scene was never committed (a killed run); returns tiles removed."""
+        removed = 0
+        if self.catalog_path.exists():
+            with contextlib.closing(self._connect()) as con, con:
+                cur = con.execute("DELETE FROM tiles WHERE scene_id NOT IN (SELECT scene_id FROM scenes)")
+                removed = cur.rowcount
+        committed = self.scene_ids()
+        vdir = self.path / VECTORS
+        if vdir.exists():
+            for f in vdir.iterdir():
+                if f.name.startswith(".") or (f.suffix == ".npz" and f.stem not in committed):
+                    f.unlink(missing_ok=True)
+        return removed
 
     def add_scene(
         self,
@@ -332,11 +374,149 @@ class Bundle:
             tmp.unlink(missing_ok=True)
             raise
 
+    # ---------------------------------------------------------------- model
+    @property
+    def model(self) -> dict[str, Any] | None:
+        """What the manifest records about the model that encoded this bundle (None before encoding)."""
+        return self.manifest.get("model")
+
+    def bind_model(self, description: dict[str, Any], index_kinds: dict[str, str | None] | None = None) -> None:
+        """Record the model on first use; refuse any other model afterwards.
+
+        Raises:
+            ModelError: The bundle was encoded with a model of another fingerprint.
+        """
+        have = self.model
+        if have is None:
+            self.manifest["model"] = description
+            if index_kinds:
+                self.manifest["index"] = {**self.manifest.get("index", {}), **index_kinds}
+            self.write_manifest()
+            return
+        self.check_model(description["fingerprint"], description.get("name"))
+
+    def check_model(self, fingerprint: str, name: str | None = None) -> None:
+        """Raise unless ``fingerprint`` is the bundle's model."""
+        have = self.model
+        if have is not None and have["fingerprint"] != fingerprint:
+            raise ModelError(
+                f"{self.path} was built with model {have.get('name') or '?'} (fingerprint {have['fingerprint'][:12]}), "
+                f"not {name or '?'} ({fingerprint[:12]}); use that model (--model), or another --index"
+            )
+
+    # ---------------------------------------------------------------- vectors
+    def vectors_path(self, scene_id: str) -> Path:
+        return self.path / VECTORS / f"{scene_id}.npz"
+
+    def write_vectors(
+        self, scene_id: str, ids: np.ndarray, features: np.ndarray, embedding: np.ndarray, codes: np.ndarray | None
+    ) -> None:
+        """Store a scene's vectors (atomic); they count once the scene row is committed."""
+        out = self.vectors_path(scene_id)
+        out.parent.mkdir(exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.npz")
+        arrays = {
+            "ids": np.asarray(ids, np.int64),
+            "features": np.asarray(features, np.float16),
+            "embedding": np.asarray(embedding, np.float32),
+        }
+        if codes is not None:
+            arrays["codes"] = np.asarray(codes, np.uint8)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def encoded_scene_ids(self) -> list[str]:
+        """Committed scenes that have vectors, in commit order."""
+        return [r["id"] for r in self.scene_records() if self.vectors_path(r["id"]).exists()]
+
+    def vectors(self, scene_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Concatenated vectors of committed, encoded scenes (all of them by default)."""
+        ids_ = list(scene_ids) if scene_ids is not None else self.encoded_scene_ids()
+        parts: dict[str, list[np.ndarray]] = {}
+        for sid in ids_:
+            try:
+                with np.load(self.vectors_path(sid)) as z:
+                    for k in z.files:
+                        parts.setdefault(k, []).append(z[k])
+            except (OSError, ValueError) as exc:
+                raise BundleError(
+                    f"{self.vectors_path(sid)} is corrupt ({exc}); run `geoir encode --index "
+                    f"{self.path} --rebuild` to re-encode"
+                ) from exc
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    # ---------------------------------------------------------------- FAISS indexes
+    def index_path(self, kind: str) -> Path:
+        return self.path / INDEX_FILES[kind]
+
+    def _new_index(self, kind: str) -> VectorIndex:
+        from geoir.index.vectors import VectorIndex
+
+        model = self.model or {}
+        factory = (self.manifest.get("index") or {}).get(kind)
+        dim = int(model["bits"]) if kind == "binary" else int(model["embedding_dim"])
+        return VectorIndex(dim, kind=kind, factory=factory)  # type: ignore[arg-type]
+
+    def index_kinds(self) -> list[str]:
+        """Which FAISS indexes this bundle's model calls for."""
+        model = self.model
+        if model is None:
+            return []
+        return ["float", "binary"] if model.get("bits") else ["float"]
+
+    def indexes(self) -> dict[str, VectorIndex]:
+        """The FAISS indexes, checked against the committed scenes and rebuilt when they disagree."""
+        from geoir.index.vectors import VectorIndex
+
+        expected = sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
+        out: dict[str, VectorIndex] = {}
+        for kind in self.index_kinds():
+            path = self.index_path(kind)
+            index = VectorIndex.load(path) if path.exists() else None
+            if index is None or len(index) != expected:
+                log.info("%s index of %s disagrees with the catalog; rebuilding it from the vectors", kind, self.path)
+                index = self.rebuild_index(kind)
+            out[kind] = index
+        return out
+
+    def rebuild_index(self, kind: str) -> VectorIndex:
+        """Rebuild one FAISS index from the vector files of the committed scenes and save it."""
+        index = self._new_index(kind)
+        vec = self.vectors()
+        if vec:
+            data = vec["codes"] if kind == "binary" else vec["embedding"]
+            if not index.is_trained:
+                index.train(data)
+            index.add(vec["ids"], data)
+        index.save(self.index_path(kind))
+        return index
+
+    def add_to_indexes(self, ids: np.ndarray, embedding: np.ndarray, codes: np.ndarray | None) -> None:
+        """Append a committed scene's vectors to the FAISS indexes (exact kinds), or rebuild them."""
+        for kind in self.index_kinds():
+            path = self.index_path(kind)
+            from geoir.index.vectors import VectorIndex
+
+            index = VectorIndex.load(path) if path.exists() else self._new_index(kind)
+            if not index.is_trained:
+                # Approximate kinds train on a sample of everything there is: rebuild from all vectors.
+                self.rebuild_index(kind)
+                continue
+            data = codes if kind == "binary" else embedding
+            assert data is not None
+            index.add(ids, data)
+            index.save(path)
+
     def remove_scene(self, scene_id: str) -> int:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
         if scene_id not in self.scene_ids():
             raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info {self.path}` lists them")
         with contextlib.closing(self._connect()) as con, con:
+            ids = [r[0] for r in con.execute("SELECT tile_id FROM tiles WHERE scene_id = ?", (scene_id,))]
             # Scene row first: from that instant its tiles are invisible, whatever happens next.
             con.execute("DELETE FROM scenes WHERE scene_id = ?", (scene_id,))
             n = con.execute("DELETE FROM tiles WHERE scene_id = ?", (scene_id,)).rowcount
@@ -344,6 +524,15 @@ class Bundle:
         counts["scenes"] -= 1
         counts["tiles"] -= n
         self.write_manifest()
+        for kind in self.index_kinds():
+            from geoir.index.vectors import VectorIndex
+
+            path = self.index_path(kind)
+            if path.exists():
+                index = VectorIndex.load(path)
+                index.remove(np.asarray(ids, dtype=np.int64))
+                index.save(path)
+        self.vectors_path(scene_id).unlink(missing_ok=True)
         return n
 
 

@@ -324,6 +324,7 @@ def valid_mask(
     mask_kind: str,
     window: Window | None = None,
     out_shape: tuple[int, int, int] | None = None,
+    boundless: bool = False,
 ) -> np.ndarray:
     """Boolean (rows, cols) mask of valid pixels for data read from ``src``.
 
@@ -335,7 +336,7 @@ def valid_mask(
     if mask_kind == "nan":
         return ~np.all(np.isnan(data), axis=0)
     if mask_kind == "mask":
-        kwargs: dict[str, Any] = {"window": window, "boundless": window is not None}
+        kwargs: dict[str, Any] = {"window": window, "boundless": boundless}
         if out_shape is not None:
             kwargs["out_shape"] = out_shape[1:]
         return src.read_masks(bands[0], **kwargs) > 0
@@ -393,16 +394,26 @@ class SceneReader:
             window.col_off * self._fx, window.row_off * self._fy, window.width * self._fx, window.height * self._fy
         )
         fill = sc.nodata if sc.nodata is not None else 0
+        inside = _inside_mask(native, sc.width, sc.height, out_shape[1:])
+        # Boundless reads go through a warped VRT in rasterio: only pay for it at the scene's edge.
         data = self.src.read(
             list(sc.bands),
             window=native,
             out_shape=out_shape,
             resampling=self.resampling,
-            boundless=True,
+            boundless=inside is not None,
             fill_value=fill,
         )
-        valid = valid_mask(self.src, data, sc.bands, sc.nodata, sc.mask_kind, window=native, out_shape=out_shape)
-        inside = _inside_mask(native, sc.width, sc.height, out_shape[1:])
+        valid = valid_mask(
+            self.src,
+            data,
+            sc.bands,
+            sc.nodata,
+            sc.mask_kind,
+            window=native,
+            out_shape=out_shape,
+            boundless=inside is not None,
+        )
         if inside is not None:
             valid &= inside
         rgb = sc.scaling.apply(data)

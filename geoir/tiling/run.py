@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import rasterio
@@ -17,10 +17,12 @@ from geoir.errors import BundleError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene, expand_inputs, open_scene
 from geoir.tiling.grid import Tile
-from geoir.tiling.tiler import TileRead, TileSource
+from geoir.tiling.tiler import TileSource
+
+if TYPE_CHECKING:
+    from geoir.encoding.model import Encoded, Model
 
 log = logging.getLogger("geoir")
-
 
 
 class ProgressBar(Protocol):
@@ -55,21 +57,34 @@ def prepare_scenes(
 def tile_scenes(
     bundle: Bundle,
     scenes: Sequence[Scene],
+    model: Model | None = None,
     chips_dir: Path | None = None,
     progress: ProgressFactory | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
 ) -> TileReport:
-    """Tile scenes into ``bundle`` (which the caller has locked), skipping scenes already there.
+    """Tile scenes into ``bundle`` (which the caller has locked), encoding them when a model is given.
+
+    Scenes already in the bundle are skipped. Each scene is committed on its own (vectors, then tiles,
+    then the scene row, then the FAISS indexes), so an interrupted run keeps every finished scene.
 
     Args:
         bundle: An open bundle; its tiling parameters apply.
         scenes: Scenes from :func:`prepare_scenes`.
+        model: Encode kept tiles with this model (None: catalog only).
         chips_dir: Also write each kept tile as a small GeoTIFF here.
         progress: Makes a progress bar for each scene (none when None).
+        batch_size: Tiles per batch.
+        workers: Reader processes feeding the model (0: read in this process).
     """
+    from geoir.encoding.batches import iter_batches
+
     report = TileReport()
     removed = bundle.reconcile()
     if removed:
         log.info("removed %d tiles left by an interrupted run", removed)
+    if model is not None:
+        bundle.bind_model(model.describe())
     have = bundle.scene_ids()
     params = bundle.params
     for scene in scenes:
@@ -79,36 +94,53 @@ def tile_scenes(
             continue
         source = TileSource(scene, params)
         bar = progress(len(source), Path(scene.path).name) if progress else None
-        kept: list[Tile] = []
-        fracs: list[float] = []
+        kept_idx: list[np.ndarray] = []
+        fracs: list[np.ndarray] = []
+        encoded: list[Encoded] = []
         try:
-            for i in range(len(source)):
-                read = source.read(i)
+            for batch in iter_batches(source, batch_size, workers):
+                keep = (batch.nodata_fraction <= params.max_nodata) & (batch.nodata_fraction < 1.0)
+                if keep.any():
+                    kept_idx.append(batch.indexes[keep])
+                    fracs.append(batch.nodata_fraction[keep])
+                    if model is not None:
+                        import torch
+
+                        encoded.append(model.encode(torch.from_numpy(batch.rgb[keep])))
+                    if chips_dir is not None:
+                        for j in np.flatnonzero(keep):
+                            i = int(batch.indexes[j])
+                            # Batches carry no masks; the few partly valid tiles are re-read for theirs.
+                            full = batch.nodata_fraction[j] == 0
+                            valid = np.ones(batch.rgb.shape[2:], bool) if full else source.read(i).valid
+                            write_chip(chips_dir, scene, source.tiles[i], batch.rgb[j], valid)
                 if bar is not None:
-                    bar.update(1)
-                if not source.keep(read.nodata_fraction):
-                    report.tiles_skipped_nodata += 1
-                    continue
-                kept.append(read.tile)
-                fracs.append(read.nodata_fraction)
-                if chips_dir is not None:
-                    write_chip(chips_dir, scene, read)
+                    bar.update(len(batch.indexes))
         finally:
             source.close()
             if bar is not None:
                 bar.close()
+        idx = np.concatenate(kept_idx) if kept_idx else np.empty(0, np.int64)
+        kept = [source.tiles[i] for i in idx]
+        ids = np.array([t.id for t in kept], dtype=np.int64)
+        if model is not None:
+            enc = _concat(encoded, model)
+            bundle.write_vectors(scene.id, ids, enc.features, enc.embedding, enc.codes)
         bundle.add_scene(
             scene,
             source.grid_transform,
             (source.grid_width, source.grid_height),
             source.scene_footprint_lonlat(),
             kept,
-            fracs,
+            np.concatenate(fracs) if fracs else np.empty(0),
             source.footprints_lonlat(kept),
         )
+        if model is not None and len(ids):
+            bundle.add_to_indexes(ids, enc.embedding, enc.codes)
         have.add(scene.id)
         report.added_scenes.append(scene.id)
         report.tiles_added += len(kept)
+        report.tiles_skipped_nodata += len(source) - len(kept)
         log.info(
             "%s: %d tiles added (%d skipped over the nodata limit)",
             Path(scene.path).name,
@@ -118,14 +150,25 @@ def tile_scenes(
     return report
 
 
+def _concat(parts: list[Encoded], model: Model) -> Encoded:
+    from geoir.encoding.model import Encoded
+
+    if not parts:
+        d = model.embedding_dim
+        codes = np.empty((0, (model.bits or 0) // 8), np.uint8) if model.bits else None
+        return Encoded(np.empty((0, model.backbone.num_features), np.float32), np.empty((0, d), np.float32), codes)
+    codes = np.concatenate([p.codes for p in parts]) if parts[0].codes is not None else None  # type: ignore[misc]
+    return Encoded(np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes)
+
+
 def chip_name(scene: Scene, tile: Tile) -> str:
     """File name of a chip: scene file stem, grid row/col offsets, tile id."""
     return f"{Path(scene.path).stem}_r{int(tile.window.row_off)}_c{int(tile.window.col_off)}_{tile.id}.tif"
 
 
-def write_chip(chips_dir: Path, scene: Scene, read: TileRead) -> Path:
-    """Write a tile as a GeoTIFF (uint8 RGB as the model sees it, with its own transform and CRS)."""
-    out = chips_dir / chip_name(scene, read.tile)
+def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid: np.ndarray) -> Path:
+    """Write a tile as a GeoTIFF (uint8 RGB as the model sees it, with its own transform, CRS and mask)."""
+    out = chips_dir / chip_name(scene, tile)
     fd, tmp = tempfile.mkstemp(dir=chips_dir, prefix=".chip.", suffix=".tif")
     os.close(fd)
     try:
@@ -133,18 +176,18 @@ def write_chip(chips_dir: Path, scene: Scene, read: TileRead) -> Path:
             tmp,
             "w",
             driver="GTiff",
-            width=read.rgb.shape[2],
-            height=read.rgb.shape[1],
+            width=rgb.shape[2],
+            height=rgb.shape[1],
             count=3,
             dtype="uint8",
             crs=scene.crs,
-            transform=read.tile.transform,
+            transform=tile.transform,
             photometric="RGB",
             compress="deflate",
         ) as dst:
-            dst.write(read.rgb)
-            if read.nodata_fraction > 0:
-                dst.write_mask(read.valid.astype(np.uint8) * 255)
+            dst.write(rgb)
+            if not valid.all():
+                dst.write_mask(valid.astype(np.uint8) * 255)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""``geoir encode``: encode image files with geoir's encoder, or the tiles of a bundle not yet encoded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from geoir.cli.options import (
+    batch_options,
+    default_workers,
+    index_option,
+    model_options,
+    overwrite_option,
+    progress_enabled,
+    resolve_model,
+    tqdm_progress,
+)
+
+log = logging.getLogger("geoir")
+
+
+@click.command(short_help="Encode images, or a bundle's tiles not yet encoded.")
+@click.argument("images", nargs=-1, metavar="[IMAGE...]")
+@index_option
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the vectors of IMAGE files here: .npy (embeddings) or .npz (paths, features, embeddings, codes).",
+)
+@overwrite_option
+@model_options
+@batch_options
+@click.pass_context
+def encode(
+    ctx: click.Context,
+    images: tuple[str, ...],
+    index_dir: str,
+    out: Path | None,
+    overwrite: bool,
+    model: str | None,
+    backbone: str | None,
+    weights: str | None,
+    download: bool,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+) -> None:
+    """Encode IMAGE files to vectors, or (without IMAGE) encode the bundle's tiles that have no vectors.
+
+    Images get the same preprocessing as tiles (a GeoTIFF is scaled with its own percentile
+    statistics). A bundle's scenes left unencoded (`geoir tile --no-encode`, or an interrupted run)
+    are read again, encoded and indexed.
+
+    \b
+    Examples:
+      $ geoir encode a.png b.jpg --out vectors.npz
+      $ geoir encode --index geoir-index --device cuda
+    """
+    if images:
+        if out is None:
+            raise click.UsageError("encoding IMAGE files needs --out vectors.npy|vectors.npz")
+        if out.suffix not in (".npy", ".npz"):
+            raise click.BadParameter(f"{out}: use a .npy or .npz file", param_hint="--out")
+        if out.exists() and not overwrite:
+            raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+        _encode_images(
+            images, out, resolve_model(model, backbone, weights, download, device), batch_size, progress_enabled(ctx)
+        )
+        return
+    if out is not None:
+        raise click.UsageError("--out goes with IMAGE files; a bundle stores its own vectors")
+    from geoir.encoding.run import encode_bundle
+    from geoir.index.bundle import Bundle
+
+    bundle = Bundle.open(index_dir)
+    encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
+    with bundle.lock():
+        n = encode_bundle(
+            bundle,
+            encoder,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+            progress=tqdm_progress(progress_enabled(ctx)),
+        )
+    log.info("%s: %d tiles encoded", index_dir, n)
+
+
+def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, progress: bool) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    import torch
+
+    from geoir.io.images import read_image
+
+    parts = []
+    bar = tqdm_progress(progress)(len(images), "images", unit="image")
+    try:
+        # Images differ in size, so each is its own batch; the backbone resizes it to its input size.
+        for path in images:
+            img = read_image(path)
+            parts.append(model.encode(torch.from_numpy(np.ascontiguousarray(img.rgb[None]))))
+            bar.update(1)
+    finally:
+        bar.close()
+    emb = np.concatenate([p.embedding for p in parts])
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    if out.suffix == ".npy":
+        np.save(tmp, emb)
+    else:
+        arrays = {
+            "paths": np.array([str(p) for p in images]),
+            "embedding": emb,
+            "features": np.concatenate([p.features for p in parts]),
+        }
+        if parts[0].codes is not None:
+            arrays["codes"] = np.concatenate([p.codes for p in parts])
+        np.savez(tmp, **arrays)
+    tmp.replace(out)
+    log.info("%s: %d vectors of %d dimensions", out, *emb.shape)

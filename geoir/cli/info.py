@@ -1,0 +1,124 @@
+"""``geoir info`` and ``geoir remove``: inspect a bundle, or drop a scene from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from geoir.cli.options import index_option
+
+log = logging.getLogger("geoir")
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+@click.command(short_help="Describe an index bundle.")
+@index_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(index_dir: str, as_json: bool) -> None:
+    """Print a bundle's counts, scenes, model, index kinds and sizes.
+
+    \b
+    Examples:
+      $ geoir info
+      $ geoir info --index naip-index --json | jq .model
+    """
+    from geoir.index.bundle import INDEX_FILES, Bundle
+
+    bundle = Bundle.open(index_dir)
+    records = bundle.scene_records()
+    encoded = set(bundle.encoded_scene_ids())
+    data = {
+        "path": str(bundle.path),
+        "format_version": bundle.manifest["format_version"],
+        "tiling": bundle.manifest["tiling"],
+        "counts": bundle.manifest["counts"],
+        "model": bundle.model,
+        "index": {
+            kind: {"factory": (bundle.manifest.get("index") or {}).get(kind), "bytes": _size(bundle.path / name)}
+            for kind, name in INDEX_FILES.items()
+            if (bundle.path / name).exists()
+        },
+        "bytes": {
+            "catalog": _size(bundle.catalog_path),
+            "vectors": _size(bundle.path / "vectors"),
+            "total": _size(bundle.path),
+        },
+        "scenes": [
+            {
+                "id": r["id"],
+                "path": r["path"],
+                "crs": r["crs"][:60] if r["crs"].startswith("EPSG") else f"EPSG:{_epsg(r['crs'])}",
+                "tiles": r["n_tiles"],
+                "encoded": r["id"] in encoded,
+                "added": r["added"],
+            }
+            for r in records
+        ],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    m = bundle.model
+    click.echo(f"bundle   {data['path']}")
+    click.echo(
+        f"tiles    {data['counts']['tiles']} in {data['counts']['scenes']} scene(s); "
+        f"size {bundle.params.size} px, stride {bundle.params.stride} px"
+        + (f", gsd {bundle.params.gsd:g} m" if bundle.params.gsd else "")
+    )
+    if m:
+        code = f", {m['bits']}-bit codes" if m.get("bits") else ""
+        click.echo(
+            f"model    {m.get('name')} ({m['backbone']}, {m['embedding_dim']}-d embedding{code}); "
+            f"fingerprint {m['fingerprint'][:12]}"
+        )
+    else:
+        click.echo("model    none (not encoded)")
+    for kind, d in data["index"].items():
+        click.echo(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {d['bytes'] / 1e6:.2f} MB")
+    click.echo(f"size     {data['bytes']['total'] / 1e6:.2f} MB on disk")
+    for s in data["scenes"]:
+        flag = "" if s["encoded"] else "  (not encoded)"
+        click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}")
+
+
+def _epsg(wkt: str) -> str:
+    from rasterio.crs import CRS
+
+    return str(CRS.from_wkt(wkt).to_epsg() or "?")
+
+
+@click.command(short_help="Remove a scene and its tiles from a bundle.")
+@click.argument("scene")
+@index_option
+def remove(scene: str, index_dir: str) -> None:
+    """Remove SCENE (its id, path or file name) with its tiles and vectors from the bundle.
+
+    \b
+    Examples:
+      $ geoir remove scene.tif
+      $ geoir remove 9776f13dbe51b8ca --index naip-index
+    """
+    from geoir.errors import BundleError
+    from geoir.index.bundle import Bundle
+
+    bundle = Bundle.open(index_dir)
+    matches = [
+        r
+        for r in bundle.scene_records()
+        if scene in (r["id"], r["path"], Path(r["path"]).name) or Path(scene).resolve() == Path(r["path"])
+    ]
+    if not matches:
+        raise BundleError(f"no scene {scene!r} in {index_dir}; `geoir info --index {index_dir}` lists them")
+    if len(matches) > 1:
+        raise BundleError(f"{scene!r} names {len(matches)} scenes; pass a scene id from `geoir info`")
+    with bundle.lock():
+        n = bundle.remove_scene(matches[0]["id"])
+    log.info("%s: removed %s and its %d tiles", index_dir, Path(matches[0]["path"]).name, n)

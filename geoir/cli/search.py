@@ -1,0 +1,145 @@
+"""``geoir search``: the tiles most like a query, as map layers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from geoir.cli.options import BBoxType, LonLatType, index_option, model_options, overwrite_option
+
+log = logging.getLogger("geoir")
+
+
+@click.command(short_help="Find the tiles most like a query.")
+@click.argument("queries", nargs=-1, metavar="QUERY...")
+@index_option
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    metavar="FILE|-",
+    help="Output file (.gpkg, .geojson, .fgb) or - for GeoJSON on stdout.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["gpkg", "geojson", "fgb"]),
+    default=None,
+    help="Output format [default: from the --out suffix].",
+)
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
+@click.option("--point", "points", type=LonLatType(), multiple=True, help="Query with the tile(s) under LON,LAT.")
+@click.option(
+    "--examples",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Vector file of example points/polygons; a boolean `negative` column marks negatives.",
+)
+@click.option(
+    "--negative",
+    "negatives",
+    multiple=True,
+    metavar="QUERY",
+    help="A negative example (image or tile:ID): results move away from it. Repeatable.",
+)
+@click.option("--bbox", type=BBoxType(), default=None, help="Only tiles intersecting this lon/lat box.")
+@click.option(
+    "--aoi",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Only tiles intersecting the geometries of this vector file.",
+)
+@click.option("--scene", "scenes", multiple=True, help="Only tiles of this scene (id, path or file name). Repeatable.")
+@click.option(
+    "--include-query-overlap", is_flag=True, help="Keep tiles that overlap a georeferenced query (left out by default)."
+)
+@overwrite_option
+@model_options
+def search(
+    queries: tuple[str, ...],
+    index_dir: str,
+    out: str,
+    fmt: str | None,
+    k: int,
+    points: tuple[tuple[float, float], ...],
+    examples: Path | None,
+    negatives: tuple[str, ...],
+    bbox: tuple[float, float, float, float] | None,
+    aoi: Path | None,
+    scenes: tuple[str, ...],
+    include_query_overlap: bool,
+    overwrite: bool,
+    model: str | None,
+    backbone: str | None,
+    weights: str | None,
+    download: bool,
+    device: str,
+) -> None:
+    """Find the tiles of the bundle that look most like QUERY.
+
+    QUERY is an image file (PNG, JPEG, GeoTIFF of any size) or tile:ID. Several queries (and --point,
+    --examples) are averaged; --negative examples push the results away. Writes the layers `hits`
+    (tile footprints with rank, score, distance), `hits_merged` (overlapping hits dissolved into
+    regions) and `query` (where the query is georeferenced), styled for QGIS.
+
+    \b
+    Examples:
+      $ geoir search query.png --out hits.gpkg
+      $ geoir search crop.tif -k 50 --bbox -75.8,37.5,-75.4,37.9 --out hits.gpkg
+      $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq .features[0].properties
+    """
+    if not (queries or points or examples):
+        raise click.UsageError("give a QUERY image or tile:ID, --point, or --examples")
+    from geoir.cli.options import resolve_model
+    from geoir.index.bundle import Bundle
+    from geoir.output.writers import guess_format, write_layers
+    from geoir.search.engine import QueryParts, Searcher, merge_hits
+
+    fmt = guess_format(out, fmt)
+    if out != "-" and Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    bundle = Bundle.open(index_dir)
+    encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
+    searcher = Searcher(bundle, encoder)
+    parts = QueryParts()
+    for q, negative in [(q, False) for q in queries] + [(q, True) for q in negatives]:
+        if q.startswith("tile:"):
+            try:
+                tid = int(q.split(":", 1)[1])
+            except ValueError:
+                raise click.BadParameter(f"{q!r} is not tile:ID with a numeric id", param_hint="QUERY") from None
+            searcher.add_tiles(parts, [tid], q, negative)
+        else:
+            searcher.add_image(parts, q, negative)
+    for lon, lat in points:
+        searcher.add_point(parts, lon, lat)
+    if examples is not None:
+        searcher.add_examples(parts, examples)
+    aoi_geom = None
+    if aoi is not None:
+        import geopandas as gpd
+        import shapely
+
+        try:
+            aoi_df = gpd.read_file(aoi)
+        except Exception as exc:
+            raise click.ClickException(f"cannot read --aoi {aoi} ({exc}); pass a GeoPackage or GeoJSON") from exc
+        if aoi_df.crs is None:
+            raise click.ClickException(f"--aoi {aoi} has no CRS; set one in the file")
+        aoi_geom = shapely.union_all(aoi_df.to_crs("EPSG:4326").geometry.values)
+    allowed = searcher.allowed_ids(bbox=bbox, aoi=aoi_geom, scenes=scenes)
+    result = searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap)
+    layers = {"hits": result.hits, "hits_merged": merge_hits(result.hits)}
+    if not result.query.empty:
+        layers["query"] = result.query
+    write_layers(layers, out, fmt, overwrite=overwrite)
+    if out != "-":
+        top = result.hits.iloc[0] if len(result.hits) else None
+        log.info(
+            "%s: %d hits%s",
+            out,
+            len(result.hits),
+            f"; best tile {top.tile_id} (score {top.score:.3f}) in {Path(top.scene).name}" if top is not None else "",
+        )

@@ -1,0 +1,71 @@
+"""Stream a scene's tiles in batches, read in-process or by DataLoader worker processes.
+
+Workers read windows themselves (each opens its own dataset handle, see
+:class:`geoir.io.scene.SceneReader`); the main process only receives uint8 arrays, so the model never
+waits on GDAL when there are enough workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from geoir.tiling.tiler import TileSource
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Consecutive tiles of a source: their indexes, pixels (N, 3, H, W) uint8 and nodata fractions."""
+
+    indexes: np.ndarray
+    rgb: np.ndarray
+    nodata_fraction: np.ndarray
+
+
+class _Indexed:
+    """Map-style data set giving ``(index, rgb, nodata_fraction)``, picklable for worker processes."""
+
+    def __init__(self, source: TileSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, float]:
+        rgb, frac = self.source[i]
+        return i, rgb, frac
+
+
+def _collate(items: list[tuple[int, np.ndarray, float]]) -> Batch:
+    idx, rgb, frac = zip(*items, strict=True)
+    return Batch(np.asarray(idx, dtype=np.int64), np.stack(rgb), np.asarray(frac, dtype=np.float64))
+
+
+def iter_batches(source: TileSource, batch_size: int = 64, workers: int = 0) -> Iterator[Batch]:
+    """Batches of a source in tile order.
+
+    Args:
+        source: The scene's tiles.
+        batch_size: Tiles per batch.
+        workers: Reader processes (0 reads in this process and does not import torch).
+    """
+    if workers <= 0:
+        for start in range(0, len(source), batch_size):
+            yield _collate([_Indexed(source)[i] for i in range(start, min(start + batch_size, len(source)))])
+        return
+    from torch.utils.data import DataLoader
+
+    # The parent must not hold an open GDAL handle that forked workers would share.
+    source.close()
+    loader = DataLoader(
+        _Indexed(source),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
+    yield from loader

@@ -1,0 +1,233 @@
+"""A geoir model: a frozen backbone plus an optional trained head, saved as one file.
+
+The model decides what a bundle stores: backbone features always (so a new head can be applied later
+without running the backbone again), a float embedding (the head's, or the L2-normalised backbone
+features when there is no head) and, for hash heads, a packed binary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from geoir.errors import ModelError
+
+MODEL_FORMAT = "geoir-model"
+MODEL_FORMAT_VERSION = 1
+#: Name of the model shipped inside the package (geoir/models/default.pt), used when none is given.
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class Encoded:
+    """Vectors for a batch of tiles (numpy, on the CPU)."""
+
+    features: np.ndarray
+    embedding: np.ndarray
+    codes: np.ndarray | None = None
+    #: Continuous hash outputs ``tanh(W x + b)`` before the sign; combined queries average these.
+    u: np.ndarray | None = None
+
+
+@dataclass
+class Model:
+    """Backbone + head, with what a bundle needs to know about them.
+
+    Attributes:
+        backbone: The frozen backbone.
+        head: A trained head from :mod:`geoir.training.heads`, or None (backbone features only).
+        head_config: The head's ``config()``.
+        meta: Free JSON-able facts: training data summary, metrics, recipe.
+    """
+
+    backbone: Backbone
+    head: torch.nn.Module | None = None
+    head_config: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head is not None:
+            self.head = self.head.eval().requires_grad_(False).to(self.backbone.device)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the backbone fingerprint and the head's config and weights."""
+        h = hashlib.sha256(self.backbone.fingerprint.encode())
+        if self.head is not None:
+            h.update(json.dumps(self.head_config, sort_keys=True).encode())
+            for k, v in self.head.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def kind(self) -> str:
+        return "backbone" if self.head_config is None else str(self.head_config["name"])
+
+    @property
+    def embedding_dim(self) -> int:
+        if self.head_config is None or self.kind in ("hash", "plain"):
+            return self.backbone.num_features
+        return int(self.head_config.get("out_dim") or self.head_config.get("embed_dim") or self.backbone.num_features)
+
+    @property
+    def bits(self) -> int | None:
+        return None if self.head_config is None or self.kind == "srl" else int(self.head_config["bits"])
+
+    def describe(self) -> dict[str, Any]:
+        """What the bundle manifest records about the model."""
+        return {
+            "fingerprint": self.fingerprint,
+            "backbone": self.backbone.name,
+            "backbone_fingerprint": self.backbone.fingerprint,
+            "preprocess": self.backbone.preprocess.to_dict(),
+            "head": self.head_config,
+            "feature_dim": self.backbone.num_features,
+            "embedding_dim": self.embedding_dim,
+            "bits": self.bits,
+            "name": self.meta.get("name"),
+        }
+
+    def to(self, device: str | torch.device) -> Model:
+        self.backbone.to(device)
+        if self.head is not None:
+            self.head.to(self.backbone.device)
+        return self
+
+    def encode_features(self, features: torch.Tensor) -> Encoded:
+        """Head outputs for backbone features (a tensor on the model's device)."""
+        with torch.inference_mode():
+            feats = features.float()
+            emb: torch.Tensor
+            u: torch.Tensor | None = None
+            if self.head is None:
+                emb = F.normalize(feats, dim=1)
+            else:
+                out = self.head(feats)
+                if isinstance(out, tuple):
+                    emb, u = out
+                elif self.kind in ("hash", "plain"):
+                    u = out
+                    # A hash-only model still offers a float vector for re-ranking: the normalised features.
+                    emb = F.normalize(feats, dim=1)
+                else:
+                    emb = out
+            codes = None
+            if u is not None:
+                # sign(0) := +1 (METHODS.md D-10), packed 8 bits per byte, most significant bit first.
+                codes = pack_codes(u.float().cpu().numpy())
+            return Encoded(
+                features=feats.cpu().numpy().astype(np.float32),
+                embedding=emb.float().cpu().numpy(),
+                codes=codes,
+                u=None if u is None else u.float().cpu().numpy(),
+            )
+
+    def encode(self, batch_uint8: torch.Tensor) -> Encoded:
+        """Encode a uint8 batch ``[N, 3, H, W]``."""
+        return self.encode_features(self.backbone.features(batch_uint8))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save head, configs and metadata (not the backbone weights, which come from their package)."""
+        payload = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "backbone": {
+                "name": self.backbone.name,
+                "fingerprint": self.backbone.fingerprint,
+                "preprocess": self.backbone.preprocess.to_dict(),
+            },
+            "head_config": self.head_config,
+            "head_state": None if self.head is None else {k: v.cpu() for k, v in self.head.state_dict().items()},
+            "meta": self.meta,
+            "fingerprint": self.fingerprint,
+        }
+        p = Path(path)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, p)
+
+
+def pack_codes(u: np.ndarray) -> np.ndarray:
+    """Binary codes of continuous outputs: sign with sign(0) := +1 (METHODS.md D-10), 8 bits a byte."""
+    return np.packbits(np.asarray(u) >= 0, axis=1)
+
+
+def default_model_path() -> Path | None:
+    """The model shipped in the package, if this build has one."""
+    p = Path(str(resources.files("geoir") / "models" / f"{DEFAULT_MODEL}.pt"))
+    return p if p.exists() else None
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    backbone: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    device: str | torch.device = "cpu",
+) -> Model:
+    """Load a model file, the shipped default, or a bare backbone.
+
+    Args:
+        model: A model file from ``geoir train``; ``"default"`` or None for the shipped default model
+            (or, in a build without one, the default backbone alone); ``"backbone"`` for no head.
+        backbone: timm name of the backbone when ``model`` is ``"backbone"`` (default Lite0).
+        weights: Local weights file for the backbone.
+        download: Allow timm to download pretrained backbone weights.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    Raises:
+        ModelError: The file is missing or not a geoir model, or its backbone does not match.
+    """
+    path: Path | None
+    if model is None or str(model) == DEFAULT_MODEL:
+        path = default_model_path()
+    elif str(model) == "backbone":
+        path = None
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise ModelError(
+                f"model file {path} not found; train one with `geoir train`, or omit --model to use the shipped default"
+            )
+    if path is None:
+        bb = load_backbone(backbone or DEFAULT_BACKBONE, weights=weights, download=download, device=device)
+        return Model(bb, meta={"name": "backbone"})
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ModelError(f"{path} is not a readable geoir model ({exc}); re-train it with `geoir train`") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path} is not a geoir model file; pass a file written by `geoir train`")
+    spec = payload["backbone"]
+    if backbone is not None and backbone != spec["name"]:
+        raise ModelError(f"{path} was trained on backbone {spec['name']}, not {backbone}; drop --backbone")
+    bb = load_backbone(spec["name"], weights=weights, download=download, device=device)
+    if bb.fingerprint != spec["fingerprint"]:
+        raise ModelError(
+            f"{path} was trained on other {spec['name']} weights (fingerprint {spec['fingerprint'][:12]}, "
+            f"loaded {bb.fingerprint[:12]}); pass the --weights it was trained with"
+        )
+    from geoir.training.heads import head_from_config
+
+    head = None
+    if payload["head_config"] is not None:
+        head = head_from_config(payload["head_config"], payload["head_state"])
+    meta = dict(payload.get("meta") or {})
+    meta.setdefault("name", path.stem)
+    return Model(bb, head, payload["head_config"], meta)

@@ -1,0 +1,79 @@
+"""Read image files (PNG, JPEG, GeoTIFF of any size) as uint8 RGB arrays for encoding or querying."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from geoir.errors import QueryError
+from geoir.io.scene import Scaling, Scene, open_scene
+from geoir.tiling.grid import footprints
+
+#: Images larger than this (longest side, pixels) are read decimated: the backbone sees 224-ish pixels
+#: anyway, and a whole-scene query must not load gigabytes.
+MAX_READ_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image read for encoding: uint8 RGB pixels and, when georeferenced, its footprint.
+
+    Attributes:
+        path: The file.
+        rgb: ``(3, H, W)`` uint8.
+        footprint: Footprint polygon in EPSG:4326, or None for a plain image.
+        scene: The raster as a :class:`~geoir.io.scene.Scene`, for georeferenced images.
+    """
+
+    path: Path
+    rgb: np.ndarray
+    footprint: shapely.Polygon | None = None
+    scene: Scene | None = None
+
+
+def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> Image:
+    """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced.
+
+    Georeferenced rasters are scaled like tiles: with ``scaling`` when given (the statistics of the
+    scene a query was cut from), else with their own percentile statistics. Plain images must be
+    8-bit; one band is repeated, alpha is dropped.
+
+    Raises:
+        QueryError: Missing file, not an image, or an unsupported band layout.
+    """
+    import warnings
+
+    p = Path(path)
+    if not p.exists():
+        raise QueryError(f"{p}: no such image; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(p)
+    except RasterioIOError as exc:
+        raise QueryError(f"{p} is not an image GDAL can read ({exc}); pass a PNG, JPEG or GeoTIFF") from exc
+    with src:
+        georeferenced = src.crs is not None and not src.transform.is_identity
+        f = max(1.0, max(src.width, src.height) / MAX_READ_SIDE)
+        shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+    if georeferenced:
+        scene = open_scene(p)
+        if scaling is not None:
+            scene = replace(scene, scaling=scaling)
+        with rasterio.open(p) as src:
+            data = src.read(list(scene.bands), out_shape=(3, *shape))
+        fp = footprints(scene.transform, [Window(0, 0, scene.width, scene.height)], scene.crs)[0]
+        return Image(p, scene.scaling.apply(data), fp, scene)
+    with rasterio.open(p) as src:
+        if src.dtypes[0] != "uint8":
+            raise QueryError(f"{p} is {src.dtypes[0]} without georeferencing; save it as 8-bit PNG/JPEG or a GeoTIFF")
+        bands = [1, 1, 1] if src.count < 3 else [1, 2, 3]
+        data = src.read(bands, out_shape=(3, *shape))
+    return Image(p, data)

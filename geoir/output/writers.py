@@ -1,0 +1,142 @@
+"""Write search results: a styled GeoPackage for QGIS, GeoJSON (file or stdout), or FlatGeobuf.
+
+The GeoPackage gets a ``layer_styles`` table (the QGIS convention, also written by QGIS itself), so
+``hits`` and ``hits_merged`` open coloured by rank and labelled. Files are written under a temp name
+in the same directory and renamed, so a failed search leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sqlite3
+import sys
+from importlib import resources
+from pathlib import Path
+
+import geopandas as gpd
+import pyogrio
+
+from geoir.errors import QueryError
+
+FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
+SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
+
+
+def hits_style(field: str = "rank") -> str:
+    """The QGIS style (QML) for a hits layer, graduated and labelled by ``field``."""
+    qml = (resources.files("geoir") / "output" / "styles" / "hits.qml").read_text()
+    if field != "rank":
+        for attr in ("attr", "field", "fieldName", "name"):
+            qml = qml.replace(f'{attr}="rank"', f'{attr}="{field}"')
+    return qml
+
+
+def guess_format(out: str, fmt: str | None) -> str:
+    """Output format from ``--format`` or the file suffix; stdout is GeoJSON."""
+    if fmt:
+        return fmt
+    if out == "-":
+        return "geojson"
+    suffix = Path(out).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise QueryError(f"cannot tell the format of {out} from its suffix; use .gpkg, .geojson or .fgb, or --format")
+    return SUFFIXES[suffix]
+
+
+def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False) -> None:
+    """Write named layers.
+
+    GeoPackage holds every layer in one file; GeoJSON on stdout is one FeatureCollection of the hits
+    (what a pipe wants); GeoJSON and FlatGeobuf files hold one layer each, so the other layers go beside
+    the main file as ``NAME.LAYER.EXT``.
+
+    Raises:
+        QueryError: The output exists and ``overwrite`` is false, or cannot be written.
+    """
+    if out == "-":
+        if fmt != "geojson":
+            raise QueryError("only GeoJSON can go to stdout (--out -); drop --format or write to a file")
+        sys.stdout.write(layers["hits"].to_json(drop_id=True) + "\n")
+        return
+    path = Path(out)
+    targets = {"hits": path}
+    if fmt != "gpkg":
+        for name in layers:
+            if name != "hits":
+                targets[name] = path.with_name(f"{path.stem}.{name}{path.suffix}")
+    if not overwrite:
+        existing = [p for p in targets.values() if p.exists()]
+        if existing:
+            raise QueryError(f"{existing[0]} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "gpkg":
+            _atomic(path, lambda tmp: _write_gpkg(layers, tmp))
+        else:
+            for name, target in targets.items():
+                _atomic(target, lambda tmp, n=name: pyogrio.write_dataframe(layers[n], tmp, driver=FORMATS[fmt]))
+    except OSError as exc:
+        raise QueryError(f"cannot write {path} ({exc.strerror}); pick a writable --out") from exc
+
+
+def _atomic(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_gpkg(layers: dict[str, gpd.GeoDataFrame], path: Path) -> None:
+    for i, (name, df) in enumerate(layers.items()):
+        geom_type = None if len(df) else "Polygon"
+        pyogrio.write_dataframe(
+            df,
+            path,
+            layer=name,
+            driver="GPKG",
+            geometry_type=geom_type,
+            append=i > 0,
+            dataset_options={"VERSION": "1.2"} if i == 0 else None,
+        )
+    styles = {"hits": hits_style("rank"), "hits_merged": hits_style("best_rank")}
+    with contextlib.closing(sqlite3.connect(path)) as con, con:
+        add_styles(con, {k: v for k, v in styles.items() if k in layers})
+
+
+def add_styles(con: sqlite3.Connection, styles: dict[str, str]) -> None:
+    """Create QGIS's ``layer_styles`` table and add a default style per layer."""
+    con.execute(
+        """CREATE TABLE IF NOT EXISTS layer_styles (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, f_table_catalog TEXT(256), f_table_schema TEXT(256),
+            f_table_name TEXT(256), f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT,
+            styleSLD TEXT, useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
+            update_time DATETIME DEFAULT CURRENT_TIMESTAMP)"""
+    )
+    # Registering the table as plain attributes keeps the GeoPackage valid for GDAL and QGIS.
+    con.execute(
+        "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
+        "VALUES ('layer_styles', 'attributes', 'layer_styles', ?)",
+        (dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),),
+    )
+    for layer, qml in styles.items():
+        geom_col = con.execute(
+            "SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
+        ).fetchone()
+        con.execute(
+            "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName,"
+            " styleQML, styleSLD, useAsDefault, description, owner, ui) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '')",
+            (
+                layer,
+                geom_col[0] if geom_col else "geom",
+                f"geoir {layer}",
+                qml,
+                json.dumps({"by": "geoir", "field": "rank" if layer == "hits" else "best_rank"}),
+            ),
+        )

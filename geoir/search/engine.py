@@ -1,0 +1,306 @@
+"""Search a bundle: turn queries into one vector, filter in FAISS, and return hits with their footprints.
+
+Query kinds: image files, existing tile ids, lon/lat points (the tiles under them), and example
+geometries (the tiles they cover), each positive or negative. Positives are averaged; negatives push
+the query away from them (Rocchio-style: ``q = mean(pos) - beta * mean(neg)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import shapely
+import torch
+
+from geoir.encoding.model import Encoded, Model, pack_codes
+from geoir.errors import QueryError
+from geoir.index.bundle import Bundle
+from geoir.io.images import read_image
+from geoir.io.scene import Scaling
+
+log = logging.getLogger("geoir")
+
+#: Weight of the negative examples' mean in the combined query.
+NEGATIVE_WEIGHT = 0.5
+#: Hamming candidates per hit before float re-ranking, for models with codes.
+RERANK_FACTOR = 20
+
+
+@dataclass
+class QueryParts:
+    """What a search looks for: encoded positives and negatives, and where the query sits on the map."""
+
+    positives: list[Encoded] = field(default_factory=list)
+    negatives: list[Encoded] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    #: EPSG:4326 geometries of georeferenced query parts, with their label and polarity.
+    geometries: list[tuple[shapely.Geometry, str, bool]] = field(default_factory=list)
+    #: Tile ids the query itself is made of (left out of the hits unless asked otherwise).
+    own_tiles: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Hits:
+    """Search results: the hits with their footprints, and the query geometries."""
+
+    hits: gpd.GeoDataFrame
+    query: gpd.GeoDataFrame
+
+
+class Searcher:
+    """Searches one bundle with its own model.
+
+    Args:
+        bundle: An open bundle with vectors.
+        model: The model the bundle was built with (checked by fingerprint).
+    """
+
+    def __init__(self, bundle: Bundle, model: Model):
+        if bundle.model is None or bundle.manifest["counts"]["tiles"] == 0:
+            raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir tile SCENE --index {bundle.path}`")
+        bundle.check_model(model.fingerprint, model.meta.get("name"))
+        self.bundle = bundle
+        self.model = model
+        self.indexes = bundle.indexes()
+        if not len(self.indexes["float"]):
+            raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
+        self._scalings = {r["id"]: r for r in bundle.scene_records()}
+
+    # ------------------------------------------------------------------ building queries
+    def add_image(self, parts: QueryParts, path: str | Path, negative: bool = False) -> None:
+        """Encode an image file (a georeferenced one keeps its footprint and is scaled like its scene)."""
+        image = read_image(path)
+        scaling = self._scene_scaling_for(image.footprint, image.scene) if image.footprint is not None else None
+        if scaling is not None:
+            image = read_image(path, scaling=scaling)
+        enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(image.rgb[None])))
+        (parts.negatives if negative else parts.positives).append(enc)
+        label = Path(path).name
+        parts.labels.append(("-" if negative else "") + label)
+        if image.footprint is not None:
+            parts.geometries.append((image.footprint, label, negative))
+
+    def _scene_scaling_for(self, footprint: shapely.Polygon, scene) -> Scaling | None:  # type: ignore[no-untyped-def]
+        # A GeoTIFF cut from an indexed scene is scaled with that scene's statistics, like its tiles.
+        scenes = self.bundle.scenes()
+        for _, row in scenes[scenes.geometry.contains(footprint.centroid)].iterrows():
+            rec = self._scalings.get(row.scene_id)
+            if rec and rec["dtype"] == scene.dtype and rec["count"] == scene.count:
+                return Scaling.from_dict(rec["scaling"])
+        return None
+
+    def add_tiles(self, parts: QueryParts, tile_ids: Sequence[int], label: str, negative: bool = False) -> None:
+        """Use tiles of the bundle as query parts (their stored backbone features, re-encoded by the head)."""
+        ids = np.asarray(tile_ids, dtype=np.int64)
+        tiles = self.tiles_by_id(ids)
+        missing = sorted(set(ids.tolist()) - set(tiles.tile_id.tolist()))
+        if missing:
+            raise QueryError(f"tile {missing[0]} is not in {self.bundle.path}; `geoir info` lists the bundle's tiles")
+        vec = self.bundle.vectors(sorted(set(tiles.scene_id)))
+        pos = {int(t): i for i, t in enumerate(vec["ids"])}
+        feats = np.stack([vec["features"][pos[int(t)]] for t in ids]).astype(np.float32)
+        enc = self.model.encode_features(torch.from_numpy(feats).to(self.model.backbone.device))
+        (parts.negatives if negative else parts.positives).append(enc)
+        parts.labels.append(("-" if negative else "") + label)
+        for geom in tiles.geometry:
+            parts.geometries.append((geom, label, negative))
+        if not negative:
+            parts.own_tiles.update(int(t) for t in ids)
+
+    def add_point(self, parts: QueryParts, lon: float, lat: float, negative: bool = False) -> None:
+        """The tile(s) whose footprint contains a lon/lat point."""
+        pt = shapely.Point(lon, lat)
+        tiles = self.bundle.tiles(bbox=(lon, lat, lon, lat))
+        tiles = tiles[tiles.geometry.contains(pt)]
+        if tiles.empty:
+            raise QueryError(
+                f"no tile of {self.bundle.path} contains the point {lon:g},{lat:g} (lon,lat); "
+                "check the order (longitude first) and `geoir info` for the covered area"
+            )
+        self.add_tiles(parts, tiles.tile_id.tolist(), f"point {lon:g},{lat:g}", negative)
+
+    def add_examples(self, parts: QueryParts, path: str | Path) -> None:
+        """Example points or polygons from a vector file; a boolean ``negative`` column marks negatives."""
+        p = Path(path)
+        try:
+            gdf = gpd.read_file(p)
+        except Exception as exc:  # pyogrio raises several types for unreadable files
+            raise QueryError(f"cannot read examples from {p} ({exc}); pass a GeoPackage, GeoJSON or shapefile") from exc
+        if gdf.empty:
+            raise QueryError(f"{p} has no features; add example points or polygons")
+        if gdf.crs is None:
+            raise QueryError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
+        gdf = gdf.to_crs("EPSG:4326")
+        neg_col = gdf["negative"].fillna(False).astype(bool) if "negative" in gdf.columns else None
+        for i, geom in enumerate(gdf.geometry):
+            negative = bool(neg_col.iloc[i]) if neg_col is not None else False
+            tiles = self.bundle.tiles(bbox=tuple(geom.bounds))  # type: ignore[arg-type]
+            tiles = tiles[tiles.geometry.intersects(geom)]
+            if geom.geom_type == "Point":
+                tiles = tiles[tiles.geometry.contains(geom)]
+            if tiles.empty:
+                raise QueryError(f"example {i} of {p} touches no tile of {self.bundle.path}")
+            self.add_tiles(parts, tiles.tile_id.tolist(), f"{p.name}#{i}", negative)
+
+    # ------------------------------------------------------------------ searching
+    def tiles_by_id(self, ids: np.ndarray) -> gpd.GeoDataFrame:
+        """Catalog rows of committed tiles with these ids (via SQL on the tile_id index)."""
+        if len(ids) == 0:
+            return self.bundle.tiles().iloc[:0]
+        sql = "SELECT * FROM tiles WHERE tile_id IN ({})".format(",".join(str(int(i)) for i in set(ids.tolist())))
+        df = pyogrio.read_dataframe(self.bundle.catalog_path, sql=sql)
+        return df[df.scene_id.isin(self._scalings)].reset_index(drop=True)
+
+    def allowed_ids(
+        self,
+        bbox: tuple[float, float, float, float] | None = None,
+        aoi: shapely.Geometry | None = None,
+        scenes: Sequence[str] = (),
+    ) -> np.ndarray | None:
+        """Tile ids passing the spatial and scene filters (None when there is no filter)."""
+        if bbox is None and aoi is None and not scenes:
+            return None
+        box = bbox if bbox is not None else (tuple(aoi.bounds) if aoi is not None else None)
+        tiles = self.bundle.tiles(bbox=box)  # type: ignore[arg-type]
+        if aoi is not None:
+            tiles = tiles[tiles.geometry.intersects(aoi)]
+        if scenes:
+            wanted = {self._resolve_scene(s) for s in scenes}
+            tiles = tiles[tiles.scene_id.isin(wanted)]
+        return tiles.tile_id.to_numpy(np.int64)
+
+    def _resolve_scene(self, s: str) -> str:
+        for sid, rec in self._scalings.items():
+            if s in (sid, rec["path"], Path(rec["path"]).name, Path(rec["path"]).stem):
+                return sid
+        raise QueryError(f"no scene {s!r} in {self.bundle.path}; `geoir info {self.bundle.path}` lists them")
+
+    def search(
+        self, parts: QueryParts, k: int = 10, allowed: np.ndarray | None = None, include_query_overlap: bool = False
+    ) -> Hits:
+        """Run the combined query and return the top ``k`` hits with their footprints."""
+        if not parts.positives:
+            raise QueryError("give at least one positive query (an image, tile:ID, --point or --examples)")
+        emb, codes = self._combine(parts)
+        excluded: set[int] = set()
+        if not include_query_overlap:
+            excluded = set(parts.own_tiles)
+            for geom, _, negative in parts.geometries:
+                if not negative:
+                    t = self.bundle.tiles(bbox=tuple(geom.bounds))  # type: ignore[arg-type]
+                    excluded.update(t[t.geometry.intersects(geom) & ~t.geometry.touches(geom)].tile_id.tolist())
+        if allowed is not None:
+            allowed = np.setdiff1d(allowed, np.fromiter(excluded, np.int64, len(excluded)))
+            if len(allowed) == 0:
+                raise QueryError("no tile passes the filters (--bbox/--aoi/--scene); widen them")
+            fetch = k
+        else:
+            fetch = k + len(excluded)
+        float_index = self.indexes["float"]
+        if "binary" in self.indexes and codes is not None:
+            from geoir.index.vectors import hybrid_search
+
+            dist, ids = hybrid_search(
+                self.indexes["binary"], codes, emb, fetch, float_index, factor=RERANK_FACTOR, allowed_ids=allowed
+            )
+        else:
+            dist, ids = float_index.search(emb, fetch, allowed)
+        dist, ids = dist[0], ids[0]
+        keep = (ids >= 0) & ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
+        dist, ids = dist[keep][:k], ids[keep][:k]
+        scores = float_index.scores(dist)
+        return Hits(self._hits_frame(ids, dist, scores, " + ".join(parts.labels)), _query_frame(parts))
+
+    def _combine(self, parts: QueryParts) -> tuple[np.ndarray, np.ndarray | None]:
+        def mean(encs: list[Encoded], attr: str) -> np.ndarray:
+            rows = np.concatenate([getattr(e, attr) for e in encs])
+            return rows.mean(axis=0, keepdims=True)
+
+        emb = mean(parts.positives, "embedding")
+        if parts.negatives:
+            emb = emb - NEGATIVE_WEIGHT * mean(parts.negatives, "embedding")
+        emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
+        codes = None
+        if parts.positives[0].u is not None:
+            u = mean(parts.positives, "u")
+            if parts.negatives:
+                u = u - NEGATIVE_WEIGHT * mean(parts.negatives, "u")
+            codes = pack_codes(u)
+        return emb.astype(np.float32), codes
+
+    def _hits_frame(self, ids: np.ndarray, dist: np.ndarray, scores: np.ndarray, query: str) -> gpd.GeoDataFrame:
+        tiles = self.tiles_by_id(ids).set_index("tile_id")
+        rows = []
+        for rank, (tid, d, sc) in enumerate(zip(ids.tolist(), dist.tolist(), scores.tolist(), strict=True), start=1):
+            t = tiles.loc[tid]
+            rec = self._scalings[t.scene_id]
+            rows.append(
+                {
+                    "rank": rank,
+                    "score": float(sc),
+                    "distance": float(d),
+                    "tile_id": int(tid),
+                    "scene_id": t.scene_id,
+                    "scene": rec["path"],
+                    "col_off": int(t.col_off),
+                    "row_off": int(t.row_off),
+                    "width": int(t.width),
+                    "height": int(t.height),
+                    "query": query,
+                    "geometry": t.geometry,
+                }
+            )
+        columns = [
+            "rank",
+            "score",
+            "distance",
+            "tile_id",
+            "scene_id",
+            "scene",
+            "col_off",
+            "row_off",
+            "width",
+            "height",
+            "query",
+            "geometry",
+        ]
+        return gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+
+
+def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:
+    rows = [{"label": label, "negative": negative, "geometry": geom} for geom, label, negative in parts.geometries]
+    return gpd.GeoDataFrame(rows, columns=["label", "negative", "geometry"], geometry="geometry", crs="EPSG:4326")
+
+
+def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Dissolve overlapping (or touching) hit footprints into regions with best rank, best score, count."""
+    columns = ["region", "best_rank", "best_score", "count", "tile_ids", "geometry"]
+    if hits.empty:
+        return gpd.GeoDataFrame([], columns=columns, geometry="geometry", crs="EPSG:4326")
+    union = shapely.union_all(hits.geometry.values)
+    regions = list(getattr(union, "geoms", [union]))
+    tree = shapely.STRtree(hits.geometry.values)
+    rows = []
+    for n, region in enumerate(regions, start=1):
+        members = hits.iloc[tree.query(region, predicate="intersects")]
+        members = members[shapely.area(shapely.intersection(members.geometry.values, region)) > 0]
+        rows.append(
+            {
+                "region": n,
+                "best_rank": int(members["rank"].min()),
+                "best_score": float(members.score.max()),
+                "count": len(members),
+                "tile_ids": ",".join(str(t) for t in sorted(members.tile_id)),
+                "geometry": region,
+            }
+        )
+    out = gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+    out = out.sort_values("best_rank").reset_index(drop=True)
+    out["region"] = np.arange(1, len(out) + 1)
+    return out
