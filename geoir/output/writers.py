@@ -76,8 +76,15 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
         if fmt == "gpkg":
             _atomic(path, lambda tmp: _write_gpkg(layers, tmp))
         else:
+            # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
+            options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
             for name, target in targets.items():
-                _atomic(target, lambda tmp, n=name: pyogrio.write_dataframe(layers[n], tmp, driver=FORMATS[fmt]))
+                _atomic(
+                    target,
+                    lambda tmp, n=name: pyogrio.write_dataframe(
+                        layers[n], tmp, layer=n, driver=FORMATS[fmt], layer_options=options
+                    ),
+                )
     except OSError as exc:
         raise QueryError(f"cannot write {path} ({exc.strerror}); pick a writable --out") from exc
 

@@ -1,0 +1,3 @@
+from geoir.cli import main
+
+main()

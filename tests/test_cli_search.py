@@ -1,0 +1,406 @@
+"""tile + encode + search through the CLI: vectors, indexes, filters, outputs, errors, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rasterio.warp
+import shapely
+from click.testing import CliRunner
+from PIL import Image
+from rasterio.windows import Window
+
+from geoir.cli import cli
+from geoir.index.bundle import Bundle
+from tests.conftest import SCENES, MakeGeoTiff, needs_qgis, needs_shared_data, qgis_probe
+
+TEST_MODEL = ["--backbone", "test", "--device", "cpu"]
+#: For tile and encode, which also take --workers.
+TILE_MODEL = [*TEST_MODEL, "--workers", "0"]
+
+
+def invoke(*args: str, code: int = 0) -> object:
+    r = CliRunner().invoke(cli, ["-q", *args])
+    assert r.exit_code == code, (r.output, r.exception)
+    return r
+
+
+@pytest.fixture
+def bundle2(make_geotiff: MakeGeoTiff, tmp_path: Path) -> Path:
+    """Two scenes (UTM and lon/lat) encoded with the tiny test model."""
+    a = make_geotiff("a.tif", seed=1, shape=(3, 768, 768))
+    b = make_geotiff("b.tif", seed=2, crs="EPSG:4326", bounds=(10.0, 45.0, 10.05, 45.05), shape=(3, 512, 512))
+    index = tmp_path / "idx"
+    invoke("tile", str(a), str(b), "--index", str(index), *TILE_MODEL)
+    return index
+
+
+def test_tile_encodes_and_indexes(bundle2: Path) -> None:
+    bundle = Bundle.open(bundle2)
+    assert bundle.model is not None and bundle.model["backbone"] == "test_efficientnet"
+    vec = bundle.vectors()
+    tiles = bundle.tiles()
+    assert sorted(vec["ids"].tolist()) == sorted(tiles.tile_id.tolist()) and len(tiles) == 13
+    assert vec["features"].shape == (13, 256) and vec["embedding"].shape == (13, 256)
+    assert np.allclose(np.linalg.norm(vec["embedding"], axis=1), 1, atol=1e-5)
+    index = bundle.indexes()["float"]
+    assert sorted(index.ids().tolist()) == sorted(tiles.tile_id.tolist())
+
+
+def test_tile_search_returns_itself_first(bundle2: Path, tmp_path: Path) -> None:
+    tiles = Bundle.open(bundle2).tiles()
+    tid = int(tiles.tile_id[3])
+    out = tmp_path / "hits.gpkg"
+    invoke(
+        "search",
+        f"tile:{tid}",
+        "--index",
+        str(bundle2),
+        "--out",
+        str(out),
+        "-k",
+        "5",
+        "--include-query-overlap",
+        *TEST_MODEL,
+    )
+    hits = gpd.read_file(out, layer="hits")
+    assert hits.tile_id[0] == tid and hits["rank"].tolist() == [1, 2, 3, 4, 5]
+    assert hits.score[0] == pytest.approx(1.0, abs=1e-5) and hits["distance"][0] == pytest.approx(0, abs=1e-3)
+    assert (np.diff(hits["distance"]) >= 0).all()
+    # Without --include-query-overlap the query tile (and its overlaps) are left out.
+    out2 = tmp_path / "hits2.gpkg"
+    invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out2), "-k", "5", *TEST_MODEL)
+    assert tid not in gpd.read_file(out2, layer="hits").tile_id.tolist()
+
+
+def test_search_matches_brute_force(bundle2: Path, tmp_path: Path) -> None:
+    bundle = Bundle.open(bundle2)
+    vec = bundle.vectors()
+    q = 5
+    out = tmp_path / "h.gpkg"
+    invoke(
+        "search",
+        f"tile:{int(vec['ids'][q])}",
+        "--index",
+        str(bundle2),
+        "--out",
+        str(out),
+        "-k",
+        "13",
+        "--include-query-overlap",
+        *TEST_MODEL,
+    )
+    hits = gpd.read_file(out, layer="hits")
+    emb = vec["embedding"]
+    d = np.linalg.norm(emb - emb[q], axis=1)
+    order = np.lexsort((vec["ids"], d))
+    assert hits.tile_id.tolist() == vec["ids"][order].tolist()
+    assert hits["distance"].to_numpy() == pytest.approx(d[order], abs=1e-4)
+
+
+def test_filters_bbox_scene_aoi(bundle2: Path, tmp_path: Path) -> None:
+    bundle = Bundle.open(bundle2)
+    tiles = bundle.tiles()
+    b_scene = next(r for r in bundle.scene_records() if r["path"].endswith("b.tif"))
+    tid = int(tiles[tiles.scene_id != b_scene["id"]].tile_id.iloc[0])
+    out = tmp_path / "f.gpkg"
+    invoke(
+        "search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), "-k", "3", "--scene", "b.tif", *TEST_MODEL
+    )
+    hits = gpd.read_file(out, layer="hits")
+    assert len(hits) == 3 and set(hits.scene_id) == {b_scene["id"]}
+    # A tight bbox around one b tile: k hits are still returned from inside it when enough tiles intersect.
+    invoke(
+        "search",
+        f"tile:{tid}",
+        "--index",
+        str(bundle2),
+        "--out",
+        str(out),
+        "-k",
+        "4",
+        "--overwrite",
+        "--bbox",
+        "10.0,45.0,10.05,45.05",
+        *TEST_MODEL,
+    )
+    hits = gpd.read_file(out, layer="hits")
+    assert len(hits) == 4 and set(hits.scene_id) == {b_scene["id"]}
+    aoi = tmp_path / "aoi.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(10.0, 45.0, 10.01, 45.01)], crs="EPSG:4326").to_file(aoi)
+    invoke(
+        "search",
+        f"tile:{tid}",
+        "--index",
+        str(bundle2),
+        "--out",
+        str(out),
+        "-k",
+        "4",
+        "--overwrite",
+        "--aoi",
+        str(aoi),
+        *TEST_MODEL,
+    )
+    hits = gpd.read_file(out, layer="hits")
+    expected = tiles[tiles.geometry.intersects(shapely.box(10.0, 45.0, 10.01, 45.01))]
+    assert set(hits.tile_id) == set(expected.tile_id)
+
+
+def test_negative_moves_results(bundle2: Path, tmp_path: Path) -> None:
+    vec = Bundle.open(bundle2).vectors()
+    ids = vec["ids"]
+    out = tmp_path / "n.gpkg"
+    invoke(
+        "search",
+        f"tile:{int(ids[0])}",
+        "--index",
+        str(bundle2),
+        "--out",
+        str(out),
+        "-k",
+        "13",
+        "--include-query-overlap",
+        *TEST_MODEL,
+    )
+    plain = gpd.read_file(out, layer="hits")
+    invoke(
+        "search",
+        f"tile:{int(ids[0])}",
+        "--negative",
+        f"tile:{int(plain.tile_id[1])}",
+        "--index",
+        str(bundle2),
+        "--out",
+        str(out),
+        "-k",
+        "13",
+        "--include-query-overlap",
+        "--overwrite",
+        *TEST_MODEL,
+    )
+    pushed = gpd.read_file(out, layer="hits")
+    neg = int(plain.tile_id[1])
+    assert pushed.tile_id.tolist().index(neg) > 1
+    # Brute force of the documented rule: q = normalize(e0 - 0.5 * e_neg).
+    e = vec["embedding"]
+    q = e[0] - 0.5 * e[list(ids).index(neg)]
+    q /= np.linalg.norm(q)
+    d = np.linalg.norm(e - q, axis=1)
+    assert pushed.tile_id.tolist() == ids[np.lexsort((ids, d))].tolist()
+
+
+def test_point_query_and_merged_layer(bundle2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.gpkg"
+    invoke("search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), "-k", "6", *TEST_MODEL)
+    hits = gpd.read_file(out, layer="hits")
+    query = gpd.read_file(out, layer="query")
+    merged = gpd.read_file(out, layer="hits_merged")
+    assert len(query) == 1 and query.geometry[0].contains(shapely.Point(10.01, 45.01))
+    assert not hits.geometry.intersects(query.geometry[0]).any() or hits.geometry.touches(query.geometry[0]).any()
+    # Merged regions are the connected components of the union of hit footprints.
+    union = shapely.union_all(hits.geometry.values)
+    assert shapely.union_all(merged.geometry.values).symmetric_difference(union).area < 1e-12
+    assert merged["count"].sum() == len(hits) and merged.best_rank.min() == 1
+    for _, m in merged.iterrows():
+        members = hits[hits.tile_id.astype(str).isin(m.tile_ids.split(","))]
+        assert m.best_rank == members["rank"].min() and m.best_score == pytest.approx(members.score.max())
+
+
+def test_examples_file_with_negative_column(bundle2: Path, tmp_path: Path) -> None:
+    tiles = Bundle.open(bundle2).tiles()
+    ex = tmp_path / "ex.gpkg"
+    gpd.GeoDataFrame(
+        {"negative": [False, True]}, geometry=[tiles.geometry[0].centroid, tiles.geometry[5].centroid], crs="EPSG:4326"
+    ).to_file(ex)
+    out = tmp_path / "e.gpkg"
+    invoke("search", "--examples", str(ex), "--index", str(bundle2), "--out", str(out), "-k", "3", *TEST_MODEL)
+    q = gpd.read_file(out, layer="query")
+    assert sorted(q.negative.tolist()) == [False, True]
+
+
+def test_image_query_and_output_formats(bundle2: Path, tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    bundle = Bundle.open(bundle2)
+    path = next(r["path"] for r in bundle.scene_records() if r["path"].endswith("a.tif"))
+    with rasterio.open(path) as src:
+        crop = src.read(window=Window(300, 300, 256, 256))
+    png = tmp_path / "q.png"
+    Image.fromarray(np.moveaxis(crop, 0, -1)).save(png)
+    geo = tmp_path / "hits.geojson"
+    invoke("search", str(png), "--index", str(bundle2), "--out", str(geo), "-k", "4", *TEST_MODEL)
+    fgb = tmp_path / "hits.fgb"
+    invoke("search", str(png), "--index", str(bundle2), "--out", str(fgb), "-k", "4", *TEST_MODEL)
+    gpkg = tmp_path / "hits.gpkg"
+    invoke("search", str(png), "--index", str(bundle2), "--out", str(gpkg), "-k", "4", *TEST_MODEL)
+    a, b, c = (gpd.read_file(p, layer="hits") if p.suffix == ".gpkg" else gpd.read_file(p) for p in (geo, fgb, gpkg))
+    assert a.tile_id.tolist() == b.tile_id.tolist() == c.tile_id.tolist()
+    assert (tmp_path / "hits.hits_merged.geojson").exists()
+    r = CliRunner().invoke(
+        cli, ["-q", "search", str(png), "--index", str(bundle2), "--out", "-", "-k", "4", *TEST_MODEL]
+    )
+    assert r.exit_code == 0
+    fc = json.loads(r.stdout)
+    assert (
+        fc["type"] == "FeatureCollection" and [f["properties"]["tile_id"] for f in fc["features"]] == c.tile_id.tolist()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["tile:123"], 1, "tile 123 is not in"),
+        (["tile:abc"], 2, "tile:ID"),
+        (["missing.png"], 1, "no such image"),
+        (["--point", "0,0"], 1, "contains the point"),
+        (["--point", "200,0"], 2, "longitude"),
+        (["--bbox", "1,2,3"], 2, "WEST,SOUTH,EAST,NORTH"),
+        ([], 2, "give a QUERY"),
+        (["--scene", "nope.tif", "--point", "10.01,45.01"], 1, "no scene 'nope.tif'"),
+    ],
+)
+def test_search_errors(bundle2: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    out = tmp_path / "x.gpkg"
+    r = CliRunner().invoke(cli, ["search", *args, "--index", str(bundle2), "--out", str(out), *TEST_MODEL])
+    assert r.exit_code == code, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_corrupt_image_and_existing_output(bundle2: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    out = tmp_path / "x.gpkg"
+    r = CliRunner().invoke(cli, ["search", str(bad), "--index", str(bundle2), "--out", str(out), *TEST_MODEL])
+    assert r.exit_code == 1 and "bad.png" in r.output and not out.exists()
+    out.write_text("keep me")
+    tid = int(Bundle.open(bundle2).tiles().tile_id[0])
+    r = CliRunner().invoke(cli, ["search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), *TEST_MODEL])
+    assert r.exit_code == 1 and "--overwrite" in r.output and out.read_text() == "keep me"
+
+
+def test_empty_and_missing_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    r = CliRunner().invoke(cli, ["search", "tile:1", "--index", str(tmp_path / "none"), "--out", "-", *TEST_MODEL])
+    assert r.exit_code == 1 and "no index bundle" in r.output
+    index = tmp_path / "cat"
+    invoke("tile", str(make_geotiff()), "--index", str(index), "--no-encode")
+    r = CliRunner().invoke(cli, ["search", "tile:1", "--index", str(index), "--out", "-", *TEST_MODEL])
+    assert r.exit_code == 1 and "no encoded tiles" in r.output
+
+
+def test_model_mismatch_refused(bundle2: Path, make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    before = (bundle2 / "manifest.json").read_text()
+    c = make_geotiff("c.tif", seed=7)
+    r = CliRunner().invoke(
+        cli,
+        ["tile", str(c), "--index", str(bundle2), "--model", "backbone", "--backbone", "test_vit", "--workers", "0"],
+    )
+    assert r.exit_code == 1 and "was built with model" in r.output
+    assert (bundle2 / "manifest.json").read_text() == before
+
+
+def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) -> None:
+    r = invoke("info", "--index", str(bundle2), "--json")
+    info = json.loads(r.output)
+    assert info["counts"] == {"scenes": 2, "tiles": 13} and info["model"]["backbone"] == "test_efficientnet"
+    assert "float" in info["index"] and all(s["encoded"] for s in info["scenes"])
+    invoke("remove", "b.tif", "--index", str(bundle2))
+    bundle = Bundle.open(bundle2)
+    assert bundle.n_tiles() == 9 and len(bundle.indexes()["float"]) == 9
+    invoke("remove", "b.tif", "--index", str(bundle2), code=1)
+    c = make_geotiff("c.tif", seed=8)
+    invoke("tile", str(c), "--index", str(bundle2), "--no-encode")
+    assert len(Bundle.open(bundle2).indexes()["float"]) == 9
+    invoke("encode", "--index", str(bundle2), *TILE_MODEL)
+    bundle = Bundle.open(bundle2)
+    assert len(bundle.indexes()["float"]) == 13 == bundle.n_tiles()
+
+
+def test_encode_images_command(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    png = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(png)
+    tif = make_geotiff("b.tif", dtype="uint16", shape=(3, 300, 300))
+    out = tmp_path / "v.npz"
+    invoke("encode", str(png), str(tif), "--out", str(out), *TILE_MODEL)
+    z = np.load(out)
+    assert z["embedding"].shape == (2, 256) and z["features"].shape == (2, 256)
+    assert list(z["paths"]) == [str(png), str(tif)]
+    invoke("encode", str(png), "--out", str(out), *TILE_MODEL, code=1)  # exists, no --overwrite
+
+
+def test_sigkill_mid_tile_leaves_valid_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scenes = [make_geotiff(f"s{i}.tif", seed=10 + i, shape=(3, 1024, 1024)) for i in range(4)]
+    index = tmp_path / "idx"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "geoir.cli", "tile", *map(str, scenes), "--index", str(index), *TILE_MODEL]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Kill once the first scene is committed and the second is under way.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (index / "manifest.json").exists() and json.loads((index / "manifest.json").read_text())["counts"][
+            "scenes"
+        ] >= 1:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    bundle = Bundle.open(index)
+    n_done = len(bundle.scene_records())
+    assert 1 <= n_done < 4
+    # The bundle opens and searches after the kill.
+    tid = int(bundle.tiles().tile_id[0])
+    invoke("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *TEST_MODEL)
+    # A re-run completes with no duplicate and no missing tile.
+    invoke("tile", *map(str, scenes), "--index", str(index), *TILE_MODEL)
+    bundle = Bundle.open(index)
+    tiles = bundle.tiles()
+    assert len(tiles) == 4 * 16 and tiles.tile_id.is_unique
+    assert sorted(bundle.indexes()["float"].ids().tolist()) == sorted(tiles.tile_id.tolist())
+    assert sorted(bundle.vectors()["ids"].tolist()) == sorted(tiles.tile_id.tolist())
+
+
+@needs_shared_data("scenes")
+def test_real_scene_crop_finds_its_place(tmp_path: Path) -> None:
+    """Lite0 end to end: a crop off the tile grid, as a plain PNG, finds the tile it came from."""
+    scene = SCENES / "oam_5b90f92da0d7280005fab355_4310_manila_0.1m_rgb.tif"
+    index = tmp_path / "idx"
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", "--workers", "1")
+    bundle = Bundle.open(index)
+    tiles = bundle.tiles()
+    found = 0
+    rng = np.random.default_rng(0)
+    with rasterio.open(scene) as src:
+        for i in range(5):
+            col, row = (int(v) for v in rng.integers(40, 2048 - 256 - 40, size=2))
+            win = Window(col + 37, row + 53, 256, 256)
+            crop = src.read(window=win)
+            truth = shapely.box(*rasterio.warp.transform_bounds(src.crs, "EPSG:4326", *src.window_bounds(win)))
+            png = tmp_path / f"crop{i}.png"
+            Image.fromarray(np.moveaxis(crop, 0, -1)).save(png)
+            out = tmp_path / f"h{i}.gpkg"
+            invoke("search", str(png), "--index", str(index), "--out", str(out), "-k", "1", "--model", "backbone")
+            top = gpd.read_file(out, layer="hits").geometry[0]
+            found += top.intersects(truth) and top.intersection(truth).area > 0
+    assert len(tiles) == 64
+    assert found >= 4, f"only {found}/5 crops found their place"
+
+
+@needs_qgis
+def test_hits_open_styled_in_qgis(bundle2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hits.gpkg"
+    invoke("search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), "-k", "5", *TEST_MODEL)
+    info = qgis_probe(out, "hits", "hits_merged", "query")
+    assert info["hits"]["valid"] and info["hits"]["crs"] == "EPSG:4326" and info["hits"]["count"] == 5
+    assert info["hits"]["renderer"] == "graduatedSymbol" and info["hits"]["labels"]
+    assert info["hits_merged"]["valid"] and info["hits_merged"]["renderer"] == "graduatedSymbol"
+    assert info["query"]["valid"] and info["query"]["count"] == 1
