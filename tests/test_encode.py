@@ -1,0 +1,86 @@
+"""The encoding pipeline: batch-size and worker independence, dtypes and band layouts, model files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geoir.encoding.batches import iter_batches
+from geoir.encoding.model import Model, load_model
+from geoir.errors import ModelError
+from geoir.io.scene import open_scene
+from geoir.tiling.grid import TilingParams
+from geoir.tiling.tiler import TileSource
+from tests.conftest import MakeGeoTiff
+
+
+@pytest.fixture(scope="module")
+def test_model() -> Model:
+    return load_model("backbone", backbone="test")
+
+
+def encode_all(model: Model, source: TileSource, batch_size: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    idx, emb = [], []
+    for b in iter_batches(source, batch_size, workers):
+        idx.append(b.indexes)
+        emb.append(model.encode(torch.from_numpy(b.rgb)).embedding)
+    return np.concatenate(idx), np.concatenate(emb)
+
+
+def test_same_vectors_whatever_batch_size_and_workers(test_model: Model, make_geotiff: MakeGeoTiff) -> None:
+    source = TileSource(open_scene(make_geotiff(shape=(3, 768, 768))), TilingParams())
+    i1, e1 = encode_all(test_model, source, 1, 0)
+    i7, e7 = encode_all(test_model, source, 7, 0)
+    iw, ew = encode_all(test_model, source, 4, 1)
+    assert i1.tolist() == i7.tolist() == iw.tolist() == list(range(9))
+    assert np.abs(e1 - e7).max() < 1e-5 and np.abs(e1 - ew).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "nodata"),
+    [
+        ((3, 300, 300), "uint16", 0),
+        ((1, 300, 300), "uint8", None),
+        ((4, 300, 300), "uint16", None),
+        ((3, 300, 300), "float32", None),
+        ((2, 300, 300), "int16", None),
+    ],
+)
+def test_dtypes_and_bands_encode(
+    test_model: Model, make_geotiff: MakeGeoTiff, shape: tuple, dtype: str, nodata: float | None
+) -> None:
+    scene = open_scene(make_geotiff(shape=shape, dtype=dtype, nodata=nodata))
+    source = TileSource(scene, TilingParams())
+    idx, emb = encode_all(test_model, source, 4, 0)
+    assert len(idx) == 4 and np.isfinite(emb).all()
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_model_file_round_trip(tmp_path: Path, test_model: Model) -> None:
+    from geoir.training.heads import HashHead
+
+    head = HashHead(test_model.backbone.num_features, bits=16)
+    model = Model(test_model.backbone, head, head.config(), {"name": "t"})
+    path = tmp_path / "m.pt"
+    model.save(path)
+    again = load_model(path)
+    assert again.fingerprint == model.fingerprint and again.bits == 16
+    x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    a, b = model.encode(x), again.encode(x)
+    assert np.array_equal(a.codes, b.codes) and a.codes.shape == (3, 2)
+    # Codes are the sign of u with sign(0) = +1, packed MSB first.
+    assert np.array_equal(np.unpackbits(a.codes, axis=1).astype(bool), a.u >= 0)
+
+
+def test_model_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="not a readable geoir model"):
+        load_model(junk)
+    with pytest.raises(ModelError, match="unknown timm model"):
+        load_model("backbone", backbone="no_such_model_xyz")
