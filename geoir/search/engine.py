@@ -79,12 +79,22 @@ class Searcher:
         scaling = self._scene_scaling_for(image.footprint, image.scene) if image.footprint is not None else None
         if scaling is not None:
             image = read_image(path, scaling=scaling)
-        enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(image.rgb[None])))
+        self.add_pixels(parts, image.rgb, Path(path).name, negative, image.footprint)
+
+    def add_pixels(
+        self,
+        parts: QueryParts,
+        rgb: np.ndarray,
+        label: str,
+        negative: bool = False,
+        footprint: shapely.Geometry | None = None,
+    ) -> None:
+        """Encode a uint8 RGB array ``(3, H, W)`` (already scaled to 0-255) as a query part."""
+        enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(rgb[None])))
         (parts.negatives if negative else parts.positives).append(enc)
-        label = Path(path).name
         parts.labels.append(("-" if negative else "") + label)
-        if image.footprint is not None:
-            parts.geometries.append((image.footprint, label, negative))
+        if footprint is not None:
+            parts.geometries.append((footprint, label, negative))
 
     def _scene_scaling_for(self, footprint: shapely.Polygon, scene) -> Scaling | None:  # type: ignore[no-untyped-def]
         # A GeoTIFF cut from an indexed scene is scaled with that scene's statistics, like its tiles.
