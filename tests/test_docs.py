@@ -31,3 +31,11 @@ def test_every_command_help_has_an_example() -> None:
         r = runner.invoke(cli, [name, "--help"])
         assert r.exit_code == 0, r.output
         assert f"$ geoir {name}" in r.output, f"`geoir {name} --help` has no example"
+
+
+def test_cli_reference_is_current() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_cli.py"), "--check"])
+    assert r.returncode == 0, "docs/cli.md is stale: run `python docs/gen_cli.py`"
