@@ -29,7 +29,7 @@ from _report import machine, table, write_section
 from geoir.encoding.model import load_model
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene, SceneReader, open_scene
-from geoir.search.engine import QueryParts, Searcher
+from geoir.retrieval.engine import QueryParts, Searcher
 from geoir.tiling.grid import TilingParams, footprints
 from geoir.tiling.run import tile_scenes
 

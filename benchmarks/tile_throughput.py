@@ -69,13 +69,24 @@ print(json.dumps({"tiles": report.tiles_added, "seconds": dt,
 
 def make_scene(path: Path, side: int, dtype: str = "uint8") -> Path:
     """A tiled, deflate-compressed 3-band GeoTIFF with smooth texture, written block by block."""
-    profile = dict(driver="GTiff", width=side, height=side, count=3, dtype=dtype, crs="EPSG:32618",
-                   transform=Affine(1.0, 0, 500_000, 0, -1.0, 4_200_000), tiled=True, blockxsize=512,
-                   blockysize=512, compress="deflate", zlevel=1)
+    profile = dict(
+        driver="GTiff",
+        width=side,
+        height=side,
+        count=3,
+        dtype=dtype,
+        crs="EPSG:32618",
+        transform=Affine(1.0, 0, 500_000, 0, -1.0, 4_200_000),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        zlevel=1,
+    )
     rng = np.random.default_rng(0)
     with rasterio.open(path, "w", **profile) as dst:
         for _, win in dst.block_windows(1):
-            yy, xx = np.mgrid[win.row_off:win.row_off + win.height, win.col_off:win.col_off + win.width]
+            yy, xx = np.mgrid[win.row_off : win.row_off + win.height, win.col_off : win.col_off + win.width]
             base = (np.sin(xx / 37.0) + np.cos(yy / 53.0)) * 60 + 128
             block = np.stack([base, base * 0.8 + 20, 255 - base]) + rng.normal(0, 8, (3, win.height, win.width))
             dst.write(np.clip(block, 0, 255).astype(dtype), window=win)
@@ -91,7 +102,10 @@ def bench(path: Path, label: str, repeat: int, workdir: Path) -> dict:
     bare, ours = [], []
     for i in range(repeat):
         # Alternate the order so neither side always gets the warmer page cache.
-        pair = [("bare", BARE, (str(path), str(ROOT))), ("geoir", GEOIR, (str(path), str(workdir / f"b{i}"), str(ROOT)))]
+        pair = [
+            ("bare", BARE, (str(path), str(ROOT))),
+            ("geoir", GEOIR, (str(path), str(workdir / f"b{i}"), str(ROOT))),
+        ]
         for name, code, args in pair if i % 2 == 0 else pair[::-1]:
             # geoir runs with the GDAL settings its CLI applies; the bare loop with GDAL's defaults.
             env = {**os.environ, "GDAL_CACHEMAX": str(GDAL_CACHE_MB)} if name == "geoir" else None
@@ -131,16 +145,18 @@ def main() -> None:
             rows.append(bench(SENTINEL2, "Sentinel-2 L1C (uint16)", args.repeat, work))
             print(rows[-1], flush=True)
     cols = ["scene", "shape", "tiles", "bare tiles/s", "geoir tiles/s", "ratio", "bare peak MB", "geoir peak MB"]
-    md = "\n".join([
-        "## Tiling throughput (`geoir tile`, no encoding) vs a bare rasterio loop",
-        "",
-        f"`python benchmarks/tile_throughput.py --sizes {args.sizes} --repeat {args.repeat}` on {machine()}.",
-        "Best of the repeats; each run in a fresh process; peak = max RSS of that process. geoir's time is",
-        "the whole job (fingerprint, statistics, reads, scaling, masks, footprints, catalog write); the bare",
-        "loop only reads the same 256 px windows. Target: ratio >= 0.8, memory flat in scene size.",
-        "",
-        table(rows, cols),
-    ])
+    md = "\n".join(
+        [
+            "## Tiling throughput (`geoir tile`, no encoding) vs a bare rasterio loop",
+            "",
+            f"`python benchmarks/tile_throughput.py --sizes {args.sizes} --repeat {args.repeat}` on {machine()}.",
+            "Best of the repeats; each run in a fresh process; peak = max RSS of that process. geoir's time is",
+            "the whole job (fingerprint, statistics, reads, scaling, masks, footprints, catalog write); the bare",
+            "loop only reads the same 256 px windows. Target: ratio >= 0.8, memory flat in scene size.",
+            "",
+            table(rows, cols),
+        ]
+    )
     write_section("tile_throughput", md, {"args": vars(args), "machine": machine(), "rows": rows})
     print(table(rows, cols))
 

@@ -3,3 +3,14 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "encode_images", "load_model", "search", "tile"]
+
+
+def __getattr__(name: str) -> object:
+    # The API pulls in torch, FAISS and GDAL: import it on first use so `import geoir` (and `geoir --help`) stay fast.
+    if name in ("tile", "search", "encode_images", "load_model"):
+        from geoir import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'geoir' has no attribute {name!r}")

@@ -161,15 +161,10 @@ def resolve_model(
     device: str,
     bundle_model: dict | None = None,
 ):  # type: ignore[no-untyped-def]
-    """Load the model a command asked for; with no --model, the bundle's own model name or the default."""
-    from geoir.encoding.model import load_model
+    """Load the model a command asked for; with no --model, the bundle's own model, else the default."""
+    from geoir.encoding.model import model_for_bundle
 
-    if model is None and bundle_model is not None and bundle_model.get("name") == "backbone":
-        model = "backbone"
-        backbone = backbone or bundle_model.get("backbone")
-    if backbone is not None and model is None:
-        model = "backbone"
-    return load_model(model, backbone=backbone, weights=weights, download=download, device=device)
+    return model_for_bundle(bundle_model, model, backbone=backbone, weights=weights, download=download, device=device)
 
 
 class BBoxType(click.ParamType):

@@ -95,7 +95,7 @@ def search(
     from geoir.cli.options import resolve_model
     from geoir.index.bundle import Bundle
     from geoir.output.writers import guess_format, write_layers
-    from geoir.search.engine import QueryParts, Searcher, merge_hits
+    from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
     fmt = guess_format(out, fmt)
     if out != "-" and Path(out).exists() and not overwrite:

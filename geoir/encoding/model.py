@@ -97,6 +97,7 @@ class Model:
             "embedding_dim": self.embedding_dim,
             "bits": self.bits,
             "name": self.meta.get("name"),
+            "path": self.meta.get("path"),
         }
 
     def to(self, device: str | torch.device) -> Model:
@@ -230,4 +231,34 @@ def load_model(
         head = head_from_config(payload["head_config"], payload["head_state"])
     meta = dict(payload.get("meta") or {})
     meta.setdefault("name", path.stem)
+    meta["path"] = str(path.resolve())
     return Model(bb, head, payload["head_config"], meta)
+
+
+def model_for_bundle(
+    described: dict[str, Any] | None,
+    model: str | os.PathLike[str] | None = None,
+    *,
+    backbone: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    device: str | torch.device = "cpu",
+) -> Model:
+    """The model to use with a bundle: the one asked for, else the one its manifest describes.
+
+    Args:
+        described: The bundle manifest's ``model`` entry (None for a new or unencoded bundle).
+        model: Explicit choice (file, ``default`` or ``backbone``); wins when given.
+        backbone: timm name; implies ``model="backbone"`` when no model is given.
+        weights: Local backbone weights.
+        download: Allow timm downloads.
+        device: Where to run.
+    """
+    if model is None and described is not None:
+        if described.get("name") == "backbone":
+            model, backbone = "backbone", backbone or described.get("backbone")
+        elif described.get("path") and Path(described["path"]).exists():
+            model = described["path"]
+    if model is None and backbone is not None:
+        model = "backbone"
+    return load_model(model, backbone=backbone, weights=weights, download=download, device=device)

@@ -1,0 +1,111 @@
+"""The Python API: the same jobs as the CLI, as functions.
+
+>>> import geoir
+>>> geoir.tile(["scene.tif"], index="geoir-index")            # doctest: +SKIP
+>>> hits = geoir.search("query.png", index="geoir-index", k=10)  # doctest: +SKIP
+>>> hits.hits[["rank", "score", "tile_id"]]                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from geoir.encoding.model import Model, load_model, model_for_bundle
+from geoir.index.bundle import DEFAULT_INDEX, Bundle
+from geoir.retrieval.engine import Hits, QueryParts, Searcher
+from geoir.tiling.grid import TilingParams
+from geoir.tiling.run import TileReport, prepare_scenes, tile_scenes
+
+__all__ = ["Hits", "Model", "encode_images", "load_model", "search", "tile"]
+
+PathLike = str | os.PathLike[str]
+
+
+def tile(
+    scenes: Sequence[PathLike],
+    index: PathLike = DEFAULT_INDEX,
+    params: TilingParams | None = None,
+    model: Model | str | None = None,
+    encode: bool = True,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> TileReport:
+    """Tile, encode and index scenes into a bundle (``geoir tile``).
+
+    Args:
+        scenes: Raster files, globs or directories.
+        index: Bundle directory, created when missing.
+        params: Tiling parameters of a new bundle (default 256 px, no overlap).
+        model: A loaded model, a model file, ``"default"`` or ``"backbone"`` (default: the shipped model).
+        encode: False to only cut and catalog the tiles.
+        bands: 1-based bands for red, green, blue.
+        nodata: Nodata value overriding the files'.
+        batch_size: Tiles per model batch.
+        workers: Reader processes.
+    """
+    prepared = prepare_scenes([str(s) for s in scenes], bands=bands, nodata=nodata)
+    existing = Bundle.open(index) if (Path(index) / "manifest.json").exists() else None
+    encoder = None
+    if encode:
+        encoder = model if isinstance(model, Model) else model_for_bundle(existing.model if existing else None, model)
+    bundle = Bundle.open_or_create(index, params)
+    with bundle.lock():
+        return tile_scenes(bundle, prepared, model=encoder, batch_size=batch_size, workers=workers)
+
+
+def search(
+    query: PathLike | np.ndarray | int | Sequence[PathLike | np.ndarray | int],
+    index: PathLike = DEFAULT_INDEX,
+    k: int = 10,
+    model: Model | str | None = None,
+    negatives: Sequence[PathLike | np.ndarray | int] = (),
+    bbox: tuple[float, float, float, float] | None = None,
+    include_query_overlap: bool = False,
+) -> Hits:
+    """The ``k`` tiles most like the query (``geoir search``).
+
+    Args:
+        query: An image file, a uint8 RGB array ``(3, H, W)``, a tile id, or a list of them (averaged).
+        index: Bundle directory.
+        k: Number of hits.
+        model: The bundle's model (loaded from its manifest's name when None).
+        negatives: Examples the results should move away from.
+        bbox: Only tiles intersecting ``(west, south, east, north)`` in degrees.
+        include_query_overlap: Keep tiles overlapping a georeferenced query.
+
+    Returns:
+        :class:`~geoir.retrieval.engine.Hits` with GeoDataFrames ``hits`` and ``query`` (EPSG:4326).
+    """
+    bundle = Bundle.open(index)
+    if not isinstance(model, Model):
+        model = model_for_bundle(bundle.model, model)
+    searcher = Searcher(bundle, model)
+    parts = QueryParts()
+    items = [query] if isinstance(query, str | os.PathLike | np.ndarray | int) else list(query)
+    for negative, group in ((False, items), (True, list(negatives))):
+        for i, q in enumerate(group):
+            if isinstance(q, np.ndarray):
+                searcher.add_pixels(parts, q, f"array{i}", negative)
+            elif isinstance(q, int | np.integer):
+                searcher.add_tiles(parts, [int(q)], f"tile:{q}", negative)
+            else:
+                searcher.add_image(parts, Path(q), negative)
+    allowed = searcher.allowed_ids(bbox=bbox)
+    return searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap)
+
+
+def encode_images(images: Sequence[PathLike], model: Model | str | None = None) -> np.ndarray:
+    """Embeddings of image files, one row each (``geoir encode IMAGE... --out``)."""
+    import torch
+
+    from geoir.io.images import read_image
+
+    m = model if isinstance(model, Model) else load_model(model)
+    rows = [m.encode(torch.from_numpy(np.ascontiguousarray(read_image(p).rgb[None]))).embedding for p in images]
+    return np.concatenate(rows)

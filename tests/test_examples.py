@@ -1,0 +1,41 @@
+"""The examples run as documented (on the tiny test model where the default would be slow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import geoir
+from geoir.encoding.model import load_model
+from tests.conftest import MakeGeoTiff
+
+
+def test_python_api_round_trip(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    model = load_model("backbone", backbone="test")
+    scene = make_geotiff(shape=(3, 700, 700))
+    index = tmp_path / "idx"
+    report = geoir.tile([scene], index=index, model=model)
+    assert report.tiles_added == 9
+    patch = np.random.default_rng(0).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    hits = geoir.search(patch, index=index, k=4, model=model).hits
+    assert hits["rank"].tolist() == [1, 2, 3, 4] and hits.crs.to_epsg() == 4326
+    tid = int(hits.tile_id.iloc[0])
+    again = geoir.search(tid, index=index, k=3, model=model).hits
+    assert tid not in again.tile_id.tolist()
+    png = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.fromarray(np.moveaxis(patch, 0, -1)).save(png)
+    emb = geoir.encode_images([png, png], model=model)
+    assert emb.shape == (2, 256) and np.allclose(emb[0], emb[1])
+    # The same pixels through a file or an array give the same query.
+    from_file = geoir.search(png, index=index, k=4, model=model).hits
+    assert from_file.tile_id.tolist() == hits.tile_id.tolist()
+
+
+def test_lazy_api_attribute() -> None:
+    assert callable(geoir.tile) and callable(geoir.search)
+    with pytest.raises(AttributeError):
+        geoir.nope  # noqa: B018
