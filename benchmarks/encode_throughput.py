@@ -62,7 +62,8 @@ def bare_forward(model, batch_size: int, n_batches: int) -> float:  # type: igno
 def pipeline(model, source: TileSource, batch_size: int, workers: int, encode: bool = True) -> float:  # type: ignore[no-untyped-def]
     """Tiles/s of read + scale + (resize + normalise + forward), skipping the first batch (warm-up)."""
     n, t0 = 0, None
-    for i, batch in enumerate(iter_batches(source, batch_size, workers)):
+    pin = model.backbone.device.type == "cuda"
+    for i, batch in enumerate(iter_batches(source, batch_size, workers, pin_memory=pin)):
         if encode:
             model.encode(torch.from_numpy(batch.rgb))
         if i == 0:

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,9 @@ import rasterio
 from affine import Affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, table, write_section  # noqa: E402
+from _report import machine, table, write_section
 
-from geoir.cli import GDAL_CACHE_MB  # noqa: E402
+from geoir.cli import GDAL_CACHE_MB
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTINEL2 = ROOT.parent / "shared" / "data" / "scenes" / "sentinel2_L1C_utm18n_10m_B4B3B2B8.tif"

@@ -52,13 +52,16 @@ def _collate_shared(items: list[tuple[int, np.ndarray, float]]) -> tuple:  # typ
     return b.indexes, torch.from_numpy(b.rgb), b.nodata_fraction
 
 
-def iter_batches(source: TileSource, batch_size: int = 64, workers: int = 0) -> Iterator[Batch]:
+def iter_batches(
+    source: TileSource, batch_size: int = 64, workers: int = 0, pin_memory: bool = False
+) -> Iterator[Batch]:
     """Batches of a source in tile order.
 
     Args:
         source: The scene's tiles.
         batch_size: Tiles per batch.
         workers: Reader processes (0 reads in this process and does not import torch).
+        pin_memory: Put batches in page-locked memory, so a copy to the GPU runs asynchronously.
     """
     if workers <= 0:
         for start in range(0, len(source), batch_size):
@@ -76,6 +79,7 @@ def iter_batches(source: TileSource, batch_size: int = 64, workers: int = 0) -> 
         collate_fn=_collate_shared,
         prefetch_factor=4,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
     for indexes, rgb, frac in loader:
         yield Batch(indexes, rgb.numpy(), frac)

@@ -12,7 +12,7 @@ from geoir.encoding.batches import iter_batches
 from geoir.encoding.model import Encoded, Model
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene
-from geoir.tiling.run import ProgressFactory
+from geoir.tiling.run import ProgressFactory, on_cuda
 from geoir.tiling.tiler import TileSource
 
 log = logging.getLogger("geoir")
@@ -38,7 +38,7 @@ def encode_bundle(
         bar = progress(len(source), Path(scene.path).name) if progress else None
         ids, parts = [], []
         try:
-            for batch in iter_batches(source, batch_size, workers):
+            for batch in iter_batches(source, batch_size, workers, pin_memory=on_cuda(model)):
                 sel = keep[batch.indexes]
                 if sel.any():
                     ids.append(np.array([source.tiles[i].id for i in batch.indexes[sel]], np.int64))

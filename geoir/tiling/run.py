@@ -98,7 +98,7 @@ def tile_scenes(
         fracs: list[np.ndarray] = []
         encoded: list[Encoded] = []
         try:
-            for batch in iter_batches(source, batch_size, workers):
+            for batch in iter_batches(source, batch_size, workers, pin_memory=on_cuda(model)):
                 keep = (batch.nodata_fraction <= params.max_nodata) & (batch.nodata_fraction < 1.0)
                 if keep.any():
                     kept_idx.append(batch.indexes[keep])
@@ -193,6 +193,10 @@ def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def on_cuda(model: Model | None) -> bool:
+    return model is not None and model.backbone.device.type == "cuda"
 
 
 def check_writable_dir(path: Path, what: str) -> None:
