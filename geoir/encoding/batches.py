@@ -67,10 +67,15 @@ def iter_batches(
         for start in range(0, len(source), batch_size):
             yield _collate([_Indexed(source)[i] for i in range(start, min(start + batch_size, len(source)))])
         return
+    import torch
     from torch.utils.data import DataLoader
 
     # The parent must not hold an open GDAL handle that forked workers would share.
     source.close()
+    if pin_memory:
+        # Feeding a GPU, this process needs few CPU threads; idle OpenMP threads spin-wait and would
+        # take cores from the reader processes.
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     loader = DataLoader(
         _Indexed(source),
         batch_size=batch_size,

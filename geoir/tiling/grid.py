@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 from affine import Affine
-from pyproj import CRS as ProjCRS
-from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
@@ -187,6 +185,10 @@ def footprints(
     """
     if not windows:
         return np.array([], dtype=object)
+    # pyproj is imported here, not at module level: workers that only read windows never need it.
+    from pyproj import CRS as ProjCRS
+    from pyproj import Transformer
+
     rings = window_polygons(transform, windows)
     n, m, _ = rings.shape
     src = ProjCRS.from_user_input(src_crs.to_wkt() if isinstance(src_crs, CRS) else src_crs)
