@@ -28,6 +28,8 @@ COMMANDS = {
     "encode": "geoir.cli.encode:encode",
     "info": "geoir.cli.info:info",
     "remove": "geoir.cli.info:remove",
+    "train": "geoir.cli.train:train",
+    "eval": "geoir.cli.train:evaluate",
 }
 
 

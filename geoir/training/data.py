@@ -1,0 +1,208 @@
+"""Labelled data sets for training and evaluation, as backbone features computed once and cached.
+
+Two kinds of data set:
+
+* a folder of class folders (``DATASET/CLASS/*.jpg``, like UC Merced): every image is encoded by the
+  frozen backbone once; the features are cached under ``$XDG_CACHE_HOME/geoir/features`` keyed by the
+  backbone fingerprint and the files' names, sizes and times, so the next run starts training at once;
+* a vector file of labelled points or polygons (a ``label`` column) over the scenes of a bundle: the
+  tiles under each geometry become training samples, with the backbone features the bundle already
+  stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from geoir.errors import DatasetError
+
+log = logging.getLogger("geoir")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+@dataclass
+class FeatureSet:
+    """Backbone features with integer labels.
+
+    Attributes:
+        features: ``(N, D)`` float32.
+        labels: ``(N,)`` int64 class indexes into ``classes``.
+        classes: Class names.
+        items: One name per sample (image path relative to the data set, or ``tile:ID``).
+        backbone_fingerprint: Fingerprint of the backbone that made the features.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    items: list[str]
+    backbone_fingerprint: str
+
+    def summary(self) -> dict[str, object]:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {
+            "samples": len(self.labels),
+            "classes": len(self.classes),
+            "per_class": dict(zip(self.classes, counts.tolist(), strict=True)),
+        }
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Images of a folder of class folders, sorted, with their labels.
+
+    Raises:
+        DatasetError: The folder is missing, has no class folders, or a class has no image.
+    """
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root} is not a folder; pass a folder of class folders (CLASS/*.jpg) or a "
+            "GeoPackage with a `label` column"
+        )
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DatasetError(f"{root} has {len(classes)} class folder(s); training needs at least 2 (CLASS/*.jpg)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for i, c in enumerate(classes):
+        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"class folder {root / c} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        paths += files
+        labels += [i] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "geoir" / "features"
+
+
+def _cache_key(root: Path, paths: list[Path], fingerprint: str) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def image_folder_features(
+    root: str | os.PathLike[str],
+    backbone,
+    batch_size: int = 64,  # type: ignore[no-untyped-def]
+    workers: int = 0,
+    progress: Callable[[int, str], object] | None = None,
+    use_cache: bool = True,
+) -> FeatureSet:
+    """Backbone features of a folder of class folders (computed once, then read from the cache)."""
+    root = Path(root)
+    paths, labels, classes = list_image_folder(root)
+    key = _cache_key(root, paths, backbone.fingerprint)
+    cached = cache_dir() / f"{key}.npz"
+    items = [str(p.relative_to(root)) for p in paths]
+    if use_cache and cached.exists():
+        with np.load(cached) as z:
+            log.info("features of %s read from the cache %s", root, cached)
+            return FeatureSet(z["features"], labels, classes, items, backbone.fingerprint)
+    feats = _encode_paths(paths, backbone, batch_size, workers, progress)
+    if use_cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.tmp.npz")
+        np.savez(tmp, features=feats)
+        os.replace(tmp, cached)
+    return FeatureSet(feats, labels, classes, items, backbone.fingerprint)
+
+
+class _ImageFiles:
+    """Map-style data set of image files read as uint8 RGB at the backbone's working size."""
+
+    def __init__(self, paths: list[Path], size: int = 256):
+        self.paths = paths
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as im:
+                rgb = im.convert("RGB")
+                if rgb.size != (self.size, self.size):
+                    # Bilinear to a common size so images batch; the backbone then resizes to its input.
+                    rgb = rgb.resize((self.size, self.size), Image.BILINEAR)
+                return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
+        except OSError as exc:
+            raise DatasetError(f"{self.paths[i]} is not a readable image ({exc}); remove or replace it") from exc
+
+
+def _encode_paths(
+    paths: list[Path],
+    backbone,
+    batch_size: int,
+    workers: int,  # type: ignore[no-untyped-def]
+    progress: Callable[[int, str], object] | None,
+) -> np.ndarray:
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _ImageFiles(paths),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=lambda items: torch.from_numpy(np.stack(items)),
+    )
+    bar = progress(len(paths), "features") if progress else None
+    out = []
+    for batch in loader:
+        out.append(backbone.features(batch).cpu().numpy())
+        if bar is not None:
+            bar.update(len(batch))  # type: ignore[attr-defined]
+    if bar is not None:
+        bar.close()  # type: ignore[attr-defined]
+    return np.concatenate(out).astype(np.float32)
+
+
+def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: str = "label") -> FeatureSet:  # type: ignore[no-untyped-def]
+    """Labelled tiles of a bundle: the tiles intersecting each labelled geometry of a vector file.
+
+    A tile under geometries of two different labels is ambiguous and left out.
+
+    Raises:
+        DatasetError: Unreadable file, no ``label`` column, no CRS, or no labelled tile.
+    """
+    import geopandas as gpd
+
+    p = Path(labels_file)
+    try:
+        gdf = gpd.read_file(p)
+    except Exception as exc:  # pyogrio raises several types for unreadable files
+        raise DatasetError(f"cannot read {p} ({exc}); pass a GeoPackage or GeoJSON of labelled geometries") from exc
+    if label_column not in gdf.columns:
+        raise DatasetError(f"{p} has no `{label_column}` column; add one with each geometry's class")
+    if gdf.crs is None:
+        raise DatasetError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
+    if bundle.model is None:
+        raise DatasetError(f"{bundle.path} is not encoded; run `geoir encode --index {bundle.path}` first")
+    gdf = gdf.to_crs("EPSG:4326").dropna(subset=[label_column])
+    tiles = bundle.tiles(bbox=tuple(gdf.total_bounds))
+    joined = gpd.sjoin(tiles[["tile_id", "geometry"]], gdf[[label_column, "geometry"]], predicate="intersects")
+    per_tile = joined.groupby("tile_id")[label_column].agg(lambda s: sorted(set(map(str, s))))
+    per_tile = per_tile[per_tile.map(len) == 1].map(lambda v: v[0])
+    if per_tile.empty:
+        raise DatasetError(f"no tile of {bundle.path} lies under the geometries of {p}; check the area and CRS")
+    vec = bundle.vectors()
+    pos = {int(t): i for i, t in enumerate(vec["ids"])}
+    ids = [int(t) for t in per_tile.index if int(t) in pos]
+    classes = sorted(set(per_tile.loc[ids]))
+    labels = np.array([classes.index(per_tile.loc[t]) for t in ids], dtype=np.int64)
+    feats = vec["features"][[pos[t] for t in ids]].astype(np.float32)
+    return FeatureSet(feats, labels, classes, [f"tile:{t}" for t in ids], bundle.model["backbone_fingerprint"])

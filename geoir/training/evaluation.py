@@ -1,0 +1,140 @@
+"""Run the evaluation protocols for a model's recipe and the backbone baseline (``geoir eval``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geoir.training.data import FeatureSet
+from geoir.training.protocols import evaluate_seen, evaluate_unseen, stratified_split, summarize
+from geoir.training.recipes import Recipe, code_encoder, float_encoder
+
+METRIC_KW: dict[str, Any] = {"ks": (5, 10, 20, 50, 100), "map_ks": (20,)}
+
+
+def _variants(head) -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:  # type: ignore[no-untyped-def]
+    out = []
+    if hasattr(head, "embed"):
+        out.append(("float", "euclidean", float_encoder(head)))
+    if hasattr(head, "codes"):
+        bits = head.config()["bits"]
+        out.append((f"{bits}-bit", "hamming", code_encoder(head)))
+    return out
+
+
+def run_protocols(
+    model,
+    data: FeatureSet,
+    protocols: Sequence[str],
+    seeds: Sequence[int],  # type: ignore[no-untyped-def]
+    unseen_seeds: Sequence[int],
+    splits_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Scores of the backbone alone and of the model's recipe, re-trained on each split.
+
+    Returns:
+        ``{"model": ..., "protocols": {name: {variant: summary with per-seed runs}}}``.
+    """
+    recipe = Recipe.from_dict(model.meta["recipe"])
+    x, y = data.features, data.labels
+    backbone = float_encoder(None)
+    report: dict[str, Any] = {
+        "model": model.meta.get("name"),
+        "recipe": recipe.to_dict(),
+        "data": data.summary(),
+        "ties": "broken by ascending database index",
+        "protocols": {},
+    }
+    if "seen" in protocols or "reference" in protocols:
+        seen: dict[str, list[dict[str, Any]]] = {}
+        ref: dict[str, list[dict[str, Any]]] = {}
+        for seed in seeds:
+            split = stratified_split(y, 0.8, seed)
+            if splits_dir is not None:
+                splits_dir.mkdir(parents=True, exist_ok=True)
+                (splits_dir / f"seen_seed{seed}.json").write_text(split.to_json(data.items))
+            head, _ = recipe.train(x[split.train], y[split.train], seed=seed)
+            runs = [("backbone float", "euclidean", backbone)] + [
+                (f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)
+            ]
+            for name, metric, enc in runs:
+                r = evaluate_seen(
+                    enc, x, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **METRIC_KW
+                )
+                seen.setdefault(name, []).append({"seed": seed, **r})
+                log(f"seen seed {seed} {name}: mAP {r['mAP']:.4f}")
+                if "reference" in protocols:
+                    # The reference code's protocol: test queries against the training images only.
+                    r2 = evaluate_seen(enc, x, y, split, metric=metric, database="train", **METRIC_KW)
+                    ref.setdefault(name, []).append({"seed": seed, **r2})
+        if "seen" in protocols:
+            report["protocols"]["seen"] = {k: {"runs": v, **summarize(v)} for k, v in seen.items()}
+        if ref:
+            report["protocols"]["reference"] = {k: {"runs": v, **summarize(v)} for k, v in ref.items()}
+    if "unseen" in protocols:
+        unseen: dict[str, Any] = {}
+        unseen["backbone float"] = evaluate_unseen(
+            lambda f, lab, s: backbone, x, y, metric="euclidean", seeds=unseen_seeds, **METRIC_KW
+        )
+        heads: dict[int, Any] = {}
+
+        def fit(name: str) -> Callable[[np.ndarray, np.ndarray, int], Callable[[np.ndarray], np.ndarray]]:
+            def f(fx: np.ndarray, fy: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+                if seed not in heads:
+                    heads[seed], _ = recipe.train(fx, fy, seed=seed)
+                return dict((n, e) for n, _, e in _variants(heads[seed]))[name]
+
+            return f
+
+        for name, metric, _ in _variants(model.head):
+            unseen[f"{recipe.method} {name}"] = evaluate_unseen(
+                fit(name), x, y, metric=metric, seeds=unseen_seeds, **METRIC_KW
+            )
+        for k, v in unseen.items():
+            log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
+        report["protocols"]["unseen"] = unseen
+    return json.loads(json.dumps(report, default=_plain))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(type(v))
+
+
+def write_pr_curve(report: dict[str, Any], out: Path, size: tuple[int, int] = (640, 480)) -> None:
+    """Draw the seen-protocol precision-recall curves (first seed) of every variant as a PNG."""
+    from PIL import Image, ImageDraw
+
+    curves = []
+    for name, summary in report["protocols"].get("seen", {}).items():
+        pr = summary["runs"][0].get("pr_curve")
+        if pr:
+            curves.append((name, pr["recall"], pr["precision"]))
+    w, h = size
+    m = 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
+    for t in np.linspace(0, 1, 6):
+        x = m + t * (w - 1.5 * m)
+        y = h - m - t * (h - 1.5 * m)
+        d.text((x - 8, h - m + 6), f"{t:.1f}", fill="black")
+        d.text((8, y - 6), f"{t:.1f}", fill="black")
+    d.text((w // 2 - 20, h - 20), "recall", fill="black")
+    d.text((4, 8), "precision", fill="black")
+    colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
+    for i, (name, rec, prec) in enumerate(curves):
+        pts = [(m + r * (w - 1.5 * m), h - m - p * (h - 1.5 * m)) for r, p in zip(rec, prec, strict=True)]
+        d.line(pts, fill=colors[i % len(colors)], width=2)
+        d.text((m + 10, m // 2 + 8 + 14 * i), name, fill=colors[i % len(colors)])
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    img.save(tmp)
+    tmp.replace(out)

@@ -1,0 +1,658 @@
+"""Training loops for heads on precomputed backbone features (numpy arrays, CPU, seeded).
+
+* :func:`train_srl`: SRL float embedding (METHODS.md §1.7 pool mode or P x K mode, §1.9 schedule).
+* :func:`train_dgssh`: DGSSH hash codes (§2.4 loss, §2.5 class-balanced epoch sampler, §2.4d V-step,
+  §2.8 schedule).
+* :func:`train_plain`: baseline hash head (label-smoothed cross-entropy + a small quantisation term).
+
+Each holds out a stratified validation split (``val_fraction`` of the training set) and keeps the epoch with
+the best validation mAP (validation queries against the rest of the training set, encoded by the head):
+the test queries are never looked at. Each returns ``(head, history)``; ``history`` is JSON-able apart from
+the ``"V"`` array of :func:`train_dgssh`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoir.errors import DatasetError
+from geoir.training.heads import HashHead, PlainHead, SRLHead
+from geoir.training.losses import (
+    AsymmetricLoss,
+    CorrectiveTripletLoss,
+    SRLLoss,
+    adsh_v_step,
+    label_smoothing_cross_entropy,
+    similarity_ratio,
+    soft_similarity,
+)
+from geoir.training.metrics import evaluate_retrieval
+
+__all__ = [
+    "balanced_chunks",
+    "class_holdout",
+    "dgssh_batches",
+    "stratified_holdout",
+    "train_dgssh",
+    "train_plain",
+    "train_srl",
+    "warmup_cosine",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels)
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise DatasetError(f"features must be N x D and labels length N; got {x.shape} and {y.shape}")
+    if not np.isfinite(x).all():
+        raise DatasetError("features contain NaN or inf; recompute them with the backbone in eval mode")
+    _, counts = np.unique(y, return_counts=True)
+    if len(counts) < 2 or counts.min() < 2:
+        raise DatasetError(
+            f"training needs at least 2 classes of at least 2 images each; class sizes are {counts.tolist()}"
+        )
+    return x, y
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices per class into (kept, held out), holding out ``round(fraction * n_c)`` of each class.
+
+    At least one item of every class with 2+ items stays in the kept part. Indices come back sorted.
+    """
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    keep, hold = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        n_hold = min(round(fraction * len(idx)), len(idx) - 1)
+        hold.append(idx[:n_hold])
+        keep.append(idx[n_hold:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold)).astype(np.int64)
+
+
+def balanced_chunks(labels: np.ndarray, chunk: int, rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """One epoch of class-balanced groups that visits every index exactly once.
+
+    Each class is shuffled and cut into chunks of ``chunk``; round t holds chunk t of every class that still
+    has one (class order shuffled). Returns the rounds, each a list of index arrays (one per class).
+    """
+    y = np.asarray(labels)
+    per_class = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        per_class.append([idx[s : s + chunk] for s in range(0, len(idx), chunk)])
+    rounds = []
+    for t in range(max(len(p) for p in per_class)):
+        group = [p[t] for p in per_class if t < len(p)]
+        rng.shuffle(group)
+        rounds.append(group)
+    return rounds
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, final_fraction: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from ``1/warmup_steps`` to 1, then cosine decay to ``final_fraction``."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(total_steps - warmup_steps, 1)
+        t = min((step - warmup_steps) / span, 1.0)
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def class_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices by class into (kept, held out): ``round(fraction * C)`` whole classes (at least 1 and at
+    most C - 2) are held out. Selecting on held-out *classes* favours heads that generalise to new classes
+    (the unseen-classes protocol) over heads that only separate the training classes."""
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    n_hold = min(max(round(fraction * len(classes)), 1), len(classes) - 2)
+    if n_hold < 1:
+        raise DatasetError(f"class-held-out validation needs at least 3 classes, got {len(classes)}")
+    held = np.random.default_rng(seed).choice(classes, size=n_hold, replace=False)
+    mask = np.isin(y, held)
+    return np.nonzero(~mask)[0], np.nonzero(mask)[0]
+
+
+def _holdout(y: np.ndarray, val_fraction: float, val_split: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    if val_fraction <= 0:
+        return np.arange(len(y)), None
+    if val_split == "stratified":
+        return stratified_holdout(y, val_fraction, seed)
+    if val_split == "classes":
+        return class_holdout(y, val_fraction, seed)
+    raise ValueError(f"val_split must be 'stratified' or 'classes', got {val_split!r}")
+
+
+class _Views:
+    """Training features with optional extra views (features of flipped/rotated copies of the same images).
+
+    ``batch(idx)`` returns, for every index, the features of one view drawn at random: augmentation at the
+    feature level, since the backbone is frozen and its features are precomputed once per view.
+    """
+
+    def __init__(self, x: np.ndarray, views: np.ndarray | None, rows: np.ndarray, rng: np.random.Generator):
+        base = torch.from_numpy(np.ascontiguousarray(x[rows]))
+        if views is None:
+            self.all = base[None]
+        else:
+            v = np.asarray(views, dtype=np.float32)
+            if v.ndim != 3 or v.shape[1:] != x.shape:
+                raise DatasetError(f"views must be V x N x D with N x D = {x.shape}; got {v.shape}")
+            self.all = torch.cat([base[None], torch.from_numpy(np.ascontiguousarray(v[:, rows]))])
+        self.base = base
+        self.rng = rng
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.all.shape[0] == 1:
+            return self.base[idx]
+        pick = torch.from_numpy(self.rng.integers(0, self.all.shape[0], size=len(idx)))
+        return self.all[pick, idx]
+
+
+def _as_float(v: object) -> float:
+    """A metric value from an ``evaluate_retrieval`` dict (typed ``object`` there) as a float."""
+    return float(v)  # type: ignore[arg-type]
+
+
+def _seed_all(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+class _Selector:
+    """Keeps the state dict of the best validation score (or the last one when there is no validation)."""
+
+    def __init__(self) -> None:
+        self.best: float = -math.inf
+        self.epoch: int = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, score: float | None, epoch: int, module: nn.Module) -> None:
+        if score is None or score > self.best:
+            self.best = -math.inf if score is None else score
+            self.epoch = epoch
+            self.state = copy.deepcopy(module.state_dict())
+
+
+def _val_map(
+    encode: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    fit_idx: np.ndarray,
+    val_idx: np.ndarray,
+    metric: Literal["euclidean", "hamming"],
+    within: bool = False,
+) -> float:
+    """Validation mAP, everything encoded by the current head: held-out queries against the fitting set, or
+    (``within``, for held-out classes, which the fitting set does not contain) all-vs-all among the held-out
+    items, each query excluded from its own ranking."""
+    q = encode(x[val_idx])
+    if within:
+        out = evaluate_retrieval(q, q, y[val_idx], y[val_idx], metric=metric, ks=(), self_index=np.arange(len(q)))
+    else:
+        out = evaluate_retrieval(q, encode(x[fit_idx]), y[val_idx], y[fit_idx], metric=metric, ks=())
+    return float(out["mAP"])  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SRL
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_srl(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    dim: int | None = None,
+    center: bool = True,
+    loss: SRLLoss | None = None,
+    mode: Literal["pool", "pk"] = "pool",
+    queries_per_class: int = 4,
+    classes_per_batch: int = 16,
+    per_class: int = 5,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    warmup_epochs: int = 5,
+    final_lr_fraction: float = 0.01,
+    val_fraction: float = 0.1,
+    val_split: Literal["stratified", "classes"] = "stratified",
+    views: np.ndarray | None = None,
+    patience: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[SRLHead, dict[str, Any]]:
+    """Train an :class:`SRLHead` with :class:`SRLLoss` on precomputed features.
+
+    Pool mode (default, §1.7): each iteration embeds the whole fitting set, draws ``queries_per_class``
+    queries of every class (an epoch makes every image a query once) and mines each query against the
+    whole pool. P x K mode: batches of ``classes_per_batch`` classes x ``per_class`` images, each member a
+    query against its batch. Adam, linear warm-up then cosine decay (§1.9), model selection by validation
+    mAP.
+
+    Args:
+        features: N x D backbone features.
+        labels: N class labels.
+        dim: Embedding dimension; default D (identity init), smaller gives a PCA-whitening init.
+        center: With the identity init, start from centred features (bias = -mean of the fitting set).
+            Default on: it helps mining because pooled ReLU6 features are all non-negative.
+        loss: The loss object; default ``SRLLoss(omega_max=2.0)`` (alpha 1.2, margin 0.4, T_n 10, lambda 1,
+            kappa 1, omega clipped at 2: unclipped omega gave 0.90 instead of 0.966 test mAP on UC Merced).
+        mode: ``"pool"`` or ``"pk"``.
+        queries_per_class: I of §1.7 (pool mode).
+        classes_per_batch: P (P x K mode).
+        per_class: K (P x K mode).
+        epochs: Number of epochs (METHODS.md suggests 100; the best validation epoch on UC Merced is
+            8-30 at lr 1e-3).
+        lr: Peak learning rate (METHODS.md's 1e-4 reaches only 0.76 mAP after 30 epochs on UC Merced).
+        weight_decay: Adam weight decay (L2, on the head only).
+        warmup_epochs: Linear warm-up length.
+        final_lr_fraction: LR at the end of the cosine, as a fraction of ``lr``.
+        val_fraction: Held-out fraction for model selection (0: keep the last epoch).
+        val_split: ``"stratified"`` holds out ``val_fraction`` of every class; ``"classes"`` holds out that
+            fraction of the classes (selects for generalisation to unseen classes).
+        views: Optional V x N x D features of augmented copies (e.g. flips and 90° rotations) of the same
+            images; each training draw uses one view at random. Validation uses ``features`` only.
+        patience: Stop after this many epochs without a validation improvement (None: never).
+        seed: Seeds the split, the sampling and the initialisation.
+        log: Called with one line per epoch.
+
+    Returns:
+        The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
+        ``best_val_mAP``, ``seconds``, ``config``).
+    """
+    x, y = _check_inputs(features, labels)
+    rng = _seed_all(seed)
+    fit_idx, val_idx = _holdout(y, val_fraction, val_split, seed)
+    within = val_split == "classes"
+    xf = _Views(x, views, fit_idx, rng)
+    yf = torch.from_numpy(y[fit_idx]).long()
+    loss = loss or SRLLoss(omega_max=2.0)
+    head = SRLHead(x.shape[1], dim)
+    if head.out_dim != head.in_dim:
+        head.init_pca_whitening(x[fit_idx])
+    elif center:
+        head.init_centering(x[fit_idx])
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    chunk = queries_per_class if mode == "pool" else per_class
+    steps_per_epoch = _steps_per_epoch(yf.numpy(), chunk, classes_per_batch if mode == "pk" else None)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch, final_lr_fraction)
+    )
+    hist: dict[str, Any] = {"loss": [], "val_mAP": [], "lr": []}
+    sel = _Selector()
+    t0 = time.perf_counter()
+    if val_idx is not None:
+        hist["val_mAP_initial"] = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within)
+        sel.update(hist["val_mAP_initial"], 0, head)
+    stale = 0
+    for epoch in range(1, epochs + 1):
+        head.train()
+        losses = []
+        for group in balanced_chunks(yf.numpy(), chunk, rng):
+            if mode == "pool":
+                q = torch.from_numpy(np.concatenate(group)).long()
+                emb = head(xf.batch(torch.arange(len(fit_idx))))
+                value = loss(emb[q], yf[q], emb, yf, q)
+                losses.append(float(value.detach()))
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+                sched.step()
+            else:
+                for s in range(0, len(group), classes_per_batch):
+                    b = torch.from_numpy(np.concatenate(group[s : s + classes_per_batch])).long()
+                    value = loss(head(xf.batch(b)), yf[b])
+                    losses.append(float(value.detach()))
+                    opt.zero_grad()
+                    value.backward()
+                    opt.step()
+                    sched.step()
+        hist["loss"].append(float(np.mean(losses)))
+        hist["lr"].append(float(opt.param_groups[0]["lr"]))
+        score = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within) if val_idx is not None else None
+        hist["val_mAP"].append(score)
+        improved = score is None or score > sel.best
+        sel.update(score, epoch, head)
+        if log:
+            log(f"srl epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
+        stale = 0 if improved else stale + 1
+        if patience is not None and stale >= patience:
+            break
+    assert sel.state is not None
+    head.load_state_dict(sel.state)
+    hist.update(
+        best_epoch=sel.epoch,
+        best_val_mAP=None if val_idx is None else sel.best,
+        seconds=time.perf_counter() - t0,
+        config={
+            "dim": head.out_dim,
+            "mode": mode,
+            "queries_per_class": queries_per_class,
+            "classes_per_batch": classes_per_batch,
+            "per_class": per_class,
+            "epochs": epochs,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_epochs": warmup_epochs,
+            "val_fraction": val_fraction,
+            "val_split": val_split,
+            "views": 0 if views is None else int(np.shape(views)[0]),
+            "seed": seed,
+            "alpha": loss.alpha,
+            "margin": loss.margin,
+            "neg_temperature": loss.neg_temperature,
+            "lam": loss.lam,
+            "kappa": loss.kappa,
+            "k_p": loss.k_p,
+            "k_n": loss.k_n,
+            "omega_max": loss.omega_max,
+        },
+    )
+    return head.eval(), hist
+
+
+def _steps_per_epoch(y: np.ndarray, chunk: int, classes_per_batch: int | None) -> int:
+    _, counts = np.unique(y, return_counts=True)
+    rounds = [int(np.sum(np.ceil(counts / chunk) > t)) for t in range(int(np.ceil(counts.max() / chunk)))]
+    if classes_per_batch is None:
+        return len(rounds)
+    return int(sum(math.ceil(r / classes_per_batch) for r in rounds))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DGSSH
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dgssh_batches(
+    labels: np.ndarray, rng: np.random.Generator, chunk: int = 4, classes_per_batch: int = 8
+) -> list[np.ndarray]:
+    """Class-balanced epoch order (§2.5): chunks of ``chunk`` images of one class, ``classes_per_batch``
+    chunks of different classes per batch; every index appears exactly once per epoch."""
+    batches = []
+    for group in balanced_chunks(labels, chunk, rng):
+        for s in range(0, len(group), classes_per_batch):
+            batches.append(np.concatenate(group[s : s + classes_per_batch]))
+    # Rounds are consecutive, so a tail of a round can be small; shuffling keeps the order random.
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def train_dgssh(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    bits: int = 64,
+    variant: Literal["A", "B"] = "B",
+    alpha_cls: float = 20.0,
+    beta: float = 200.0,
+    margin: float = 0.6,
+    gamma: float = 1.0,
+    eta: float = 0.0,
+    rho: float = 0.0,
+    label_smoothing: float = 0.1,
+    epochs: int = 100,
+    warmup_epochs: int = 5,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    chunk: int = 4,
+    classes_per_batch: int = 8,
+    recompute_u: bool = True,
+    val_fraction: float = 0.1,
+    val_split: Literal["stratified", "classes"] = "stratified",
+    views: np.ndarray | None = None,
+    select_on: Literal["I1", "T"] = "I1",
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[HashHead, dict[str, Any]]:
+    """Train a :class:`HashHead` with the DGSSH objective and the ADSH V-step.
+
+    Per batch: ``L = L_asy + alpha_cls * L_cls + L_cor (+ rho * quantisation)``, one AdamW step; after each
+    epoch, U is recomputed with the current head (if ``recompute_u``) and V gets one DCC sweep.
+
+    Args:
+        features: N x D backbone features (the training set = the database).
+        labels: N class labels.
+        bits: Code length K.
+        variant: Asymmetric loss ``"B"`` (ADSH-faithful) or ``"A"`` (code-faithful).
+        alpha_cls: Weight of the label-smoothed cross-entropy.
+        beta: u-V coupling weight.
+        margin: Corrective triplet margin.
+        gamma: Weight of the distribution-matching term.
+        eta: Extra pairwise-likelihood weight in variant B.
+        rho: Quantisation penalty ``mean((u - sgn u)²)`` weight (§2.6).
+        label_smoothing: Epsilon of the cross-entropy.
+        epochs: Number of epochs (METHODS.md: 50; 100 is a little better here and still ~40 s on one core).
+        warmup_epochs: Linear warm-up length.
+        lr: Peak AdamW learning rate (cosine decay to 1 %).
+        weight_decay: AdamW weight decay.
+        chunk: Images of one class per chunk (K_s).
+        classes_per_batch: Chunks per batch (P); the batch size is ``chunk * classes_per_batch``.
+        recompute_u: Recompute U exactly before the V-step (instead of the stale per-batch rows).
+        val_fraction: Held-out fraction for model selection (0: keep the last epoch).
+        val_split: ``"stratified"`` (per class) or ``"classes"`` (whole classes held out).
+        views: Optional V x N x D features of augmented copies of the same images (see :func:`train_srl`).
+        select_on: Validation protocol for selection: ``"I1"`` (database encoded by the network, as at
+            deployment) or ``"T"`` (database = V).
+        seed: Seeds the split, the sampling and the initialisation.
+        log: Called with one line per epoch.
+
+    Returns:
+        The best head (eval mode; its classifier included) and a history dict with per-epoch ``loss``,
+        ``val_mAP_I1``, ``val_mAP_T``, ``bit_agreement``, ``best_epoch``, ``seconds``, ``config``, plus ``V``
+        (database codes of the fitting set at the best epoch, int8) and ``fit_index`` (their rows in
+        ``features``).
+    """
+    x, y = _check_inputs(features, labels)
+    if select_on == "T" and val_split == "classes":
+        raise ValueError("select_on='T' needs val_split='stratified': held-out classes have no database codes")
+    rng = _seed_all(seed)
+    fit_idx, val_idx = _holdout(y, val_fraction, val_split, seed)
+    within = val_split == "classes"
+    classes, y_int = np.unique(y, return_inverse=True)
+    xf = _Views(x, views, fit_idx, rng)
+    yf = torch.from_numpy(y_int[fit_idx]).long()
+    n = len(fit_idx)
+    head = HashHead(x.shape[1], bits, len(classes))
+    S = soft_similarity(yf, yf, similarity_ratio(yf))
+    asy = AsymmetricLoss(bits, beta=beta, variant=variant, eta=eta)
+    cor = CorrectiveTripletLoss(margin=margin, gamma=gamma)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    n_batches = len(dgssh_batches(yf.numpy(), np.random.default_rng(0), chunk, classes_per_batch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * n_batches, warmup_epochs * n_batches))
+    V = torch.zeros(n, bits)
+    U = torch.zeros(n, bits)
+    hist: dict[str, Any] = {"loss": [], "val_mAP_I1": [], "val_mAP_T": [], "bit_agreement": []}
+    sel = _Selector()
+    best_V = V.clone()
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        head.train()
+        losses = []
+        for b in dgssh_batches(yf.numpy(), rng, chunk, classes_per_batch):
+            bi = torch.from_numpy(b).long()
+            u = head(xf.batch(bi))
+            value = (
+                asy(u, bi, V, S[bi], yf[bi])
+                + alpha_cls * label_smoothing_cross_entropy(head.logits(u), yf[bi], label_smoothing)
+                + cor(u, yf[bi])
+            )
+            if rho > 0:
+                value = value + rho * ((u - torch.where(u >= 0, 1.0, -1.0)) ** 2).mean()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            sched.step()
+            U[bi] = u.detach()
+            losses.append(float(value.detach()))
+        if recompute_u:
+            with torch.no_grad():
+                head.eval()
+                U = head(xf.base)
+        V = adsh_v_step(U, S, torch.arange(n), beta, V if epoch > 1 else None)
+        hist["loss"].append(float(np.mean(losses)))
+        net_codes = head.codes(x[fit_idx])
+        hist["bit_agreement"].append(float((net_codes == V.numpy()).mean()))
+        score = None
+        if val_idx is not None:
+            qc = head.codes(x[val_idx])
+            if within:
+                # Held-out classes have no row in V: protocol T does not apply, I1 is all-vs-all.
+                i1 = _val_map(head.codes, x, y, fit_idx, val_idx, "hamming", within=True)
+                t = float("nan")
+            else:
+                v_codes = V.numpy().astype(np.int8)
+                i1 = _as_float(
+                    evaluate_retrieval(qc, net_codes, y[val_idx], y[fit_idx], metric="hamming", ks=())["mAP"]
+                )
+                t = _as_float(evaluate_retrieval(qc, v_codes, y[val_idx], y[fit_idx], metric="hamming", ks=())["mAP"])
+            hist["val_mAP_I1"].append(i1)
+            hist["val_mAP_T"].append(t)
+            score = hist["val_mAP_I1" if select_on == "I1" else "val_mAP_T"][-1]
+        if score is None or score > sel.best:
+            best_V = V.clone()
+        sel.update(score, epoch, head)
+        if log:
+            log(
+                f"dgssh epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP I1 {score} "
+                f"bit agreement {hist['bit_agreement'][-1]:.3f}"
+            )
+    assert sel.state is not None
+    head.load_state_dict(sel.state)
+    hist.update(
+        best_epoch=sel.epoch,
+        best_val_mAP=None if val_idx is None else sel.best,
+        seconds=time.perf_counter() - t0,
+        V=best_V.numpy().astype(np.int8),
+        fit_index=fit_idx,
+        config={
+            "bits": bits,
+            "variant": variant,
+            "alpha_cls": alpha_cls,
+            "beta": beta,
+            "margin": margin,
+            "gamma": gamma,
+            "eta": eta,
+            "rho": rho,
+            "label_smoothing": label_smoothing,
+            "epochs": epochs,
+            "warmup_epochs": warmup_epochs,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "chunk": chunk,
+            "classes_per_batch": classes_per_batch,
+            "recompute_u": recompute_u,
+            "val_fraction": val_fraction,
+            "val_split": val_split,
+            "views": 0 if views is None else int(np.shape(views)[0]),
+            "select_on": select_on,
+            "seed": seed,
+        },
+    )
+    return head.eval(), hist
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plain baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_plain(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    bits: int = 64,
+    epochs: int = 300,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    label_smoothing: float = 0.1,
+    rho: float = 0.1,
+    warmup_epochs: int = 5,
+    val_fraction: float = 0.1,
+    val_split: Literal["stratified", "classes"] = "stratified",
+    views: np.ndarray | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[PlainHead, dict[str, Any]]:
+    """Baseline: ``Linear(D, bits) -> tanh -> classifier`` trained with label-smoothed cross-entropy plus
+    ``rho * mean((u - sgn u)²)``; AdamW, warm-up + cosine, validation selection every epoch.
+
+    Returns:
+        The best head (eval mode) and a history dict (per-epoch ``loss`` and ``val_mAP``, ``best_epoch``,
+        ``seconds``, ``config``).
+    """
+    x, y = _check_inputs(features, labels)
+    rng = _seed_all(seed)
+    fit_idx, val_idx = _holdout(y, val_fraction, val_split, seed)
+    within = val_split == "classes"
+    classes, y_int = np.unique(y, return_inverse=True)
+    xf = _Views(x, views, fit_idx, rng)
+    yf = torch.from_numpy(y_int[fit_idx]).long()
+    head = PlainHead(x.shape[1], bits, len(classes))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = math.ceil(len(fit_idx) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps, warmup_epochs * steps))
+    hist: dict[str, Any] = {"loss": [], "val_mAP": []}
+    sel = _Selector()
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        head.train()
+        perm = torch.from_numpy(rng.permutation(len(fit_idx))).long()
+        losses = []
+        for s in range(0, len(perm), batch_size):
+            b = perm[s : s + batch_size]
+            u = head(xf.batch(b))
+            value = label_smoothing_cross_entropy(head.logits(u), yf[b], label_smoothing)
+            value = value + rho * ((u - torch.where(u >= 0, 1.0, -1.0)) ** 2).mean()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(value.detach()))
+        hist["loss"].append(float(np.mean(losses)))
+        score = _val_map(head.codes, x, y, fit_idx, val_idx, "hamming", within) if val_idx is not None else None
+        hist["val_mAP"].append(score)
+        sel.update(score, epoch, head)
+        if log:
+            log(f"plain epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
+    assert sel.state is not None
+    head.load_state_dict(sel.state)
+    hist.update(
+        best_epoch=sel.epoch,
+        best_val_mAP=None if val_idx is None else sel.best,
+        seconds=time.perf_counter() - t0,
+        config={
+            "bits": bits,
+            "epochs": epochs,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "batch_size": batch_size,
+            "label_smoothing": label_smoothing,
+            "rho": rho,
+            "warmup_epochs": warmup_epochs,
+            "val_fraction": val_fraction,
+            "val_split": val_split,
+            "views": 0 if views is None else int(np.shape(views)[0]),
+            "seed": seed,
+        },
+    )
+    return head.eval(), hist

@@ -1,0 +1,284 @@
+"""Trainable heads that sit on a frozen backbone's pooled features.
+
+* :class:`SRLHead`: ``normalize(W x + b)``, a float embedding for Euclidean/cosine search (METHODS.md §1.3).
+* :class:`HashHead`: ``u = tanh(W x + b)`` with a classifier on u, binary codes ``sgn(u)`` (§2.3).
+* :class:`PlainHead`: the baseline hash head, same layers as :class:`HashHead`, trained with label-smoothed
+  cross-entropy and a small quantisation term only (``geoir.training.fit.train_plain``).
+* :class:`CombinedHead`: one SRL head and one hash head on the same features, giving both outputs.
+
+Every head is serialisable as ``(config(), state_dict())``: ``config()`` is a small JSON-able dict whose
+``"name"`` picks the class in :data:`HEADS`, and :func:`head_from_config` rebuilds the head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geoir.errors import ModelError
+
+__all__ = [
+    "HEADS",
+    "CombinedHead",
+    "HashHead",
+    "PlainHead",
+    "SRLHead",
+    "get_head",
+    "head_from_config",
+    "pca_whitening",
+]
+
+
+def pca_whitening(features: np.ndarray, dim: int, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """PCA-whitening as a linear map ``x -> W x + b`` onto the top ``dim`` components.
+
+    Args:
+        features: N x D training features.
+        dim: Output dimension (<= min(N, D)).
+        eps: Added to the eigenvalues before the inverse square root.
+
+    Returns:
+        ``W`` (dim x D) and ``b`` (dim), float32.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if dim > min(x.shape):
+        raise ModelError(
+            f"cannot whiten {x.shape[1]}-d features from {x.shape[0]} samples to {dim} dimensions; "
+            f"use dim <= {min(x.shape)}"
+        )
+    mean = x.mean(0)
+    xc = x - mean
+    # SVD of the centred data: right singular vectors are the principal axes, s²/(N-1) their variances.
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    var = s[:dim] ** 2 / max(x.shape[0] - 1, 1)
+    w = vt[:dim] / np.sqrt(var + eps)[:, None]
+    return w.astype(np.float32), (-w @ mean).astype(np.float32)
+
+
+class SRLHead(nn.Module):
+    """Linear map then L2 normalisation: the SRL float embedding (METHODS.md §1.3, H1).
+
+    With ``out_dim == in_dim`` the map starts as the identity, so the untrained head reproduces the
+    backbone's own (normalised) features. With a smaller ``out_dim`` call :meth:`init_pca_whitening`.
+
+    Args:
+        in_dim: Backbone feature dimension D.
+        out_dim: Embedding dimension d (default D).
+    """
+
+    name = "srl"
+
+    def __init__(self, in_dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim or in_dim)
+        self.linear = nn.Linear(self.in_dim, self.out_dim)
+        with torch.no_grad():
+            if self.out_dim == self.in_dim:
+                self.linear.weight.copy_(torch.eye(self.in_dim))
+            else:
+                nn.init.orthogonal_(self.linear.weight)
+            self.linear.bias.zero_()
+
+    def init_pca_whitening(self, features: np.ndarray) -> SRLHead:
+        """Set the map to PCA-whitening of ``features`` (N x D); returns self."""
+        w, b = pca_whitening(features, self.out_dim)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.from_numpy(w))
+            self.linear.bias.copy_(torch.from_numpy(b))
+        return self
+
+    def init_centering(self, features: np.ndarray) -> SRLHead:
+        """Set the bias to ``-W mean(features)`` so the map starts by centring the features; returns self.
+
+        Backbone features after ReLU6 and average pooling are all non-negative, so their cosine similarities
+        crowd near 1; centring spreads them out (a better start for the distance-based mining of SRL).
+        """
+        mean = torch.as_tensor(np.asarray(features, dtype=np.float32).mean(0))
+        with torch.no_grad():
+            self.linear.bias.copy_(-(self.linear.weight @ mean))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Unit-norm embeddings, N x d."""
+        return F.normalize(self.linear(x), dim=1, eps=1e-12)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments, with the registry name."""
+        return {"name": self.name, "in_dim": self.in_dim, "out_dim": self.out_dim}
+
+    @torch.no_grad()
+    def embed(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Embed an N x D feature array; returns N x d float32 unit vectors."""
+        return _batched(self, features, batch_size).numpy().astype(np.float32)
+
+
+class HashHead(nn.Module):
+    """``u = tanh(W x + b)`` with a classifier on u; binary code ``sgn(u)`` with ``sgn(0) = +1`` (§2.3).
+
+    Args:
+        in_dim: Backbone feature dimension D.
+        bits: Code length K (a multiple of 8 so that codes pack into bytes for FAISS binary indexes).
+        num_classes: Number of classes for the classifier ``W_c u + b_c`` used in training (0: none).
+    """
+
+    name = "hash"
+
+    def __init__(self, in_dim: int, bits: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        if bits <= 0 or bits % 8:
+            raise ModelError(f"bits must be a positive multiple of 8 (got {bits}); try 16, 32, 48 or 64")
+        self.in_dim, self.bits, self.num_classes = int(in_dim), int(bits), int(num_classes)
+        self.hash = nn.Linear(self.in_dim, self.bits)
+        nn.init.trunc_normal_(self.hash.weight, std=0.02)
+        nn.init.zeros_(self.hash.bias)
+        self.classifier = nn.Linear(self.bits, self.num_classes) if self.num_classes > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Continuous codes ``u`` in (-1, 1), N x K."""
+        return torch.tanh(self.hash(x))
+
+    def logits(self, u: Tensor) -> Tensor:
+        """Class logits from continuous codes (training only)."""
+        if self.classifier is None:
+            raise ModelError("this hash head has no classifier; build it with num_classes > 0")
+        return self.classifier(u)
+
+    @torch.no_grad()
+    def codes(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """N x K int8 codes in {-1, +1}: ``sgn(u)``, with 0 mapped to +1."""
+        u = _batched(self, features, batch_size)
+        return torch.where(u >= 0, 1, -1).to(torch.int8).numpy()
+
+    def packed_codes(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """N x K/8 uint8 codes, bit = 1 for +1, packed by ``np.packbits`` (the FAISS binary index layout)."""
+        return np.packbits(self.codes(features, batch_size) > 0, axis=1)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments, with the registry name."""
+        return {"name": self.name, "in_dim": self.in_dim, "bits": self.bits, "num_classes": self.num_classes}
+
+
+class PlainHead(HashHead):
+    """Baseline hash head: the layers of :class:`HashHead`, trained by ``train_plain`` (cross-entropy with
+    label smoothing and a small quantisation term, no metric-learning loss). Registered separately so a
+    saved model says how it was trained."""
+
+    name = "plain"
+
+    def __init__(self, in_dim: int = 1280, bits: int = 64, num_classes: int = 0) -> None:
+        super().__init__(in_dim, bits, num_classes)
+
+
+class CombinedHead(nn.Module):
+    """A float embedding and a binary code from the same features.
+
+    Args:
+        in_dim: Backbone feature dimension D.
+        embed_dim: SRL embedding dimension (default D).
+        bits: Code length K.
+        num_classes: Classes of the hash head's classifier.
+    """
+
+    name = "combined"
+
+    def __init__(self, in_dim: int, embed_dim: int | None = None, bits: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        self.srl = SRLHead(in_dim, embed_dim)
+        self.hash = HashHead(in_dim, bits, num_classes)
+
+    @classmethod
+    def from_heads(cls, srl: SRLHead, hash_head: HashHead) -> CombinedHead:
+        """Combine two separately trained heads (copies their weights)."""
+        if srl.in_dim != hash_head.in_dim:
+            raise ModelError(
+                f"the SRL head takes {srl.in_dim}-d features but the hash head {hash_head.in_dim}-d; "
+                "train both on the same backbone"
+            )
+        out = cls(srl.in_dim, srl.out_dim, hash_head.bits, hash_head.num_classes)
+        out.srl.load_state_dict(srl.state_dict())
+        out.hash.load_state_dict(hash_head.state_dict())
+        return out
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(embedding, u)``: unit-norm float embedding and continuous code."""
+        return self.srl(x), self.hash(x)
+
+    def embed(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Float embeddings, as :meth:`SRLHead.embed`."""
+        return self.srl.embed(features, batch_size)
+
+    def codes(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """±1 codes, as :meth:`HashHead.codes`."""
+        return self.hash.codes(features, batch_size)
+
+    def packed_codes(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Packed codes, as :meth:`HashHead.packed_codes`."""
+        return self.hash.packed_codes(features, batch_size)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments, with the registry name."""
+        return {
+            "name": self.name,
+            "in_dim": self.srl.in_dim,
+            "embed_dim": self.srl.out_dim,
+            "bits": self.hash.bits,
+            "num_classes": self.hash.num_classes,
+        }
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "srl": SRLHead,
+    "hash": HashHead,
+    "plain": PlainHead,
+    "combined": CombinedHead,
+}
+
+
+def get_head(name: str) -> type[nn.Module]:
+    """Head class registered under ``name``.
+
+    Raises:
+        ModelError: For an unknown name; the message lists the valid ones.
+    """
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise ModelError(f"unknown head {name!r}; valid heads: {', '.join(sorted(HEADS))}") from None
+
+
+def head_from_config(config: dict[str, Any], state_dict: dict[str, Tensor] | None = None) -> nn.Module:
+    """Rebuild a head from ``head.config()`` and, if given, load ``head.state_dict()`` into it.
+
+    Raises:
+        ModelError: If the name is unknown, the config has wrong keys, or the weights do not fit.
+    """
+    cfg = dict(config)
+    name = cfg.pop("name", None)
+    if name is None:
+        raise ModelError(f"head config {config!r} has no 'name'; valid heads: {', '.join(sorted(HEADS))}")
+    cls = get_head(name)
+    try:
+        head = cls(**cfg)
+    except TypeError as exc:
+        raise ModelError(f"bad config for head {name!r}: {exc}") from None
+    if state_dict is not None:
+        try:
+            head.load_state_dict(state_dict)
+        except RuntimeError as exc:
+            raise ModelError(f"weights do not fit head {name!r} with config {config}: {exc}") from None
+    return head.eval()
+
+
+def _batched(module: nn.Module, features: np.ndarray, batch_size: int) -> Tensor:
+    """Run ``module`` over a numpy feature array in batches, without gradients, in float32."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = torch.cat([module(x[s : s + batch_size]) for s in range(0, max(len(x), 1), batch_size)])
+    module.train(was_training)
+    return out

@@ -1,0 +1,106 @@
+"""Training recipes: a method name and its settings, turned into a trained head.
+
+A model file records its recipe, so ``geoir eval`` can re-train the same recipe on each split of a
+protocol (seen classes over several seeds, unseen classes) and never scores a model on images it saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from geoir.errors import DatasetError
+from geoir.training.heads import CombinedHead
+
+METHODS = ("srl", "dgssh", "plain", "combined")
+
+
+@dataclass
+class Recipe:
+    """How to train a head.
+
+    Attributes:
+        method: ``srl`` (float embedding), ``dgssh`` (hash codes), ``plain`` (baseline hash head) or
+            ``combined`` (SRL embedding + DGSSH codes).
+        bits: Code length for hash methods.
+        dim: SRL embedding dimension (None: the backbone's).
+        epochs: Training epochs (None: the method's default).
+        seed: Seed of the validation split, sampling and initialisation.
+        options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
+    """
+
+    method: str = "combined"
+    bits: int = 64
+    dim: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DatasetError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.bits not in (16, 32, 48, 64, 128):
+            raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return cls(**d)
+
+    def _kw(self, key: str) -> dict[str, Any]:
+        kw = dict(self.options.get(key, {}))
+        if self.epochs is not None:
+            kw["epochs"] = self.epochs
+        return kw
+
+    def train(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        views: np.ndarray | None = None,
+        log: Callable[[str], None] | None = None,
+        seed: int | None = None,
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """Train the head on features and labels; returns ``(head, history)``."""
+        from geoir.training.fit import train_dgssh, train_plain, train_srl
+
+        seed = self.seed if seed is None else seed
+        hist: dict[str, Any] = {}
+        srl = dg = None
+        if self.method in ("srl", "combined"):
+            srl, hist["srl"] = train_srl(
+                features, labels, dim=self.dim, views=views, seed=seed, log=log, **self._kw("srl")
+            )
+        if self.method in ("dgssh", "combined"):
+            dg, h = train_dgssh(features, labels, bits=self.bits, views=views, seed=seed, log=log, **self._kw("dgssh"))
+            h.pop("V", None)
+            hist["dgssh"] = h
+        if self.method == "plain":
+            head, hist["plain"] = train_plain(
+                features, labels, bits=self.bits, views=views, seed=seed, log=log, **self._kw("plain")
+            )
+            return head, hist
+        if self.method == "combined":
+            assert srl is not None and dg is not None
+            return CombinedHead.from_heads(srl, dg), hist
+        head = srl if srl is not None else dg
+        assert head is not None
+        return head, hist
+
+
+def float_encoder(head: nn.Module | None) -> Callable[[np.ndarray], np.ndarray]:
+    """features -> float vectors ranked by Euclidean distance (L2-normalised features without a head)."""
+    if head is None or not hasattr(head, "embed"):
+        return lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return head.embed  # type: ignore[return-value]
+
+
+def code_encoder(head: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """features -> ±1 codes ranked by Hamming distance."""
+    return head.codes  # type: ignore[return-value,operator]

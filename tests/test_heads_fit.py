@@ -1,0 +1,399 @@
+"""Heads (init, codes, serialisation), training loops on synthetic features, and evaluation protocols."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geoir.errors import DatasetError, ModelError
+from geoir.training.fit import (
+    balanced_chunks,
+    class_holdout,
+    dgssh_batches,
+    stratified_holdout,
+    train_dgssh,
+    train_plain,
+    train_srl,
+    warmup_cosine,
+)
+from geoir.training.heads import (
+    HEADS,
+    CombinedHead,
+    HashHead,
+    PlainHead,
+    SRLHead,
+    get_head,
+    head_from_config,
+    pca_whitening,
+)
+from geoir.training.losses import SRLLoss
+from geoir.training.metrics import evaluate_retrieval
+from geoir.training.protocols import (
+    Split,
+    evaluate_seen,
+    evaluate_unseen,
+    stratified_split,
+    summarize,
+    unseen_class_split,
+)
+
+UCMERCED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucmerced"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny matmuls: one thread avoids OpenMP spin-waiting, which makes these tests 10-100x slower on a
+    # busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _clusters(n_classes: int = 5, per_class: int = 24, dim: int = 16, spread: float = 1.2, seed: int = 0):
+    """Gaussian clusters around random centres: a small, learnable stand-in for backbone features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 1.0
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = centres[y] + spread * rng.normal(size=(len(y), dim))
+    return x.astype(np.float32), y
+
+
+# ----------------------------------------------------------------------------------------------- heads
+
+
+def test_srl_head_identity_init_reproduces_backbone() -> None:
+    x, _ = _clusters()
+    emb = SRLHead(16).embed(x)
+    np.testing.assert_allclose(emb, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_pca_whitening_init() -> None:
+    x, _ = _clusters(per_class=60)
+    head = SRLHead(16, 6).init_pca_whitening(x)
+    z = head.linear(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(6), atol=1e-3)
+    with pytest.raises(ModelError, match="dim <="):
+        pca_whitening(x[:4], 6)
+
+
+def test_hash_codes_pm1_and_packed() -> None:
+    x, _ = _clusters()
+    head = HashHead(16, 32)
+    c = head.codes(x)
+    assert c.dtype == np.int8 and c.shape == (len(x), 32)
+    assert set(np.unique(c)) <= {-1, 1}
+    packed = head.packed_codes(x)
+    assert packed.dtype == np.uint8 and packed.shape == (len(x), 4)
+    np.testing.assert_array_equal(np.unpackbits(packed, axis=1).astype(np.int8) * 2 - 1, c)
+
+
+def test_hash_code_of_zero_is_plus_one() -> None:
+    head = HashHead(4, 8)
+    with torch.no_grad():
+        head.hash.weight.zero_()
+        head.hash.bias.zero_()
+    np.testing.assert_array_equal(head.codes(np.ones((2, 4), np.float32)), np.ones((2, 8), np.int8))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-30, 1e-8, 1.0, 1e4]))
+def test_inductive_code_equals_sign_of_linear(seed: int, scale: float) -> None:
+    # sgn(W x + b) must equal sgn(tanh(W x + b)) bitwise, including near 0 and where tanh saturates.
+    torch.manual_seed(seed)
+    head = HashHead(8, 16)
+    x = (np.random.default_rng(seed).normal(size=(20, 8)) * scale).astype(np.float32)
+    with torch.no_grad():
+        h = head.hash(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(head.codes(x), np.where(h >= 0, 1, -1).astype(np.int8))
+
+
+def test_hash_head_rejects_bad_bits() -> None:
+    with pytest.raises(ModelError, match="multiple of 8"):
+        HashHead(16, 12)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [SRLHead(16), SRLHead(16, 8), HashHead(16, 16, 5), PlainHead(16, 8, 3), CombinedHead(16, None, 16, 4)],
+    ids=lambda h: h.config()["name"],
+)
+def test_head_round_trip(head: torch.nn.Module) -> None:
+    x, _ = _clusters()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = json.loads(json.dumps(head.config()))
+    again = head_from_config(cfg, head.state_dict())
+    assert type(again) is type(head) and again.config() == head.config()
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        a, b = head.eval()(xt), again(xt)
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+        assert torch.equal(u, v)
+
+
+def test_registry_errors_list_names() -> None:
+    assert get_head("srl") is SRLHead and set(HEADS) == {"srl", "hash", "plain", "combined"}
+    with pytest.raises(ModelError, match="combined, hash, plain, srl"):
+        get_head("nope")
+    with pytest.raises(ModelError, match="no 'name'"):
+        head_from_config({"in_dim": 3})
+    with pytest.raises(ModelError, match="bad config"):
+        head_from_config({"name": "srl", "dims": 3})
+    with pytest.raises(ModelError, match="do not fit"):
+        head_from_config({"name": "srl", "in_dim": 8}, SRLHead(16).state_dict())
+
+
+def test_combined_from_heads() -> None:
+    x, _ = _clusters()
+    s, h = SRLHead(16), HashHead(16, 8, 5)
+    c = CombinedHead.from_heads(s, h)
+    np.testing.assert_array_equal(c.embed(x), s.embed(x))
+    np.testing.assert_array_equal(c.codes(x), h.codes(x))
+    np.testing.assert_array_equal(c.packed_codes(x), h.packed_codes(x))
+    with pytest.raises(ModelError, match="same backbone"):
+        CombinedHead.from_heads(SRLHead(8), h)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def test_balanced_chunks_visit_each_index_once() -> None:
+    y = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    rounds = balanced_chunks(y, 4, np.random.default_rng(0))
+    flat = np.concatenate([np.concatenate(r) for r in rounds])
+    assert sorted(flat.tolist()) == list(range(20))
+    for r in rounds:
+        assert len({int(y[g[0]]) for g in r}) == len(r)  # one chunk per class per round
+        assert all(len(set(y[g].tolist())) == 1 for g in r)
+
+
+def test_dgssh_batches_cover_epoch_and_have_positives() -> None:
+    y = np.repeat(np.arange(21), 72)
+    batches = dgssh_batches(y, np.random.default_rng(0))
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(y)))
+    assert max(len(b) for b in batches) == 32
+    # Every batch item has an in-batch positive (chunks of 4), so no anchor is dropped.
+    for b in batches:
+        _, counts = np.unique(y[b], return_counts=True)
+        assert counts.min() >= 2
+
+
+def test_stratified_holdout() -> None:
+    y = np.repeat(np.arange(3), [10, 20, 2])
+    keep, hold = stratified_holdout(y, 0.1, seed=0)
+    assert np.intersect1d(keep, hold).size == 0 and len(keep) + len(hold) == 32
+    assert np.bincount(y[hold], minlength=3).tolist() == [1, 2, 0]
+
+
+def test_class_holdout() -> None:
+    y = np.repeat(np.arange(10), 5)
+    keep, hold = class_holdout(y, 0.2, seed=0)
+    assert len(np.unique(y[hold])) == 2 and np.intersect1d(np.unique(y[keep]), np.unique(y[hold])).size == 0
+    assert len(keep) + len(hold) == 50
+    with pytest.raises(DatasetError, match="at least 3 classes"):
+        class_holdout(np.array([0, 0, 1, 1]), 0.5, 0)
+
+
+def test_warmup_cosine() -> None:
+    f = warmup_cosine(100, 10, 0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(0.01) and f(55) == pytest.approx(0.505)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def test_train_srl_improves_and_is_deterministic() -> None:
+    x, y = _clusters(spread=1.6)
+    kw = {"epochs": 8, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 3}
+    head, hist = train_srl(x, y, **kw)
+    assert hist["best_val_mAP"] >= hist["val_mAP_initial"]
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert isinstance(head, SRLHead) and not head.training
+    json.dumps(hist)
+    head2, _ = train_srl(x, y, **kw)
+    np.testing.assert_array_equal(head.embed(x), head2.embed(x))
+
+
+def test_train_srl_pk_mode_and_small_dim() -> None:
+    x, y = _clusters(spread=1.6)
+    head, hist = train_srl(
+        x,
+        y,
+        dim=8,
+        mode="pk",
+        classes_per_batch=3,
+        per_class=4,
+        epochs=3,
+        lr=3e-3,
+        warmup_epochs=1,
+        loss=SRLLoss(k_p=5, k_n=5),
+    )
+    assert head.out_dim == 8 and len(hist["loss"]) == 3 and np.isfinite(hist["loss"]).all()
+    assert hist["config"]["k_p"] == 5
+
+
+def test_train_srl_patience_stops_early() -> None:
+    x, y = _clusters(spread=0.1)  # already perfect: no improvement possible
+    _, hist = train_srl(x, y, epochs=20, patience=2, lr=1e-4)
+    assert len(hist["loss"]) == 2 and hist["best_epoch"] == 0
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_train_dgssh(variant: str) -> None:
+    x, y = _clusters(spread=1.2)
+    head, hist = train_dgssh(x, y, bits=16, variant=variant, epochs=6, warmup_epochs=1, seed=1)  # type: ignore[arg-type]
+    V = hist["V"]
+    assert V.dtype == np.int8 and set(np.unique(V)) <= {-1, 1}
+    assert V.shape == (len(hist["fit_index"]), 16)
+    assert 0 <= hist["bit_agreement"][-1] <= 1
+    assert hist["best_val_mAP"] > 0.5
+    codes = head.codes(x)
+    out = evaluate_retrieval(codes, codes, y, y, metric="hamming", self_index=np.arange(len(y)))
+    assert out["mAP"] > 0.5
+
+
+def test_train_dgssh_beats_chance_by_far_and_matches_v() -> None:
+    x, y = _clusters(n_classes=6, per_class=40, spread=1.0)
+    _, hist = train_dgssh(x, y, bits=16, epochs=15, warmup_epochs=2, rho=0.1, seed=0)
+    assert hist["best_val_mAP"] > 0.8
+    assert hist["bit_agreement"][hist["best_epoch"] - 1] > 0.8
+    hist_t = train_dgssh(x, y, bits=16, epochs=3, warmup_epochs=1, select_on="T", recompute_u=False)[1]
+    assert len(hist_t["val_mAP_T"]) == 3
+
+
+def test_train_plain() -> None:
+    x, y = _clusters()
+    head, hist = train_plain(x, y, bits=8, epochs=20, batch_size=32)
+    assert isinstance(head, PlainHead) and hist["best_val_mAP"] > 0.5
+    assert head_from_config(head.config(), head.state_dict()).config()["name"] == "plain"
+
+
+@pytest.mark.parametrize("method", ["srl", "srl-pk", "dgssh", "plain"])
+def test_training_with_views_and_class_validation(method: str) -> None:
+    x, y = _clusters(n_classes=6, spread=1.0)
+    rng = np.random.default_rng(5)
+    views = np.stack([x + 0.05 * rng.normal(size=x.shape), x[:, ::-1].copy()]).astype(np.float32)
+    kw = {"views": views, "val_split": "classes", "val_fraction": 0.34, "epochs": 3, "warmup_epochs": 1}
+    if method.startswith("srl"):
+        _, hist = train_srl(x, y, mode="pk" if method == "srl-pk" else "pool", lr=3e-3, **kw)
+    elif method == "dgssh":
+        _, hist = train_dgssh(x, y, bits=8, **kw)
+    else:
+        _, hist = train_plain(x, y, bits=8, **kw)
+    assert hist["config"]["views"] == 2 and hist["config"]["val_split"] == "classes"
+    assert np.isfinite(hist["loss"]).all() and hist["best_val_mAP"] > 0
+    with pytest.raises(DatasetError, match="V x N x D"):
+        train_plain(x, y, views=views[:, :5], epochs=1)
+
+
+def test_training_input_errors() -> None:
+    x, y = _clusters()
+    with pytest.raises(DatasetError, match="N x D"):
+        train_plain(x, y[:-1])
+    with pytest.raises(DatasetError, match="at least 2"):
+        train_srl(x[:3], np.array([0, 1, 2]))
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(DatasetError, match="NaN"):
+        train_dgssh(bad, y)
+
+
+# ----------------------------------------------------------------------------------------------- protocols
+
+
+def test_stratified_split() -> None:
+    y = np.repeat(np.arange(21), 100)
+    s = stratified_split(y, 0.8, seed=0)
+    assert len(s.train) == 1680 and len(s.test) == 420
+    assert np.bincount(y[s.test]).tolist() == [20] * 21
+    assert np.intersect1d(s.train, s.test).size == 0
+    assert np.array_equal(stratified_split(y, 0.8, 0).test, s.test)
+    assert not np.array_equal(stratified_split(y, 0.8, 1).test, s.test)
+    paths = [f"img{i}.jpg" for i in range(len(y))]
+    d = json.loads(s.to_json(paths))
+    assert d["test_paths"][0] == paths[s.test[0]]
+    back = Split.from_json(s.to_json())
+    assert np.array_equal(back.train, s.train) and back.seed == 0
+    with pytest.raises(DatasetError, match="at least 2"):
+        stratified_split(np.array([0, 0, 1]))
+
+
+def test_unseen_class_split() -> None:
+    y = np.repeat(np.arange(21), 10)
+    s = unseen_class_split(y, 15, seed=2)
+    assert len(np.unique(y[s.train])) == 15 and len(np.unique(y[s.test])) == 6
+    assert np.intersect1d(np.unique(y[s.train]), np.unique(y[s.test])).size == 0
+    with pytest.raises(DatasetError, match="lower n_train_classes"):
+        unseen_class_split(y, 20)
+
+
+def test_evaluate_seen_protocols() -> None:
+    x, y = _clusters(spread=0.05)
+    s = stratified_split(y, 0.8, 0)
+
+    def identity(f: np.ndarray) -> np.ndarray:
+        return f
+
+    for db in ("train", "all", "test"):
+        out = evaluate_seen(identity, x, y, s, database=db, ks=(5,))
+        assert out["mAP"] == pytest.approx(1.0) and db in out["protocol"]
+    assert evaluate_seen(identity, x, y, s, database="all")["n_database"] == len(y) - 1
+    # Protocol T: a supplied training database (here the exact codes of a hash head).
+    head = HashHead(16, 16)
+    codes = evaluate_seen(head.codes, x, y, s, metric="hamming", database_codes=head.codes(x[s.train]))
+    assert codes["mAP"] == evaluate_seen(head.codes, x, y, s, metric="hamming")["mAP"]
+    with pytest.raises(DatasetError, match="rows"):
+        evaluate_seen(identity, x, y, s, database_codes=x[:3])
+
+
+def test_evaluate_unseen_and_summarize() -> None:
+    x, y = _clusters(n_classes=8, spread=0.05)
+    out = evaluate_unseen(lambda f, yy, seed: lambda g: g, x, y, n_train_classes=5, seeds=(0, 1))
+    assert len(out["runs"]) == 2 and len(out["runs"][0]["unseen_classes"]) == 3
+    assert out["mAP_mean"] == pytest.approx(1.0) and out["mAP_std"] == pytest.approx(0.0)
+    json.dumps(out)
+    assert summarize([{"a": 1.0, "b": "x"}, {"a": 3.0, "b": "y"}]) == {"a_mean": 2.0, "a_std": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not UCMERCED.exists(), reason=f"UC Merced not found at {UCMERCED} (../shared/data is absent)")
+def test_ucmerced_backbone_baseline_and_heads() -> None:
+    """Backbone-only test-vs-train mAP is about 0.585 on the seed-0 split and a short DGSSH run beats it."""
+    import csv
+
+    from PIL import Image
+
+    backbone_mod = pytest.importorskip("geoir.encoding.backbone")
+    backbone = backbone_mod.load_backbone()
+    with open(UCMERCED / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    classes = sorted({r["label"] for r in rows})
+    y = np.array([classes.index(r["label"]) for r in rows])
+    feats = []
+    for s in range(0, len(rows), 64):
+        imgs = [
+            np.asarray(Image.open(UCMERCED / r["path"]).convert("RGB").resize((256, 256))) for r in rows[s : s + 64]
+        ]
+        feats.append(backbone.features(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()).numpy())
+    x = np.concatenate(feats)
+    split = stratified_split(y, 0.8, seed=0)
+    base = evaluate_seen(lambda f: f, x, y, split)["mAP"]
+    assert 0.55 < base < 0.62
+    head, _ = train_dgssh(x[split.train], y[split.train], bits=64, epochs=10)
+    hashed = evaluate_seen(head.codes, x, y, split, metric="hamming")["mAP"]
+    assert hashed > 0.9
