@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import re
 from pathlib import Path
 
 import click
@@ -70,6 +72,13 @@ from geoir.cli.options import (
     help="FAISS factory string for a new bundle, e.g. HNSW32 or IVF1024,PQ32 (floats), BIVF256 or BHNSW32 "
     "(binary codes) [default: exact flat search]. Repeatable.",
 )
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="tcp://HOST:PORT",
+    help="Tile and encode on this Dask distributed scheduler (pip install 'geoir[dist]').",
+)
+@click.option("--cluster", default=None, metavar="local:N", help="Start a local Dask cluster of N worker processes.")
 @click.pass_context
 def tile(
     ctx: click.Context,
@@ -92,6 +101,8 @@ def tile(
     workers: int | None,
     no_encode: bool,
     index_kinds: tuple[str, ...],
+    scheduler: str | None,
+    cluster: str | None,
 ) -> None:
     """Cut SCENE rasters into tiles and record them in the index bundle.
 
@@ -113,6 +124,14 @@ def tile(
 
     if overlap is not None and stride is not None:
         raise click.UsageError("give --overlap or --stride, not both")
+    if scheduler and cluster:
+        raise click.UsageError("give --scheduler or --cluster, not both")
+    if export_chips is not None and (scheduler or cluster):
+        raise click.UsageError("--export-chips runs on one machine; drop --scheduler/--cluster")
+    if cluster is not None and not re.fullmatch(r"local:[1-9][0-9]*", cluster):
+        raise click.BadParameter(f"{cluster!r}: use local:N with N >= 1 worker processes", param_hint="--cluster")
+    if (scheduler or cluster) and importlib.util.find_spec("distributed") is None:
+        raise click.ClickException("--scheduler/--cluster need Dask: pip install 'geoir[dist]'")
     index = Path(index_dir)
     # Options left out fall back to the bundle's own parameters (or the defaults for a new bundle);
     # options that contradict an existing bundle are refused by Bundle.open_or_create.
@@ -147,16 +166,25 @@ def tile(
         bundle.manifest["index"] = {**bundle.manifest.get("index", {}), **kinds}
     elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
         raise click.UsageError(f"{index} already uses index kinds {bundle.manifest.get('index')}; drop --index-kind")
-    with bundle.lock():
-        report = tile_scenes(
-            bundle,
-            prepared,
-            model=encoder,
-            chips_dir=export_chips,
-            progress=tqdm_progress(progress_enabled(ctx)),
-            batch_size=batch_size,
-            workers=default_workers() if workers is None else workers,
-        )
+    if scheduler or cluster:
+        from geoir.distributed import dask_client, spec_for, tile_scenes_distributed
+
+        spec = spec_for(encoder, weights, device) if encoder is not None else None
+        with dask_client(scheduler, cluster) as client, bundle.lock():
+            report = tile_scenes_distributed(
+                bundle, prepared, client, model=encoder, spec=spec, progress=tqdm_progress(progress_enabled(ctx))
+            )
+    else:
+        with bundle.lock():
+            report = tile_scenes(
+                bundle,
+                prepared,
+                model=encoder,
+                chips_dir=export_chips,
+                progress=tqdm_progress(progress_enabled(ctx)),
+                batch_size=batch_size,
+                workers=default_workers() if workers is None else workers,
+            )
     logging.getLogger("geoir").info(
         "%s: %d scene(s) added, %d already indexed, %d tiles added; %d tiles in total",
         index,

@@ -99,7 +99,7 @@ def tile_scenes(
         encoded: list[Encoded] = []
         try:
             for batch in iter_batches(source, batch_size, workers, pin_memory=on_cuda(model)):
-                keep = (batch.nodata_fraction <= params.max_nodata) & (batch.nodata_fraction < 1.0)
+                keep = source.keep(batch.nodata_fraction)
                 if keep.any():
                     kept_idx.append(batch.indexes[keep])
                     fracs.append(batch.nodata_fraction[keep])
@@ -121,33 +121,56 @@ def tile_scenes(
             if bar is not None:
                 bar.close()
         idx = np.concatenate(kept_idx) if kept_idx else np.empty(0, np.int64)
-        kept = [source.tiles[i] for i in idx]
-        ids = np.array([t.id for t in kept], dtype=np.int64)
-        if model is not None:
-            enc = _concat(encoded, model)
-            bundle.write_vectors(scene.id, ids, enc.features, enc.embedding, enc.codes)
-        bundle.add_scene(
-            scene,
-            source.grid_transform,
-            (source.grid_width, source.grid_height),
-            source.scene_footprint_lonlat(),
-            kept,
+        commit_scene(
+            bundle,
+            source,
+            idx,
             np.concatenate(fracs) if fracs else np.empty(0),
-            source.footprints_lonlat(kept),
+            _concat(encoded, model) if model is not None else None,
+            report,
         )
-        if model is not None and len(ids):
-            bundle.add_to_indexes(ids, enc.embedding, enc.codes)
         have.add(scene.id)
-        report.added_scenes.append(scene.id)
-        report.tiles_added += len(kept)
-        report.tiles_skipped_nodata += len(source) - len(kept)
-        log.info(
-            "%s: %d tiles added (%d skipped over the nodata limit)",
-            Path(scene.path).name,
-            len(kept),
-            len(source) - len(kept),
-        )
     return report
+
+
+def commit_scene(
+    bundle: Bundle, source: TileSource, kept_idx: np.ndarray, fracs: np.ndarray, enc: Encoded | None, report: TileReport
+) -> None:
+    """Commit one scene's kept tiles: vectors, then tiles and the scene row, then the FAISS indexes.
+
+    Args:
+        bundle: The locked bundle.
+        source: The scene's tile source (grid and tiles).
+        kept_idx: Indexes into ``source.tiles`` of the kept tiles, ascending.
+        fracs: Their nodata fractions.
+        enc: Their vectors, row for row (None: catalog only).
+        report: Updated with what was added.
+    """
+    scene = source.scene
+    kept = [source.tiles[i] for i in kept_idx]
+    ids = np.array([t.id for t in kept], dtype=np.int64)
+    if enc is not None:
+        bundle.write_vectors(scene.id, ids, enc.features, enc.embedding, enc.codes)
+    bundle.add_scene(
+        scene,
+        source.grid_transform,
+        (source.grid_width, source.grid_height),
+        source.scene_footprint_lonlat(),
+        kept,
+        fracs,
+        source.footprints_lonlat(kept),
+    )
+    if enc is not None and len(ids):
+        bundle.add_to_indexes(ids, enc.embedding, enc.codes)
+    report.added_scenes.append(scene.id)
+    report.tiles_added += len(kept)
+    report.tiles_skipped_nodata += len(source) - len(kept)
+    log.info(
+        "%s: %d tiles added (%d skipped over the nodata limit)",
+        Path(scene.path).name,
+        len(kept),
+        len(source) - len(kept),
+    )
 
 
 def _concat(parts: list[Encoded], model: Model) -> Encoded:

@@ -65,9 +65,10 @@ class TileSource:
         for i in range(len(self)):
             yield self.read(i)
 
-    def keep(self, nodata_fraction: float) -> bool:
-        """Whether a tile with this invalid fraction is kept (at most ``max_nodata``; never an empty tile)."""
-        return nodata_fraction <= self.params.max_nodata and nodata_fraction < 1.0
+    def keep(self, nodata_fraction: float | np.ndarray) -> np.ndarray:
+        """Whether tiles with these invalid fractions are kept (at most ``max_nodata``; never an empty tile)."""
+        f = np.asarray(nodata_fraction)
+        return (f <= self.params.max_nodata) & (f < 1.0)
 
     def footprints_lonlat(self, tiles: list[Tile]) -> np.ndarray:
         """EPSG:4326 footprints (densified, reprojected) of some of this scene's tiles."""
