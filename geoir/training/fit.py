@@ -542,7 +542,7 @@ def train_dgssh(
         best_val_mAP=None if val_idx is None else sel.best,
         seconds=time.perf_counter() - t0,
         V=best_V.numpy().astype(np.int8),
-        fit_index=fit_idx,
+        fit_index=fit_idx.tolist(),
         config={
             "bits": bits,
             "variant": variant,
