@@ -119,8 +119,9 @@ def tile(
       $ geoir tile big/*.tif --index-kind BHNSW32 --device cuda --batch-size 256
     """
     from geoir.index.bundle import Bundle
+    from geoir.io.files import ensure_writable_dir
     from geoir.tiling.grid import TilingParams
-    from geoir.tiling.run import check_writable_dir, prepare_scenes, tile_scenes
+    from geoir.tiling.run import prepare_scenes, tile_scenes
 
     if overlap is not None and stride is not None:
         raise click.UsageError("give --overlap or --stride, not both")
@@ -151,7 +152,7 @@ def tile(
     )
     prepared = prepare_scenes(scenes, bands=bands, nodata=nodata)
     if export_chips is not None:
-        check_writable_dir(export_chips, "the chips directory")
+        ensure_writable_dir(export_chips, "the chips directory")
     existing = Bundle.open(index) if (index / "manifest.json").exists() else None
     if existing is None:
         Bundle.check_new_location(index)

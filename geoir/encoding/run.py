@@ -6,13 +6,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from geoir.encoding.batches import iter_batches
-from geoir.encoding.model import Encoded, Model
+from geoir.encoding.model import Model
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene
-from geoir.tiling.run import ProgressFactory, on_cuda
+from geoir.tiling.run import ProgressFactory, read_and_encode
 from geoir.tiling.tiler import TileSource
 
 log = logging.getLogger("geoir")
@@ -36,27 +34,10 @@ def encode_bundle(
         # Only the tiles the catalog kept are encoded; the grid is rebuilt from the stored scene record.
         keep = np.array([t.id in wanted for t in source.tiles])
         bar = progress(len(source), Path(scene.path).name) if progress else None
-        ids, parts = [], []
-        try:
-            for batch in iter_batches(source, batch_size, workers, pin_memory=on_cuda(model)):
-                sel = keep[batch.indexes]
-                if sel.any():
-                    ids.append(np.array([source.tiles[i].id for i in batch.indexes[sel]], np.int64))
-                    parts.append(model.encode(torch.from_numpy(batch.rgb[sel])))
-                if bar is not None:
-                    bar.update(len(batch.indexes))
-        finally:
-            source.close()
-            if bar is not None:
-                bar.close()
-        if not parts:
+        idx, _, enc = read_and_encode(source, model, batch_size, workers, bar, select=keep)
+        if enc is None or not len(idx):
             continue
-        all_ids = np.concatenate(ids)
-        enc = Encoded(
-            np.concatenate([p.features for p in parts]),
-            np.concatenate([p.embedding for p in parts]),
-            np.concatenate([p.codes for p in parts]) if parts[0].codes is not None else None,
-        )
+        all_ids = np.array([source.tiles[i].id for i in idx], np.int64)
         bundle.write_vectors(scene.id, all_ids, enc.features, enc.embedding, enc.codes)
         bundle.add_to_indexes(all_ids, enc.embedding, enc.codes)
         total += len(all_ids)

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
 from geoir.errors import BundleError, ModelError
+from geoir.io.files import atomic_write_text, ensure_writable_dir
 from geoir.io.scene import Scene
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
 
@@ -59,22 +59,6 @@ INDEX_FILES = {"float": "float.faiss", "binary": "binary.faiss"}
 DEFAULT_INDEX = "geoir-index"
 
 TILE_COLUMNS = ["tile_id", "scene_id", "col_off", "row_off", "width", "height", "nodata_fraction"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _now() -> str:
@@ -139,15 +123,7 @@ class Bundle:
                 )
             return bundle
         cls.check_new_location(p)
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-            probe = p / ".geoir-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise BundleError(
-                f"cannot write the index directory {p} ({exc.strerror}); pick a writable --index"
-            ) from exc
+        ensure_writable_dir(p, "the index directory", BundleError)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import rasterio
 
-from geoir.errors import BundleError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene, expand_inputs, open_scene
 from geoir.tiling.grid import Tile
 from geoir.tiling.tiler import TileSource
 
 if TYPE_CHECKING:
+    from geoir.encoding.batches import Batch
     from geoir.encoding.model import Encoded, Model
 
 log = logging.getLogger("geoir")
@@ -77,8 +77,6 @@ def tile_scenes(
         batch_size: Tiles per batch.
         workers: Reader processes feeding the model (0: read in this process).
     """
-    from geoir.encoding.batches import iter_batches
-
     report = TileReport()
     removed = bundle.reconcile()
     if removed:
@@ -94,43 +92,74 @@ def tile_scenes(
             continue
         source = TileSource(scene, params)
         bar = progress(len(source), Path(scene.path).name) if progress else None
-        kept_idx: list[np.ndarray] = []
-        fracs: list[np.ndarray] = []
-        encoded: list[Encoded] = []
-        try:
-            for batch in iter_batches(source, batch_size, workers, pin_memory=on_cuda(model)):
-                keep = source.keep(batch.nodata_fraction)
-                if keep.any():
-                    kept_idx.append(batch.indexes[keep])
-                    fracs.append(batch.nodata_fraction[keep])
-                    if model is not None:
-                        import torch
+        chips = None
+        if chips_dir is not None:
 
-                        encoded.append(model.encode(torch.from_numpy(batch.rgb[keep])))
-                    if chips_dir is not None:
-                        for j in np.flatnonzero(keep):
-                            i = int(batch.indexes[j])
-                            # Batches carry no masks; the few partly valid tiles are re-read for theirs.
-                            full = batch.nodata_fraction[j] == 0
-                            valid = np.ones(batch.rgb.shape[2:], bool) if full else source.read(i).valid
-                            write_chip(chips_dir, scene, source.tiles[i], batch.rgb[j], valid)
-                if bar is not None:
-                    bar.update(len(batch.indexes))
-        finally:
-            source.close()
-            if bar is not None:
-                bar.close()
-        idx = np.concatenate(kept_idx) if kept_idx else np.empty(0, np.int64)
-        commit_scene(
-            bundle,
-            source,
-            idx,
-            np.concatenate(fracs) if fracs else np.empty(0),
-            _concat(encoded, model) if model is not None else None,
-            report,
-        )
+            def chips(batch: Batch, keep: np.ndarray, scene: Scene = scene, source: TileSource = source) -> None:
+                for j in np.flatnonzero(keep):
+                    i = int(batch.indexes[j])
+                    # Batches carry no masks; the few partly valid tiles are re-read for theirs.
+                    full = batch.nodata_fraction[j] == 0
+                    valid = np.ones(batch.rgb.shape[2:], bool) if full else source.read(i).valid
+                    write_chip(chips_dir, scene, source.tiles[i], batch.rgb[j], valid)
+
+        idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=chips)
+        commit_scene(bundle, source, idx, fracs, enc, report)
         have.add(scene.id)
     return report
+
+
+def read_and_encode(
+    source: TileSource,
+    model: Model | None,
+    batch_size: int = 64,
+    workers: int = 0,
+    bar: ProgressBar | None = None,
+    select: np.ndarray | None = None,
+    on_kept: Callable[[Batch, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, Encoded | None]:
+    """Stream a scene's tiles, keep those under the nodata limit (and in ``select``), encode them.
+
+    Args:
+        source: The scene's tiles.
+        model: Encoder (None: only read and filter).
+        batch_size: Tiles per batch.
+        workers: Reader processes.
+        bar: Progress bar advanced per tile read.
+        select: Optional boolean mask over ``source.tiles``: only these may be kept.
+        on_kept: Called with each batch and its keep mask (e.g. to write chips).
+
+    Returns:
+        Indexes of the kept tiles (ascending), their nodata fractions, and their vectors.
+    """
+    from geoir.encoding.batches import iter_batches
+
+    kept_idx: list[np.ndarray] = []
+    fracs: list[np.ndarray] = []
+    encoded: list[Encoded] = []
+    try:
+        for batch in iter_batches(source, batch_size, workers, pin_memory=on_cuda(model)):
+            keep = source.keep(batch.nodata_fraction)
+            if select is not None:
+                keep &= select[batch.indexes]
+            if keep.any():
+                kept_idx.append(batch.indexes[keep])
+                fracs.append(batch.nodata_fraction[keep])
+                if model is not None:
+                    import torch
+
+                    encoded.append(model.encode(torch.from_numpy(batch.rgb[keep])))
+                if on_kept is not None:
+                    on_kept(batch, keep)
+            if bar is not None:
+                bar.update(len(batch.indexes))
+    finally:
+        source.close()
+        if bar is not None:
+            bar.close()
+    idx = np.concatenate(kept_idx) if kept_idx else np.empty(0, np.int64)
+    frac = np.concatenate(fracs) if fracs else np.empty(0)
+    return idx, frac, _concat(encoded, model) if model is not None else None
 
 
 def commit_scene(
@@ -220,14 +249,3 @@ def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid
 
 def on_cuda(model: Model | None) -> bool:
     return model is not None and model.backbone.device.type == "cuda"
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """Create ``path`` if needed and make sure files can be written there."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".geoir-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise BundleError(f"cannot write {what} {path} ({exc.strerror}); pick a writable directory") from exc
