@@ -117,7 +117,21 @@ def test_cli_cluster_option(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     index = tmp_path / "idx"
     r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index), "--cluster", "remote:2"])
     assert r.exit_code == 2 and "local:N" in r.output and not index.exists()
-    r = CliRunner().invoke(cli, ["-q", "tile", str(scene), "--index", str(index), "--cluster", "local:1",
-                                 "--backbone", "test", "--device", "cpu"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "tile",
+            str(scene),
+            "--index",
+            str(index),
+            "--cluster",
+            "local:1",
+            "--backbone",
+            "test",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert Bundle.open(index).n_tiles() == 4 and len(Bundle.open(index).indexes()["float"]) == 4

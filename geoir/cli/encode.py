@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -110,7 +111,7 @@ def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, p
     if out.suffix == ".npy":
         np.save(tmp, emb)
     else:
-        arrays = {
+        arrays: dict[str, Any] = {
             "paths": np.array([str(p) for p in images]),
             "embedding": emb,
             "features": np.concatenate([p.features for p in parts]),

@@ -86,7 +86,7 @@ def progress_enabled(ctx: click.Context) -> bool:
     return obj.get("verbosity", 0) >= 0
 
 
-def tqdm_progress(enabled: bool) -> Callable[[int, str], Any]:
+def tqdm_progress(enabled: bool) -> Callable[..., Any]:
     """A progress factory making one tqdm bar per unit of work on stderr (items per second)."""
     from tqdm import tqdm
 

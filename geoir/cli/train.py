@@ -142,7 +142,7 @@ def train(
         "split": {"seed": seed, "test_fraction": test_fraction, "test_items": [data.items[i] for i in test_idx]},
         "history": _scalars(history),
     }
-    trained = Model(bb, head, head.config(), meta)
+    trained = Model(bb, head, head.config(), meta)  # type: ignore[operator]
     trained.save(out)
     log.info("%s: %s head (fingerprint %s)", out, method, trained.fingerprint[:12])
 

@@ -76,8 +76,9 @@ def iter_batches(
         # Feeding a GPU, this process needs few CPU threads; idle OpenMP threads spin-wait and would
         # take cores from the reader processes.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    loader = DataLoader(
-        _Indexed(source),
+    # _Indexed is a map-style data set (__len__/__getitem__), which DataLoader takes as is.
+    loader: DataLoader = DataLoader(
+        _Indexed(source),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

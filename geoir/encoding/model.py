@@ -168,6 +168,10 @@ def pack_codes(u: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(u) >= 0, axis=1)
 
 
+def _path(p: str | os.PathLike[str] | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
 def default_model_path() -> Path | None:
     """The model shipped in the package, if this build has one."""
     p = Path(str(resources.files("geoir") / "models" / f"{DEFAULT_MODEL}.pt"))
@@ -207,7 +211,7 @@ def load_model(
                 f"model file {path} not found; train one with `geoir train`, or omit --model to use the shipped default"
             )
     if path is None:
-        bb = load_backbone(backbone or DEFAULT_BACKBONE, weights=weights, download=download, device=device)
+        bb = load_backbone(backbone or DEFAULT_BACKBONE, weights=_path(weights), download=download, device=device)
         return Model(bb, meta={"name": "backbone"})
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -218,7 +222,7 @@ def load_model(
     spec = payload["backbone"]
     if backbone is not None and backbone != spec["name"]:
         raise ModelError(f"{path} was trained on backbone {spec['name']}, not {backbone}; drop --backbone")
-    bb = load_backbone(spec["name"], weights=weights, download=download, device=device)
+    bb = load_backbone(spec["name"], weights=_path(weights), download=download, device=device)
     if bb.fingerprint != spec["fingerprint"]:
         raise ModelError(
             f"{path} was trained on other {spec['name']} weights (fingerprint {spec['fingerprint'][:12]}, "

@@ -391,7 +391,7 @@ class Bundle:
         out = self.vectors_path(scene_id)
         out.parent.mkdir(exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp.npz")
-        arrays = {
+        arrays: dict[str, Any] = {
             "ids": np.asarray(ids, np.int64),
             "features": np.asarray(features, np.float16),
             "embedding": np.asarray(embedding, np.float32),

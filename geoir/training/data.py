@@ -138,7 +138,7 @@ class _ImageFiles:
                 rgb = im.convert("RGB")
                 if rgb.size != (self.size, self.size):
                     # Bilinear to a common size so images batch; the backbone then resizes to its input.
-                    rgb = rgb.resize((self.size, self.size), Image.BILINEAR)
+                    rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
                 return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
         except OSError as exc:
             raise DatasetError(f"{self.paths[i]} is not a readable image ({exc}); remove or replace it") from exc
@@ -154,8 +154,9 @@ def _encode_paths(
     import torch
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        _ImageFiles(paths),
+    # _ImageFiles is a map-style data set (__len__/__getitem__), which DataLoader takes as is.
+    loader: DataLoader = DataLoader(
+        _ImageFiles(paths),  # type: ignore[arg-type]
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=lambda items: torch.from_numpy(np.stack(items)),

@@ -10,14 +10,18 @@ from typing import Any
 import numpy as np
 
 from geoir.training.data import FeatureSet
-from geoir.training.protocols import evaluate_seen, evaluate_unseen, stratified_split, summarize
+from geoir.training.protocols import Metric, evaluate_seen, evaluate_unseen, stratified_split, summarize
 from geoir.training.recipes import Recipe, code_encoder, float_encoder
 
 METRIC_KW: dict[str, Any] = {"ks": (5, 10, 20, 50, 100), "map_ks": (20,)}
 
 
-def _variants(head) -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:  # type: ignore[no-untyped-def]
-    out = []
+Variant = tuple[str, Metric, Callable[[np.ndarray], np.ndarray]]
+
+
+def _variants(head) -> list[Variant]:  # type: ignore[no-untyped-def]
+    """What a head can be scored as: its float embedding and/or its binary codes."""
+    out: list[Variant] = []
     if hasattr(head, "embed"):
         out.append(("float", "euclidean", float_encoder(head)))
     if hasattr(head, "codes"):
@@ -59,9 +63,8 @@ def run_protocols(
                 splits_dir.mkdir(parents=True, exist_ok=True)
                 (splits_dir / f"seen_seed{seed}.json").write_text(split.to_json(data.items))
             head, _ = recipe.train(x[split.train], y[split.train], seed=seed)
-            runs = [("backbone float", "euclidean", backbone)] + [
-                (f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)
-            ]
+            base: Variant = ("backbone float", "euclidean", backbone)
+            runs = [base] + [(f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)]
             for name, metric, enc in runs:
                 r = evaluate_seen(
                     enc, x, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **METRIC_KW

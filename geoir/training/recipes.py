@@ -72,6 +72,7 @@ class Recipe:
 
         seed = self.seed if seed is None else seed
         hist: dict[str, Any] = {}
+        head: nn.Module | None
         srl = dg = None
         if self.method in ("srl", "combined"):
             srl, hist["srl"] = train_srl(

@@ -1,7 +1,7 @@
 """Distributed tiling: tiles/s of `geoir tile` on a Dask LocalCluster of 1 and 2 worker processes
 against the single-process path, in the same run, on the same generated scenes.
 
-    $ python benchmarks/distributed.py [--side 2048] [--scenes 2] [--model backbone]
+    $ python benchmarks/dask_scaling.py [--side 2048] [--scenes 2] [--model backbone]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
         [
             "## Distributed tiling (Dask LocalCluster) vs the single-process path",
             "",
-            f"`python benchmarks/distributed.py --side {args.side} --scenes {args.scenes} --model {args.model}` on "
+            f"`python benchmarks/dask_scaling.py --side {args.side} --scenes {args.scenes} --model {args.model}` on "
             f"{machine()}. Tile + encode ({args.model}, CPU) of {args.scenes} generated scenes; the cluster times",
             "include the workers loading the model once each (per-process cache), not the cluster start.",
             "",
