@@ -27,9 +27,9 @@ COMMANDS = {
     "search": "geoir.cli.search:search",
     "encode": "geoir.cli.encode:encode",
     "info": "geoir.cli.info:info",
-    "remove": "geoir.cli.info:remove",
+    "remove": "geoir.cli.remove:remove",
     "train": "geoir.cli.train:train",
-    "eval": "geoir.cli.train:evaluate",
+    "eval": "geoir.cli.eval:evaluate",
 }
 
 

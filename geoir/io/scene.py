@@ -35,8 +35,8 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt", ".ntf", ".nitf", ".h
 DEFAULT_PERCENTILES = (2.0, 98.0)
 
 #: Longest side of the decimated read used for statistics; bounded so a 20000x20000 scene costs
-#: the same as a small one.
-STATS_MAX_SIDE = 1024
+#: the same as a small one. 512x512 samples pin the 2nd/98th percentiles to well under one grey level.
+STATS_MAX_SIDE = 512
 
 _METERS_PER_DEGREE = 111_319.49
 
@@ -293,7 +293,7 @@ def _percentile_scaling(
     # bounded in memory whatever the scene size.
     f = max(1.0, max(src.width, src.height) / STATS_MAX_SIDE)
     shape = (len(bands), max(1, int(src.height / f)), max(1, int(src.width / f)))
-    data = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest).astype(np.float64)
+    data = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest).astype(np.float32)
     valid = valid_mask(src, data, bands, nodata, mask_kind, out_shape=shape)
     if mask_kind == "none":
         zeros = float(np.all(data == 0, axis=0).mean())
