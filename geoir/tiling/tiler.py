@@ -7,7 +7,6 @@ each worker reopens the raster itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +59,6 @@ class TileSource:
         """Tile ``i`` with its pixels."""
         rgb, valid = self.reader.read(self.tiles[i].window)
         return TileRead(self.tiles[i], rgb, valid, float(1.0 - valid.mean()))
-
-    def __iter__(self) -> Iterator[TileRead]:
-        for i in range(len(self)):
-            yield self.read(i)
 
     def keep(self, nodata_fraction: float | np.ndarray) -> np.ndarray:
         """Whether tiles with these invalid fractions are kept (at most ``max_nodata``; never an empty tile)."""
