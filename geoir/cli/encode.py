@@ -15,6 +15,7 @@ from geoir.cli.options import (
     model_options,
     overwrite_option,
     progress_enabled,
+    refuse_existing,
     resolve_model,
     tqdm_progress,
 )
@@ -66,8 +67,7 @@ def encode(
             raise click.UsageError("encoding IMAGE files needs --out vectors.npy|vectors.npz")
         if out.suffix not in (".npy", ".npz"):
             raise click.BadParameter(f"{out}: use a .npy or .npz file", param_hint="--out")
-        if out.exists() and not overwrite:
-            raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+        refuse_existing(out, overwrite)
         _encode_images(
             images, out, resolve_model(model, backbone, weights, download, device), batch_size, progress_enabled(ctx)
         )

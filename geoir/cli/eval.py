@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import overwrite_option, progress_enabled, tqdm_progress
+from geoir.cli.options import overwrite_option, progress_enabled, refuse_existing, tqdm_progress
 
 log = logging.getLogger("geoir")
 
@@ -79,8 +79,7 @@ def evaluate(
     from geoir.training.data import image_folder_features
     from geoir.training.evaluation import run_protocols, write_pr_curve
 
-    if json_out.exists() and not overwrite:
-        raise click.ClickException(f"{json_out} exists; pass --overwrite to replace it")
+    refuse_existing(json_out, overwrite)
     model = load_model(model_path or "default")
     if model.head is None or "recipe" not in model.meta:
         raise click.ClickException(

@@ -6,6 +6,7 @@ Values are parsed in ``ParamType.convert`` so a bad value fails with exit code 2
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -78,6 +79,12 @@ def index_option(f: F) -> F:
 
 def overwrite_option(f: F) -> F:
     return click.option("--overwrite", is_flag=True, help="Replace existing output files.")(f)
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Fail before any work when an output exists and --overwrite was not given."""
+    if str(path) != "-" and Path(path).exists() and not overwrite:
+        raise click.ClickException(f"{path} exists; pass --overwrite to replace it")
 
 
 def progress_enabled(ctx: click.Context) -> bool:

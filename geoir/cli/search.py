@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import BBoxType, LonLatType, index_option, model_options, overwrite_option
+from geoir.cli.options import BBoxType, LonLatType, index_option, model_options, overwrite_option, refuse_existing
 
 log = logging.getLogger("geoir")
 
@@ -98,8 +98,7 @@ def search(
     from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
     fmt = guess_format(out, fmt)
-    if out != "-" and Path(out).exists() and not overwrite:
-        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite)
     bundle = Bundle.open(index_dir)
     encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
     searcher = Searcher(bundle, encoder)

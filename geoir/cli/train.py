@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import model_options, overwrite_option, progress_enabled, tqdm_progress
+from geoir.cli.options import model_options, overwrite_option, progress_enabled, refuse_existing, tqdm_progress
 
 log = logging.getLogger("geoir")
 
@@ -117,8 +117,7 @@ def train(
 
     if model is not None:
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
-    if out.exists() and not overwrite:
-        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite)
     recipe = Recipe(method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed)
     bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers)
     if test_fraction > 0:
