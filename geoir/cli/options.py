@@ -82,9 +82,15 @@ def overwrite_option(f: F) -> F:
 
 
 def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    """Fail before any work when an output exists and --overwrite was not given."""
-    if str(path) != "-" and Path(path).exists() and not overwrite:
+    """Fail before any work when an output exists without --overwrite, or cannot be written."""
+    if str(path) == "-":
+        return
+    p = Path(path)
+    if p.exists() and not overwrite:
         raise click.ClickException(f"{path} exists; pass --overwrite to replace it")
+    from geoir.io.files import ensure_writable_dir
+
+    ensure_writable_dir(p.parent, f"the folder of {p.name},")
 
 
 def progress_enabled(ctx: click.Context) -> bool:
