@@ -243,3 +243,34 @@ def test_tiles_layer_opens_in_qgis(make_geotiff: MakeGeoTiff, tmp_path: Path) ->
     info = qgis_probe(index / "catalog.gpkg", "tiles", "scenes")
     assert info["tiles"]["valid"] and info["tiles"]["crs"] == "EPSG:4326" and info["tiles"]["count"] == 9
     assert info["scenes"]["valid"] and info["scenes"]["count"] == 1
+
+
+def test_writer_killed_inside_a_catalog_transaction(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A GDAL write killed mid-transaction leaves a hot journal that read-only GDAL cannot open; opening the
+    bundle rolls it back."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    index = tmp_path / "idx"
+    assert run("tile", str(make_geotiff("a.tif", seed=1)), "--index", str(index)).exit_code == 0
+    code = (
+        "import geopandas as gpd, numpy as np, pyogrio, shapely\n"
+        "n = 400_000\n"
+        "df = gpd.GeoDataFrame({'tile_id': np.arange(n), 'scene_id': ['orphan'] * n}, crs='EPSG:4326',\n"
+        "                      geometry=shapely.box(np.zeros(n), np.zeros(n), np.ones(n), np.ones(n)))\n"
+        "print('writing', flush=True)\n"
+        f"pyogrio.write_dataframe(df, {str(index / 'catalog.gpkg')!r}, layer='tiles', append=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (index / "catalog.gpkg-journal").exists()
+    bundle = Bundle.open(index)
+    tiles = bundle.tiles()
+    assert len(tiles) == 4 and set(tiles.scene_id) != {"orphan"}  # the half-done append was rolled back
+    assert run("tile", str(make_geotiff("b.tif", seed=2)), "--index", str(index)).exit_code == 0
+    assert len(Bundle.open(index).tiles()) == 8

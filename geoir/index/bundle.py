@@ -193,6 +193,15 @@ class Bundle:
         return sqlite3.connect(self.catalog_path, timeout=30)
 
     def _check_catalog(self) -> None:
+        # A writer killed mid-transaction leaves a hot rollback journal beside the catalog. SQLite rolls
+        # it back on the next read-write open; GDAL opens read-only to read and would fail instead.
+        try:
+            with contextlib.closing(self._connect()) as con:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise BundleError(
+                f"{self.catalog_path} is corrupt ({exc}); restore it or re-create the bundle with `geoir tile`"
+            ) from exc
         try:
             layers = {name for name, _ in pyogrio.list_layers(self.catalog_path)}
         except (DataSourceError, OSError) as exc:
