@@ -39,3 +39,30 @@ def test_cli_reference_is_current() -> None:
 
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "gen_cli.py"), "--check"])
     assert r.returncode == 0, "docs/cli.md is stale: run `python docs/gen_cli.py`"
+
+
+def test_wheel_ships_model_and_style(tmp_path: Path) -> None:
+    """A regular (non-editable) install carries the default model and the QGIS style."""
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("geoir-*.whl"))).namelist()
+    assert "geoir/models/default.pt" in names and "geoir/output/styles/hits.qml" in names
