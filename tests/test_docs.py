@@ -43,10 +43,17 @@ def test_cli_reference_is_current() -> None:
 
 def test_wheel_ships_model_and_style(tmp_path: Path) -> None:
     """A regular (non-editable) install carries the default model and the QGIS style."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # Build from a clean copy: an in-tree build/ folder would carry files from earlier builds.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "geoir", src / "geoir", ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run(
         [
             sys.executable,
@@ -58,7 +65,7 @@ def test_wheel_ships_model_and_style(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(src),
         ],
         capture_output=True,
         text=True,
