@@ -70,7 +70,7 @@ class Searcher:
         self.indexes = bundle.indexes()
         if not len(self.indexes["float"]):
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
-        self._scalings = {r["id"]: r for r in bundle.scene_records()}
+        self._records = {r["id"]: r for r in bundle.scene_records()}  # committed scenes by id
 
     # ------------------------------------------------------------------ building queries
     def add_image(self, parts: QueryParts, path: str | Path, negative: bool = False) -> None:
@@ -100,7 +100,7 @@ class Searcher:
         # A GeoTIFF cut from an indexed scene is scaled with that scene's statistics, like its tiles.
         scenes = self.bundle.scenes()
         for _, row in scenes[scenes.geometry.contains(footprint.centroid)].iterrows():
-            rec = self._scalings.get(row.scene_id)
+            rec = self._records.get(row.scene_id)
             if rec and rec["dtype"] == scene.dtype and rec["count"] == scene.count:
                 return Scaling.from_dict(rec["scaling"])
         return None
@@ -165,7 +165,7 @@ class Searcher:
             return self.bundle.tiles().iloc[:0]
         sql = "SELECT * FROM tiles WHERE tile_id IN ({})".format(",".join(str(int(i)) for i in set(ids.tolist())))
         df = pyogrio.read_dataframe(self.bundle.catalog_path, sql=sql)
-        return df[df.scene_id.isin(self._scalings)].reset_index(drop=True)
+        return df[df.scene_id.isin(self._records)].reset_index(drop=True)
 
     def allowed_ids(
         self,
@@ -186,7 +186,7 @@ class Searcher:
         return tiles.tile_id.to_numpy(np.int64)
 
     def _resolve_scene(self, s: str) -> str:
-        for sid, rec in self._scalings.items():
+        for sid, rec in self._records.items():
             if s in (sid, rec["path"], Path(rec["path"]).name, Path(rec["path"]).stem):
                 return sid
         raise QueryError(f"no scene {s!r} in {self.bundle.path}; `geoir info {self.bundle.path}` lists them")
@@ -249,7 +249,7 @@ class Searcher:
         rows = []
         for rank, (tid, d, sc) in enumerate(zip(ids.tolist(), dist.tolist(), scores.tolist(), strict=True), start=1):
             t = tiles.loc[tid]
-            rec = self._scalings[t.scene_id]
+            rec = self._records[t.scene_id]
             rows.append(
                 {
                     "rank": rank,
