@@ -102,10 +102,7 @@ def search(
 
 def encode_images(images: Sequence[PathLike], model: Model | str | None = None) -> np.ndarray:
     """Embeddings of image files, one row each (``geoir encode IMAGE... --out``)."""
-    import torch
-
     from geoir.io.images import read_image
 
     m = model if isinstance(model, Model) else load_model(model)
-    rows = [m.encode(torch.from_numpy(np.ascontiguousarray(read_image(p).rgb[None]))).embedding for p in images]
-    return np.concatenate(rows)
+    return m.concat([m.encode_image(read_image(p).rgb) for p in images]).embedding

@@ -124,17 +124,7 @@ def encode_block(
 
 def _merge(parts: list[dict[str, np.ndarray]], model) -> Encoded:  # type: ignore[no-untyped-def]
     """One scene's vectors from its blocks (in tile order); empty arrays when no tile was kept."""
-    rows = [p for p in parts if "features" in p]
-
-    def cat(key: str, shape: tuple[int, int], dtype: type) -> np.ndarray:
-        return np.concatenate([p[key] for p in rows]) if rows else np.empty(shape, dtype)
-
-    codes = cat("codes", (0, (model.bits or 0) // 8), np.uint8) if model.bits else None
-    return Encoded(
-        cat("features", (0, model.backbone.num_features), np.float32),
-        cat("embedding", (0, model.embedding_dim), np.float32),
-        codes,
-    )
+    return model.concat([Encoded(p["features"], p["embedding"], p.get("codes")) for p in parts if "features" in p])
 
 
 def tile_scenes_distributed(

@@ -92,7 +92,6 @@ def encode(
 
 def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, progress: bool) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
-    import torch
 
     from geoir.io.images import read_image
 
@@ -101,12 +100,12 @@ def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, p
     try:
         # Images differ in size, so each is its own batch; the backbone resizes it to its input size.
         for path in images:
-            img = read_image(path)
-            parts.append(model.encode(torch.from_numpy(np.ascontiguousarray(img.rgb[None]))))
+            parts.append(model.encode_image(read_image(path).rgb))
             bar.update(1)
     finally:
         bar.close()
-    emb = np.concatenate([p.embedding for p in parts])
+    enc = model.concat(parts)
+    emb = enc.embedding
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     if out.suffix == ".npy":
         np.save(tmp, emb)
@@ -114,10 +113,10 @@ def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, p
         arrays: dict[str, Any] = {
             "paths": np.array([str(p) for p in images]),
             "embedding": emb,
-            "features": np.concatenate([p.features for p in parts]),
+            "features": enc.features,
         }
-        if parts[0].codes is not None:
-            arrays["codes"] = np.concatenate([p.codes for p in parts])
+        if enc.codes is not None:
+            arrays["codes"] = enc.codes
         np.savez(tmp, **arrays)
     tmp.replace(out)
     log.info("%s: %d vectors of %d dimensions", out, *emb.shape)

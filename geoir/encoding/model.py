@@ -139,6 +139,22 @@ class Model:
         """Encode a uint8 batch ``[N, 3, H, W]``."""
         return self.encode_features(self.backbone.features(batch_uint8))
 
+    def encode_image(self, rgb: np.ndarray) -> Encoded:
+        """Encode one uint8 image ``(3, H, W)`` of any size (the backbone resizes it to its input)."""
+        return self.encode(torch.from_numpy(np.ascontiguousarray(rgb[None])))
+
+    def concat(self, parts: list[Encoded]) -> Encoded:
+        """Rows of several encodings in order; empty arrays of this model's shapes when there are none."""
+        if not parts:
+            codes = np.empty((0, self.bits // 8), np.uint8) if self.bits else None
+            return Encoded(
+                np.empty((0, self.backbone.num_features), np.float32),
+                np.empty((0, self.embedding_dim), np.float32),
+                codes,
+            )
+        codes = np.concatenate([p.codes for p in parts]) if parts[0].codes is not None else None  # type: ignore[misc]
+        return Encoded(np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes)
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save head, configs and metadata (not the backbone weights, which come from their package)."""

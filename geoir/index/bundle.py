@@ -75,6 +75,8 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
         self.manifest = manifest
+        # FAISS indexes loaded by this process, so a run adding many scenes reads each file once.
+        self._loaded: dict[str, VectorIndex] = {}
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -453,15 +455,27 @@ class Bundle:
             return []
         return ["float", "binary"] if model.get("bits") else ["float"]
 
-    def indexes(self) -> dict[str, VectorIndex]:
-        """The FAISS indexes, checked against the committed scenes and rebuilt when they disagree."""
+    def _index(self, kind: str) -> VectorIndex | None:
+        """The saved FAISS index of ``kind`` (None when there is none yet), read once per process."""
         from geoir.index.vectors import VectorIndex
 
+        if kind not in self._loaded:
+            path = self.index_path(kind)
+            if not path.exists():
+                return None
+            self._loaded[kind] = VectorIndex.load(path)
+        return self._loaded[kind]
+
+    def _save_index(self, kind: str, index: VectorIndex) -> None:
+        index.save(self.index_path(kind))
+        self._loaded[kind] = index
+
+    def indexes(self) -> dict[str, VectorIndex]:
+        """The FAISS indexes, checked against the committed scenes and rebuilt when they disagree."""
         expected = sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
         out: dict[str, VectorIndex] = {}
         for kind in self.index_kinds():
-            path = self.index_path(kind)
-            index = VectorIndex.load(path) if path.exists() else None
+            index = self._index(kind)
             if index is None or len(index) != expected:
                 log.info("%s index of %s disagrees with the catalog; rebuilding it from the vectors", kind, self.path)
                 index = self.rebuild_index(kind)
@@ -477,16 +491,13 @@ class Bundle:
             if not index.is_trained:
                 index.train(data)
             index.add(vec["ids"], data)
-        index.save(self.index_path(kind))
+        self._save_index(kind, index)
         return index
 
     def add_to_indexes(self, ids: np.ndarray, embedding: np.ndarray, codes: np.ndarray | None) -> None:
         """Append a committed scene's vectors to the FAISS indexes (exact kinds), or rebuild them."""
         for kind in self.index_kinds():
-            path = self.index_path(kind)
-            from geoir.index.vectors import VectorIndex
-
-            index = VectorIndex.load(path) if path.exists() else self._new_index(kind)
+            index = self._index(kind) or self._new_index(kind)
             if not index.is_trained:
                 # Approximate kinds train on a sample of everything there is: rebuild from all vectors.
                 self.rebuild_index(kind)
@@ -494,7 +505,7 @@ class Bundle:
             data = codes if kind == "binary" else embedding
             assert data is not None
             index.add(ids, data)
-            index.save(path)
+            self._save_index(kind, index)
 
     def remove_scene(self, scene_id: str) -> int:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
@@ -510,13 +521,10 @@ class Bundle:
         counts["tiles"] -= n
         self.write_manifest()
         for kind in self.index_kinds():
-            from geoir.index.vectors import VectorIndex
-
-            path = self.index_path(kind)
-            if path.exists():
-                index = VectorIndex.load(path)
+            index = self._index(kind)
+            if index is not None:
                 index.remove(np.asarray(ids, dtype=np.int64))
-                index.save(path)
+                self._save_index(kind, index)
         self.vectors_path(scene_id).unlink(missing_ok=True)
         return n
 

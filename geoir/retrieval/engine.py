@@ -90,7 +90,7 @@ class Searcher:
         footprint: shapely.Geometry | None = None,
     ) -> None:
         """Encode a uint8 RGB array ``(3, H, W)`` (already scaled to 0-255) as a query part."""
-        enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(rgb[None])))
+        enc = self.model.encode_image(rgb)
         (parts.negatives if negative else parts.positives).append(enc)
         parts.labels.append(("-" if negative else "") + label)
         if footprint is not None:

@@ -159,7 +159,7 @@ def read_and_encode(
             bar.close()
     idx = np.concatenate(kept_idx) if kept_idx else np.empty(0, np.int64)
     frac = np.concatenate(fracs) if fracs else np.empty(0)
-    return idx, frac, _concat(encoded, model) if model is not None else None
+    return idx, frac, model.concat(encoded) if model is not None else None
 
 
 def commit_scene(
@@ -200,17 +200,6 @@ def commit_scene(
         len(kept),
         len(source) - len(kept),
     )
-
-
-def _concat(parts: list[Encoded], model: Model) -> Encoded:
-    from geoir.encoding.model import Encoded
-
-    if not parts:
-        d = model.embedding_dim
-        codes = np.empty((0, (model.bits or 0) // 8), np.uint8) if model.bits else None
-        return Encoded(np.empty((0, model.backbone.num_features), np.float32), np.empty((0, d), np.float32), codes)
-    codes = np.concatenate([p.codes for p in parts]) if parts[0].codes is not None else None  # type: ignore[misc]
-    return Encoded(np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes)
 
 
 def chip_name(scene: Scene, tile: Tile) -> str:
