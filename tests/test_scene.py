@@ -141,3 +141,31 @@ def test_expand_inputs(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.jp2")])
     with pytest.raises(SceneError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.tif")])
+
+
+def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    import geoir.io.scene as scene_module
+    from geoir.io.scene import BLOCK_CACHE_MARGIN, block_cache_bytes, fit_block_cache
+
+    path = make_geotiff(shape=(3, 1024, 1000))  # 256 px blocks: 4 across
+    with rasterio.open(path) as src:
+        # A 256 px row of tiles may straddle two rows of blocks; 3 bytes a pixel.
+        assert block_cache_bytes(src, 256) == 4 * 2 * 256 * 256 * 3
+        assert block_cache_bytes(src, 300, mask=True) == 4 * 3 * 256 * 256 * 4
+        before = get_gdal_config("GDAL_CACHEMAX")
+        try:
+            monkeypatch.setattr(scene_module, "_cache_ceiling", None)
+            monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+            fit_block_cache(src, 256)  # the library leaves GDAL's own setting alone
+            assert get_gdal_config("GDAL_CACHEMAX") == before
+            monkeypatch.setenv("GDAL_CACHEMAX", "64")
+            fit_block_cache(src, 256)
+            assert get_gdal_config("GDAL_CACHEMAX") == min(before, block_cache_bytes(src, 256) + BLOCK_CACHE_MARGIN)
+            set_gdal_config("GDAL_CACHEMAX", 16 << 20)  # never above the ceiling seen first
+            monkeypatch.setattr(scene_module, "_cache_ceiling", 16 << 20)
+            fit_block_cache(src, 256 * 100)
+            assert get_gdal_config("GDAL_CACHEMAX") == 16 << 20
+        finally:
+            set_gdal_config("GDAL_CACHEMAX", before)

@@ -40,6 +40,12 @@ STATS_MAX_SIDE = 512
 
 _METERS_PER_DEGREE = 111_319.49
 
+#: Head-room added to the block cache a scene's reads need (GDAL's own bookkeeping, a mask band's blocks).
+BLOCK_CACHE_MARGIN = 8 << 20
+
+# GDAL's block cache size when geoir first lowered it: the ceiling for every later scene of the process.
+_cache_ceiling: int | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Scaling:
@@ -370,6 +376,7 @@ class SceneReader:
         self._src: rasterio.DatasetReader | None = None
         # Whether a window inside the raster must be read with ``fill_value`` (set when the file is opened).
         self._fill_inside = True
+        self._cache_fitted = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -387,7 +394,8 @@ class SceneReader:
             except RasterioIOError as exc:
                 raise SceneError(f"{self.scene.path} can no longer be read ({exc}); was it moved?") from exc
             self._fill_inside = _fill_changes_pixels(self._src, self.scene)
-            return self._src
+            self._cache_fitted = False
+        return self._src
 
     def close(self) -> None:
         if self._src is not None:
@@ -409,6 +417,11 @@ class SceneReader:
         fill = sc.nodata if sc.nodata is not None else 0
         inside = _inside_mask(native, sc.width, sc.height, out_shape[1:])
         src = self.src
+        if not self._cache_fitted:
+            # A resampled read also takes the rows its kernel needs beyond the window.
+            rows = native.height + (0 if self._fy == 1.0 else 2)
+            fit_block_cache(src, rows, sc.mask_kind == "mask")
+            self._cache_fitted = True
         # Boundless reads go through a warped VRT in rasterio: only pay for it at the scene's edge. Inside
         # the raster, a fill value makes rasterio read every band's mask and copy the data through a
         # masked array; it is passed only where it can change a pixel (see _fill_changes_pixels).
@@ -438,6 +451,39 @@ class SceneReader:
             rgb = rgb.copy()
             rgb[:, ~valid] = 0
         return rgb, valid
+
+
+def block_cache_bytes(src: rasterio.DatasetReader, rows: float, mask: bool = False) -> int:
+    """GDAL block cache that reading ``src`` one row of windows after the other needs, in bytes.
+
+    A row of windows ``rows`` native pixels tall touches at most ``ceil(rows / block height) + 1`` rows of
+    blocks across the whole width; GDAL decodes all bands of a pixel-interleaved block at once and caches
+    each of them. With that much cache every block is decoded once, whatever the scene's height.
+    """
+    block_rows, block_cols = src.block_shapes[0]
+    across = math.ceil(src.width / block_cols)
+    down = math.ceil(rows / block_rows) + 1
+    bytes_per_pixel = sum(np.dtype(d).itemsize for d in src.dtypes) + (1 if mask else 0)
+    return across * down * block_rows * block_cols * bytes_per_pixel
+
+
+def fit_block_cache(src: rasterio.DatasetReader, rows: float, mask: bool = False) -> None:
+    """Shrink GDAL's block cache to what reading ``src`` row of windows by row needs.
+
+    Only when ``GDAL_CACHEMAX`` is set in the environment (the geoir CLI sets it unless the user did),
+    and never above that value, which stays the ceiling for every scene of the process: the cache grows
+    with the width of a scene, not its area, and a small scene does not hold memory it cannot use.
+    Library users who leave ``GDAL_CACHEMAX`` unset keep GDAL's own setting.
+    """
+    global _cache_ceiling
+    if "GDAL_CACHEMAX" not in os.environ:
+        return
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    if _cache_ceiling is None:
+        _cache_ceiling = int(get_gdal_config("GDAL_CACHEMAX"))
+    need = block_cache_bytes(src, rows, mask) + BLOCK_CACHE_MARGIN
+    set_gdal_config("GDAL_CACHEMAX", min(_cache_ceiling, need))
 
 
 def _fill_changes_pixels(src: rasterio.DatasetReader, scene: Scene) -> bool:
