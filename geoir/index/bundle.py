@@ -358,9 +358,12 @@ class Bundle:
                     layer="tiles",
                     driver="GPKG",
                     geometry_type="Polygon",
+                    promote_to_multi=False,  # given with the type, pyogrio skips inspecting every geometry
                     dataset_options={"VERSION": "1.2"},
                 )
-                pyogrio.write_dataframe(scene_df, tmp, layer="scenes", driver="GPKG", geometry_type="Polygon")
+                pyogrio.write_dataframe(
+                    scene_df, tmp, layer="scenes", driver="GPKG", geometry_type="Polygon", promote_to_multi=False
+                )
             with contextlib.closing(sqlite3.connect(tmp)) as con, con:
                 con.execute("PRAGMA synchronous = OFF")
                 con.execute("PRAGMA journal_mode = OFF")
