@@ -169,3 +169,42 @@ def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch
             assert get_gdal_config("GDAL_CACHEMAX") == 16 << 20
         finally:
             set_gdal_config("GDAL_CACHEMAX", before)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dtype": "uint8"},
+        {"dtype": "uint16", "nodata": 0, "nodata_block": True},
+        {"dtype": "float32"},
+        {"dtype": "uint8", "mask_block": True},
+        {"dtype": "uint8", "shape": (3, 100, 150)},  # padded, boundless read
+        {"dtype": "uint8", "nodata": 0, "override": 3},  # rasterio's fill rewrites pixels of valid tiles
+    ],
+)
+def test_read_into_a_batch_slot_gives_the_same_tile(make_geotiff: MakeGeoTiff, kwargs: dict) -> None:
+    from geoir.encoding.batches import iter_batches
+    from geoir.tiling.grid import TilingParams
+    from geoir.tiling.tiler import TileSource
+
+    kwargs = dict(kwargs)
+    override = kwargs.pop("override", None)
+    path = make_geotiff(**kwargs)
+    if override is not None:
+        # Zeros in one band only: the file's nodata masks them, the --nodata override does not.
+        with rasterio.open(path, "r+") as dst:
+            band = dst.read(1)
+            band[::7, ::5] = 0
+            dst.write(band, 1)
+    scene = open_scene(path, nodata=override)
+    source = TileSource(scene, TilingParams(size=128, stride=100, max_nodata=1.0))
+    reads = [source.read(i) for i in range(len(source))]
+    out = np.full((3, 128, 128), 7, np.uint8)
+    for i, r in enumerate(reads):
+        again = source.read(i, out=out)
+        assert again.rgb is out and np.array_equal(out, r.rgb)
+        assert np.array_equal(again.valid, r.valid) and again.nodata_fraction == r.nodata_fraction
+    batches = list(iter_batches(source, batch_size=3))
+    assert np.array_equal(np.concatenate([b.rgb for b in batches]), np.stack([r.rgb for r in reads]))
+    assert np.concatenate([b.nodata_fraction for b in batches]).tolist() == [r.nodata_fraction for r in reads]
+    assert np.concatenate([b.indexes for b in batches]).tolist() == list(range(len(source)))
