@@ -157,16 +157,19 @@ def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch
         before = get_gdal_config("GDAL_CACHEMAX")
         try:
             monkeypatch.setattr(scene_module, "_cache_ceiling", None)
+            monkeypatch.setattr(scene_module, "_cache_set", 0)
             monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
             fit_block_cache(src, 256)  # the library leaves GDAL's own setting alone
             assert get_gdal_config("GDAL_CACHEMAX") == before
             monkeypatch.setenv("GDAL_CACHEMAX", "64")
-            fit_block_cache(src, 256)
-            assert get_gdal_config("GDAL_CACHEMAX") == min(before, block_cache_bytes(src, 256) + BLOCK_CACHE_MARGIN)
-            set_gdal_config("GDAL_CACHEMAX", 16 << 20)  # never above the ceiling seen first
-            monkeypatch.setattr(scene_module, "_cache_ceiling", 16 << 20)
-            fit_block_cache(src, 256 * 100)
-            assert get_gdal_config("GDAL_CACHEMAX") == 16 << 20
+            set_gdal_config("GDAL_CACHEMAX", 64 << 20)
+            fit_block_cache(src, 512)
+            wide = block_cache_bytes(src, 512) + BLOCK_CACHE_MARGIN
+            assert get_gdal_config("GDAL_CACHEMAX") == wide < 64 << 20
+            fit_block_cache(src, 256)  # a scene that needs less does not shrink it under another reader
+            assert get_gdal_config("GDAL_CACHEMAX") == wide
+            fit_block_cache(src, 256 * 100)  # never above the ceiling seen first
+            assert get_gdal_config("GDAL_CACHEMAX") == 64 << 20
         finally:
             set_gdal_config("GDAL_CACHEMAX", before)
 

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,8 +44,11 @@ _METERS_PER_DEGREE = 111_319.49
 #: Head-room added to the block cache a scene's reads need (GDAL's own bookkeeping, a mask band's blocks).
 BLOCK_CACHE_MARGIN = 8 << 20
 
-# GDAL's block cache size when geoir first lowered it: the ceiling for every later scene of the process.
+# GDAL's block cache size when geoir first lowered it (the ceiling for every later scene of the process),
+# and the size geoir set last; both guarded by the lock, as readers in threads may open scenes at once.
 _cache_ceiling: int | None = None
+_cache_set = 0
+_cache_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,22 +490,27 @@ def block_cache_bytes(src: rasterio.DatasetReader, rows: float, mask: bool = Fal
 
 
 def fit_block_cache(src: rasterio.DatasetReader, rows: float, mask: bool = False) -> None:
-    """Shrink GDAL's block cache to what reading ``src`` row of windows by row needs.
+    """Size GDAL's block cache to what reading ``src`` row of windows by row needs.
 
     Only when ``GDAL_CACHEMAX`` is set in the environment (the geoir CLI sets it unless the user did),
-    and never above that value, which stays the ceiling for every scene of the process: the cache grows
-    with the width of a scene, not its area, and a small scene does not hold memory it cannot use.
+    and never above the cache size found then, which stays the ceiling for the process. Within it the
+    cache is the largest that any scene read so far in the process needs (so readers in threads never
+    shrink it under each other): it follows the width of the widest scene, not the area of any.
     Library users who leave ``GDAL_CACHEMAX`` unset keep GDAL's own setting.
     """
-    global _cache_ceiling
+    global _cache_ceiling, _cache_set
     if "GDAL_CACHEMAX" not in os.environ:
         return
     from rasterio.env import get_gdal_config, set_gdal_config
 
-    if _cache_ceiling is None:
-        _cache_ceiling = int(get_gdal_config("GDAL_CACHEMAX"))
     need = block_cache_bytes(src, rows, mask) + BLOCK_CACHE_MARGIN
-    set_gdal_config("GDAL_CACHEMAX", min(_cache_ceiling, need))
+    with _cache_lock:
+        if _cache_ceiling is None:
+            _cache_ceiling = int(get_gdal_config("GDAL_CACHEMAX"))
+        size = min(_cache_ceiling, max(need, _cache_set))
+        if size != _cache_set:
+            set_gdal_config("GDAL_CACHEMAX", size)
+            _cache_set = size
 
 
 def _fill_changes_pixels(src: rasterio.DatasetReader, scene: Scene) -> bool:
