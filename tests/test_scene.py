@@ -211,3 +211,28 @@ def test_read_into_a_batch_slot_gives_the_same_tile(make_geotiff: MakeGeoTiff, k
     assert np.array_equal(np.concatenate([b.rgb for b in batches]), np.stack([r.rgb for r in reads]))
     assert np.concatenate([b.nodata_fraction for b in batches]).tolist() == [r.nodata_fraction for r in reads]
     assert np.concatenate([b.indexes for b in batches]).tolist() == list(range(len(source)))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int8"])
+def test_histogram_percentiles_equal_numpy(dtype: str) -> None:
+    # The statistics of small-integer scenes come from a histogram; they must be numpy's figures, bit for bit.
+    from geoir.io.scene import _int_percentiles
+
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    for trial in range(600):
+        n = int(rng.integers(1, 4000))
+        kind = trial % 4
+        if kind == 0:
+            x = rng.integers(info.min, int(info.max) + 1, n)
+        elif kind == 1:
+            x = rng.integers(0, 5, n)  # nearly all ties
+        elif kind == 2:
+            x = np.clip(rng.normal(100, 40, n), info.min, info.max)
+        else:
+            x = np.full(n, rng.integers(info.min, int(info.max) + 1))
+        x = x.astype(dtype)
+        q = (2.0, 98.0) if trial % 3 else tuple(sorted(rng.uniform(0, 100, 2).tolist()))
+        want = np.percentile(x.astype(np.float32), q)
+        got = _int_percentiles(x, q)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (n, q, got, want)

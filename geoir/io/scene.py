@@ -323,8 +323,11 @@ def _percentile_scaling(
     # bounded in memory whatever the scene size.
     f = max(1.0, max(src.width, src.height) / STATS_MAX_SIDE)
     shape = (len(bands), max(1, int(src.height / f)), max(1, int(src.width / f)))
-    data = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest).astype(np.float32)
+    raw = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
+    data = raw.astype(np.float32)
     valid = valid_mask(src, data, bands, nodata, mask_kind, out_shape=shape)
+    # Integers of up to 16 bits: exact order statistics from a histogram, a sixth of the cost of sorting.
+    small_int = raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2
     if mask_kind == "none":
         zeros = float(np.all(data == 0, axis=0).mean())
         if zeros > 0.05:
@@ -337,15 +340,39 @@ def _percentile_scaling(
     all_valid = bool(valid.all())
     for i in range(len(bands)):
         # Percentiles depend only on the values, not their order: skip the copy when every pixel counts.
-        v = data[i] if all_valid else data[i][valid]
+        band = raw[i] if small_int else data[i]
+        v = band if all_valid else band[valid]
         if v.size == 0:
             raise SceneError(f"{src.name} has no valid pixels in band {bands[i]}; check its nodata value")
-        lo, hi = np.percentile(v, percentiles)
+        lo, hi = _int_percentiles(v, percentiles) if small_int else np.percentile(v, percentiles)
         if hi <= lo:
             hi = lo + 1.0
         low.append(float(lo))
         high.append(float(hi))
     return Scaling(tuple(low), tuple(high))
+
+
+def _int_percentiles(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """``np.percentile(values.astype(np.float32), percentiles)`` (linear method), bit for bit, for small integers.
+
+    The two order statistics around each percentile come from the cumulative histogram instead of a
+    partition, then go through numpy's own interpolation arithmetic (same dtypes, same operations).
+    """
+    v = values.ravel()
+    n = v.size
+    base = int(v.min())
+    cum = np.cumsum(np.bincount(v.astype(np.intp) - base))
+    virtual = (n - 1) * np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
+    prev = np.clip(np.floor(virtual), 0, n - 1)
+    nxt = np.where(virtual >= n - 1, n - 1, prev + 1)
+    gamma = virtual - prev.astype(np.intp)
+    a = (np.searchsorted(cum, prev.astype(np.intp), side="right") + base).astype(np.float32)
+    b = (np.searchsorted(cum, nxt.astype(np.intp), side="right") + base).astype(np.float32)
+    # numpy's _lerp: a + (b - a) * t, or b - (b - a) * (1 - t) where t >= 0.5.
+    diff = b - a
+    out = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out
 
 
 def valid_mask(
