@@ -14,9 +14,10 @@ Layout::
 Crash safety: a scene is committed by its row in the `scenes` layer, written *after* its tiles.
 Tiles whose scene has no row (a run killed mid-scene) are invisible to readers and deleted by the
 next writer, so an interrupted ``geoir tile`` leaves a valid bundle and a re-run resumes cleanly.
-A scene's vectors are written (temp file + rename) before its row; the FAISS indexes after it. An index
-whose ids disagree with the committed, encoded scenes (a crash between the two) is rebuilt from the
-vector files when the bundle is next opened.
+A scene's vectors are written (temp file + rename) before its row; the FAISS indexes after it. The
+index files are rewritten once per writing session (when the lock is released), not after every scene,
+since each write costs the whole index. An index whose ids disagree with the committed, encoded scenes
+(a run killed before that write) is rebuilt from the vector files when the bundle is next used.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Bundle:
         self.manifest = manifest
         # FAISS indexes loaded by this process, so a run adding many scenes reads each file once.
         self._loaded: dict[str, VectorIndex] = {}
+        # Kinds whose loaded index holds vectors its file lacks (saved by flush_indexes).
+        self._unsaved: set[str] = set()
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -177,7 +180,11 @@ class Bundle:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the bundle's write lock (advisory, released when the process dies)."""
+        """Hold the bundle's write lock (advisory, released when the process dies).
+
+        Index changes not yet saved (see :meth:`add_to_indexes`) are saved before the lock is released,
+        also when the block raised: what was committed until then stays searchable without a rebuild.
+        """
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -186,7 +193,14 @@ class Bundle:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise BundleError(f"{self.path} is being written by another geoir process; wait for it") from exc
                 raise
-            yield
+            try:
+                yield
+            except BaseException:
+                # The original error matters more; an index left unsaved is rebuilt on next use.
+                with contextlib.suppress(Exception):
+                    self.flush_indexes()
+                raise
+            self.flush_indexes()
         finally:
             os.close(fd)
 
@@ -487,10 +501,19 @@ class Bundle:
     def _save_index(self, kind: str, index: VectorIndex) -> None:
         index.save(self.index_path(kind))
         self._loaded[kind] = index
+        self._unsaved.discard(kind)
+
+    def flush_indexes(self) -> None:
+        """Save the indexes that :meth:`add_to_indexes` changed since they were last saved."""
+        for kind in sorted(self._unsaved):
+            self._save_index(kind, self._loaded[kind])
+
+    def _encoded_tiles(self) -> int:
+        return sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
 
     def indexes(self) -> dict[str, VectorIndex]:
         """The FAISS indexes, checked against the committed scenes and rebuilt when they disagree."""
-        expected = sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
+        expected = self._encoded_tiles()
         out: dict[str, VectorIndex] = {}
         for kind in self.index_kinds():
             index = self._index(kind)
@@ -513,9 +536,26 @@ class Bundle:
         return index
 
     def add_to_indexes(self, ids: np.ndarray, embedding: np.ndarray, codes: np.ndarray | None) -> None:
-        """Append a committed scene's vectors to the FAISS indexes (exact kinds), or rebuild them."""
+        """Add a committed scene's vectors to the FAISS indexes (exact kinds), or rebuild them.
+
+        The index changes in memory only: its file is saved by :meth:`flush_indexes`, which :meth:`lock`
+        calls on release, so committing a scene costs in proportion to its own tiles, not to the whole
+        index (rewriting the file per scene made a run quadratic in its tiles). The first call of a
+        process checks the saved index against the catalog and rebuilds it from the vector files if an
+        earlier run was killed before saving it.
+        """
         for kind in self.index_kinds():
-            index = self._index(kind) or self._new_index(kind)
+            first = kind not in self._loaded
+            index = self._index(kind)
+            if first:
+                # The scene being added is already committed, with its vectors: the rest must be in the file.
+                before = self._encoded_tiles() - len(ids)
+                if (len(index) if index is not None else 0) != before:
+                    log.info("%s index of %s lacks committed scenes; rebuilding it from the vectors", kind, self.path)
+                    self.rebuild_index(kind)
+                    continue
+            if index is None:
+                index = self._new_index(kind)
             if not index.is_trained:
                 # Approximate kinds train on a sample of everything there is: rebuild from all vectors.
                 self.rebuild_index(kind)
@@ -523,7 +563,8 @@ class Bundle:
             data = codes if kind == "binary" else embedding
             assert data is not None
             index.add(ids, data)
-            self._save_index(kind, index)
+            self._loaded[kind] = index
+            self._unsaved.add(kind)
 
     def remove_scene(self, scene_id: str) -> int:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
