@@ -375,18 +375,26 @@ def test_index_saved_once_per_run_not_per_scene(
     from geoir.index.vectors import VectorIndex
 
     saved: list[int] = []
-    real_save = VectorIndex.save
+    copied: list[int] = []
+    real_save, real_add = VectorIndex.save, VectorIndex.add
 
     def spy(self: VectorIndex, path: str | os.PathLike[str]) -> None:
         saved.append(len(self))
         real_save(self, path)
 
+    def add_spy(self: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> None:
+        copied.append(len(self))  # an add out of id order copies what the flat index holds
+        real_add(self, ids, vectors)
+
     monkeypatch.setattr(VectorIndex, "save", spy)
+    monkeypatch.setattr(VectorIndex, "add", add_spy)
     scenes = [make_geotiff(f"s{i}.tif", seed=20 + i) for i in range(8)]  # 4 tiles each
     index = tmp_path / "idx"
     invoke("tile", *map(str, scenes[:6]), "--index", str(index), *TILE_MODEL)
     # One write of the final index, not one per scene (4 + 8 + ... + 24 = 84 vectors written).
     assert saved == [24]
+    # Adds in batches that double the index: at most twice the final size copied (0 + 4 + ... + 20 = 60 before).
+    assert sum(copied) <= 2 * 24
     saved.clear()
     invoke("tile", *map(str, scenes[6:]), "--index", str(index), *TILE_MODEL)
     assert saved == [32]

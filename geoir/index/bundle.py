@@ -80,6 +80,8 @@ class Bundle:
         self._loaded: dict[str, VectorIndex] = {}
         # Kinds whose loaded index holds vectors its file lacks (saved by flush_indexes).
         self._unsaved: set[str] = set()
+        # Exact kinds: (ids, vectors) added by this run but not yet put into the FAISS index (_apply_pending).
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -496,7 +498,13 @@ class Bundle:
             if not path.exists():
                 return None
             self._loaded[kind] = VectorIndex.load(path)
+        self._apply_pending(kind)
         return self._loaded[kind]
+
+    def _apply_pending(self, kind: str) -> None:
+        parts = self._pending.pop(kind, None)
+        if parts:
+            self._loaded[kind].add(np.concatenate([i for i, _ in parts]), np.concatenate([x for _, x in parts]))
 
     def _save_index(self, kind: str, index: VectorIndex) -> None:
         index.save(self.index_path(kind))
@@ -506,6 +514,7 @@ class Bundle:
     def flush_indexes(self) -> None:
         """Save the indexes that :meth:`add_to_indexes` changed since they were last saved."""
         for kind in sorted(self._unsaved):
+            self._apply_pending(kind)
             self._save_index(kind, self._loaded[kind])
 
     def _encoded_tiles(self) -> int:
@@ -525,6 +534,7 @@ class Bundle:
 
     def rebuild_index(self, kind: str) -> VectorIndex:
         """Rebuild one FAISS index from the vector files of the committed scenes and save it."""
+        self._pending.pop(kind, None)  # committed, so in the vector files
         index = self._new_index(kind)
         vec = self.vectors()
         if vec:
@@ -540,13 +550,14 @@ class Bundle:
 
         The index changes in memory only: its file is saved by :meth:`flush_indexes`, which :meth:`lock`
         calls on release, so committing a scene costs in proportion to its own tiles, not to the whole
-        index (rewriting the file per scene made a run quadratic in its tiles). The first call of a
+        index (rewriting the file per scene made a run quadratic in its tiles; so did re-sorting a flat
+        index per scene, hence the batches below). The first call of a
         process checks the saved index against the catalog and rebuilds it from the vector files if an
         earlier run was killed before saving it.
         """
         for kind in self.index_kinds():
             first = kind not in self._loaded
-            index = self._index(kind)
+            index = self._index(kind) if first else self._loaded[kind]  # (not _index: it applies pending adds)
             if first:
                 # The scene being added is already committed, with its vectors: the rest must be in the file.
                 before = self._encoded_tiles() - len(ids)
@@ -562,9 +573,18 @@ class Bundle:
                 continue
             data = codes if kind == "binary" else embedding
             assert data is not None
-            index.add(ids, data)
             self._loaded[kind] = index
             self._unsaved.add(kind)
+            if not index.exact:
+                index.add(ids, data)
+                continue
+            # A flat index keeps its storage in ascending-id order, so adding a scene's (hash-ordered) ids
+            # copies the whole index. Scenes are put in in batches that at least double it: each vector
+            # is copied a bounded number of times, and the result is the same as adding them one by one.
+            pending = self._pending.setdefault(kind, [])
+            pending.append((np.asarray(ids, np.int64), np.asarray(data)))
+            if sum(len(i) for i, _ in pending) >= len(index):
+                self._apply_pending(kind)
 
     def remove_scene(self, scene_id: str) -> int:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
