@@ -302,5 +302,6 @@ def tile_scenes_distributed(
             bar.close()
         for f in futures:
             f.cancel()
+    bundle.flush_indexes()
     log.info("%s: %d block(s) of %d tiles encoded on the cluster", Path(bundle.path).name, len(futures), block_tiles)
     return report

@@ -368,6 +368,75 @@ def test_sigkill_mid_tile_leaves_valid_bundle(make_geotiff: MakeGeoTiff, tmp_pat
     assert sorted(bundle.vectors()["ids"].tolist()) == sorted(tiles.tile_id.tolist())
 
 
+def test_index_saved_once_per_run_not_per_scene(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committing a scene must not rewrite the whole index file: what a run writes is linear in its tiles."""
+    from geoir.index.vectors import VectorIndex
+
+    saved: list[int] = []
+    copied: list[int] = []
+    real_save, real_add = VectorIndex.save, VectorIndex.add
+
+    def spy(self: VectorIndex, path: str | os.PathLike[str]) -> None:
+        saved.append(len(self))
+        real_save(self, path)
+
+    def add_spy(self: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> None:
+        copied.append(len(self))  # an add out of id order copies what the flat index holds
+        real_add(self, ids, vectors)
+
+    monkeypatch.setattr(VectorIndex, "save", spy)
+    monkeypatch.setattr(VectorIndex, "add", add_spy)
+    scenes = [make_geotiff(f"s{i}.tif", seed=20 + i) for i in range(8)]  # 4 tiles each
+    index = tmp_path / "idx"
+    invoke("tile", *map(str, scenes[:6]), "--index", str(index), *TILE_MODEL)
+    # One write of the final index, not one per scene (4 + 8 + ... + 24 = 84 vectors written).
+    assert saved == [24]
+    # Adds in batches that double the index: at most twice the final size copied (0 + 4 + ... + 20 = 60 before).
+    assert sum(copied) <= 2 * 24
+    saved.clear()
+    invoke("tile", *map(str, scenes[6:]), "--index", str(index), *TILE_MODEL)
+    assert saved == [32]
+    # The index built scene by scene answers exactly as one built from all the vectors at once.
+    bundle = Bundle.open(index)
+    vec = bundle.vectors()
+    grown = bundle.indexes()["float"]
+    assert saved == [32]  # it matched the catalog: no rebuild
+    fresh = VectorIndex(grown.dim)
+    fresh.add(vec["ids"], vec["embedding"])
+    for k in (1, 5, 32):
+        d1, i1 = grown.search(vec["embedding"], k)
+        d2, i2 = fresh.search(vec["embedding"], k)
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+
+def test_run_killed_before_the_index_save(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A run killed after its last scene commit leaves an index file without its scenes; the next run
+    rebuilds it from the vectors before adding to it, so catalog, vectors and index hold the same tiles."""
+    from geoir.index.vectors import VectorIndex
+
+    scenes = [make_geotiff(f"s{i}.tif", seed=30 + i) for i in range(4)]
+    index = tmp_path / "idx"
+    invoke("tile", str(scenes[0]), "--index", str(index), *TILE_MODEL)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Bundle, "flush_indexes", lambda self: None)  # as if SIGKILLed before the save
+        invoke("tile", str(scenes[1]), str(scenes[2]), "--index", str(index), *TILE_MODEL)
+    assert len(VectorIndex.load(index / "float.faiss")) == 4 and Bundle.open(index).n_tiles() == 12
+    invoke("tile", str(scenes[3]), "--index", str(index), *TILE_MODEL)
+    bundle = Bundle.open(index)
+    tiles = bundle.tiles()
+    on_disk = VectorIndex.load(index / "float.faiss")
+    assert len(tiles) == 16 and sorted(on_disk.ids().tolist()) == sorted(tiles.tile_id.tolist())
+    assert sorted(bundle.vectors()["ids"].tolist()) == sorted(tiles.tile_id.tolist())
+    # A search after a killed run rebuilds the file too (and finds every tile).
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Bundle, "flush_indexes", lambda self: None)
+        invoke("tile", str(make_geotiff("s4.tif", seed=40)), "--index", str(index), *TILE_MODEL)
+    assert len(VectorIndex.load(index / "float.faiss")) == 16
+    assert len(Bundle.open(index).indexes()["float"]) == 20 == len(VectorIndex.load(index / "float.faiss"))
+
+
 @needs_shared_data("scenes")
 def test_real_scene_crop_finds_its_place(tmp_path: Path) -> None:
     """Lite0 end to end: a crop off the tile grid, as a plain PNG, finds the tile it came from."""

@@ -141,3 +141,98 @@ def test_expand_inputs(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.jp2")])
     with pytest.raises(SceneError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.tif")])
+
+
+def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    import geoir.io.scene as scene_module
+    from geoir.io.scene import BLOCK_CACHE_MARGIN, block_cache_bytes, fit_block_cache
+
+    path = make_geotiff(shape=(3, 1024, 1000))  # 256 px blocks: 4 across
+    with rasterio.open(path) as src:
+        # A 256 px row of tiles may straddle two rows of blocks; 3 bytes a pixel.
+        assert block_cache_bytes(src, 256) == 4 * 2 * 256 * 256 * 3
+        assert block_cache_bytes(src, 300, mask=True) == 4 * 3 * 256 * 256 * 4
+        before = get_gdal_config("GDAL_CACHEMAX")
+        try:
+            monkeypatch.setattr(scene_module, "_cache_ceiling", None)
+            monkeypatch.setattr(scene_module, "_cache_set", 0)
+            monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+            fit_block_cache(src, 256)  # the library leaves GDAL's own setting alone
+            assert get_gdal_config("GDAL_CACHEMAX") == before
+            monkeypatch.setenv("GDAL_CACHEMAX", "64")
+            set_gdal_config("GDAL_CACHEMAX", 64 << 20)
+            fit_block_cache(src, 512)
+            wide = block_cache_bytes(src, 512) + BLOCK_CACHE_MARGIN
+            assert get_gdal_config("GDAL_CACHEMAX") == wide < 64 << 20
+            fit_block_cache(src, 256)  # a scene that needs less does not shrink it under another reader
+            assert get_gdal_config("GDAL_CACHEMAX") == wide
+            fit_block_cache(src, 256 * 100)  # never above the ceiling seen first
+            assert get_gdal_config("GDAL_CACHEMAX") == 64 << 20
+        finally:
+            set_gdal_config("GDAL_CACHEMAX", before)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dtype": "uint8"},
+        {"dtype": "uint16", "nodata": 0, "nodata_block": True},
+        {"dtype": "float32"},
+        {"dtype": "uint8", "mask_block": True},
+        {"dtype": "uint8", "shape": (3, 100, 150)},  # padded, boundless read
+        {"dtype": "uint8", "nodata": 0, "override": 3},  # rasterio's fill rewrites pixels of valid tiles
+    ],
+)
+def test_read_into_a_batch_slot_gives_the_same_tile(make_geotiff: MakeGeoTiff, kwargs: dict) -> None:
+    from geoir.encoding.batches import iter_batches
+    from geoir.tiling.grid import TilingParams
+    from geoir.tiling.tiler import TileSource
+
+    kwargs = dict(kwargs)
+    override = kwargs.pop("override", None)
+    path = make_geotiff(**kwargs)
+    if override is not None:
+        # Zeros in one band only: the file's nodata masks them, the --nodata override does not.
+        with rasterio.open(path, "r+") as dst:
+            band = dst.read(1)
+            band[::7, ::5] = 0
+            dst.write(band, 1)
+    scene = open_scene(path, nodata=override)
+    source = TileSource(scene, TilingParams(size=128, stride=100, max_nodata=1.0))
+    reads = [source.read(i) for i in range(len(source))]
+    out = np.full((3, 128, 128), 7, np.uint8)
+    for i, r in enumerate(reads):
+        again = source.read(i, out=out)
+        assert again.rgb is out and np.array_equal(out, r.rgb)
+        assert np.array_equal(again.valid, r.valid) and again.nodata_fraction == r.nodata_fraction
+    batches = list(iter_batches(source, batch_size=3))
+    assert np.array_equal(np.concatenate([b.rgb for b in batches]), np.stack([r.rgb for r in reads]))
+    assert np.concatenate([b.nodata_fraction for b in batches]).tolist() == [r.nodata_fraction for r in reads]
+    assert np.concatenate([b.indexes for b in batches]).tolist() == list(range(len(source)))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int8"])
+def test_histogram_percentiles_equal_numpy(dtype: str) -> None:
+    # The statistics of small-integer scenes come from a histogram; they must be numpy's figures, bit for bit.
+    from geoir.io.scene import _int_percentiles
+
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    for trial in range(600):
+        n = int(rng.integers(1, 4000))
+        kind = trial % 4
+        if kind == 0:
+            x = rng.integers(info.min, int(info.max) + 1, n)
+        elif kind == 1:
+            x = rng.integers(0, 5, n)  # nearly all ties
+        elif kind == 2:
+            x = np.clip(rng.normal(100, 40, n), info.min, info.max)
+        else:
+            x = np.full(n, rng.integers(info.min, int(info.max) + 1))
+        x = x.astype(dtype)
+        q = (2.0, 98.0) if trial % 3 else tuple(sorted(rng.uniform(0, 100, 2).tolist()))
+        want = np.percentile(x.astype(np.float32), q)
+        got = _int_percentiles(x, q)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (n, q, got, want)

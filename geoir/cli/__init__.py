@@ -18,7 +18,8 @@ import click
 from geoir import __version__
 from geoir.errors import GeoirError
 
-#: GDAL block cache for geoir commands, in MB (users can override with the GDAL_CACHEMAX variable).
+#: Ceiling of GDAL's block cache for geoir commands, in MB (users can set another with GDAL_CACHEMAX).
+#: Reading a scene lowers the cache to what a row of its tiles needs (:func:`geoir.io.scene.fit_block_cache`).
 GDAL_CACHE_MB = 256
 
 #: Built-in subcommands: name -> "module:attribute".
@@ -72,8 +73,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     $ geoir tile scene.tif                      # tile, encode and index into ./geoir-index
     $ geoir search query.png --out hits.gpkg    # top-k similar tiles as polygons for QGIS
     """
-    # GDAL's block cache defaults to 5% of RAM; tiles are read in row order, so a few block rows suffice
-    # and a bounded cache keeps memory flat whatever the scene size. Set before any GDAL call.
+    # GDAL's block cache defaults to 5% of RAM. Tiles are read in row order, so one or two rows of blocks
+    # suffice: this sets a ceiling before any GDAL call, and each scene's reader lowers the cache to what
+    # its block layout needs, so memory follows a scene's width, not its area.
     os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
     level = logging.INFO + 10 * (quiet - verbose)
     handler = logging.StreamHandler(sys.stderr)

@@ -64,8 +64,15 @@ def iter_batches(
         pin_memory: Put batches in page-locked memory, so a copy to the GPU runs asynchronously.
     """
     if workers <= 0:
+        size = source.params.size
         for start in range(0, len(source), batch_size):
-            yield _collate([_Indexed(source)[i] for i in range(start, min(start + batch_size, len(source)))])
+            stop = min(start + batch_size, len(source))
+            # Each tile is read straight into its slot of the batch: no per-tile array to stack afterwards.
+            rgb = np.empty((stop - start, 3, size, size), np.uint8)
+            frac = np.empty(stop - start, np.float64)
+            for j, i in enumerate(range(start, stop)):
+                frac[j] = source.read(i, out=rgb[j]).nodata_fraction
+            yield Batch(np.arange(start, stop, dtype=np.int64), rgb, frac)
         return
     import torch
     from torch.utils.data import DataLoader

@@ -42,4 +42,5 @@ def encode_bundle(
         bundle.add_to_indexes(all_ids, enc.embedding, enc.codes)
         total += len(all_ids)
         log.info("%s: %d tiles encoded", Path(scene.path).name, len(all_ids))
+    bundle.flush_indexes()
     return total

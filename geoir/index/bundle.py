@@ -14,9 +14,10 @@ Layout::
 Crash safety: a scene is committed by its row in the `scenes` layer, written *after* its tiles.
 Tiles whose scene has no row (a run killed mid-scene) are invisible to readers and deleted by the
 next writer, so an interrupted ``geoir tile`` leaves a valid bundle and a re-run resumes cleanly.
-A scene's vectors are written (temp file + rename) before its row; the FAISS indexes after it. An index
-whose ids disagree with the committed, encoded scenes (a crash between the two) is rebuilt from the
-vector files when the bundle is next opened.
+A scene's vectors are written (temp file + rename) before its row; the FAISS indexes after it. The
+index files are rewritten once per writing session (when the lock is released), not after every scene,
+since each write costs the whole index. An index whose ids disagree with the committed, encoded scenes
+(a run killed before that write) is rebuilt from the vector files when the bundle is next used.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class Bundle:
         self.manifest = manifest
         # FAISS indexes loaded by this process, so a run adding many scenes reads each file once.
         self._loaded: dict[str, VectorIndex] = {}
+        # Kinds whose loaded index holds vectors its file lacks (saved by flush_indexes).
+        self._unsaved: set[str] = set()
+        # Exact kinds: (ids, vectors) added by this run but not yet put into the FAISS index (_apply_pending).
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -177,7 +182,11 @@ class Bundle:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the bundle's write lock (advisory, released when the process dies)."""
+        """Hold the bundle's write lock (advisory, released when the process dies).
+
+        Index changes not yet saved (see :meth:`add_to_indexes`) are saved before the lock is released,
+        also when the block raised: what was committed until then stays searchable without a rebuild.
+        """
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -186,7 +195,14 @@ class Bundle:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise BundleError(f"{self.path} is being written by another geoir process; wait for it") from exc
                 raise
-            yield
+            try:
+                yield
+            except BaseException:
+                # The original error matters more; an index left unsaved is rebuilt on next use.
+                with contextlib.suppress(Exception):
+                    self.flush_indexes()
+                raise
+            self.flush_indexes()
         finally:
             os.close(fd)
 
@@ -348,14 +364,32 @@ class Bundle:
         tmp = self.path / ".catalog.tmp.gpkg"
         tmp.unlink(missing_ok=True)
         try:
-            # GeoPackage 1.2 rather than GDAL's newest: QGIS 3.22 and older GDALs read it without warnings.
-            pyogrio.write_dataframe(
-                tiles_df, tmp, layer="tiles", driver="GPKG", geometry_type="Polygon", dataset_options={"VERSION": "1.2"}
-            )
-            pyogrio.write_dataframe(scene_df, tmp, layer="scenes", driver="GPKG", geometry_type="Polygon")
+            # The temp file needs no per-transaction durability: it is written without a rollback journal or
+            # fsyncs (about 35 of them, each up to several ms on a busy disk), then synced once before the rename.
+            with _unsynced_sqlite_writes():
+                # GeoPackage 1.2 rather than GDAL's newest: QGIS 3.22 and older GDALs read it without warnings.
+                pyogrio.write_dataframe(
+                    tiles_df,
+                    tmp,
+                    layer="tiles",
+                    driver="GPKG",
+                    geometry_type="Polygon",
+                    promote_to_multi=False,  # given with the type, pyogrio skips inspecting every geometry
+                    dataset_options={"VERSION": "1.2"},
+                )
+                pyogrio.write_dataframe(
+                    scene_df, tmp, layer="scenes", driver="GPKG", geometry_type="Polygon", promote_to_multi=False
+                )
             with contextlib.closing(sqlite3.connect(tmp)) as con, con:
+                con.execute("PRAGMA synchronous = OFF")
+                con.execute("PRAGMA journal_mode = OFF")
                 con.execute("CREATE UNIQUE INDEX IF NOT EXISTS tiles_tile_id ON tiles(tile_id)")
                 con.execute("CREATE INDEX IF NOT EXISTS tiles_scene_id ON tiles(scene_id)")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.catalog_path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -464,15 +498,31 @@ class Bundle:
             if not path.exists():
                 return None
             self._loaded[kind] = VectorIndex.load(path)
+        self._apply_pending(kind)
         return self._loaded[kind]
+
+    def _apply_pending(self, kind: str) -> None:
+        parts = self._pending.pop(kind, None)
+        if parts:
+            self._loaded[kind].add(np.concatenate([i for i, _ in parts]), np.concatenate([x for _, x in parts]))
 
     def _save_index(self, kind: str, index: VectorIndex) -> None:
         index.save(self.index_path(kind))
         self._loaded[kind] = index
+        self._unsaved.discard(kind)
+
+    def flush_indexes(self) -> None:
+        """Save the indexes that :meth:`add_to_indexes` changed since they were last saved."""
+        for kind in sorted(self._unsaved):
+            self._apply_pending(kind)
+            self._save_index(kind, self._loaded[kind])
+
+    def _encoded_tiles(self) -> int:
+        return sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
 
     def indexes(self) -> dict[str, VectorIndex]:
         """The FAISS indexes, checked against the committed scenes and rebuilt when they disagree."""
-        expected = sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
+        expected = self._encoded_tiles()
         out: dict[str, VectorIndex] = {}
         for kind in self.index_kinds():
             index = self._index(kind)
@@ -484,6 +534,7 @@ class Bundle:
 
     def rebuild_index(self, kind: str) -> VectorIndex:
         """Rebuild one FAISS index from the vector files of the committed scenes and save it."""
+        self._pending.pop(kind, None)  # committed, so in the vector files
         index = self._new_index(kind)
         vec = self.vectors()
         if vec:
@@ -495,17 +546,45 @@ class Bundle:
         return index
 
     def add_to_indexes(self, ids: np.ndarray, embedding: np.ndarray, codes: np.ndarray | None) -> None:
-        """Append a committed scene's vectors to the FAISS indexes (exact kinds), or rebuild them."""
+        """Add a committed scene's vectors to the FAISS indexes (exact kinds), or rebuild them.
+
+        The index changes in memory only: its file is saved by :meth:`flush_indexes`, which :meth:`lock`
+        calls on release, so committing a scene costs in proportion to its own tiles, not to the whole
+        index (rewriting the file per scene made a run quadratic in its tiles; so did re-sorting a flat
+        index per scene, hence the batches below). The first call of a
+        process checks the saved index against the catalog and rebuilds it from the vector files if an
+        earlier run was killed before saving it.
+        """
         for kind in self.index_kinds():
-            index = self._index(kind) or self._new_index(kind)
+            first = kind not in self._loaded
+            index = self._index(kind) if first else self._loaded[kind]  # (not _index: it applies pending adds)
+            if first:
+                # The scene being added is already committed, with its vectors: the rest must be in the file.
+                before = self._encoded_tiles() - len(ids)
+                if (len(index) if index is not None else 0) != before:
+                    log.info("%s index of %s lacks committed scenes; rebuilding it from the vectors", kind, self.path)
+                    self.rebuild_index(kind)
+                    continue
+            if index is None:
+                index = self._new_index(kind)
             if not index.is_trained:
                 # Approximate kinds train on a sample of everything there is: rebuild from all vectors.
                 self.rebuild_index(kind)
                 continue
             data = codes if kind == "binary" else embedding
             assert data is not None
-            index.add(ids, data)
-            self._save_index(kind, index)
+            self._loaded[kind] = index
+            self._unsaved.add(kind)
+            if not index.exact:
+                index.add(ids, data)
+                continue
+            # A flat index keeps its storage in ascending-id order, so adding a scene's (hash-ordered) ids
+            # copies the whole index. Scenes are put in in batches that at least double it: each vector
+            # is copied a bounded number of times, and the result is the same as adding them one by one.
+            pending = self._pending.setdefault(kind, [])
+            pending.append((np.asarray(ids, np.int64), np.asarray(data)))
+            if sum(len(i) for i, _ in pending) >= len(index):
+                self._apply_pending(kind)
 
     def remove_scene(self, scene_id: str) -> int:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
@@ -527,6 +606,22 @@ class Bundle:
                 self._save_index(kind, index)
         self.vectors_path(scene_id).unlink(missing_ok=True)
         return n
+
+
+@contextlib.contextmanager
+def _unsynced_sqlite_writes() -> Iterator[None]:
+    """Let GDAL write SQLite files without fsyncs or rollback journal, for a file nobody else sees yet.
+
+    GDAL configuration options are process-wide; pyogrio bundles its own GDAL, so rasterio is unaffected.
+    The previous values are restored on exit.
+    """
+    options = {"OGR_SQLITE_SYNCHRONOUS": "OFF", "OGR_SQLITE_JOURNAL": "OFF"}
+    before = {k: pyogrio.get_gdal_config_option(k) for k in options}
+    pyogrio.set_gdal_config_options(options)
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options(before)
 
 
 def tile_footprint_native(

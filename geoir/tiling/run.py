@@ -66,7 +66,8 @@ def tile_scenes(
     """Tile scenes into ``bundle`` (which the caller has locked), encoding them when a model is given.
 
     Scenes already in the bundle are skipped. Each scene is committed on its own (vectors, then tiles,
-    then the scene row, then the FAISS indexes), so an interrupted run keeps every finished scene.
+    then the scene row, then the in-memory FAISS indexes), so an interrupted run keeps every finished
+    scene; the index files are saved once, at the end (a killed run's are rebuilt from the vectors).
 
     Args:
         bundle: An open bundle; its tiling parameters apply.
@@ -106,6 +107,7 @@ def tile_scenes(
         idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=chips)
         commit_scene(bundle, source, idx, fracs, enc, report)
         have.add(scene.id)
+    bundle.flush_indexes()
     return report
 
 

