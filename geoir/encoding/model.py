@@ -153,7 +153,10 @@ class Model:
                 codes,
             )
         codes = np.concatenate([p.codes for p in parts]) if parts[0].codes is not None else None  # type: ignore[misc]
-        return Encoded(np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes)
+        u = np.concatenate([p.u for p in parts]) if parts[0].u is not None else None  # type: ignore[misc]
+        return Encoded(
+            np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes, u
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
