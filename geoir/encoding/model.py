@@ -79,6 +79,9 @@ class Model:
     def embedding_dim(self) -> int:
         if self.head_config is None or self.kind in ("hash", "plain"):
             return self.backbone.num_features
+        dim = getattr(self.head, "embedding_dim", None)
+        if isinstance(dim, int):
+            return dim
         return int(self.head_config.get("out_dim") or self.head_config.get("embed_dim") or self.backbone.num_features)
 
     @property

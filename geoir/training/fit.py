@@ -236,6 +236,9 @@ def train_srl(
     val_split: Literal["stratified", "classes"] = "stratified",
     views: np.ndarray | None = None,
     patience: int | None = None,
+    retain_dim: int = 0,
+    retain_angle: float | None = None,
+    retain_tolerance: float = 0.02,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -271,12 +274,19 @@ def train_srl(
         views: Optional V x N x D features of augmented copies (e.g. flips and 90° rotations) of the same
             images; each training draw uses one view at random. Validation uses ``features`` only.
         patience: Stop after this many epochs without a validation improvement (None: never).
+        retain_dim: With ``> 0``, append the backbone's own geometry (its top ``retain_dim`` principal axes)
+            to the trained embedding (:meth:`SRLHead.set_retention`), so what the labels never named is
+            not forgotten. 0: the plain SRL embedding.
+        retain_angle: Weight of the retained part (radians). None: chosen on the validation split, as the
+            largest of :data:`RETAIN_ANGLES` whose validation mAP is within ``retain_tolerance`` of the
+            head without it (needs ``val_fraction > 0``; without validation the angle is 0.75).
+        retain_tolerance: Validation mAP the retained part may cost.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
     Returns:
         The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
-        ``best_val_mAP``, ``seconds``, ``config``).
+        ``best_val_mAP``, ``seconds``, ``config``; with retention ``retain_angle`` and ``retain_val_mAP``).
     """
     x, y = _check_inputs(features, labels)
     rng = _seed_all(seed)
@@ -338,12 +348,23 @@ def train_srl(
             break
     assert sel.state is not None
     head.load_state_dict(sel.state)
+    head.eval()
+    if retain_dim > 0:
+        angle, curve = _choose_retention(
+            head, x, y, fit_idx, val_idx, within, retain_dim, retain_angle, retain_tolerance
+        )
+        head.set_retention(x[fit_idx], angle, retain_dim)
+        hist.update(retain_angle=angle, retain_val_mAP=curve)
+        if log:
+            log(f"srl retention: angle {angle:.2f} rad ({retain_dim} axes); val mAP by angle {curve}")
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
         seconds=time.perf_counter() - t0,
         config={
             "dim": head.out_dim,
+            "retain_dim": retain_dim,
+            "retain_tolerance": retain_tolerance,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,
@@ -367,6 +388,39 @@ def train_srl(
         },
     )
     return head.eval(), hist
+
+
+#: Retention angles tried on the validation split (radians; 0 = the trained embedding alone).
+RETAIN_ANGLES = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)
+#: The angle used when there is no validation split to choose one.
+RETAIN_DEFAULT_ANGLE = 0.75
+
+
+def _choose_retention(
+    head: SRLHead,
+    x: np.ndarray,
+    y: np.ndarray,
+    fit_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    within: bool,
+    dim: int,
+    angle: float | None,
+    tolerance: float,
+) -> tuple[float, dict[str, float]]:
+    """The retention angle: given, or the largest whose validation mAP stays within ``tolerance`` of angle 0."""
+    if angle is not None:
+        return float(angle), {}
+    if val_idx is None:
+        return RETAIN_DEFAULT_ANGLE, {}
+    curve: dict[str, float] = {}
+    for a in RETAIN_ANGLES:
+        probe = copy.deepcopy(head)
+        if a > 0:
+            probe.set_retention(x[fit_idx], a, dim)
+        curve[f"{a:.2f}"] = _val_map(probe.embed, x, y, fit_idx, val_idx, "euclidean", within)
+    floor = curve[f"{RETAIN_ANGLES[0]:.2f}"] - tolerance
+    ok = [a for a in RETAIN_ANGLES if a > 0 and curve[f"{a:.2f}"] >= floor]
+    return (max(ok) if ok else RETAIN_ANGLES[1]), curve
 
 
 def _steps_per_epoch(y: np.ndarray, chunk: int, classes_per_batch: int | None) -> int:
