@@ -10,11 +10,15 @@ tile ids are content-derived and the vectors come from the same code on the same
 A worker that dies loses only its blocks in flight; the scheduler runs them again elsewhere
 (``retries`` covers tasks that fail for other reasons). Blocks return their results to the client
 rather than writing files, so the cluster needs no shared file system beyond read access to the scenes.
+
+On GPUs each worker process uses one GPU (see :func:`worker_device`), and a GPU worker runs several
+threads, so blocks are read concurrently (GDAL reads release the GIL) while another block is encoded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +38,46 @@ log = logging.getLogger("geoir")
 #: Tiles per task: large enough to amortise scheduling, small enough to spread a scene over workers.
 BLOCK_TILES = 256
 
+#: Most threads per GPU worker of ``--cluster local:N``. A GPU worker reads several blocks at once (GDAL
+#: reads release the GIL), but one process tops out near 1,100 tiles/s whatever its threads (8 threads beat
+#: 16 on an H200 host, docs/scaling.md); more worker processes per GPU, with fewer threads each, go further.
+GPU_WORKER_THREADS = 8
+
+#: Set in the environment of the workers of geoir's own LocalCluster (see :func:`worker_device`).
+LOCAL_CLUSTER_ENV = "GEOIR_LOCAL_CLUSTER"
+
 _MODELS: dict[str, Any] = {}
 
 
-def dask_client(scheduler: str | None = None, cluster: str | None = None):  # type: ignore[no-untyped-def]
+def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any):  # type: ignore[no-untyped-def]
+    """The ``distributed.LocalCluster`` of ``--cluster local:N``: N worker processes, named 0..N-1."""
+    from distributed import LocalCluster
+
+    env = {**kwargs.pop("env", {}), LOCAL_CLUSTER_ENV: "1"}
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=":0",
+        env=env,
+        **kwargs,
+    )
+
+
+def dask_client(scheduler: str | None = None, cluster: str | None = None, threads_per_worker: int = 1):  # type: ignore[no-untyped-def]
     """A ``distributed.Client`` for ``--scheduler tcp://HOST:PORT`` or ``--cluster local:N``.
+
+    Args:
+        scheduler: Address of an existing scheduler.
+        cluster: ``local:N``: start a LocalCluster of N worker processes.
+        threads_per_worker: Threads of each local worker (1 for CPU encoding; GPU workers want more,
+            :func:`gpu_worker_threads`).
 
     Raises:
         GeoirError: dask.distributed is not installed, or the option is malformed.
     """
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError as exc:
         raise GeoirError("distributed tiling needs Dask: pip install 'geoir[dist]'") from exc
     if scheduler:
@@ -53,8 +86,75 @@ def dask_client(scheduler: str | None = None, cluster: str | None = None):  # ty
     kind, _, n = cluster.partition(":")
     if kind != "local" or not n.isdigit() or int(n) < 1:
         raise GeoirError(f"--cluster {cluster!r}: use local:N with N >= 1 worker processes, e.g. local:4")
-    local = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=":0")
-    return Client(local)
+    return Client(local_cluster(int(n), threads_per_worker))
+
+
+def gpu_worker_threads(n_workers: int, cores: int | None = None) -> int:
+    """Threads for each of ``n_workers`` GPU worker processes on one host: its cores shared among them,
+    at most :data:`GPU_WORKER_THREADS` each (2 workers on 32 cores: 8 threads; 16 workers: 2)."""
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, min(GPU_WORKER_THREADS, cores // max(1, n_workers)))
+
+
+def worker_device(
+    device: str, worker_name: object, device_count: int, visible_devices: str | None = None, local: bool = False
+) -> str:
+    """The device one worker process runs the model on: one GPU per worker when ``device`` is cuda.
+
+    ``cpu`` and an explicit ``cuda:K`` are kept as given; ``auto`` means cuda when the worker sees a GPU.
+    For ``cuda``:
+
+    - worker i of a LocalCluster (named 0..N-1, as ``--cluster local:N`` names them) uses
+      ``cuda:(i mod device_count)``, so N workers on a host of N GPUs use one GPU each;
+    - a worker whose launcher set ``CUDA_VISIBLE_DEVICES`` for it (``CUDA_VISIBLE_DEVICES=2 dask worker
+      ...``, or dask-cuda, which lists each worker's own GPU first) uses ``cuda:0``, the first GPU listed.
+      Workers of geoir's own LocalCluster (``local``) inherit the user's ``CUDA_VISIBLE_DEVICES``, which
+      for them only limits the GPUs that take turns;
+    - any other worker (a name that is not a number) uses ``cuda:0``.
+
+    Args:
+        device: The device asked for (``--device``): ``auto``, ``cpu``, ``cuda`` or ``cuda:K``.
+        worker_name: ``distributed.get_worker().name`` (None outside a worker).
+        device_count: GPUs this process sees (``torch.cuda.device_count()``).
+        visible_devices: This process's ``CUDA_VISIBLE_DEVICES`` (None when unset).
+        local: The worker belongs to geoir's own LocalCluster.
+    """
+    name = device.strip().lower()
+    if name == "auto":
+        name = "cuda" if device_count > 0 else "cpu"
+    if name != "cuda" or device_count < 1:
+        return name  # cpu, cuda:K, or cuda on a worker with no GPU (loading says so)
+    if visible_devices is not None and not local:
+        return "cuda:0"
+    try:
+        i = int(str(worker_name))
+    except ValueError:
+        return "cuda:0"
+    return f"cuda:{i % device_count}"
+
+
+def this_worker_device(device: str) -> str:
+    """:func:`worker_device` for the process this runs in."""
+    name = None
+    try:
+        from distributed import Worker, get_worker
+
+        try:
+            name = get_worker().name
+        except ValueError:
+            # Outside a task (client.run): a worker process holds one Worker.
+            workers = list(Worker._instances)
+            name = workers[0].name if len(workers) == 1 else None
+    except ImportError:
+        pass
+    count = 0
+    if device.strip().lower() in ("auto", "cuda"):
+        import torch
+
+        count = torch.cuda.device_count()
+    return worker_device(
+        device, name, count, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get(LOCAL_CLUSTER_ENV) == "1"
+    )
 
 
 def spec_for(model, weights: str | None = None, device: str = "cpu") -> ModelSpec:  # type: ignore[no-untyped-def]
@@ -78,7 +178,8 @@ class ModelSpec:
         if self.fingerprint not in _MODELS:
             from geoir.encoding.model import load_model
 
-            m = load_model(self.model, backbone=self.backbone, weights=self.weights, device=self.device)
+            device = this_worker_device(self.device)
+            m = load_model(self.model, backbone=self.backbone, weights=self.weights, device=device)
             if m.fingerprint != self.fingerprint:
                 raise GeoirError(
                     f"worker loaded model {m.fingerprint[:12]}, client {self.fingerprint[:12]}; "
@@ -136,8 +237,12 @@ def tile_scenes_distributed(
     progress: ProgressFactory | None = None,
     block_tiles: int = BLOCK_TILES,
     retries: int = 3,
+    batch_size: int = 64,
 ) -> TileReport:
-    """Like :func:`geoir.tiling.run.tile_scenes`, with blocks of tiles encoded on a Dask cluster."""
+    """Like :func:`geoir.tiling.run.tile_scenes`, with blocks of tiles encoded on a Dask cluster.
+
+    ``batch_size`` is the number of tiles a worker encodes at once (at most ``block_tiles``).
+    """
     from distributed import as_completed
 
     report = TileReport()
@@ -166,6 +271,7 @@ def tile_scenes_distributed(
                 start,
                 stop,
                 spec,
+                batch_size,
                 retries=retries,
                 pure=False,
                 key=f"geoir-{scene.id}-{start}-{stop}",

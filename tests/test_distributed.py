@@ -14,7 +14,15 @@ pytest.importorskip("distributed", reason="dask.distributed not installed (pip i
 
 from distributed import Client, LocalCluster
 
-from geoir.distributed import ModelSpec, spec_for, tile_scenes_distributed
+from geoir.distributed import (
+    ModelSpec,
+    gpu_worker_threads,
+    local_cluster,
+    spec_for,
+    this_worker_device,
+    tile_scenes_distributed,
+    worker_device,
+)
 from geoir.encoding.model import load_model
 from geoir.index.bundle import Bundle
 from geoir.io.scene import open_scene
@@ -135,3 +143,57 @@ def test_cli_cluster_option(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert Bundle.open(index).n_tiles() == 4 and len(Bundle.open(index).indexes()["float"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("device", "name", "count", "visible", "local", "expected"),
+    [
+        ("cpu", 3, 2, None, False, "cpu"),
+        ("cuda:1", 0, 2, None, False, "cuda:1"),  # an explicit GPU is kept
+        ("auto", 1, 0, None, False, "cpu"),  # auto without a GPU
+        ("auto", 1, 2, None, False, "cuda:1"),
+        ("cuda", 0, 2, None, False, "cuda:0"),  # LocalCluster worker i -> cuda:(i mod GPUs)
+        ("cuda", 1, 2, None, False, "cuda:1"),
+        ("cuda", 5, 2, None, False, "cuda:1"),  # several workers per GPU take them in turn
+        ("CUDA", "3", 4, None, False, "cuda:3"),
+        ("cuda", "tcp://10.0.0.5:4000", 2, None, False, "cuda:0"),  # not a LocalCluster name
+        ("cuda", None, 2, None, False, "cuda:0"),  # not on a worker
+        ("cuda", 1, 1, "2", False, "cuda:0"),  # CUDA_VISIBLE_DEVICES=2 dask worker: its one GPU
+        ("cuda", 1, 4, "1,2,3,0", False, "cuda:0"),  # dask-cuda lists the worker's own GPU first
+        ("cuda", 1, 2, "2,3", True, "cuda:1"),  # geoir's cluster: the user's GPUs 2,3 in turn
+        ("cuda", 2, 0, None, False, "cuda"),  # no GPU visible: loading says so
+    ],
+)
+def test_worker_device(device, name, count, visible, local, expected) -> None:  # type: ignore[no-untyped-def]
+    assert worker_device(device, name, count, visible, local) == expected
+
+
+def test_gpu_worker_threads() -> None:
+    assert gpu_worker_threads(2, cores=32) == 8  # capped
+    assert gpu_worker_threads(16, cores=32) == 2
+    assert gpu_worker_threads(8, cores=4) == 1
+    assert gpu_worker_threads(1, cores=2) == 2
+
+
+def _device_with_gpus(device: str, count: int) -> str:
+    """this_worker_device on a worker that pretends to see ``count`` GPUs (CI has none)."""
+    import torch
+
+    real = torch.cuda.device_count
+    torch.cuda.device_count = lambda: count  # type: ignore[assignment]
+    try:
+        return this_worker_device(device)
+    finally:
+        torch.cuda.device_count = real  # type: ignore[assignment]
+
+
+def test_local_cluster_gives_each_worker_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # geoir's own LocalCluster passes the user's CUDA_VISIBLE_DEVICES on and still spreads its workers.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with local_cluster(3) as cluster, Client(cluster) as c:
+        # Out of band (client.run) and inside tasks, each worker finds its own name.
+        assert sorted(c.run(_device_with_gpus, "cuda", 2).values()) == ["cuda:0", "cuda:0", "cuda:1"]
+        workers = sorted(c.scheduler_info()["workers"])
+        futs = [c.submit(_device_with_gpus, "cuda", 2, workers=[w], pure=False) for w in workers]
+        assert sorted(f.result() for f in futs) == ["cuda:0", "cuda:0", "cuda:1"]
+        assert set(c.run(_device_with_gpus, "cpu", 2).values()) == {"cpu"}

@@ -78,7 +78,13 @@ from geoir.cli.options import (
     metavar="tcp://HOST:PORT",
     help="Tile and encode on this Dask distributed scheduler (pip install 'geoir[dist]').",
 )
-@click.option("--cluster", default=None, metavar="local:N", help="Start a local Dask cluster of N worker processes.")
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="local:N",
+    help="Start a local Dask cluster of N worker processes. With --device cuda the workers take the GPUs in "
+    "turn; several workers per GPU feed it better than one.",
+)
 @click.pass_context
 def tile(
     ctx: click.Context,
@@ -158,7 +164,10 @@ def tile(
         Bundle.check_new_location(index)
     encoder = None
     if not no_encode:
-        encoder = resolve_model(model, backbone, weights, download, device, existing.model if existing else None)
+        # On a cluster the workers encode (each on its own GPU with --device cuda); the client's copy of the
+        # model only describes it and merges vectors, so it stays on the CPU.
+        client_device = "cpu" if (scheduler or cluster) else device
+        encoder = resolve_model(model, backbone, weights, download, client_device, existing.model if existing else None)
         if existing is not None:
             existing.check_model(encoder.fingerprint, encoder.meta.get("name"))
     kinds = parse_index_kinds(index_kinds)
@@ -168,12 +177,22 @@ def tile(
     elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
         raise click.UsageError(f"{index} already uses index kinds {bundle.manifest.get('index')}; drop --index-kind")
     if scheduler or cluster:
-        from geoir.distributed import dask_client, spec_for, tile_scenes_distributed
+        from geoir.distributed import dask_client, gpu_worker_threads, spec_for, tile_scenes_distributed
 
         spec = spec_for(encoder, weights, device) if encoder is not None else None
-        with dask_client(scheduler, cluster) as client, bundle.lock():
+        # A CPU worker encodes with its one thread; a GPU worker reads blocks in several threads.
+        threads = 1
+        if cluster is not None and encoder is not None and wants_gpu(device):
+            threads = gpu_worker_threads(int(cluster.partition(":")[2]))
+        with dask_client(scheduler, cluster, threads_per_worker=threads) as client, bundle.lock():
             report = tile_scenes_distributed(
-                bundle, prepared, client, model=encoder, spec=spec, progress=tqdm_progress(progress_enabled(ctx))
+                bundle,
+                prepared,
+                client,
+                model=encoder,
+                spec=spec,
+                progress=tqdm_progress(progress_enabled(ctx)),
+                batch_size=batch_size,
             )
     else:
         with bundle.lock():
@@ -194,6 +213,15 @@ def tile(
         report.tiles_added,
         bundle.manifest["counts"]["tiles"],
     )
+
+
+def wants_gpu(device: str) -> bool:
+    """Whether ``--device`` means the GPU on this host (``auto`` with a GPU visible)."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def parse_index_kinds(values: tuple[str, ...]) -> dict[str, str]:
