@@ -188,7 +188,8 @@ def main() -> None:
             "brightness/contrast change; NAIP indexed at 2009-08-18 and queried from the other five dates at the",
             "same place. Found = a returned tile footprint with IoU >= 0.3 with the crop, or containing its",
             "centre. chance@10 = recall@10 of ten tiles drawn at random from the same index (all scenes, one",
-            "bundle), the floor a search must beat. Targets: shifted crops recall@10 >= 0.95; other-date >= 0.8.",
+            "bundle), the floor a search must beat. Searches use geoir's defaults: each query is matched in its",
+            "four quarter turns. Targets: shifted crops recall@10 >= 0.95; other-date >= 0.8.",
             "",
             table(rows, cols),
         ]

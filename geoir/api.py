@@ -67,6 +67,7 @@ def search(
     negatives: Sequence[PathLike | np.ndarray | int] = (),
     bbox: tuple[float, float, float, float] | None = None,
     include_query_overlap: bool = False,
+    rotations: bool = True,
 ) -> Hits:
     """The ``k`` tiles most like the query (``geoir search``).
 
@@ -78,6 +79,7 @@ def search(
         negatives: Examples the results should move away from.
         bbox: Only tiles intersecting ``(west, south, east, north)`` in degrees.
         include_query_overlap: Keep tiles overlapping a georeferenced query.
+        rotations: Match image queries in any of their four quarter turns (False: only as given).
 
     Returns:
         :class:`~geoir.retrieval.engine.Hits` with GeoDataFrames ``hits`` and ``query`` (EPSG:4326).
@@ -85,7 +87,7 @@ def search(
     bundle = Bundle.open(index)
     if not isinstance(model, Model):
         model = model_for_bundle(bundle.model, model)
-    searcher = Searcher(bundle, model)
+    searcher = Searcher(bundle, model, rotations=rotations)
     parts = QueryParts()
     items = [query] if isinstance(query, str | os.PathLike | np.ndarray | int) else list(query)
     for negative, group in ((False, items), (True, list(negatives))):

@@ -255,6 +255,39 @@ def test_image_query_and_output_formats(bundle2: Path, tmp_path: Path, make_geot
     )
 
 
+def test_rotated_query_finds_its_tile(bundle2: Path, tmp_path: Path) -> None:
+    """A tile's pixels turned by 90 degrees find that tile at distance ~0 (best of the query's four turns);
+    with --no-rotations the same query is matched only as given, at a clearly larger distance."""
+    bundle = Bundle.open(bundle2)
+    rec = next(r for r in bundle.scene_records() if r["path"].endswith("a.tif"))
+    tiles = bundle.tiles()
+    tile = tiles[(tiles.scene_id == rec["id"]) & (tiles.col_off == 256) & (tiles.row_off == 256)].iloc[0]
+    with rasterio.open(rec["path"]) as src:
+        pixels = src.read(window=Window(256, 256, 256, 256))
+    png = tmp_path / "turned.png"
+    Image.fromarray(np.ascontiguousarray(np.moveaxis(np.rot90(pixels, 1, axes=(1, 2)), 0, -1))).save(png)
+    turned, plain = tmp_path / "turned.gpkg", tmp_path / "plain.gpkg"
+    invoke("search", str(png), "--index", str(bundle2), "--out", str(turned), "-k", "13", *TEST_MODEL)
+    invoke("search", str(png), "--index", str(bundle2), "--out", str(plain), "-k", "13", "--no-rotations", *TEST_MODEL)
+    a, b = gpd.read_file(turned, layer="hits"), gpd.read_file(plain, layer="hits")
+    assert a.tile_id[0] == tile.tile_id and a["distance"][0] == pytest.approx(0, abs=1e-3)
+    assert len(set(a.tile_id)) == len(a) == 13 and (np.diff(a["distance"]) >= 0).all()
+    d_plain = float(b.loc[b.tile_id == tile.tile_id, "distance"].iloc[0])
+    assert d_plain > 0.05
+    # Each tile's distance with rotations is its best over the turns, so never above the plain one.
+    merged = a.merge(b, on="tile_id", suffixes=("_rot", "_plain"))
+    assert len(merged) == 13 and (merged["distance_rot"] <= merged["distance_plain"] + 1e-5).all()
+
+
+def test_best_over_turns_keeps_each_tile_once() -> None:
+    from geoir.retrieval.engine import _best_over_turns
+
+    dist = np.array([[0.5, 0.7, 0.9], [0.2, 0.5, np.inf]], dtype=np.float32)
+    ids = np.array([[3, 1, 2], [1, 4, -1]])
+    d, i = _best_over_turns(dist, ids)
+    assert i.tolist() == [1, 3, 4, 2] and d.tolist() == pytest.approx([0.2, 0.5, 0.5, 0.9])
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

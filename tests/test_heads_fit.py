@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from geoir.errors import DatasetError, ModelError
 from geoir.training.fit import (
+    RETAIN_ANGLES,
+    RETAIN_DEFAULT_ANGLE,
     balanced_chunks,
     class_holdout,
     dgssh_batches,
@@ -162,6 +164,78 @@ def test_combined_from_heads() -> None:
     np.testing.assert_array_equal(c.packed_codes(x), h.packed_codes(x))
     with pytest.raises(ModelError, match="same backbone"):
         CombinedHead.from_heads(SRLHead(8), h)
+
+
+def test_retention_appends_the_backbone_principal_axes() -> None:
+    x, _ = _clusters(per_class=40)
+    head = SRLHead(16, 8).init_pca_whitening(x)
+    plain = head.embed(x)
+    head.set_retention(x, 0.6, 5)
+    emb = head.embed(x)
+    assert emb.shape == (len(x), 13) and head.embedding_dim == 13
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb[:, :8], np.cos(0.6) * plain, atol=1e-6)
+    # The retained part: normalised features, centred on their mean, on the top principal axes, normalised.
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    zc = z - z.mean(0)
+    r = zc @ np.linalg.svd(zc, full_matrices=False)[2][:5].T
+    np.testing.assert_allclose(emb[:, 8:], np.sin(0.6) * r / np.linalg.norm(r, axis=1, keepdims=True), atol=1e-5)
+    # Its ranking among the features equals the backbone's own in those axes (angle -> pi/2 leaves only it).
+    head.set_retention(x, np.pi / 2, 5)
+    np.testing.assert_allclose(head.embed(x)[:, 8:], r / np.linalg.norm(r, axis=1, keepdims=True), atol=1e-5)
+    with pytest.raises(ModelError, match="angle"):
+        head.set_retention(x, 0.0, 5)
+
+
+@pytest.mark.parametrize("cls", ["srl", "combined"])
+def test_retention_round_trips_and_old_heads_still_load(cls: str) -> None:
+    x, _ = _clusters(per_class=40)
+    head = SRLHead(16) if cls == "srl" else CombinedHead(16, None, 16, 5)
+    old_cfg, old_state = head.config(), head.state_dict()
+    (head if cls == "srl" else head.srl).set_retention(x, 0.5, 6)
+    cfg = json.loads(json.dumps(head.config()))
+    assert cfg["retain"] == 0.5 and cfg["retain_dim"] == 6 and head.embedding_dim == 22
+    again = head_from_config(cfg, head.state_dict())
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        a, b = head.eval()(xt), again(xt)
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+        assert torch.equal(u, v)
+    # A head saved before retention existed (no retain keys, no buffers) loads strictly, unchanged.
+    old = head_from_config(old_cfg, old_state)
+    assert "retain" not in old.config() and old.embedding_dim == 16
+
+
+def test_train_srl_chooses_retention_on_validation() -> None:
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    kw = {"epochs": 6, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
+    head, hist = train_srl(x, y, **kw)
+    curve = hist["retain_val_mAP"]
+    assert [float(a) for a in curve] == list(RETAIN_ANGLES)
+    assert all(0 < v["seen"] <= 1 and 0 < v["unseen"] <= 1 for v in curve.values())
+    # The angle with the best mean of the probe's seen and held-out-class validation mAPs (never 0).
+    means = {float(a): (v["seen"] + v["unseen"]) / 2 for a, v in curve.items()}
+    best = max(means, key=lambda a: (means[a], -a))
+    angle = hist["retain_angle"]
+    assert angle == (best if best > 0 else RETAIN_ANGLES[1])
+    assert head.retain == angle and head.embedding_dim == 16 + 8
+    fixed, h2 = train_srl(x, y, **{**kw, "retain_angle": 0.3})
+    assert fixed.retain == 0.3 and h2["retain_angle"] == 0.3 and h2["retain_val_mAP"] == {}
+    off, h3 = train_srl(x, y, **{**kw, "retain_dim": 0})
+    assert off.retain == 0 and "retain_angle" not in h3
+    # Retention is added after training: the trained part is the head without it, scaled by cos(angle).
+    np.testing.assert_allclose(head.embed(x)[:, :16], np.cos(angle) * off.embed(x), atol=1e-6)
+    nv, h4 = train_srl(x, y, **{**kw, "val_fraction": 0.0})
+    assert h4["retain_angle"] == RETAIN_DEFAULT_ANGLE == nv.retain
+
+
+def test_recipe_records_retention_and_reads_old_records() -> None:
+    from geoir.training.recipes import Recipe
+
+    assert Recipe().retain_dim == 256 and Recipe.from_dict(Recipe(retain_dim=64).to_dict()).retain_dim == 64
+    assert Recipe.from_dict({"method": "srl", "bits": 64, "dim": None, "epochs": 3, "seed": 0}).retain_dim == 0
+    with pytest.raises(DatasetError, match="retain-dim"):
+        Recipe(retain_dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -55,6 +55,12 @@ log = logging.getLogger("geoir")
 @click.option(
     "--include-query-overlap", is_flag=True, help="Keep tiles that overlap a georeferenced query (left out by default)."
 )
+@click.option(
+    "--rotations/--no-rotations",
+    default=True,
+    show_default=True,
+    help="Match image queries in any of their four quarter turns (--no-rotations: only as given).",
+)
 @overwrite_option
 @model_options
 def search(
@@ -70,6 +76,7 @@ def search(
     aoi: Path | None,
     scenes: tuple[str, ...],
     include_query_overlap: bool,
+    rotations: bool,
     overwrite: bool,
     model: str | None,
     backbone: str | None,
@@ -82,7 +89,8 @@ def search(
     QUERY is an image file (PNG, JPEG, GeoTIFF of any size) or tile:ID. Several queries (and --point,
     --examples) are averaged; --negative examples push the results away. Writes the layers `hits`
     (tile footprints with rank, score, distance), `hits_merged` (overlapping hits dissolved into
-    regions) and `query` (where the query is georeferenced), styled for QGIS.
+    regions) and `query` (where the query is georeferenced), styled for QGIS. Image queries match tiles in
+    any of their four quarter turns unless --no-rotations is given.
 
     \b
     Examples:
@@ -101,7 +109,7 @@ def search(
     refuse_existing(out, overwrite)
     bundle = Bundle.open(index_dir)
     encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
-    searcher = Searcher(bundle, encoder)
+    searcher = Searcher(bundle, encoder, rotations=rotations)
     parts = QueryParts()
     for q, negative in [(q, False) for q in queries] + [(q, True) for q in negatives]:
         if q.startswith("tile:"):

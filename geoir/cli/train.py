@@ -61,6 +61,14 @@ def _features(
 )
 @click.option("--dim", type=click.IntRange(min=8), default=None, help="SRL embedding size [default: backbone's].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs [default: the method's].")
+@click.option(
+    "--retain-dim",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="srl/combined: backbone principal axes kept beside the trained embedding (0: off); "
+    "their weight is chosen on the validation split.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits and the training.")
 @click.option(
     "--test-fraction",
@@ -84,6 +92,7 @@ def train(
     bits: str,
     dim: int | None,
     epochs: int | None,
+    retain_dim: int,
     seed: int,
     test_fraction: float,
     index_dir: str | None,
@@ -118,7 +127,7 @@ def train(
     if model is not None:
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
     refuse_existing(out, overwrite)
-    recipe = Recipe(method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed)
+    recipe = Recipe(method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed, retain_dim=retain_dim)
     bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers)
     if test_fraction > 0:
         split = stratified_split(data.labels, 1 - test_fraction, seed)

@@ -79,6 +79,9 @@ class Model:
     def embedding_dim(self) -> int:
         if self.head_config is None or self.kind in ("hash", "plain"):
             return self.backbone.num_features
+        dim = getattr(self.head, "embedding_dim", None)
+        if isinstance(dim, int):
+            return dim
         return int(self.head_config.get("out_dim") or self.head_config.get("embed_dim") or self.backbone.num_features)
 
     @property
@@ -153,7 +156,10 @@ class Model:
                 codes,
             )
         codes = np.concatenate([p.codes for p in parts]) if parts[0].codes is not None else None  # type: ignore[misc]
-        return Encoded(np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes)
+        u = np.concatenate([p.u for p in parts]) if parts[0].u is not None else None  # type: ignore[misc]
+        return Encoded(
+            np.concatenate([p.features for p in parts]), np.concatenate([p.embedding for p in parts]), codes, u
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -3,6 +3,11 @@
 Query kinds: image files, existing tile ids, lon/lat points (the tiles under them), and example
 geometries (the tiles they cover), each positive or negative. Positives are averaged; negatives push
 the query away from them (Rocchio-style: ``q = mean(pos) - beta * mean(neg)``).
+
+Overhead imagery has no fixed "up": a field or a roof seen turned by 90 degrees is the same place. With
+``rotations`` (the default), an image query is encoded in its four quarter turns, the combined query is
+searched once per turn, and each tile keeps its best (smallest) distance over the turns. Tile queries
+(``tile:ID``, points, example geometries) use their stored vectors, the same in every turn.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ class QueryParts:
     geometries: list[tuple[shapely.Geometry, str, bool]] = field(default_factory=list)
     #: Tile ids the query itself is made of (left out of the hits unless asked otherwise).
     own_tiles: set[int] = field(default_factory=set)
+    #: Query turns: image parts hold one row per quarter turn (``rows = views``), tile parts one row per tile.
+    views: int = 1
+    #: Whether each positive / negative part is an image encoded in ``views`` turns (True) or tile rows.
+    positive_turned: list[bool] = field(default_factory=list)
+    negative_turned: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -59,14 +69,16 @@ class Searcher:
     Args:
         bundle: An open bundle with vectors.
         model: The model the bundle was built with (checked by fingerprint).
+        rotations: Match image queries in any of their four quarter turns (each tile keeps its best turn).
     """
 
-    def __init__(self, bundle: Bundle, model: Model):
+    def __init__(self, bundle: Bundle, model: Model, rotations: bool = True):
         if bundle.model is None or bundle.manifest["counts"]["tiles"] == 0:
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir tile SCENE --index {bundle.path}`")
         bundle.check_model(model.fingerprint, model.meta.get("name"))
         self.bundle = bundle
         self.model = model
+        self.rotations = rotations
         self.indexes = bundle.indexes()
         if not len(self.indexes["float"]):
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
@@ -90,11 +102,26 @@ class Searcher:
         footprint: shapely.Geometry | None = None,
     ) -> None:
         """Encode a uint8 RGB array ``(3, H, W)`` (already scaled to 0-255) as a query part."""
-        enc = self.model.encode_image(rgb)
-        (parts.negatives if negative else parts.positives).append(enc)
+        if self.rotations:
+            turns = (
+                np.stack([np.rot90(rgb, k, axes=(1, 2)) for k in range(4)]) if rgb.shape[1] == rgb.shape[2] else None
+            )
+            if turns is None:  # a non-square image: its quarter turns have another shape; encode one by one
+                enc = self.model.concat([self.model.encode_image(np.rot90(rgb, k, axes=(1, 2))) for k in range(4)])
+            else:
+                enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(turns)))
+            parts.views = 4
+        else:
+            enc = self.model.encode_image(rgb)
+        self._append(parts, enc, negative, turned=self.rotations)
         parts.labels.append(("-" if negative else "") + label)
         if footprint is not None:
             parts.geometries.append((footprint, label, negative))
+
+    @staticmethod
+    def _append(parts: QueryParts, enc: Encoded, negative: bool, turned: bool) -> None:
+        (parts.negatives if negative else parts.positives).append(enc)
+        (parts.negative_turned if negative else parts.positive_turned).append(turned)
 
     def _scene_scaling_for(self, footprint: shapely.Polygon, scene) -> Scaling | None:  # type: ignore[no-untyped-def]
         # A GeoTIFF cut from an indexed scene is scaled with that scene's statistics, like its tiles.
@@ -116,7 +143,7 @@ class Searcher:
         pos = {int(t): i for i, t in enumerate(vec["ids"])}
         feats = np.stack([vec["features"][pos[int(t)]] for t in ids]).astype(np.float32)
         enc = self.model.encode_features(torch.from_numpy(feats).to(self.model.backbone.device))
-        (parts.negatives if negative else parts.positives).append(enc)
+        self._append(parts, enc, negative, turned=False)
         parts.labels.append(("-" if negative else "") + label)
         for geom in tiles.geometry:
             parts.geometries.append((geom, label, negative))
@@ -221,26 +248,33 @@ class Searcher:
             )
         else:
             dist, ids = float_index.search(emb, fetch, allowed)
-        dist, ids = dist[0], ids[0]
+        dist, ids = _best_over_turns(dist, ids)
         keep = (ids >= 0) & ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
         dist, ids = dist[keep][:k], ids[keep][:k]
         scores = float_index.scores(dist)
         return Hits(self._hits_frame(ids, dist, scores, " + ".join(parts.labels)), _query_frame(parts))
 
     def _combine(self, parts: QueryParts) -> tuple[np.ndarray, np.ndarray | None]:
-        def mean(encs: list[Encoded], attr: str) -> np.ndarray:
-            rows = np.concatenate([getattr(e, attr) for e in encs])
-            return rows.mean(axis=0, keepdims=True)
+        """One query vector per turn: each turn averages the parts' vectors of that turn (``views`` rows)."""
 
-        emb = mean(parts.positives, "embedding")
+        def mean(encs: list[Encoded], turned: list[bool], attr: str) -> np.ndarray:
+            per_turn = []
+            for v in range(parts.views):
+                rows = [
+                    getattr(e, attr)[v : v + 1] if t else getattr(e, attr) for e, t in zip(encs, turned, strict=True)
+                ]
+                per_turn.append(np.concatenate(rows).mean(axis=0))
+            return np.stack(per_turn)
+
+        emb = mean(parts.positives, parts.positive_turned, "embedding")
         if parts.negatives:
-            emb = emb - NEGATIVE_WEIGHT * mean(parts.negatives, "embedding")
-        emb = emb / max(float(np.linalg.norm(emb)), 1e-12)
+            emb = emb - NEGATIVE_WEIGHT * mean(parts.negatives, parts.negative_turned, "embedding")
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         codes = None
         if parts.positives[0].u is not None:
-            u = mean(parts.positives, "u")
+            u = mean(parts.positives, parts.positive_turned, "u")
             if parts.negatives:
-                u = u - NEGATIVE_WEIGHT * mean(parts.negatives, "u")
+                u = u - NEGATIVE_WEIGHT * mean(parts.negatives, parts.negative_turned, "u")
             codes = pack_codes(u)
         return emb.astype(np.float32), codes
 
@@ -281,6 +315,18 @@ class Searcher:
             "geometry",
         ]
         return gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+
+
+def _best_over_turns(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-turn results ``(turns, k)``: each tile keeps its smallest distance; ordered by distance, then id."""
+    d, i = dist.ravel(), ids.ravel()
+    ok = i >= 0
+    d, i = d[ok], i[ok]
+    order = np.lexsort((i, d))
+    d, i = d[order], i[order]
+    _, first = np.unique(i, return_index=True)
+    first = np.sort(first)
+    return d[first], i[first]
 
 
 def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:

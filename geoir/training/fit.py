@@ -236,6 +236,9 @@ def train_srl(
     val_split: Literal["stratified", "classes"] = "stratified",
     views: np.ndarray | None = None,
     patience: int | None = None,
+    retain_dim: int = 0,
+    retain_angle: float | None = None,
+    retain_holdout: float = 0.25,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -271,12 +274,21 @@ def train_srl(
         views: Optional V x N x D features of augmented copies (e.g. flips and 90° rotations) of the same
             images; each training draw uses one view at random. Validation uses ``features`` only.
         patience: Stop after this many epochs without a validation improvement (None: never).
+        retain_dim: With ``> 0``, append the backbone's own geometry (its top ``retain_dim`` principal axes)
+            to the trained embedding (:meth:`SRLHead.set_retention`), so what the labels never named is
+            not forgotten. 0: the plain SRL embedding.
+        retain_angle: Weight of the retained part (radians). None: chosen by validation alone: a probe head
+            is trained without ``retain_holdout`` of the classes, and the angle of :data:`RETAIN_ANGLES` with
+            the best mean of its two validation mAPs (held-out images of its classes; the held-out classes
+            among themselves) is kept, so the choice weighs the labels against what they never named.
+            Without validation (``val_fraction == 0``) the angle is :data:`RETAIN_DEFAULT_ANGLE`.
+        retain_holdout: Fraction of the classes the probe head never sees.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
     Returns:
         The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
-        ``best_val_mAP``, ``seconds``, ``config``).
+        ``best_val_mAP``, ``seconds``, ``config``; with retention ``retain_angle`` and ``retain_val_mAP``).
     """
     x, y = _check_inputs(features, labels)
     rng = _seed_all(seed)
@@ -338,12 +350,43 @@ def train_srl(
             break
     assert sel.state is not None
     head.load_state_dict(sel.state)
+    head.eval()
+    if retain_dim > 0:
+        angle: float | None = retain_angle
+        curve: dict[str, Any] = {}
+        if angle is None and val_idx is None:
+            angle = RETAIN_DEFAULT_ANGLE
+        elif angle is None:
+            probe_kw = dict(
+                dim=dim,
+                center=center,
+                loss=loss,
+                mode=mode,
+                queries_per_class=queries_per_class,
+                classes_per_batch=classes_per_batch,
+                per_class=per_class,
+                epochs=epochs,
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_epochs=warmup_epochs,
+                final_lr_fraction=final_lr_fraction,
+                val_fraction=val_fraction,
+                patience=patience,
+                seed=seed,
+            )
+            angle, curve = _choose_retention(x, y, views, retain_dim, retain_holdout, probe_kw)
+        head.set_retention(x[fit_idx], angle, retain_dim)
+        hist.update(retain_angle=angle, retain_val_mAP=curve)
+        if log:
+            log(f"srl retention: angle {angle:.2f} rad ({retain_dim} axes); val mAP by angle {curve}")
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
         seconds=time.perf_counter() - t0,
         config={
             "dim": head.out_dim,
+            "retain_dim": retain_dim,
+            "retain_holdout": retain_holdout,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,
@@ -367,6 +410,47 @@ def train_srl(
         },
     )
     return head.eval(), hist
+
+
+#: Retention angles tried on the validation split (radians; 0 = the trained embedding alone).
+RETAIN_ANGLES = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)
+#: The angle used when there is no validation split to choose one.
+RETAIN_DEFAULT_ANGLE = 0.75
+
+
+def _choose_retention(
+    x: np.ndarray,
+    y: np.ndarray,
+    views: np.ndarray | None,
+    dim: int,
+    holdout: float,
+    probe_kw: dict[str, Any],
+) -> tuple[float, dict[str, Any]]:
+    """The retention angle with the best mean validation mAP over seen and held-out classes.
+
+    A probe head is trained (same settings, no retention) on the classes left after holding out
+    ``holdout`` of them; for each angle it is scored on its own validation images (seen classes) and on
+    the held-out classes all-vs-all (what no label named).
+    """
+    seed = int(probe_kw["seed"])
+    known, unknown = class_holdout(y, holdout, seed)
+    probe, _ = train_srl(x[known], y[known], views=None if views is None else views[:, known], **probe_kw)
+    p_fit, p_val = _holdout(y[known], float(probe_kw["val_fraction"]), "stratified", seed)
+    assert p_val is not None
+    xk, yk = x[known], y[known]
+    curve: dict[str, Any] = {}
+    best, best_score = RETAIN_ANGLES[0], -1.0
+    for a in RETAIN_ANGLES:
+        trial = copy.deepcopy(probe)
+        if a > 0:
+            trial.set_retention(xk[p_fit], a, dim)
+        seen = _val_map(trial.embed, xk, yk, p_fit, p_val, "euclidean")
+        unseen = _val_map(trial.embed, x, y, known, unknown, "euclidean", within=True)
+        curve[f"{a:.2f}"] = {"seen": seen, "unseen": unseen}
+        if (seen + unseen) / 2 > best_score + 1e-9:
+            best, best_score = a, (seen + unseen) / 2
+    # Angle 0 wins only when retention helps nowhere; the head then keeps the smallest angle on offer.
+    return (best if best > 0 else RETAIN_ANGLES[1]), curve
 
 
 def _steps_per_epoch(y: np.ndarray, chunk: int, classes_per_batch: int | None) -> int:

@@ -12,6 +12,7 @@ Every head is serialisable as ``(config(), state_dict())``: ``config()`` is a sm
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -71,8 +72,10 @@ class SRLHead(nn.Module):
     """
 
     name = "srl"
+    retain_mean: Tensor
+    retain_proj: Tensor
 
-    def __init__(self, in_dim: int, out_dim: int | None = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int | None = None, retain: float = 0.0, retain_dim: int = 0) -> None:
         super().__init__()
         self.in_dim, self.out_dim = int(in_dim), int(out_dim or in_dim)
         self.linear = nn.Linear(self.in_dim, self.out_dim)
@@ -82,6 +85,44 @@ class SRLHead(nn.Module):
             else:
                 nn.init.orthogonal_(self.linear.weight)
             self.linear.bias.zero_()
+        # The retention branch (off while retain == 0): see set_retention.
+        # Its buffers exist only when it is on, so heads saved without it load unchanged.
+        self.retain, self.retain_dim = float(retain), int(retain_dim)
+        if self.retain > 0:
+            self.register_buffer("retain_mean", torch.zeros(self.in_dim))
+            self.register_buffer("retain_proj", torch.zeros(self.in_dim, self.retain_dim))
+
+    @property
+    def embedding_dim(self) -> int:
+        """Dimension of the vectors :meth:`forward` returns (``out_dim``, plus ``retain_dim`` with retention)."""
+        return self.out_dim + (self.retain_dim if self.retain > 0 else 0)
+
+    def set_retention(self, features: np.ndarray, angle: float, dim: int = 256) -> SRLHead:
+        """Append the backbone's own geometry to the embedding; returns self.
+
+        The embedding becomes ``[cos(angle) * f, sin(angle) * r]`` (still unit-norm), with ``f`` the trained
+        SRL embedding and ``r`` the backbone feature, L2-normalised, centred on the training mean, projected
+        on its top ``dim`` principal axes and normalised again. The trained part ranks by the labels; the
+        retained part keeps what the labels never named (classes nobody labelled, the same place at another
+        date), which a head trained on a few classes otherwise forgets. ``angle = 0`` switches it off.
+
+        Args:
+            features: N x D backbone features the mean and principal axes are fitted on.
+            angle: Weight of the retained part, in radians (0 to pi/2).
+            dim: Principal axes kept (at most min(N, D)).
+        """
+        z = np.asarray(features, dtype=np.float64)
+        z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        mean = z.mean(0)
+        dim = min(int(dim), *z.shape)
+        _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
+        if angle <= 0:
+            raise ModelError(f"retention angle must be > 0 radians (got {angle}); leave it off instead")
+        device = self.linear.weight.device
+        self.retain, self.retain_dim = float(angle), dim
+        self.register_buffer("retain_mean", torch.from_numpy(mean.astype(np.float32)).to(device))
+        self.register_buffer("retain_proj", torch.from_numpy(np.ascontiguousarray(vt[:dim].T, np.float32)).to(device))
+        return self
 
     def init_pca_whitening(self, features: np.ndarray) -> SRLHead:
         """Set the map to PCA-whitening of ``features`` (N x D); returns self."""
@@ -103,12 +144,20 @@ class SRLHead(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """Unit-norm embeddings, N x d."""
-        return F.normalize(self.linear(x), dim=1, eps=1e-12)
+        """Unit-norm embeddings, N x :attr:`embedding_dim`."""
+        f = F.normalize(self.linear(x), dim=1, eps=1e-12)
+        if self.retain <= 0:
+            return f
+        r = (F.normalize(x, dim=1, eps=1e-12) - self.retain_mean) @ self.retain_proj
+        r = F.normalize(r, dim=1, eps=1e-12)
+        return torch.cat([math.cos(self.retain) * f, math.sin(self.retain) * r], dim=1)
 
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments, with the registry name."""
-        return {"name": self.name, "in_dim": self.in_dim, "out_dim": self.out_dim}
+        cfg: dict[str, Any] = {"name": self.name, "in_dim": self.in_dim, "out_dim": self.out_dim}
+        if self.retain > 0:
+            cfg.update(retain=self.retain, retain_dim=self.retain_dim)
+        return cfg
 
     @torch.no_grad()
     def embed(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -185,10 +234,23 @@ class CombinedHead(nn.Module):
 
     name = "combined"
 
-    def __init__(self, in_dim: int, embed_dim: int | None = None, bits: int = 64, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        embed_dim: int | None = None,
+        bits: int = 64,
+        num_classes: int = 0,
+        retain: float = 0.0,
+        retain_dim: int = 0,
+    ) -> None:
         super().__init__()
-        self.srl = SRLHead(in_dim, embed_dim)
+        self.srl = SRLHead(in_dim, embed_dim, retain, retain_dim)
         self.hash = HashHead(in_dim, bits, num_classes)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Dimension of the float embedding."""
+        return self.srl.embedding_dim
 
     @classmethod
     def from_heads(cls, srl: SRLHead, hash_head: HashHead) -> CombinedHead:
@@ -198,7 +260,7 @@ class CombinedHead(nn.Module):
                 f"the SRL head takes {srl.in_dim}-d features but the hash head {hash_head.in_dim}-d; "
                 "train both on the same backbone"
             )
-        out = cls(srl.in_dim, srl.out_dim, hash_head.bits, hash_head.num_classes)
+        out = cls(srl.in_dim, srl.out_dim, hash_head.bits, hash_head.num_classes, srl.retain, srl.retain_dim)
         out.srl.load_state_dict(srl.state_dict())
         out.hash.load_state_dict(hash_head.state_dict())
         return out
@@ -227,6 +289,7 @@ class CombinedHead(nn.Module):
             "embed_dim": self.srl.out_dim,
             "bits": self.hash.bits,
             "num_classes": self.hash.num_classes,
+            **({"retain": self.srl.retain, "retain_dim": self.srl.retain_dim} if self.srl.retain > 0 else {}),
         }
 
 

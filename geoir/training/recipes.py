@@ -30,6 +30,9 @@ class Recipe:
         dim: SRL embedding dimension (None: the backbone's).
         epochs: Training epochs (None: the method's default).
         seed: Seed of the validation split, sampling and initialisation.
+        retain_dim: For ``srl`` and ``combined``: principal axes of the backbone's own features appended to
+            the SRL embedding, weighted by an angle chosen on the validation split (0: off; see
+            :func:`geoir.training.fit.train_srl`).
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -38,6 +41,7 @@ class Recipe:
     dim: int | None = None
     epochs: int | None = None
     seed: int = 0
+    retain_dim: int = 256
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,13 +49,16 @@ class Recipe:
             raise DatasetError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.bits not in (16, 32, 48, 64, 128):
             raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
+        if self.retain_dim < 0:
+            raise DatasetError(f"--retain-dim {self.retain_dim}: use 0 (off) or a positive number of axes")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        return cls(**d)
+        # Recipes recorded before retention existed trained without it.
+        return cls(**{"retain_dim": 0, **d})
 
     def _kw(self, key: str) -> dict[str, Any]:
         kw = dict(self.options.get(key, {}))
@@ -75,9 +82,8 @@ class Recipe:
         head: nn.Module | None
         srl = dg = None
         if self.method in ("srl", "combined"):
-            srl, hist["srl"] = train_srl(
-                features, labels, dim=self.dim, views=views, seed=seed, log=log, **self._kw("srl")
-            )
+            kw = {"retain_dim": self.retain_dim, **self._kw("srl")}
+            srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(features, labels, bits=self.bits, views=views, seed=seed, log=log, **self._kw("dgssh"))
             h.pop("V", None)
