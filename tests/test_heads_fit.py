@@ -227,6 +227,10 @@ def test_train_srl_chooses_retention_on_validation() -> None:
     np.testing.assert_allclose(head.embed(x)[:, :16], np.cos(angle) * off.embed(x), atol=1e-6)
     nv, h4 = train_srl(x, y, **{**kw, "val_fraction": 0.0})
     assert h4["retain_angle"] == RETAIN_DEFAULT_ANGLE == nv.retain
+    # Two classes cannot spare one for the probe: the default angle, not an error.
+    two = y < 2
+    h5 = train_srl(x[two], y[two], **kw)[1]
+    assert h5["retain_angle"] == RETAIN_DEFAULT_ANGLE and h5["retain_val_mAP"] == {}
 
 
 def test_recipe_records_retention_and_reads_old_records() -> None:

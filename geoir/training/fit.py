@@ -281,7 +281,8 @@ def train_srl(
             is trained without ``retain_holdout`` of the classes, and the angle of :data:`RETAIN_ANGLES` with
             the best mean of its two validation mAPs (held-out images of its classes; the held-out classes
             among themselves) is kept, so the choice weighs the labels against what they never named.
-            Without validation (``val_fraction == 0``) the angle is :data:`RETAIN_DEFAULT_ANGLE`.
+            Without validation (``val_fraction == 0``) or with fewer than 3 classes the angle is
+            :data:`RETAIN_DEFAULT_ANGLE`.
         retain_holdout: Fraction of the classes the probe head never sees.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
@@ -354,7 +355,8 @@ def train_srl(
     if retain_dim > 0:
         angle: float | None = retain_angle
         curve: dict[str, Any] = {}
-        if angle is None and val_idx is None:
+        if angle is None and (val_idx is None or len(np.unique(y)) < 3):
+            # No validation, or too few classes to hold one out and keep two: the documented default.
             angle = RETAIN_DEFAULT_ANGLE
         elif angle is None:
             probe_kw = dict(
