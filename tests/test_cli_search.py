@@ -497,6 +497,22 @@ def test_real_scene_crop_finds_its_place(tmp_path: Path) -> None:
 
 
 @needs_qgis
+def test_styles_table_uses_geopackage_datetimes(bundle2: Path, tmp_path: Path) -> None:
+    """GeoPackage DATETIMEs are ISO 8601 with a Z; SQLite's CURRENT_TIMESTAMP ('2026-11-23 01:00:55') makes
+    GDAL warn 'Non-conformant content' on every open."""
+    import re
+    import sqlite3
+
+    out = tmp_path / "hits.gpkg"
+    invoke("search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), "-k", "3", *TEST_MODEL)
+    with sqlite3.connect(out) as con:
+        stamps = [r[0] for r in con.execute("SELECT update_time FROM layer_styles")]
+        stamps += [r[0] for r in con.execute("SELECT last_change FROM gpkg_contents")]
+    assert len(stamps) >= 4
+    iso = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
+    assert all(iso.match(t) for t in stamps), stamps
+
+
 def test_hits_open_styled_in_qgis(bundle2: Path, tmp_path: Path) -> None:
     out = tmp_path / "hits.gpkg"
     invoke("search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), "-k", "5", *TEST_MODEL)

@@ -124,13 +124,15 @@ def add_styles(con: sqlite3.Connection, styles: dict[str, str]) -> None:
             id INTEGER PRIMARY KEY AUTOINCREMENT, f_table_catalog TEXT(256), f_table_schema TEXT(256),
             f_table_name TEXT(256), f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT,
             styleSLD TEXT, useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
-            update_time DATETIME DEFAULT CURRENT_TIMESTAMP)"""
+            update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"""
     )
+    # GeoPackage DATETIME values are ISO 8601 in UTC with a Z (SQLite's CURRENT_TIMESTAMP is not).
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     # Registering the table as plain attributes keeps the GeoPackage valid for GDAL and QGIS.
     con.execute(
         "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
         "VALUES ('layer_styles', 'attributes', 'layer_styles', ?)",
-        (dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),),
+        (now,),
     )
     for layer, qml in styles.items():
         geom_col = con.execute(
@@ -138,12 +140,14 @@ def add_styles(con: sqlite3.Connection, styles: dict[str, str]) -> None:
         ).fetchone()
         con.execute(
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, styleName,"
-            " styleQML, styleSLD, useAsDefault, description, owner, ui) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '')",
+            " styleQML, styleSLD, useAsDefault, description, owner, ui, update_time)"
+            " VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', '', ?)",
             (
                 layer,
                 geom_col[0] if geom_col else "geom",
                 f"geoir {layer}",
                 qml,
                 json.dumps({"by": "geoir", "field": "rank" if layer == "hits" else "best_rank"}),
+                now,
             ),
         )
