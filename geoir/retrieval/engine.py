@@ -48,11 +48,15 @@ class QueryParts:
     geometries: list[tuple[shapely.Geometry, str, bool]] = field(default_factory=list)
     #: Tile ids the query itself is made of (left out of the hits unless asked otherwise).
     own_tiles: set[int] = field(default_factory=set)
-    #: Query turns: image parts hold one row per quarter turn (``rows = views``), tile parts one row per tile.
-    views: int = 1
-    #: Whether each positive / negative part is an image encoded in ``views`` turns (True) or tile rows.
+    #: Whether each positive / negative part is an image encoded in its four quarter turns (one row per
+    #: turn) rather than tile rows (one row per tile, the same in every turn).
     positive_turned: list[bool] = field(default_factory=list)
     negative_turned: list[bool] = field(default_factory=list)
+
+    @property
+    def views(self) -> int:
+        """Query vectors to search: 4 when any part was encoded in its quarter turns, else 1."""
+        return 4 if any(self.positive_turned) or any(self.negative_turned) else 1
 
 
 @dataclass
@@ -102,17 +106,11 @@ class Searcher:
         footprint: shapely.Geometry | None = None,
     ) -> None:
         """Encode a uint8 RGB array ``(3, H, W)`` (already scaled to 0-255) as a query part."""
-        if self.rotations:
-            turns = (
-                np.stack([np.rot90(rgb, k, axes=(1, 2)) for k in range(4)]) if rgb.shape[1] == rgb.shape[2] else None
-            )
-            if turns is None:  # a non-square image: its quarter turns have another shape; encode one by one
-                enc = self.model.concat([self.model.encode_image(np.rot90(rgb, k, axes=(1, 2))) for k in range(4)])
-            else:
-                enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(turns)))
-            parts.views = 4
-        else:
-            enc = self.model.encode_image(rgb)
+        turns = [np.rot90(rgb, k, axes=(1, 2)) for k in range(4)] if self.rotations else [rgb]
+        if len(turns) > 1 and rgb.shape[1] == rgb.shape[2]:
+            enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(np.stack(turns))))
+        else:  # one image, or the turns of a non-square one (their shapes differ): encoded one by one
+            enc = self.model.concat([self.model.encode_image(t) for t in turns])
         self._append(parts, enc, negative, turned=self.rotations)
         parts.labels.append(("-" if negative else "") + label)
         if footprint is not None:

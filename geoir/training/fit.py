@@ -442,10 +442,10 @@ def _choose_retention(
     xk, yk = x[known], y[known]
     curve: dict[str, Any] = {}
     best, best_score = RETAIN_ANGLES[0], -1.0
+    # The retained axes do not depend on the angle: fit them once, then only the weight changes.
+    trial = copy.deepcopy(probe).set_retention(xk[p_fit], RETAIN_ANGLES[-1], dim)
     for a in RETAIN_ANGLES:
-        trial = copy.deepcopy(probe)
-        if a > 0:
-            trial.set_retention(xk[p_fit], a, dim)
+        trial.retain = a  # 0 switches the retained part off
         seen = _val_map(trial.embed, xk, yk, p_fit, p_val, "euclidean")
         unseen = _val_map(trial.embed, x, y, known, unknown, "euclidean", within=True)
         curve[f"{a:.2f}"] = {"seen": seen, "unseen": unseen}
