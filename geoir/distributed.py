@@ -53,7 +53,9 @@ def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any):  
     """The ``distributed.LocalCluster`` of ``--cluster local:N``: N worker processes, named 0..N-1."""
     from distributed import LocalCluster
 
-    env = {**kwargs.pop("env", {}), LOCAL_CLUSTER_ENV: "1"}
+    # The workers already fill the cores: GDAL decodes in one thread each unless the user says otherwise.
+    read_threads = os.environ.get("GEOIR_READ_THREADS", "1")
+    env = {"GEOIR_READ_THREADS": read_threads, **kwargs.pop("env", {}), LOCAL_CLUSTER_ENV: "1"}
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,

@@ -197,3 +197,11 @@ def test_local_cluster_gives_each_worker_its_gpu(monkeypatch: pytest.MonkeyPatch
         futs = [c.submit(_device_with_gpus, "cuda", 2, workers=[w], pure=False) for w in workers]
         assert sorted(f.result() for f in futs) == ["cuda:0", "cuda:0", "cuda:1"]
         assert set(c.run(_device_with_gpus, "cpu", 2).values()) == {"cpu"}
+        # The workers fill the cores: GDAL decodes in one thread in each.
+        assert set(c.run(_read_threads).values()) == {1}
+
+
+def _read_threads() -> int:
+    from geoir.io.scene import read_threads
+
+    return read_threads()

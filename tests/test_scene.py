@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.windows import Window
 
 from geoir.errors import SceneError
@@ -159,7 +159,8 @@ def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch
             monkeypatch.setattr(scene_module, "_cache_ceiling", None)
             monkeypatch.setattr(scene_module, "_cache_set", 0)
             monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
-            fit_block_cache(src, 256)  # the library leaves GDAL's own setting alone
+            # The library leaves GDAL's own setting alone (5 % of the memory, which holds a row here).
+            assert fit_block_cache(src, 256)
             assert get_gdal_config("GDAL_CACHEMAX") == before
             monkeypatch.setenv("GDAL_CACHEMAX", "64")
             set_gdal_config("GDAL_CACHEMAX", 64 << 20)
@@ -168,7 +169,7 @@ def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch
             assert get_gdal_config("GDAL_CACHEMAX") == wide < 64 << 20
             fit_block_cache(src, 256)  # a scene that needs less does not shrink it under another reader
             assert get_gdal_config("GDAL_CACHEMAX") == wide
-            fit_block_cache(src, 256 * 100)  # never above the ceiling seen first
+            assert not fit_block_cache(src, 256 * 100)  # never above the ceiling seen first: it cannot hold that
             assert get_gdal_config("GDAL_CACHEMAX") == 64 << 20
         finally:
             set_gdal_config("GDAL_CACHEMAX", before)
@@ -236,3 +237,89 @@ def test_histogram_percentiles_equal_numpy(dtype: str) -> None:
         want = np.percentile(x.astype(np.float32), q)
         got = _int_percentiles(x, q)
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (n, q, got, want)
+
+
+@pytest.mark.parametrize("interleave", ["pixel", "band"])
+@pytest.mark.parametrize("gsd", [None, 1.7])
+def test_read_ahead_gives_the_same_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interleave: str, gsd: float | None
+) -> None:
+    """Decoding rows of blocks ahead in GDAL threads changes which calls decode a block, never a pixel."""
+    from geoir.tiling.grid import TilingParams
+    from geoir.tiling.tiler import TileSource
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 5000, (4, 1100, 1300)).astype("uint16")
+    data[:, :300, :200] = 0
+    path = tmp_path / f"{interleave}.tif"
+    profile = dict(
+        driver="GTiff", width=1300, height=1100, count=4, dtype="uint16", crs="EPSG:32618", nodata=0,
+        transform=Affine(1.0, 0, 500_000, 0, -1.0, 4_100_000), tiled=True, blockxsize=256, blockysize=256,
+        compress="deflate", interleave=interleave,
+    )  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    scene = open_scene(path)
+    params = TilingParams(size=256, max_nodata=1.0, gsd=gsd)
+    reads = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("GEOIR_READ_THREADS", threads)
+        source = TileSource(scene, params)
+        reads[threads] = [source.read(i) for i in range(len(source))]
+        reader = source.reader
+        assert reader._ahead == (threads == "2")
+        # Every row of blocks was read ahead, once, in tile order.
+        assert reader._ahead_to == (1100 if threads == "2" else 0)
+        source.close()
+    for a, b in zip(reads["1"], reads["2"], strict=True):
+        assert np.array_equal(a.rgb, b.rgb) and np.array_equal(a.valid, b.valid)
+    assert any(not r.valid.all() for r in reads["2"])  # the nodata corner is masked either way
+
+
+def test_read_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from geoir.io.scene import READ_THREADS_MAX, read_threads
+
+    monkeypatch.delenv("GEOIR_READ_THREADS", raising=False)
+    assert 1 <= read_threads() <= READ_THREADS_MAX
+    monkeypatch.setenv("GEOIR_READ_THREADS", "3")
+    assert read_threads() == 3
+    monkeypatch.setenv("GEOIR_READ_THREADS", "many")
+    with pytest.raises(SceneError, match="GEOIR_READ_THREADS='many' is not a whole number"):
+        read_threads()
+    monkeypatch.delenv("GEOIR_READ_THREADS")
+    import torch.utils.data
+
+    # In a DataLoader worker the workers are the parallelism: GDAL decodes in one thread.
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    assert read_threads() == 1
+
+
+@pytest.mark.parametrize(("overviews", "side"), [([], 512), ([2, 4, 8], 500), ([2], 512)])
+def test_statistics_read_uses_a_coarser_overview_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overviews: list[int], side: int
+) -> None:
+    """Asked for 1/3.9 of 2000 px, GDAL would decode the 2x overview; the 4x one (500 px) is read instead."""
+    path = tmp_path / "ovr.tif"
+    data = np.random.default_rng(0).integers(0, 4000, (3, 2000, 2000)).astype("uint16")
+    profile = dict(
+        driver="GTiff", width=2000, height=2000, count=3, dtype="uint16", crs="EPSG:32618",
+        transform=Affine(1.0, 0, 500_000, 0, -1.0, 4_100_000), tiled=True, blockxsize=512, blockysize=512,
+    )  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if overviews:
+            dst.build_overviews(overviews, Resampling.nearest)
+    shapes = []
+    real_read = rasterio.io.DatasetReader.read
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        shapes.append(kwargs.get("out_shape"))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
+    scene = open_scene(path)
+    assert shapes[0] == (3, side, side)
+    # The sample is uniform on 0-3999: its 2/98 percentiles land within a few grey levels of 80 / 3920.
+    assert scene.scaling.low is not None and scene.scaling.high is not None
+    assert all(abs(lo - 80) < 40 for lo in scene.scaling.low)
+    assert all(abs(hi - 3920) < 40 for hi in scene.scaling.high)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
@@ -35,14 +36,21 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt", ".ntf", ".nitf", ".h
 #: QGIS and most viewers: robust to a few saturated or dark pixels.
 DEFAULT_PERCENTILES = (2.0, 98.0)
 
-#: Longest side of the decimated read used for statistics; bounded so a 20000x20000 scene costs
-#: the same as a small one. 512x512 samples pin the 2nd/98th percentiles to well under one grey level.
+#: Longest side of the decimated read used for statistics (between half this and this when the file has
+#: overviews); bounded so a 20000x20000 scene costs the same as a small one. 256-512 px a side pin the
+#: 2nd/98th percentiles to well under one grey level.
 STATS_MAX_SIDE = 512
 
 _METERS_PER_DEGREE = 111_319.49
 
 #: Head-room added to the block cache a scene's reads need (GDAL's own bookkeeping, a mask band's blocks).
 BLOCK_CACHE_MARGIN = 8 << 20
+
+#: Most threads GDAL may use to decode the blocks of a row of tiles (see :func:`read_threads`).
+READ_THREADS_MAX = 4
+
+#: Largest array one read-ahead returns; a wider row of blocks is read ahead in pieces of whole blocks.
+READ_AHEAD_BYTES = 16 << 20
 
 # GDAL's block cache size when geoir first lowered it (the ceiling for every later scene of the process),
 # and the size geoir set last; both guarded by the lock, as readers in threads may open scenes at once.
@@ -235,7 +243,9 @@ def open_scene(
     if p.is_dir():
         raise SceneError(f"{p} is a directory; pass raster files, a glob, or the directory to `geoir tile`")
     try:
-        src = rasterio.open(p)
+        # Threads decode the blocks of the statistics read (see SceneReader.src).
+        with rasterio.Env(GDAL_NUM_THREADS=str(read_threads())):
+            src = rasterio.open(p)
     except RasterioIOError as exc:
         raise SceneError(f"{p} is not a raster GDAL can read ({exc}); pass a GeoTIFF, COG, JP2 or similar") from exc
     with src:
@@ -322,6 +332,12 @@ def _percentile_scaling(
     # A decimated read goes through overviews when the file has them, so this stays cheap and
     # bounded in memory whatever the scene size.
     f = max(1.0, max(src.width, src.height) / STATS_MAX_SIDE)
+    # GDAL serves a decimation from the finest overview at least as fine as asked, and decimates that: a
+    # factor of 3.8 decodes the 2x overview whole. An overview within 2x coarser is read as it is instead
+    # (a quarter of the decoding, and still over STATS_MAX_SIDE / 2 pixels a side).
+    coarser = [o for o in src.overviews(bands[0]) if f < o < 2 * f]
+    if coarser:
+        f = float(min(coarser))
     shape = (len(bands), max(1, int(src.height / f)), max(1, int(src.width / f)))
     raw = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
     data = raw.astype(np.float32)
@@ -420,6 +436,9 @@ class SceneReader:
         # Whether a window inside the raster must be read with ``fill_value`` (set when the file is opened).
         self._fill_inside = True
         self._cache_fitted = False
+        # Read-ahead (see _read_ahead): whether it pays for this file, and the native row it has reached.
+        self._ahead = False
+        self._ahead_to = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -433,11 +452,15 @@ class SceneReader:
     def src(self) -> rasterio.DatasetReader:
         if self._src is None or self._src.closed:
             try:
-                self._src = rasterio.open(self.scene.path)
+                # GTiff reads GDAL_NUM_THREADS when a file is opened: requests that span several blocks then
+                # decode them in that many threads (what _read_ahead relies on).
+                with rasterio.Env(GDAL_NUM_THREADS=str(read_threads())):
+                    self._src = rasterio.open(self.scene.path)
             except RasterioIOError as exc:
                 raise SceneError(f"{self.scene.path} can no longer be read ({exc}); was it moved?") from exc
             self._fill_inside = _fill_changes_pixels(self._src, self.scene)
             self._cache_fitted = False
+            self._ahead_to = 0
         return self._src
 
     def close(self) -> None:
@@ -468,8 +491,11 @@ class SceneReader:
         if not self._cache_fitted:
             # A resampled read also takes the rows its kernel needs beyond the window.
             rows = native.height + (0 if self._fy == 1.0 else 2)
-            fit_block_cache(src, rows, sc.mask_kind == "mask")
+            holds = fit_block_cache(src, rows, sc.mask_kind == "mask")
+            self._ahead = holds and read_threads() > 1 and _blocks_per_row(src, rows) > 1
             self._cache_fitted = True
+        if self._ahead:
+            self._read_ahead(src, native)
         # Boundless reads go through a warped VRT in rasterio: only pay for it at the scene's edge. Inside
         # the raster, a fill value makes rasterio read every band's mask and copy the data through a
         # masked array; it is passed only where it can change a pixel (see _fill_changes_pixels).
@@ -501,6 +527,60 @@ class SceneReader:
             rgb[:, ~valid] = 0
         return rgb, valid
 
+    def _read_ahead(self, src: rasterio.DatasetReader, native: Window) -> None:
+        """Decode the rows of blocks under ``native`` not decoded yet, all at once, into GDAL's block cache.
+
+        A tile usually lies inside one block, so its own read decodes blocks one by one. Reading the
+        whole width of the new block rows in one request lets GDAL decode them in ``read_threads()``
+        threads; the tiles of that row are then copied out of the cache. Tiles come row by row, so a
+        high-water mark says what is decoded; only used when the cache holds a row of blocks
+        (:func:`fit_block_cache`), so nothing read ahead is evicted before its tiles are read.
+        """
+        block_rows, block_cols = src.block_shapes[0]
+        # One row of margin either side: what a resampling kernel reads beyond the window.
+        bottom = min(src.height, math.ceil(native.row_off + native.height) + 1)
+        if bottom <= self._ahead_to:
+            return
+        top = max(self._ahead_to, (max(0, math.floor(native.row_off) - 1) // block_rows) * block_rows)
+        bottom = min(src.height, math.ceil(bottom / block_rows) * block_rows)
+        if bottom <= top:
+            return
+        self._ahead_to = bottom
+        # A pixel-interleaved block holds every band: GDAL caches all of them when one is read.
+        bands = [self.scene.bands[0]] if src.interleaving == Interleaving.pixel else sorted(set(self.scene.bands))
+        itemsize = np.dtype(src.dtypes[bands[0] - 1]).itemsize
+        cols = READ_AHEAD_BYTES // ((bottom - top) * itemsize * len(bands))
+        cols = max(block_cols, cols // block_cols * block_cols)
+        for col in range(0, src.width, cols):
+            src.read(bands, window=Window(col, top, min(cols, src.width - col), bottom - top))
+
+
+def read_threads() -> int:
+    """Threads GDAL may use to decode a scene's blocks in this process.
+
+    ``GEOIR_READ_THREADS`` when set (1 switches read-ahead off); 1 in a DataLoader worker process
+    (the workers already read in parallel); else the usable cores, at most :data:`READ_THREADS_MAX`.
+    """
+    env = os.environ.get("GEOIR_READ_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise SceneError(f"GEOIR_READ_THREADS={env!r} is not a whole number; set it to e.g. 1 or 4") from None
+    if "torch" in sys.modules:
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(READ_THREADS_MAX, cores))
+
+
+def _blocks_per_row(src: rasterio.DatasetReader, rows: float) -> int:
+    """Blocks a full-width read ``rows`` native pixels tall touches (at least 2 for threads to share)."""
+    block_rows, block_cols = src.block_shapes[0]
+    return math.ceil(src.width / block_cols) * max(1, math.ceil(rows / block_rows))
+
 
 def block_cache_bytes(src: rasterio.DatasetReader, rows: float, mask: bool = False) -> int:
     """GDAL block cache that reading ``src`` one row of windows after the other needs, in bytes.
@@ -516,21 +596,25 @@ def block_cache_bytes(src: rasterio.DatasetReader, rows: float, mask: bool = Fal
     return across * down * block_rows * block_cols * bytes_per_pixel
 
 
-def fit_block_cache(src: rasterio.DatasetReader, rows: float, mask: bool = False) -> None:
-    """Size GDAL's block cache to what reading ``src`` row of windows by row needs.
+def fit_block_cache(src: rasterio.DatasetReader, rows: float, mask: bool = False) -> bool:
+    """Size GDAL's block cache to what reading ``src`` row of windows by row needs; whether it holds that.
 
     Only when ``GDAL_CACHEMAX`` is set in the environment (the geoir CLI sets it unless the user did),
     and never above the cache size found then, which stays the ceiling for the process. Within it the
     cache is the largest that any scene read so far in the process needs (so readers in threads never
     shrink it under each other): it follows the width of the widest scene, not the area of any.
-    Library users who leave ``GDAL_CACHEMAX`` unset keep GDAL's own setting.
+    Library users who leave ``GDAL_CACHEMAX`` unset keep GDAL's own setting (5 % of the memory).
     """
     global _cache_ceiling, _cache_set
+    need = block_cache_bytes(src, rows, mask) + BLOCK_CACHE_MARGIN
     if "GDAL_CACHEMAX" not in os.environ:
-        return
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return False
+        return need <= memory // 20
     from rasterio.env import get_gdal_config, set_gdal_config
 
-    need = block_cache_bytes(src, rows, mask) + BLOCK_CACHE_MARGIN
     with _cache_lock:
         if _cache_ceiling is None:
             _cache_ceiling = int(get_gdal_config("GDAL_CACHEMAX"))
@@ -538,6 +622,7 @@ def fit_block_cache(src: rasterio.DatasetReader, rows: float, mask: bool = False
         if size != _cache_set:
             set_gdal_config("GDAL_CACHEMAX", size)
             _cache_set = size
+        return need <= size
 
 
 def _fill_changes_pixels(src: rasterio.DatasetReader, scene: Scene) -> bool:
