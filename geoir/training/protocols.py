@@ -153,6 +153,10 @@ def evaluate_seen(
 def unseen_class_split(labels: np.ndarray, n_train_classes: int = 15, seed: int = 0) -> Split:
     """Pick ``n_train_classes`` classes at random for training; every image of the others is for evaluation.
 
+    The classes (sorted) are shuffled by ``numpy.random.default_rng(seed).permutation``; the first
+    ``n_train_classes`` train, the rest are unseen. This is the draw behind the figures geoir's targets
+    quote (backbone float mAP 0.868 on UC Merced, seeds 0-2).
+
     Raises:
         DatasetError: If fewer than ``n_train_classes + 2`` classes exist.
     """
@@ -163,8 +167,7 @@ def unseen_class_split(labels: np.ndarray, n_train_classes: int = 15, seed: int 
             f"{len(classes)} classes cannot give {n_train_classes} training classes and at least "
             "2 unseen ones; lower n_train_classes"
         )
-    rng = np.random.default_rng(seed)
-    seen = rng.choice(classes, size=n_train_classes, replace=False)
+    seen = np.random.default_rng(seed).permutation(classes)[:n_train_classes]
     is_seen = np.isin(y, seen)
     return Split(
         np.nonzero(is_seen)[0],
