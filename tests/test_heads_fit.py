@@ -426,6 +426,33 @@ def test_unseen_class_split_is_the_published_draw() -> None:
     assert held_out == [[1, 5, 9, 14, 15, 20], [0, 6, 9, 13, 14, 19], [1, 3, 4, 5, 8, 9]]
 
 
+def test_run_protocols_unseen_publishes_its_splits(tmp_path: Path) -> None:
+    """The unseen-classes protocol on 17 classes: scores for the backbone and the head, and split lists."""
+    import types
+
+    from geoir.training.data import FeatureSet
+    from geoir.training.evaluation import run_protocols
+    from geoir.training.recipes import Recipe
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(17), 6)
+    x = (rng.normal(size=(17, 16))[y] + 0.1 * rng.normal(size=(len(y), 16))).astype(np.float32)
+    recipe = Recipe.from_dict({"method": "srl", "epochs": 2, "retain_dim": 0})
+    head, _ = recipe.train(x, y, seed=0)
+    model = types.SimpleNamespace(meta={"recipe": recipe.to_dict(), "name": "t"}, head=head)
+    items = [f"c{c}/{i}.png" for i, c in enumerate(y)]
+    data = FeatureSet(x, y, [f"c{i}" for i in range(17)], items, "fp")
+    report = run_protocols(model, data, ["unseen"], [], [0, 1], splits_dir=tmp_path, log=lambda s: None)
+    unseen = report["protocols"]["unseen"]
+    assert set(unseen) == {"backbone float", "srl float"}
+    assert all(len(v["runs"]) == 2 and 0 < v["mAP_mean"] <= 1 for v in unseen.values())
+    for seed in (0, 1):
+        split = json.loads((tmp_path / f"unseen_seed{seed}.json").read_text())
+        assert split["test"] == unseen_class_split(y, 15, seed).test.tolist()
+        assert {p.split("/")[0] for p in split["test_paths"]}.isdisjoint(p.split("/")[0] for p in split["train_paths"])
+        assert unseen["backbone float"]["runs"][seed]["unseen_classes"] == sorted(set(y[split["test"]].tolist()))
+
+
 def test_evaluate_seen_protocols() -> None:
     x, y = _clusters(spread=0.05)
     s = stratified_split(y, 0.8, 0)

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from geoir.training.data import FeatureSet
-from geoir.training.protocols import Metric, evaluate_seen, evaluate_unseen, stratified_split, summarize
+from geoir.training.protocols import (
+    Metric,
+    evaluate_seen,
+    evaluate_unseen,
+    stratified_split,
+    summarize,
+    unseen_class_split,
+)
 from geoir.training.recipes import Recipe, code_encoder, float_encoder
 
 METRIC_KW: dict[str, Any] = {"ks": (5, 10, 20, 50, 100), "map_ks": (20,)}
@@ -80,6 +87,11 @@ def run_protocols(
         if ref:
             report["protocols"]["reference"] = {k: {"runs": v, **summarize(v)} for k, v in ref.items()}
     if "unseen" in protocols:
+        if splits_dir is not None:
+            splits_dir.mkdir(parents=True, exist_ok=True)
+            for seed in unseen_seeds:
+                split = unseen_class_split(y, 15, seed)
+                (splits_dir / f"unseen_seed{seed}.json").write_text(split.to_json(data.items))
         unseen: dict[str, Any] = {}
         unseen["backbone float"] = evaluate_unseen(
             lambda f, lab, s: backbone, x, y, metric="euclidean", seeds=unseen_seeds, **METRIC_KW
