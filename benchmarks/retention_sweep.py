@@ -36,7 +36,7 @@ from geoir.encoding.model import load_model  # noqa: E402
 from geoir.training.data import image_folder_features  # noqa: E402
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import evaluate_seen, stratified_split, unseen_class_split  # noqa: E402
-from geoir.training.recipes import Recipe  # noqa: E402
+from geoir.training.recipes import Recipe, float_encoder  # noqa: E402
 
 ANGLES = (0.0, 0.3, 0.6, 0.75, 0.9, 1.05, 1.2, 1.35, float(np.pi / 2))
 
@@ -78,7 +78,7 @@ def main() -> None:
             kw = {"metric": "euclidean", "self_index": np.arange(len(yt)), "ks": ()}
             return evaluate_retrieval(v, v, yt, yt, **kw)["mAP"]
 
-        backbone["unseen"].append(unseen(lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)))
+        backbone["unseen"].append(unseen(float_encoder(None)))
         for a, m in sweep(head, unseen):
             rows[a]["unseen"].append(m)
         print(f"unseen seed {seed} done", flush=True)
@@ -89,7 +89,7 @@ def main() -> None:
         def seen(encode, split=split):  # type: ignore[no-untyped-def]
             return evaluate_seen(encode, x, y, split, metric="euclidean", database="all", ks=())["mAP"]
 
-        backbone["seen"].append(seen(lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)))
+        backbone["seen"].append(seen(float_encoder(None)))
         for a, m in sweep(head, seen):
             rows[a]["seen"].append(m)
         print(f"seen seed {seed} done", flush=True)

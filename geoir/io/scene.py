@@ -436,6 +436,8 @@ class SceneReader:
         # Whether a window inside the raster must be read with ``fill_value`` (set when the file is opened).
         self._fill_inside = True
         self._cache_fitted = False
+        # GDAL's decoding threads for this handle (set when the file is opened).
+        self._threads = 1
         # Read-ahead (see _read_ahead): whether it pays for this file, and the native row it has reached.
         self._ahead = False
         self._ahead_to = 0
@@ -454,7 +456,8 @@ class SceneReader:
             try:
                 # GTiff reads GDAL_NUM_THREADS when a file is opened: requests that span several blocks then
                 # decode them in that many threads (what _read_ahead relies on).
-                with rasterio.Env(GDAL_NUM_THREADS=str(read_threads())):
+                self._threads = read_threads()
+                with rasterio.Env(GDAL_NUM_THREADS=str(self._threads)):
                     self._src = rasterio.open(self.scene.path)
             except RasterioIOError as exc:
                 raise SceneError(f"{self.scene.path} can no longer be read ({exc}); was it moved?") from exc
@@ -492,7 +495,7 @@ class SceneReader:
             # A resampled read also takes the rows its kernel needs beyond the window.
             rows = native.height + (0 if self._fy == 1.0 else 2)
             holds = fit_block_cache(src, rows, sc.mask_kind == "mask")
-            self._ahead = holds and read_threads() > 1 and _blocks_per_row(src, rows) > 1
+            self._ahead = holds and self._threads > 1 and _blocks_per_row(src, rows) > 1
             self._cache_fitted = True
         if self._ahead:
             self._read_ahead(src, native)

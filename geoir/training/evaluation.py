@@ -90,7 +90,7 @@ def run_protocols(
         if splits_dir is not None:
             splits_dir.mkdir(parents=True, exist_ok=True)
             for seed in unseen_seeds:
-                split = unseen_class_split(y, 15, seed)
+                split = unseen_class_split(y, seed=seed)  # the split evaluate_unseen scores
                 (splits_dir / f"unseen_seed{seed}.json").write_text(split.to_json(data.items))
         unseen: dict[str, Any] = {}
         unseen["backbone float"] = evaluate_unseen(
