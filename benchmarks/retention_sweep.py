@@ -53,8 +53,13 @@ def main() -> None:
     model = load_model("default")
     # The float embedding is the SRL part of the default (combined) recipe; its hash part plays no role here.
     recipe = Recipe.from_dict({**model.meta["recipe"], "method": "srl"})
-    data = image_folder_features(DATA, load_backbone())
+    data = image_folder_features(DATA, load_backbone(), augment=recipe.augment)
     x, y = data.features, data.labels
+
+    def train(rows: np.ndarray, seed: int):  # type: ignore[no-untyped-def]
+        views = None if data.views is None else data.views[:, rows]
+        return recipe.train(x[rows], y[rows], views=views, seed=seed)[0]
+
     rows: dict[str, dict[str, list[float]]] = {f"{a:.2f}": {"seen": [], "unseen": []} for a in ANGLES}
     backbone: dict[str, list[float]] = {"seen": [], "unseen": []}
     chosen: list[float] = []
@@ -70,7 +75,7 @@ def main() -> None:
 
     for seed in args.unseen_seeds:
         split = unseen_class_split(y, 15, seed)
-        head, _ = recipe.train(x[split.train], y[split.train], seed=seed)
+        head = train(split.train, seed)
         yt = y[split.test]
 
         def unseen(encode, split=split, yt=yt):  # type: ignore[no-untyped-def]
@@ -84,7 +89,7 @@ def main() -> None:
         print(f"unseen seed {seed} done", flush=True)
     for seed in args.seen_seeds:
         split = stratified_split(y, 0.8, seed)
-        head, _ = recipe.train(x[split.train], y[split.train], seed=seed)
+        head = train(split.train, seed)
 
         def seen(encode, split=split):  # type: ignore[no-untyped-def]
             return evaluate_seen(encode, x, y, split, metric="euclidean", database="all", ks=())["mAP"]

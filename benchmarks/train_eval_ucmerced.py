@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 
+from geoir.training.data import dihedral  # noqa: E402
 from geoir.training.fit import train_dgssh, train_plain, train_srl  # noqa: E402
 from geoir.training.losses import SRLLoss  # noqa: E402
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
@@ -62,7 +63,7 @@ from geoir.training.protocols import (  # noqa: E402
 SRL_KW: dict[str, Any] = {"epochs": 30, "lr": 1e-3, "center": True, "loss": SRLLoss(omega_max=2.0)}
 DGSSH_KW: dict[str, Any] = {"epochs": 100, "lr": 1e-3, "variant": "B"}
 PLAIN_KW: dict[str, Any] = {"epochs": 300, "lr": 1e-3, "rho": 0.1}
-METRIC_KW: dict[str, Any] = {"ks": (10, 50, 100), "map_ks": (100,)}
+METRIC_KW: dict[str, Any] = {"ks": (10, 50, 100), "map_ks": (20, 100)}
 
 
 def load_labels() -> tuple[np.ndarray, list[str]]:
@@ -73,27 +74,22 @@ def load_labels() -> tuple[np.ndarray, list[str]]:
     return np.array([classes.index(r["label"]) for r in rows]), [r["path"] for r in rows]
 
 
-def dihedral(img: np.ndarray, view: int) -> np.ndarray:
-    """View 0-7 of an H x W x C image: ``view % 4`` quarter turns, then a left-right flip for views 4-7."""
-    out = np.rot90(img, view % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if view >= 4 else out)
-
-
 def compute_features(paths: list[str], cache: Path, view: int = 0, root: Path = DATA) -> np.ndarray:
-    """Backbone features of every image (``geoir.encoding.backbone.load_backbone()``), for one dihedral view
-    (0 = the image as is), cached as ``cache/ucmerced_features_view{view}.npy``."""
-    out = cache / f"ucmerced_features_view{view}.npy"
-    if out.exists():
-        return np.load(out)
+    """Backbone features of every image (``geoir.encoding.backbone.load_backbone()``, the default features),
+    for one dihedral view (0 = the image as is; :func:`geoir.training.data.dihedral`), cached as
+    ``cache/ucmerced_features_{fingerprint[:12]}_view{view}.npy``."""
     from PIL import Image
 
     from geoir.encoding.backbone import load_backbone
 
     backbone = load_backbone()
+    out = cache / f"ucmerced_features_{backbone.fingerprint[:12]}_view{view}.npy"
+    if out.exists():
+        return np.load(out)
     feats = []
     for s in range(0, len(paths), 64):
         imgs = [np.asarray(Image.open(root / p).convert("RGB").resize((256, 256))) for p in paths[s : s + 64]]
-        batch = torch.from_numpy(np.stack([dihedral(im, view) for im in imgs])).permute(0, 3, 1, 2).contiguous()
+        batch = torch.from_numpy(np.stack([dihedral(im.transpose(2, 0, 1), view) for im in imgs]))
         feats.append(backbone.features(batch).numpy())
     x = np.concatenate(feats).astype(np.float32)
     cache.mkdir(parents=True, exist_ok=True)
@@ -303,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
-    print("| protocol | method | mAP (mean ± std) | mAP_T | P@10 | ANMRR |")
-    print("|---|---|---|---|---|---|")
+    print("| protocol | method | mAP (mean ± std) | mAP_T | mAP@20 | P@10 | ANMRR |")
+    print("|---|---|---|---|---|---|---|")
     rows = [
         (f"seen (test vs train), {len(seen_runs)} splits", m, s)
         for m, s in out.get("seen", {}).get("summary", {}).items()
@@ -314,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for protocol, m, s in rows:
         mt = f"{s['mAP_T_mean']:.4f}" if "mAP_T_mean" in s else ""
-        cells = [protocol, m, f"{s['mAP_mean']:.4f} ± {s['mAP_std']:.4f}", mt, f"{s['P@10_mean']:.4f}"]
+        cells = [protocol, m, f"{s['mAP_mean']:.4f} ± {s['mAP_std']:.4f}", mt, f"{s['mAP@20_mean']:.4f}"]
+        cells.append(f"{s['P@10_mean']:.4f}")
         print("| " + " | ".join([*cells, f"{s['ANMRR_mean']:.4f}"]) + " |")
     print(f"total {out['seconds']:.0f} s", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from geoir.encoding.backbone import (
     DEFAULT_BACKBONE,
+    FEATURE_NORM,
     TEST_BACKBONE,
     Backbone,
     Preprocess,
@@ -90,7 +91,7 @@ def test_default_weights_load_strictly(lite0: Backbone, lite0_file: StateDict) -
         # Positional pairs must agree on what they are (weight/bias/running_mean...) as well as their values.
         assert src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1], (src_key, dst_key)
         assert torch.equal(src, dst), (src_key, dst_key)
-    assert lite0.num_features == 1280
+    assert lite0.num_features == 1792  # 192 + 320 tapped channels + the 1280-wide head
     assert lite0.weights_source.endswith(".pth")
 
 
@@ -262,7 +263,7 @@ def test_prepare_shape_and_range(lite0: Backbone) -> None:
 def test_features_do_not_depend_on_batch_size(lite0: Backbone) -> None:
     tiles = _random_tiles(5, 256)
     whole = lite0.features(tiles)
-    assert whole.shape == (5, 1280) and whole.dtype == torch.float32
+    assert whole.shape == (5, 1792) and whole.dtype == torch.float32
     singles = torch.cat([lite0.features(tiles[i : i + 1]) for i in range(5)])
     pairs = torch.cat([lite0.features(tiles[:2]), lite0.features(tiles[2:])])
     torch.testing.assert_close(singles, whole, atol=1e-5, rtol=0)
@@ -290,6 +291,45 @@ def test_fingerprint_changes_with_weights_and_preprocess() -> None:
     assert Backbone(TEST_BACKBONE, model, base.preprocess).fingerprint != base.fingerprint
     other = Preprocess((128, 128), base.preprocess.mean, base.preprocess.std, "bicubic", 1.0)
     assert Backbone(TEST_BACKBONE, load_backbone("test").model, other).fingerprint != base.fingerprint
+
+
+# --- multi-layer features (taps) ---------------------------------------------------------------------------
+
+
+def test_default_features_are_the_tapped_blocks_and_the_pooled_head(lite0: Backbone) -> None:
+    """Lite0's default features: pooled blocks 5 and 6, then the pooled 1280-wide head, each part L2-normalised
+    and the whole scaled to FEATURE_NORM; recomputed here by running the model's modules one by one."""
+    assert lite0.taps == (5, 6) and lite0.num_features == 192 + 320 + 1280
+    tiles = _random_tiles(3, 256)
+    got = lite0.features(tiles)
+    m = lite0.model
+    with torch.inference_mode():
+        h = m.bn1(m.conv_stem(lite0.prepare(tiles)))
+        pooled = []
+        for i, block in enumerate(m.blocks):
+            h = block(h)
+            if i in (5, 6):
+                pooled.append(h.mean((2, 3)))
+        pooled.append(m.bn2(m.conv_head(h)).mean((2, 3)))
+    unit = torch.cat([torch.nn.functional.normalize(p, dim=1) for p in pooled], dim=1)
+    torch.testing.assert_close(got, unit * FEATURE_NORM / 3**0.5, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.norm(dim=1), torch.full((3,), FEATURE_NORM), atol=1e-4, rtol=0)
+    # Without taps: the model's own pooled features, which are the last part up to scale.
+    bare = load_backbone(taps=())
+    assert bare.num_features == 1280 and bare.fingerprint != lite0.fingerprint
+    plain = bare.features(tiles)
+    torch.testing.assert_close(torch.nn.functional.normalize(plain, dim=1), unit[:, 512:], atol=1e-5, rtol=0)
+
+
+def test_taps_are_checked_and_fingerprinted() -> None:
+    untapped = load_backbone("test")
+    assert untapped.taps == () and "taps=[]" in repr(untapped)
+    tapped = load_backbone("test", taps=(1,))
+    assert tapped.num_features > untapped.num_features
+    assert tapped.fingerprint != untapped.fingerprint
+    assert tapped.features(_random_tiles(2, 64)).shape == (2, tapped.num_features)
+    with pytest.raises(ModelError, match="cannot tap blocks"):
+        load_backbone("test", taps=(99,))
 
 
 # --- devices ------------------------------------------------------------------------------------------------

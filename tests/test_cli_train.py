@@ -8,12 +8,17 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from geoir.cli import cli
+from geoir.encoding.backbone import load_backbone
 from geoir.encoding.model import load_model
+from geoir.errors import DatasetError
 from geoir.index.bundle import Bundle
+from geoir.training.data import cache_dir, dihedral, image_folder_features
+from geoir.training.recipes import Recipe
 from tests.conftest import MakeGeoTiff
 
 TEST_BACKBONE = ["--backbone", "test", "--device", "cpu"]
@@ -138,3 +143,72 @@ def test_train_errors(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["train", str(labels), "--out", str(tmp_path / "m.pt"), *TEST_BACKBONE])
     assert r.exit_code == 2 and "--index" in r.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_dihedral_views_are_the_eight_symmetries() -> None:
+    img = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)  # (C, H, W), no symmetry of its own
+    views = [dihedral(img, v) for v in range(8)]
+    assert len({v.tobytes() + bytes(v.shape) for v in views}) == 8
+    assert np.array_equal(views[0], img)
+    assert np.array_equal(views[1], np.stack([np.rot90(c) for c in img]))  # a quarter turn, every band alike
+    assert np.array_equal(views[4], img[:, :, ::-1])  # a left-right flip
+    turned = img
+    for _ in range(4):
+        turned = dihedral(turned, 1)
+    assert np.array_equal(turned, img)
+
+
+def test_dihedral_features_are_cached_per_view(image_folder: Path) -> None:
+    bb = load_backbone("test")
+    data = image_folder_features(image_folder, bb, augment="dihedral")
+    assert data.views is not None and data.views.shape == (7, *data.features.shape)
+    # View 5 (a quarter turn then a flip) of the first image, encoded directly.
+    img = np.asarray(
+        Image.open(image_folder / data.items[0]).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR)
+    ).transpose(2, 0, 1)
+    direct = bb.features(torch.from_numpy(dihedral(img, 5))[None]).numpy()[0]
+    np.testing.assert_allclose(data.views[4, 0], direct, atol=1e-5)
+    assert not np.allclose(data.views[4], data.features)
+    cached = sorted(p.name for p in cache_dir().iterdir())
+    assert len(cached) == 8 and sum(".view" in n for n in cached) == 7
+    again = image_folder_features(image_folder, bb, augment="dihedral")
+    assert np.array_equal(again.views, data.views)  # type: ignore[arg-type]
+    assert image_folder_features(image_folder, bb).views is None
+    with pytest.raises(DatasetError, match="unknown augmentation"):
+        image_folder_features(image_folder, bb, augment="mirror")
+
+
+def test_train_records_the_augmentation(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(out), *TEST_BACKBONE)
+    meta = load_model(out).meta
+    assert meta["recipe"]["augment"] == "dihedral"
+    none = tmp_path / "n.pt"
+    invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--augment", "none", "--out", str(none))
+    assert load_model(none).meta["recipe"]["augment"] == "none"
+    # Recipes recorded before augmentation existed trained without it.
+    assert Recipe.from_dict({"method": "srl"}).augment == "none"
+
+
+def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 1024, 1024))
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", "--backbone", "test", "--workers", "0")
+    tiles = Bundle.open(index).tiles()
+    assert len(tiles) == 16
+    # Label each tile by its row: a point inside every tile, two classes.
+    centres = tiles.geometry.representative_point()
+    rows = np.argsort(np.argsort(-centres.y.to_numpy())) // 8
+    labels = gpd.GeoDataFrame({"label": [f"row{r}" for r in rows]}, geometry=centres.to_numpy(), crs=tiles.crs)
+    gpkg = tmp_path / "labels.gpkg"
+    labels.to_file(gpkg)
+    out = tmp_path / "m.pt"
+    r = CliRunner().invoke(cli, ["train", str(gpkg), "--index", str(index), "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 2 and "--augment none" in r.output and not out.exists()
+    invoke(
+        "train", str(gpkg), "--index", str(index), "--method", "srl", "--epochs", "2", "--augment", "none",
+        "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    meta = load_model(out).meta
+    assert meta["data"]["samples"] == 16 and meta["data"]["classes"] == 2
+    assert all(item.startswith("tile:") for item in meta["split"]["test_items"])

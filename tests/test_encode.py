@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geoir.encoding.batches import iter_batches
-from geoir.encoding.model import Model, load_model
+from geoir.encoding.model import Model, load_model, model_for_bundle
 from geoir.errors import ModelError
 from geoir.io.scene import open_scene
 from geoir.tiling.grid import TilingParams
@@ -73,6 +73,33 @@ def test_model_file_round_trip(tmp_path: Path, test_model: Model) -> None:
     assert np.array_equal(a.codes, b.codes) and a.codes.shape == (3, 2)
     # Codes are the sign of u with sign(0) = +1, packed MSB first.
     assert np.array_equal(np.unpackbits(a.codes, axis=1).astype(bool), a.u >= 0)
+
+
+def test_model_file_records_the_taps(tmp_path: Path) -> None:
+    from geoir.training.heads import HashHead
+
+    tapped = load_model("backbone", backbone="test", taps=(1,)).backbone
+    head = HashHead(tapped.num_features, bits=16)
+    path = tmp_path / "m.pt"
+    Model(tapped, head, head.config(), {"name": "t"}).save(path)
+    again = load_model(path)
+    assert again.backbone.taps == (1,) and again.backbone.fingerprint == tapped.fingerprint
+    # A model file written before taps existed has none, and its backbone fingerprint is what it was.
+    payload = torch.load(path, weights_only=True)
+    bare = load_model("backbone", backbone="test").backbone
+    head = HashHead(bare.num_features, bits=16)
+    payload.update(
+        backbone={k: v for k, v in payload["backbone"].items() if k != "taps"} | {"fingerprint": bare.fingerprint},
+        head_config=head.config(),
+        head_state=head.state_dict(),
+    )
+    torch.save(payload, path)
+    assert load_model(path).backbone.taps == ()
+    # A bundle of bare-backbone vectors is reopened with the taps it was written with (none before taps).
+    described = Model(tapped).describe() | {"name": "backbone"}
+    assert model_for_bundle(described).backbone.fingerprint == tapped.fingerprint
+    described.pop("backbone_taps")
+    assert model_for_bundle(described).backbone.taps == ()
 
 
 def test_model_file_errors(tmp_path: Path) -> None:

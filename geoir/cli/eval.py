@@ -86,8 +86,14 @@ def evaluate(
             f"{model_path or 'the default model'} has no training recipe to evaluate; "
             "pass a model written by `geoir train`"
         )
+    from geoir.training.recipes import Recipe
+
     data = image_folder_features(
-        dataset, model.backbone, workers=workers, progress=tqdm_progress(progress_enabled(ctx))
+        dataset,
+        model.backbone,
+        workers=workers,
+        progress=tqdm_progress(progress_enabled(ctx)),
+        augment=Recipe.from_dict(model.meta["recipe"]).augment,
     )
     report = run_protocols(
         model,

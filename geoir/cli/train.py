@@ -21,6 +21,7 @@ def _features(
     download: bool,
     device: str,
     workers: int,
+    augment: str,
 ):  # type: ignore[no-untyped-def]
     """Backbone and labelled features of DATASET (a folder of class folders, or labelled geometries)."""
     from geoir.encoding.backbone import DEFAULT_BACKBONE, load_backbone
@@ -28,12 +29,18 @@ def _features(
 
     if dataset.is_dir():
         bb = load_backbone(backbone_name or DEFAULT_BACKBONE, weights=weights, download=download, device=device)
-        return bb, image_folder_features(dataset, bb, workers=workers, progress=tqdm_progress(progress_enabled(ctx)))
+        progress = tqdm_progress(progress_enabled(ctx))
+        return bb, image_folder_features(dataset, bb, workers=workers, progress=progress, augment=augment)
     from geoir.encoding.model import load_model
     from geoir.index.bundle import Bundle
 
     if index_dir is None:
         raise click.UsageError(f"{dataset} is a vector file: pass the --index bundle whose tiles it labels")
+    if augment != "none":
+        raise click.UsageError(
+            f"--augment {augment} needs the pixels of every sample, and a bundle stores only its tiles' "
+            "features; pass --augment none to train on labelled tiles"
+        )
     bundle = Bundle.open(index_dir)
     if bundle.model is None:
         raise click.ClickException(f"{index_dir} is not encoded; run `geoir encode --index {index_dir}` first")
@@ -69,6 +76,14 @@ def _features(
     help="srl/combined: backbone principal axes kept beside the trained embedding (0: off); "
     "their weight is chosen on the validation split.",
 )
+@click.option(
+    "--augment",
+    type=click.Choice(["dihedral", "none"]),
+    default="dihedral",
+    show_default=True,
+    help="dihedral: also train on the 7 flips/quarter turns of every image (8 backbone passes, cached); "
+    "image folders only.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits and the training.")
 @click.option(
     "--test-fraction",
@@ -93,6 +108,7 @@ def train(
     dim: int | None,
     epochs: int | None,
     retain_dim: int,
+    augment: str,
     seed: int,
     test_fraction: float,
     index_dir: str | None,
@@ -115,7 +131,7 @@ def train(
     \b
     Examples:
       $ geoir train ucmerced/ --method combined --bits 64 --out ucm.pt
-      $ geoir train labels.gpkg --index geoir-index --method srl --out mine.pt
+      $ geoir train labels.gpkg --index geoir-index --method srl --augment none --out mine.pt
       $ geoir tile scene.tif --model ucm.pt --index ucm-index
     """
     import numpy as np
@@ -127,8 +143,10 @@ def train(
     if model is not None:
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
     refuse_existing(out, overwrite)
-    recipe = Recipe(method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed, retain_dim=retain_dim)
-    bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers)
+    recipe = Recipe(
+        method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed, retain_dim=retain_dim, augment=augment
+    )
+    bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers, augment)
     if test_fraction > 0:
         split = stratified_split(data.labels, 1 - test_fraction, seed)
         train_idx, test_idx = split.train, split.test
@@ -141,7 +159,10 @@ def train(
         len(data.classes),
         len(test_idx),
     )
-    head, history = recipe.train(data.features[train_idx], data.labels[train_idx], log=lambda s: log.debug("%s", s))
+    views = None if data.views is None else data.views[:, train_idx]
+    head, history = recipe.train(
+        data.features[train_idx], data.labels[train_idx], views=views, log=lambda s: log.debug("%s", s)
+    )
     meta = {
         "name": out.stem,
         "recipe": recipe.to_dict(),

@@ -94,6 +94,7 @@ class Model:
             "fingerprint": self.fingerprint,
             "backbone": self.backbone.name,
             "backbone_fingerprint": self.backbone.fingerprint,
+            "backbone_taps": list(self.backbone.taps),
             "preprocess": self.backbone.preprocess.to_dict(),
             "head": self.head_config,
             "feature_dim": self.backbone.num_features,
@@ -171,6 +172,7 @@ class Model:
                 "name": self.backbone.name,
                 "fingerprint": self.backbone.fingerprint,
                 "preprocess": self.backbone.preprocess.to_dict(),
+                "taps": list(self.backbone.taps),
             },
             "head_config": self.head_config,
             "head_state": None if self.head is None else {k: v.cpu() for k, v in self.head.state_dict().items()},
@@ -207,6 +209,7 @@ def load_model(
     weights: str | os.PathLike[str] | None = None,
     download: bool = False,
     device: str | torch.device = "cpu",
+    taps: tuple[int, ...] | None = None,
 ) -> Model:
     """Load a model file, the shipped default, or a bare backbone.
 
@@ -217,6 +220,8 @@ def load_model(
         weights: Local weights file for the backbone.
         download: Allow timm to download pretrained backbone weights.
         device: ``auto``, ``cpu`` or ``cuda``.
+        taps: For a bare backbone: its tapped blocks (None: the backbone's default; see
+            :func:`geoir.encoding.backbone.load_backbone`). A model file records its own.
 
     Raises:
         ModelError: The file is missing or not a geoir model, or its backbone does not match.
@@ -233,7 +238,9 @@ def load_model(
                 f"model file {path} not found; train one with `geoir train`, or omit --model to use the shipped default"
             )
     if path is None:
-        bb = load_backbone(backbone or DEFAULT_BACKBONE, weights=_path(weights), download=download, device=device)
+        bb = load_backbone(
+            backbone or DEFAULT_BACKBONE, weights=_path(weights), download=download, device=device, taps=taps
+        )
         return Model(bb, meta={"name": "backbone"})
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -244,7 +251,9 @@ def load_model(
     spec = payload["backbone"]
     if backbone is not None and backbone != spec["name"]:
         raise ModelError(f"{path} was trained on backbone {spec['name']}, not {backbone}; drop --backbone")
-    bb = load_backbone(spec["name"], weights=_path(weights), download=download, device=device)
+    # Model files written before taps existed used the pooled features alone.
+    taps = tuple(spec.get("taps", ()))
+    bb = load_backbone(spec["name"], weights=_path(weights), download=download, device=device, taps=taps)
     if bb.fingerprint != spec["fingerprint"]:
         raise ModelError(
             f"{path} was trained on other {spec['name']} weights (fingerprint {spec['fingerprint'][:12]}, "
@@ -280,11 +289,14 @@ def model_for_bundle(
         download: Allow timm downloads.
         device: Where to run.
     """
+    taps = None
     if model is None and described is not None:
         if described.get("name") == "backbone":
             model, backbone = "backbone", backbone or described.get("backbone")
+            # Bundles written before taps existed hold the pooled features alone.
+            taps = tuple(described.get("backbone_taps", ()))
         elif described.get("path") and Path(described["path"]).exists():
             model = described["path"]
     if model is None and backbone is not None:
         model = "backbone"
-    return load_model(model, backbone=backbone, weights=weights, download=download, device=device)
+    return load_model(model, backbone=backbone, weights=weights, download=download, device=device, taps=taps)

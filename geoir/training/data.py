@@ -38,6 +38,8 @@ class FeatureSet:
         classes: Class names.
         items: One name per sample (image path relative to the data set, or ``tile:ID``).
         backbone_fingerprint: Fingerprint of the backbone that made the features.
+        views: ``(V, N, D)`` features of V augmented copies of every sample (the 7 other flips and quarter
+            turns with ``augment="dihedral"``), or None.
     """
 
     features: np.ndarray
@@ -45,6 +47,7 @@ class FeatureSet:
     classes: list[str]
     items: list[str]
     backbone_fingerprint: str
+    views: np.ndarray | None = None
 
     def summary(self) -> dict[str, object]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
@@ -93,6 +96,20 @@ def _cache_key(root: Path, paths: list[Path], fingerprint: str) -> str:
     return h.hexdigest()[:32]
 
 
+AUGMENTS = ("none", "dihedral")
+"""Feature-level augmentations for training: ``dihedral`` adds the 7 other flips and quarter turns."""
+
+
+def dihedral(img: np.ndarray, view: int) -> np.ndarray:
+    """View 0-7 of a ``(C, H, W)`` image: ``view % 4`` quarter turns, then a left-right flip for views 4-7.
+
+    Overhead imagery has no up: a field turned by 90 degrees or mirrored is still the same field, so these
+    views teach a head what must not change its vectors.
+    """
+    out = np.rot90(img, view % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if view >= 4 else out)
+
+
 def image_folder_features(
     root: str | os.PathLike[str],
     backbone,
@@ -100,32 +117,61 @@ def image_folder_features(
     workers: int = 0,
     progress: Callable[[int, str], object] | None = None,
     use_cache: bool = True,
+    augment: str = "none",
 ) -> FeatureSet:
-    """Backbone features of a folder of class folders (computed once, then read from the cache)."""
+    """Backbone features of a folder of class folders (computed once per view, then read from the cache).
+
+    Args:
+        augment: ``none``, or ``dihedral`` to also give the features of the 7 other flips and quarter turns
+            of every image (:attr:`FeatureSet.views`; 8 backbone passes the first time).
+    """
+    if augment not in AUGMENTS:
+        raise DatasetError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
     root = Path(root)
     paths, labels, classes = list_image_folder(root)
     key = _cache_key(root, paths, backbone.fingerprint)
-    cached = cache_dir() / f"{key}.npz"
     items = [str(p.relative_to(root)) for p in paths]
+    n_views = 8 if augment == "dihedral" else 1
+    feats = [
+        _view_features(root, paths, backbone, key, v, batch_size, workers, progress, use_cache) for v in range(n_views)
+    ]
+    views = np.stack(feats[1:]) if n_views > 1 else None
+    return FeatureSet(feats[0], labels, classes, items, backbone.fingerprint, views)
+
+
+def _view_features(
+    root: Path,
+    paths: list[Path],
+    backbone,  # type: ignore[no-untyped-def]
+    key: str,
+    view: int,
+    batch_size: int,
+    workers: int,
+    progress: Callable[[int, str], object] | None,
+    use_cache: bool,
+) -> np.ndarray:
+    # View 0 keeps the cache name it had before views existed.
+    cached = cache_dir() / (f"{key}.npz" if view == 0 else f"{key}.view{view}.npz")
     if use_cache and cached.exists():
         with np.load(cached) as z:
-            log.info("features of %s read from the cache %s", root, cached)
-            return FeatureSet(z["features"], labels, classes, items, backbone.fingerprint)
-    feats = _encode_paths(paths, backbone, batch_size, workers, progress)
+            log.info("features of %s (view %d) read from the cache %s", root, view, cached)
+            return z["features"]
+    feats = _encode_paths(paths, backbone, batch_size, workers, progress, view)
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.stem}.tmp.npz")
         np.savez(tmp, features=feats)
         os.replace(tmp, cached)
-    return FeatureSet(feats, labels, classes, items, backbone.fingerprint)
+    return feats
 
 
 class _ImageFiles:
     """Map-style data set of image files read as uint8 RGB at the backbone's working size."""
 
-    def __init__(self, paths: list[Path], size: int = 256):
+    def __init__(self, paths: list[Path], size: int = 256, view: int = 0):
         self.paths = paths
         self.size = size
+        self.view = view
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -139,7 +185,7 @@ class _ImageFiles:
                 if rgb.size != (self.size, self.size):
                     # Bilinear to a common size so images batch; the backbone then resizes to its input.
                     rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
-                return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
+                return dihedral(np.asarray(rgb).transpose(2, 0, 1), self.view)
         except OSError as exc:
             raise DatasetError(f"{self.paths[i]} is not a readable image ({exc}); remove or replace it") from exc
 
@@ -150,18 +196,19 @@ def _encode_paths(
     batch_size: int,
     workers: int,  # type: ignore[no-untyped-def]
     progress: Callable[[int, str], object] | None,
+    view: int = 0,
 ) -> np.ndarray:
     import torch
     from torch.utils.data import DataLoader
 
     # _ImageFiles is a map-style data set (__len__/__getitem__), which DataLoader takes as is.
     loader: DataLoader = DataLoader(
-        _ImageFiles(paths),  # type: ignore[arg-type]
+        _ImageFiles(paths, view=view),  # type: ignore[arg-type]
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=lambda items: torch.from_numpy(np.stack(items)),
     )
-    bar = progress(len(paths), "features") if progress else None
+    bar = progress(len(paths), "features" if view == 0 else f"features, view {view + 1}/8") if progress else None
     out = []
     for batch in loader:
         out.append(backbone.features(batch).cpu().numpy())

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from geoir.errors import DatasetError
 from geoir.training.data import FeatureSet
 from geoir.training.protocols import (
     Metric,
@@ -53,6 +54,14 @@ def run_protocols(
     """
     recipe = Recipe.from_dict(model.meta["recipe"])
     x, y = data.features, data.labels
+    if recipe.augment != "none" and data.views is None:
+        raise DatasetError(f"the recipe trains with {recipe.augment} views; compute the data set's features with them")
+    views = data.views if recipe.augment != "none" else None
+
+    def train(rows: np.ndarray, seed: int) -> Any:
+        v = None if views is None else views[:, rows]
+        return recipe.train(x[rows], y[rows], views=v, seed=seed)[0]
+
     backbone = float_encoder(None)
     report: dict[str, Any] = {
         "model": model.meta.get("name"),
@@ -69,7 +78,7 @@ def run_protocols(
             if splits_dir is not None:
                 splits_dir.mkdir(parents=True, exist_ok=True)
                 (splits_dir / f"seen_seed{seed}.json").write_text(split.to_json(data.items))
-            head, _ = recipe.train(x[split.train], y[split.train], seed=seed)
+            head = train(split.train, seed)
             base: Variant = ("backbone float", "euclidean", backbone)
             runs = [base] + [(f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)]
             for name, metric, enc in runs:
@@ -101,7 +110,9 @@ def run_protocols(
         def fit(name: str) -> Callable[[np.ndarray, np.ndarray, int], Callable[[np.ndarray], np.ndarray]]:
             def f(fx: np.ndarray, fy: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
                 if seed not in heads:
-                    heads[seed], _ = recipe.train(fx, fy, seed=seed)
+                    rows = unseen_class_split(y, seed=seed).train  # the rows evaluate_unseen trains on
+                    assert np.array_equal(x[rows], fx), "unseen split out of step with evaluate_unseen"
+                    heads[seed] = train(rows, seed)
                 return dict((n, e) for n, _, e in _variants(heads[seed]))[name]
 
             return f

@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from geoir.errors import DatasetError
+from geoir.training.data import AUGMENTS
 from geoir.training.heads import CombinedHead
 
 METHODS = ("srl", "dgssh", "plain", "combined")
@@ -33,6 +34,9 @@ class Recipe:
         retain_dim: For ``srl`` and ``combined``: principal axes of the backbone's own features appended to
             the SRL embedding, weighted by an angle chosen on the validation split (0: off; see
             :func:`geoir.training.fit.train_srl`).
+        augment: ``dihedral``: train on the 7 other flips and quarter turns of every image as well (one
+            view drawn per sample and step; the caller passes their features as ``views``); ``none``: the
+            images as they are.
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -42,6 +46,7 @@ class Recipe:
     epochs: int | None = None
     seed: int = 0
     retain_dim: int = 256
+    augment: str = "dihedral"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,14 +56,16 @@ class Recipe:
             raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
         if self.retain_dim < 0:
             raise DatasetError(f"--retain-dim {self.retain_dim}: use 0 (off) or a positive number of axes")
+        if self.augment not in AUGMENTS:
+            raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        # Recipes recorded before retention existed trained without it.
-        return cls(**{"retain_dim": 0, **d})
+        # Recipes recorded before retention or augmentation existed trained without them.
+        return cls(**{"retain_dim": 0, "augment": "none", **d})
 
     def _kw(self, key: str) -> dict[str, Any]:
         kw = dict(self.options.get(key, {}))
