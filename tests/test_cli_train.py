@@ -182,7 +182,7 @@ def test_train_records_the_augmentation(image_folder: Path, tmp_path: Path) -> N
     out = tmp_path / "m.pt"
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(out), *TEST_BACKBONE)
     meta = load_model(out).meta
-    assert meta["recipe"]["augment"] == "dihedral"
+    assert meta["recipe"]["augment"] == "dihedral-codes"
     none = tmp_path / "n.pt"
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--augment", "none", "--out", str(none))
     assert load_model(none).meta["recipe"]["augment"] == "none"

@@ -240,6 +240,23 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe.from_dict({"method": "srl", "bits": 64, "dim": None, "epochs": 3, "seed": 0}).retain_dim == 0
     with pytest.raises(DatasetError, match="retain-dim"):
         Recipe(retain_dim=-1)
+    with pytest.raises(DatasetError, match="--augment"):
+        Recipe(augment="mirror")
+
+
+@pytest.mark.parametrize(
+    ("augment", "float_views", "code_views"), [("dihedral-codes", 0, 7), ("dihedral", 7, 7), ("none", 0, 0)]
+)
+def test_recipe_gives_views_to_the_heads_its_augment_names(augment: str, float_views: int, code_views: int) -> None:
+    from geoir.training.recipes import Recipe
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    x = (rng.normal(size=(4, 16))[y] + 0.3 * rng.normal(size=(40, 16))).astype(np.float32)
+    views = (x[None] + 0.05 * rng.normal(size=(7, 40, 16))).astype(np.float32)
+    _, hist = Recipe(method="combined", bits=16, epochs=1, retain_dim=0, augment=augment).train(x, y, views=views)
+    assert hist["srl"]["config"]["views"] == float_views
+    assert hist["dgssh"]["config"]["views"] == code_views
 
 
 # ----------------------------------------------------------------------------------------------- sampling

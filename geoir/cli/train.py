@@ -78,11 +78,11 @@ def _features(
 )
 @click.option(
     "--augment",
-    type=click.Choice(["dihedral", "none"]),
-    default="dihedral",
+    type=click.Choice(["dihedral-codes", "dihedral", "none"]),
+    default="dihedral-codes",
     show_default=True,
-    help="dihedral: also train on the 7 flips/quarter turns of every image (8 backbone passes, cached); "
-    "image folders only.",
+    help="Also train on the 7 flips/quarter turns of every image (8 backbone passes, cached; image folders "
+    "only): for the hash head (dihedral-codes), for every head (dihedral), or none.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits and the training.")
 @click.option(

@@ -368,7 +368,8 @@ class Backbone:
         pooled = self.model(x)
         if not self.taps:
             return pooled
-        parts = [_unit(self._tapped.pop(t).mean((2, 3))) for t in self.taps] + [_unit(pooled)]
+        # Pool in float32: under bf16 autocast the maps are bf16, and a 49-term mean loses digits there.
+        parts = [_unit(self._tapped.pop(t).float().mean((2, 3))) for t in self.taps] + [_unit(pooled)]
         return torch.cat(parts, dim=1) * (FEATURE_NORM / len(parts) ** 0.5)
 
 

@@ -96,8 +96,9 @@ def _cache_key(root: Path, paths: list[Path], fingerprint: str) -> str:
     return h.hexdigest()[:32]
 
 
-AUGMENTS = ("none", "dihedral")
-"""Feature-level augmentations for training: ``dihedral`` adds the 7 other flips and quarter turns."""
+AUGMENTS = ("dihedral-codes", "dihedral", "none")
+"""Training views: the 7 other flips and quarter turns of every image for the hash head only
+(``dihedral-codes``), for every head (``dihedral``), or none."""
 
 
 def dihedral(img: np.ndarray, view: int) -> np.ndarray:
@@ -122,8 +123,8 @@ def image_folder_features(
     """Backbone features of a folder of class folders (computed once per view, then read from the cache).
 
     Args:
-        augment: ``none``, or ``dihedral`` to also give the features of the 7 other flips and quarter turns
-            of every image (:attr:`FeatureSet.views`; 8 backbone passes the first time).
+        augment: One of :data:`AUGMENTS`; all but ``none`` also give the features of the 7 other flips and
+            quarter turns of every image (:attr:`FeatureSet.views`; 8 backbone passes the first time).
     """
     if augment not in AUGMENTS:
         raise DatasetError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
@@ -131,7 +132,7 @@ def image_folder_features(
     paths, labels, classes = list_image_folder(root)
     key = _cache_key(root, paths, backbone.fingerprint)
     items = [str(p.relative_to(root)) for p in paths]
-    n_views = 8 if augment == "dihedral" else 1
+    n_views = 1 if augment == "none" else 8
     feats = [
         _view_features(root, paths, backbone, key, v, batch_size, workers, progress, use_cache) for v in range(n_views)
     ]

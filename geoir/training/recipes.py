@@ -34,9 +34,12 @@ class Recipe:
         retain_dim: For ``srl`` and ``combined``: principal axes of the backbone's own features appended to
             the SRL embedding, weighted by an angle chosen on the validation split (0: off; see
             :func:`geoir.training.fit.train_srl`).
-        augment: ``dihedral``: train on the 7 other flips and quarter turns of every image as well (one
-            view drawn per sample and step; the caller passes their features as ``views``); ``none``: the
-            images as they are.
+        augment: Which heads also train on the 7 other flips and quarter turns of every image (one view
+            drawn per sample and step; the caller passes their features as ``views``): ``dihedral-codes``
+            the hash head only, ``dihedral`` every head, ``none`` no head. Views make a head treat a
+            turned or mirrored scene as the same scene, which lifts class-level retrieval, but they cost
+            the float embedding the detail that finds the same place again (relocalization: docs/results.md),
+            so by default the float embedding trains on the images as given.
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -46,7 +49,7 @@ class Recipe:
     epochs: int | None = None
     seed: int = 0
     retain_dim: int = 256
-    augment: str = "dihedral"
+    augment: str = "dihedral-codes"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,19 +88,23 @@ class Recipe:
         from geoir.training.fit import train_dgssh, train_plain, train_srl
 
         seed = self.seed if seed is None else seed
+        float_views = views if self.augment == "dihedral" else None
+        code_views = views if self.augment in ("dihedral", "dihedral-codes") else None
         hist: dict[str, Any] = {}
         head: nn.Module | None
         srl = dg = None
         if self.method in ("srl", "combined"):
             kw = {"retain_dim": self.retain_dim, **self._kw("srl")}
-            srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=views, seed=seed, log=log, **kw)
+            srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
-            dg, h = train_dgssh(features, labels, bits=self.bits, views=views, seed=seed, log=log, **self._kw("dgssh"))
+            dg, h = train_dgssh(
+                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self._kw("dgssh")
+            )
             h.pop("V", None)
             hist["dgssh"] = h
         if self.method == "plain":
             head, hist["plain"] = train_plain(
-                features, labels, bits=self.bits, views=views, seed=seed, log=log, **self._kw("plain")
+                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self._kw("plain")
             )
             return head, hist
         if self.method == "combined":
