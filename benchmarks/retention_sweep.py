@@ -53,12 +53,11 @@ def main() -> None:
     model = load_model("default")
     # The float embedding is the SRL part of the default (combined) recipe; its hash part plays no role here.
     recipe = Recipe.from_dict({**model.meta["recipe"], "method": "srl"})
-    data = image_folder_features(DATA, load_backbone(), augment=recipe.augment)
+    data = image_folder_features(DATA, load_backbone(), augment=recipe.views_needed)
     x, y = data.features, data.labels
 
     def train(rows: np.ndarray, seed: int):  # type: ignore[no-untyped-def]
-        views = None if data.views is None else data.views[:, rows]
-        return recipe.train(x[rows], y[rows], views=views, seed=seed)[0]
+        return recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)[0]
 
     rows: dict[str, dict[str, list[float]]] = {f"{a:.2f}": {"seen": [], "unseen": []} for a in ANGLES}
     backbone: dict[str, list[float]] = {"seen": [], "unseen": []}

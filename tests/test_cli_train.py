@@ -183,6 +183,8 @@ def test_train_records_the_augmentation(image_folder: Path, tmp_path: Path) -> N
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(out), *TEST_BACKBONE)
     meta = load_model(out).meta
     assert meta["recipe"]["augment"] == "dihedral-codes"
+    # An SRL head trains on no view under dihedral-codes, so none was computed: only view 0 is cached.
+    assert [p.name for p in cache_dir().iterdir() if ".view" in p.name] == []
     none = tmp_path / "n.pt"
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--augment", "none", "--out", str(none))
     assert load_model(none).meta["recipe"]["augment"] == "none"
@@ -211,4 +213,8 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
     )  # fmt: skip
     meta = load_model(out).meta
     assert meta["data"]["samples"] == 16 and meta["data"]["classes"] == 2
+    # An SRL head needs no views under the default dihedral-codes, so labelled tiles train without --augment.
+    srl = tmp_path / "srl.pt"
+    invoke("train", str(gpkg), "--index", str(index), "--method", "srl", "--epochs", "1", "--out", str(srl))
+    assert load_model(srl).meta["recipe"]["augment"] == "dihedral-codes"
     assert all(item.startswith("tile:") for item in meta["split"]["test_items"])

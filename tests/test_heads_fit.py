@@ -242,6 +242,8 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
         Recipe(retain_dim=-1)
     with pytest.raises(DatasetError, match="--augment"):
         Recipe(augment="mirror")
+    assert Recipe(method="srl").views_needed == "none" and Recipe(method="dgssh").views_needed == "dihedral-codes"
+    assert Recipe(method="srl", augment="dihedral").views_needed == "dihedral"
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def evaluate(
         model.backbone,
         workers=workers,
         progress=tqdm_progress(progress_enabled(ctx)),
-        augment=Recipe.from_dict(model.meta["recipe"]).augment,
+        augment=Recipe.from_dict(model.meta["recipe"]).views_needed,
     )
     report = run_protocols(
         model,

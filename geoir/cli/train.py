@@ -146,7 +146,7 @@ def train(
     recipe = Recipe(
         method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed, retain_dim=retain_dim, augment=augment
     )
-    bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers, augment)
+    bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers, recipe.views_needed)
     if test_fraction > 0:
         split = stratified_split(data.labels, 1 - test_fraction, seed)
         train_idx, test_idx = split.train, split.test
@@ -159,9 +159,11 @@ def train(
         len(data.classes),
         len(test_idx),
     )
-    views = None if data.views is None else data.views[:, train_idx]
     head, history = recipe.train(
-        data.features[train_idx], data.labels[train_idx], views=views, log=lambda s: log.debug("%s", s)
+        data.features[train_idx],
+        data.labels[train_idx],
+        views=data.views_of(train_idx),
+        log=lambda s: log.debug("%s", s),
     )
     meta = {
         "name": out.stem,

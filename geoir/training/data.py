@@ -49,6 +49,10 @@ class FeatureSet:
     backbone_fingerprint: str
     views: np.ndarray | None = None
 
+    def views_of(self, rows: np.ndarray) -> np.ndarray | None:
+        """The augmented views of the samples ``rows`` (``(V, len(rows), D)``), or None without views."""
+        return None if self.views is None else self.views[:, rows]
+
     def summary(self) -> dict[str, object]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {
@@ -134,7 +138,8 @@ def image_folder_features(
     items = [str(p.relative_to(root)) for p in paths]
     n_views = 1 if augment == "none" else 8
     feats = [
-        _view_features(root, paths, backbone, key, v, batch_size, workers, progress, use_cache) for v in range(n_views)
+        _view_features(root, paths, backbone, key, (v, n_views), batch_size, workers, progress, use_cache)
+        for v in range(n_views)
     ]
     views = np.stack(feats[1:]) if n_views > 1 else None
     return FeatureSet(feats[0], labels, classes, items, backbone.fingerprint, views)
@@ -145,19 +150,21 @@ def _view_features(
     paths: list[Path],
     backbone,  # type: ignore[no-untyped-def]
     key: str,
-    view: int,
+    view_of: tuple[int, int],
     batch_size: int,
     workers: int,
     progress: Callable[[int, str], object] | None,
     use_cache: bool,
 ) -> np.ndarray:
+    view, n_views = view_of
     # View 0 keeps the cache name it had before views existed.
     cached = cache_dir() / (f"{key}.npz" if view == 0 else f"{key}.view{view}.npz")
     if use_cache and cached.exists():
         with np.load(cached) as z:
             log.info("features of %s (view %d) read from the cache %s", root, view, cached)
             return z["features"]
-    feats = _encode_paths(paths, backbone, batch_size, workers, progress, view)
+    label = "features" if n_views == 1 else f"features, view {view + 1}/{n_views}"
+    feats = _encode_paths(paths, backbone, batch_size, workers, progress, view, label)
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.stem}.tmp.npz")
@@ -198,6 +205,7 @@ def _encode_paths(
     workers: int,  # type: ignore[no-untyped-def]
     progress: Callable[[int, str], object] | None,
     view: int = 0,
+    label: str = "features",
 ) -> np.ndarray:
     import torch
     from torch.utils.data import DataLoader
@@ -209,7 +217,7 @@ def _encode_paths(
         num_workers=workers,
         collate_fn=lambda items: torch.from_numpy(np.stack(items)),
     )
-    bar = progress(len(paths), "features" if view == 0 else f"features, view {view + 1}/8") if progress else None
+    bar = progress(len(paths), label) if progress else None
     out = []
     for batch in loader:
         out.append(backbone.features(batch).cpu().numpy())

@@ -54,13 +54,11 @@ def run_protocols(
     """
     recipe = Recipe.from_dict(model.meta["recipe"])
     x, y = data.features, data.labels
-    if recipe.augment != "none" and data.views is None:
+    if recipe.views_needed != "none" and data.views is None:
         raise DatasetError(f"the recipe trains with {recipe.augment} views; compute the data set's features with them")
-    views = data.views if recipe.augment != "none" else None
 
     def train(rows: np.ndarray, seed: int) -> Any:
-        v = None if views is None else views[:, rows]
-        return recipe.train(x[rows], y[rows], views=v, seed=seed)[0]
+        return recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)[0]
 
     backbone = float_encoder(None)
     report: dict[str, Any] = {

@@ -62,6 +62,14 @@ class Recipe:
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
 
+    @property
+    def views_needed(self) -> str:
+        """The augmentation the training data must carry: :attr:`augment`, or ``none`` when no head of this
+        method trains on views (an ``srl`` head under ``dihedral-codes``), so none are computed."""
+        if self.augment == "dihedral-codes" and self.method == "srl":
+            return "none"
+        return self.augment
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
