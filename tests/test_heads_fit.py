@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 
 from geoir.errors import DatasetError, ModelError
 from geoir.training.fit import (
+    GATE_ANGLES_HI,
+    GATE_ANGLES_LO,
+    GATE_TAUS,
     RETAIN_ANGLES,
     RETAIN_DEFAULT_ANGLE,
     balanced_chunks,
@@ -206,6 +209,64 @@ def test_retention_round_trips_and_old_heads_still_load(cls: str) -> None:
     assert "retain" not in old.config() and old.embedding_dim == 16
 
 
+def test_retention_gate_weighs_each_item_by_its_nearest_class() -> None:
+    x, y = _clusters(per_class=40, spread=0.3)
+    head = SRLHead(16).set_retention(x, 0.7, 5)
+    fixed = head.embed(x)
+    with pytest.raises(ModelError, match="bad retention gate"):
+        head.set_gate(x, y, 1.0, 0.5, 0.7, 0.05)
+    with pytest.raises(ModelError, match="set_retention before set_gate"):
+        SRLHead(16).set_gate(x, y, 0.1, 1.2, 0.7, 0.05)
+    head.set_gate(x, y, 0.1, 1.2, 0.7, 0.05)
+    assert head.retain == 1.2 and head.embedding_dim == 21
+    # The confidence is the cosine to the nearest class centroid of the trained part (here the identity).
+    f = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cent = np.stack([f[y == c].mean(0) for c in range(5)])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    conf = (f @ cent.T).max(1)
+    angles = 1.2 + (0.1 - 1.2) / (1 + np.exp(-(conf - 0.7) / 0.05))
+    emb = head.embed(x)
+    np.testing.assert_allclose(emb[:, :16], np.cos(angles)[:, None] * f, atol=1e-5)
+    # The retained part is the fixed retention's, re-weighted per item.
+    np.testing.assert_allclose(emb[:, 16:], np.sin(angles)[:, None] * fixed[:, 16:] / np.sin(0.7), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # Tight training clusters sit near their centroids (angle near lo); a direction no class has, near hi.
+    assert np.median(angles) < 0.2
+    far = -np.ones((1, 16), np.float32) * np.sign(cent.sum(0))
+    assert head.angles(torch.from_numpy(head.embed_trained(far)))[0] > 1.0
+    # Saved and loaded (alone and inside a combined head) it embeds the same.
+    cfg = json.loads(json.dumps(head.config()))
+    assert cfg["gate"] == [0.1, 1.2, 0.7, 0.05] and cfg["gate_classes"] == 5
+    np.testing.assert_array_equal(head_from_config(cfg, head.state_dict()).embed(x), emb)
+    combined = CombinedHead.from_heads(head, HashHead(16, 8, 5))
+    again = head_from_config(json.loads(json.dumps(combined.config())), combined.state_dict())
+    np.testing.assert_array_equal(again.embed(x), emb)
+    with pytest.raises(ModelError, match="retention gate"):
+        SRLHead(16, gate=[0.1, 1.2, 0.7, 0.05], gate_classes=5)
+
+
+def test_train_srl_chooses_a_gate_on_validation() -> None:
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    kw = {"epochs": 6, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
+    head, hist = train_srl(x, y, retain_gate=True, **kw)
+    curve = hist["retain_val_mAP"]
+    assert len(curve) == len(RETAIN_ANGLES) + len(GATE_ANGLES_LO) * len(GATE_ANGLES_HI) * len(GATE_TAUS)
+    means = {k: (v["seen"] + v["unseen"]) / 2 for k, v in curve.items()}
+    best = max(means.values())
+    gate = hist["retain_gate"]
+    if gate is None:
+        # A fixed angle won (it is one of the candidates).
+        assert means[f"{hist['retain_angle']:.2f}"] == best or hist["retain_angle"] == RETAIN_ANGLES[1]
+        assert head.gate is None
+    else:
+        assert means["gate " + " ".join(f"{v:.2f}" for v in gate[:3])] == best
+        assert head.gate == tuple(gate) and head.retain == gate[1] == hist["retain_angle"]
+        assert head.gate_centroids.shape == (8, 16)
+    assert hist["config"]["retain_gate"] is True
+    fixed = train_srl(x, y, retain_gate=True, retain_angle=0.3, **kw)[0]
+    assert fixed.gate is None and fixed.retain == 0.3
+
+
 def test_train_srl_chooses_retention_on_validation() -> None:
     x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
     kw = {"epochs": 6, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
@@ -238,6 +299,7 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
 
     assert Recipe().retain_dim == 256 and Recipe.from_dict(Recipe(retain_dim=64).to_dict()).retain_dim == 64
     assert Recipe.from_dict({"method": "srl", "bits": 64, "dim": None, "epochs": 3, "seed": 0}).retain_dim == 0
+    assert Recipe().retain_gate and not Recipe.from_dict({"method": "srl", "retain_dim": 64}).retain_gate
     with pytest.raises(DatasetError, match="retain-dim"):
         Recipe(retain_dim=-1)
     with pytest.raises(DatasetError, match="--augment"):

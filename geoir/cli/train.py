@@ -77,6 +77,13 @@ def _features(
     "their weight is chosen on the validation split.",
 )
 @click.option(
+    "--retain-gate/--no-retain-gate",
+    default=True,
+    show_default=True,
+    help="srl/combined: let validation also choose a per-tile weight of the kept axes, small for tiles "
+    "near a class the head was taught, large for tiles unlike any of them.",
+)
+@click.option(
     "--augment",
     type=click.Choice(["dihedral-codes", "dihedral", "none"]),
     default="dihedral-codes",
@@ -108,6 +115,7 @@ def train(
     dim: int | None,
     epochs: int | None,
     retain_dim: int,
+    retain_gate: bool,
     augment: str,
     seed: int,
     test_fraction: float,
@@ -144,7 +152,14 @@ def train(
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
     refuse_existing(out, overwrite)
     recipe = Recipe(
-        method=method, bits=int(bits), dim=dim, epochs=epochs, seed=seed, retain_dim=retain_dim, augment=augment
+        method=method,
+        bits=int(bits),
+        dim=dim,
+        epochs=epochs,
+        seed=seed,
+        retain_dim=retain_dim,
+        retain_gate=retain_gate,
+        augment=augment,
     )
     bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers, recipe.views_needed)
     if test_fraction > 0:

@@ -239,6 +239,7 @@ def train_srl(
     retain_dim: int = 0,
     retain_angle: float | None = None,
     retain_holdout: float = 0.25,
+    retain_gate: bool = False,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -284,6 +285,12 @@ def train_srl(
             Without validation (``val_fraction == 0``) or with fewer than 3 classes the angle is
             :data:`RETAIN_DEFAULT_ANGLE`.
         retain_holdout: Fraction of the classes the probe head never sees.
+        retain_gate: Let validation also choose a *gate* (:meth:`SRLHead.set_gate`): a retention angle per
+            item, small for items near a class the head was taught and large for items far from all of them,
+            so the embedding ranks known kinds of scene by the labels and unknown ones by the backbone's
+            geometry. Candidates: :data:`GATE_ANGLES_LO` x :data:`GATE_ANGLES_HI` x :data:`GATE_TAUS`,
+            besides the fixed angles. Needs a validation split (else the fixed default angle is used) and
+            is ignored when ``retain_angle`` is given.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
@@ -354,6 +361,7 @@ def train_srl(
     head.eval()
     if retain_dim > 0:
         angle: float | None = retain_angle
+        gate: tuple[float, float, float, float] | None = None
         curve: dict[str, Any] = {}
         if angle is None and (val_idx is None or len(np.unique(y)) < 3):
             # No validation, or too few classes to hold one out and keep two: the documented default.
@@ -376,11 +384,18 @@ def train_srl(
                 patience=patience,
                 seed=seed,
             )
-            angle, curve = _choose_retention(x, y, views, retain_dim, retain_holdout, probe_kw)
+            angle, gate, curve = _choose_retention(x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate)
         head.set_retention(x[fit_idx], angle, retain_dim)
-        hist.update(retain_angle=angle, retain_val_mAP=curve)
+        if gate is not None:
+            head.set_gate(x[fit_idx], y[fit_idx], *gate)
+        hist.update(retain_angle=angle, retain_gate=None if gate is None else list(gate), retain_val_mAP=curve)
         if log:
-            log(f"srl retention: angle {angle:.2f} rad ({retain_dim} axes); val mAP by angle {curve}")
+            how = (
+                f"angle {angle:.2f} rad"
+                if gate is None
+                else "gate {:.2f}..{:.2f} rad at confidence {:.2f}".format(*gate)
+            )
+            log(f"srl retention: {how} ({retain_dim} axes); val mAP by candidate {curve}")
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
@@ -389,6 +404,7 @@ def train_srl(
             "dim": head.out_dim,
             "retain_dim": retain_dim,
             "retain_holdout": retain_holdout,
+            "retain_gate": retain_gate,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,
@@ -418,6 +434,12 @@ def train_srl(
 RETAIN_ANGLES = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)
 #: The angle used when there is no validation split to choose one.
 RETAIN_DEFAULT_ANGLE = 0.75
+#: Retention gates tried on the validation split (:meth:`geoir.training.heads.SRLHead.set_gate`): angles of
+#: known and unknown items, confidences at the middle of the step; the step's width is fixed.
+GATE_ANGLES_LO = (0.0, 0.3, 0.6)
+GATE_ANGLES_HI = (0.9, 1.05, 1.2, 1.4)
+GATE_TAUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
+GATE_TEMPERATURE = 0.05
 
 
 def _choose_retention(
@@ -427,12 +449,14 @@ def _choose_retention(
     dim: int,
     holdout: float,
     probe_kw: dict[str, Any],
-) -> tuple[float, dict[str, Any]]:
-    """The retention angle with the best mean validation mAP over seen and held-out classes.
+    gate: bool = False,
+) -> tuple[float, tuple[float, float, float, float] | None, dict[str, Any]]:
+    """The retention (a fixed angle, or with ``gate`` also a gate) with the best mean validation mAP over
+    seen and held-out classes; returns ``(angle, gate or None, curve)``.
 
     A probe head is trained (same settings, no retention) on the classes left after holding out
-    ``holdout`` of them; for each angle it is scored on its own validation images (seen classes) and on
-    the held-out classes all-vs-all (what no label named).
+    ``holdout`` of them; each candidate is scored on the probe's own validation images (seen classes) and
+    on the held-out classes all-vs-all (what no label named). A gate's centroids are the probe's classes.
     """
     seed = int(probe_kw["seed"])
     known, unknown = class_holdout(y, holdout, seed)
@@ -440,19 +464,47 @@ def _choose_retention(
     p_fit, p_val = _holdout(y[known], float(probe_kw["val_fraction"]), "stratified", seed)
     assert p_val is not None
     xk, yk = x[known], y[known]
-    curve: dict[str, Any] = {}
-    best, best_score = RETAIN_ANGLES[0], -1.0
-    # The retained axes do not depend on the angle: fit them once, then only the weight changes.
+    # Every candidate embeds with the same trained part and retained part; only the angles change.
     trial = copy.deepcopy(probe).set_retention(xk[p_fit], RETAIN_ANGLES[-1], dim)
-    for a in RETAIN_ANGLES:
-        trial.retain = a  # 0 switches the retained part off
-        seen = _val_map(trial.embed, xk, yk, p_fit, p_val, "euclidean")
-        unseen = _val_map(trial.embed, x, y, known, unknown, "euclidean", within=True)
-        curve[f"{a:.2f}"] = {"seen": seen, "unseen": unseen}
-        if (seen + unseen) / 2 > best_score + 1e-9:
-            best, best_score = a, (seen + unseen) / 2
+    f = torch.from_numpy(trial.embed_trained(x))
+    with torch.no_grad():
+        full = torch.from_numpy(trial.embed(x))
+    r = full[:, f.shape[1] :] / math.sin(RETAIN_ANGLES[-1])
+    seen_rows, unseen_rows = (known[p_val], known[p_fit]), unknown
+    if gate:
+        trial.set_gate(xk[p_fit], yk[p_fit], 0.0, RETAIN_ANGLES[-1], 0.5, GATE_TEMPERATURE)
+
+    def score(angles: torch.Tensor) -> tuple[float, float]:
+        e = torch.cat([torch.cos(angles)[:, None] * f, torch.sin(angles)[:, None] * r], dim=1).numpy()
+        q, db = seen_rows
+        seen = evaluate_retrieval(e[q], e[db], y[q], y[db], metric="euclidean", ks=())["mAP"]
+        u = e[unseen_rows]
+        un = evaluate_retrieval(u, u, y[unseen_rows], y[unseen_rows], ks=(), self_index=np.arange(len(u)))["mAP"]
+        return float(seen), float(un)  # type: ignore[arg-type]
+
+    curve: dict[str, Any] = {}
+    best: tuple[float, tuple[float, float, float, float] | None] = (RETAIN_ANGLES[0], None)
+    best_score = -1.0
+    candidates: list[tuple[float, tuple[float, float, float, float] | None]] = [(a, None) for a in RETAIN_ANGLES]
+    if gate:
+        candidates += [
+            (hi, (lo, hi, tau, GATE_TEMPERATURE)) for lo in GATE_ANGLES_LO for hi in GATE_ANGLES_HI for tau in GATE_TAUS
+        ]
+    for angle, g in candidates:
+        if g is None:
+            angles = torch.full((len(f),), angle)
+        else:
+            trial.gate = g
+            angles = trial.angles(f)
+        seen, un = score(angles)
+        key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
+        curve[key] = {"seen": seen, "unseen": un}
+        if (seen + un) / 2 > best_score + 1e-9:
+            best, best_score = (angle, g), (seen + un) / 2
     # Angle 0 wins only when retention helps nowhere; the head then keeps the smallest angle on offer.
-    return (best if best > 0 else RETAIN_ANGLES[1]), curve
+    if best[1] is None and best[0] <= 0:
+        best = (RETAIN_ANGLES[1], None)
+    return best[0], best[1], curve
 
 
 def _steps_per_epoch(y: np.ndarray, chunk: int, classes_per_batch: int | None) -> int:

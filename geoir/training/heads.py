@@ -74,8 +74,17 @@ class SRLHead(nn.Module):
     name = "srl"
     retain_mean: Tensor
     retain_proj: Tensor
+    gate_centroids: Tensor
 
-    def __init__(self, in_dim: int, out_dim: int | None = None, retain: float = 0.0, retain_dim: int = 0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int | None = None,
+        retain: float = 0.0,
+        retain_dim: int = 0,
+        gate: list[float] | None = None,
+        gate_classes: int = 0,
+    ) -> None:
         super().__init__()
         self.in_dim, self.out_dim = int(in_dim), int(out_dim or in_dim)
         self.linear = nn.Linear(self.in_dim, self.out_dim)
@@ -85,12 +94,20 @@ class SRLHead(nn.Module):
             else:
                 nn.init.orthogonal_(self.linear.weight)
             self.linear.bias.zero_()
-        # The retention branch (off while retain == 0): see set_retention.
-        # Its buffers exist only when it is on, so heads saved without it load unchanged.
+        # The retention branch (off while retain == 0): see set_retention; its gate: see set_gate.
+        # Their buffers exist only when they are on, so heads saved without them load unchanged.
         self.retain, self.retain_dim = float(retain), int(retain_dim)
         if self.retain > 0:
             self.register_buffer("retain_mean", torch.zeros(self.in_dim))
             self.register_buffer("retain_proj", torch.zeros(self.in_dim, self.retain_dim))
+        self.gate: tuple[float, float, float, float] | None = None
+        if gate is not None:
+            if self.retain <= 0 or len(gate) != 4 or gate_classes < 1:
+                raise ModelError(
+                    f"a retention gate needs retention on, 4 numbers and classes (got {gate}, {gate_classes})"
+                )
+            self.gate = (float(gate[0]), float(gate[1]), float(gate[2]), float(gate[3]))
+            self.register_buffer("gate_centroids", torch.zeros(int(gate_classes), self.out_dim))
 
     @property
     def embedding_dim(self) -> int:
@@ -150,13 +167,74 @@ class SRLHead(nn.Module):
             return f
         r = (F.normalize(x, dim=1, eps=1e-12) - self.retain_mean) @ self.retain_proj
         r = F.normalize(r, dim=1, eps=1e-12)
-        return torch.cat([math.cos(self.retain) * f, math.sin(self.retain) * r], dim=1)
+        if self.gate is None:
+            return torch.cat([math.cos(self.retain) * f, math.sin(self.retain) * r], dim=1)
+        a = self.angles(f)[:, None]
+        return torch.cat([torch.cos(a) * f, torch.sin(a) * r], dim=1)
+
+    def angles(self, f: Tensor) -> Tensor:
+        """Per-item retention angles of the gate from trained embeddings ``f`` (N x out_dim, unit norm)."""
+        if self.gate is None:
+            return torch.full((len(f),), self.retain, dtype=f.dtype, device=f.device)
+        lo, hi, tau, temperature = self.gate
+        confidence = (f @ self.gate_centroids.T).amax(dim=1)
+        return hi + (lo - hi) * torch.sigmoid((confidence - tau) / temperature)
+
+    def set_gate(
+        self, features: np.ndarray, labels: np.ndarray, angle_lo: float, angle_hi: float, tau: float, temperature: float
+    ) -> SRLHead:
+        """Make the retention angle depend on how well the head knows an item; returns self.
+
+        The *confidence* of an item is the cosine similarity of its trained embedding to the nearest class
+        centroid (the normalised mean embedding of each class of ``features``). Items the head knows get
+        ``angle_lo`` (ranked mostly by what the labels taught), items far from every class get ``angle_hi``
+        (ranked mostly by the backbone's own geometry), with a logistic step of width ``temperature`` at
+        confidence ``tau`` between them. Needs :meth:`set_retention` first; :attr:`retain` becomes
+        ``angle_hi``.
+
+        Args:
+            features: N x D backbone features of the training images.
+            labels: Their N class labels.
+            angle_lo, angle_hi: Retention angles (radians) of confident and unknown items.
+            tau: Confidence at the middle of the step.
+            temperature: Width of the step (> 0).
+        """
+        if self.retain <= 0:
+            raise ModelError("set_retention before set_gate: the gate weighs the retained part")
+        if not (0 <= angle_lo <= angle_hi <= math.pi / 2 and angle_hi > 0 and temperature > 0):
+            raise ModelError(
+                f"bad retention gate: angles {angle_lo}..{angle_hi} rad (need 0 <= lo <= hi <= pi/2, hi > 0), "
+                f"temperature {temperature} (need > 0)"
+            )
+        with torch.no_grad():
+            f = torch.as_tensor(self.embed_trained(features))
+        y = np.asarray(labels)
+        classes = np.unique(y)
+        cent = torch.stack([f[torch.from_numpy(y == c)].mean(0) for c in classes])
+        device = self.linear.weight.device
+        self.register_buffer("gate_centroids", F.normalize(cent, dim=1).to(device))
+        self.gate = (float(angle_lo), float(angle_hi), float(tau), float(temperature))
+        self.retain = float(angle_hi)
+        return self
+
+    @torch.no_grad()
+    def embed_trained(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """The trained part alone (``normalize(W x + b)``), without retention; N x out_dim float32."""
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        w = self.linear.weight.detach().cpu()
+        b = self.linear.bias.detach().cpu()
+        out = [
+            F.normalize(x[s : s + batch_size] @ w.T + b, dim=1, eps=1e-12) for s in range(0, max(len(x), 1), batch_size)
+        ]
+        return torch.cat(out).numpy().astype(np.float32)
 
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments, with the registry name."""
         cfg: dict[str, Any] = {"name": self.name, "in_dim": self.in_dim, "out_dim": self.out_dim}
         if self.retain > 0:
             cfg.update(retain=self.retain, retain_dim=self.retain_dim)
+        if self.gate is not None:
+            cfg.update(gate=list(self.gate), gate_classes=int(self.gate_centroids.shape[0]))
         return cfg
 
     @torch.no_grad()
@@ -242,9 +320,11 @@ class CombinedHead(nn.Module):
         num_classes: int = 0,
         retain: float = 0.0,
         retain_dim: int = 0,
+        gate: list[float] | None = None,
+        gate_classes: int = 0,
     ) -> None:
         super().__init__()
-        self.srl = SRLHead(in_dim, embed_dim, retain, retain_dim)
+        self.srl = SRLHead(in_dim, embed_dim, retain, retain_dim, gate, gate_classes)
         self.hash = HashHead(in_dim, bits, num_classes)
 
     @property
@@ -260,7 +340,17 @@ class CombinedHead(nn.Module):
                 f"the SRL head takes {srl.in_dim}-d features but the hash head {hash_head.in_dim}-d; "
                 "train both on the same backbone"
             )
-        out = cls(srl.in_dim, srl.out_dim, hash_head.bits, hash_head.num_classes, srl.retain, srl.retain_dim)
+        srl_cfg = srl.config()
+        out = cls(
+            srl.in_dim,
+            srl.out_dim,
+            hash_head.bits,
+            hash_head.num_classes,
+            srl.retain,
+            srl.retain_dim,
+            srl_cfg.get("gate"),
+            srl_cfg.get("gate_classes", 0),
+        )
         out.srl.load_state_dict(srl.state_dict())
         out.hash.load_state_dict(hash_head.state_dict())
         return out
@@ -289,7 +379,7 @@ class CombinedHead(nn.Module):
             "embed_dim": self.srl.out_dim,
             "bits": self.hash.bits,
             "num_classes": self.hash.num_classes,
-            **({"retain": self.srl.retain, "retain_dim": self.srl.retain_dim} if self.srl.retain > 0 else {}),
+            **{k: v for k, v in self.srl.config().items() if k in ("retain", "retain_dim", "gate", "gate_classes")},
         }
 
 

@@ -34,6 +34,8 @@ class Recipe:
         retain_dim: For ``srl`` and ``combined``: principal axes of the backbone's own features appended to
             the SRL embedding, weighted by an angle chosen on the validation split (0: off; see
             :func:`geoir.training.fit.train_srl`).
+        retain_gate: Let validation also choose a per-item retention angle from how close an item lies to
+            a class the head was taught (:meth:`geoir.training.heads.SRLHead.set_gate`).
         augment: Which heads also train on the 7 other flips and quarter turns of every image (one view
             drawn per sample and step; the caller passes their features as ``views``): ``dihedral-codes``
             the hash head only, ``dihedral`` every head, ``none`` no head. Views make a head treat a
@@ -49,6 +51,7 @@ class Recipe:
     epochs: int | None = None
     seed: int = 0
     retain_dim: int = 256
+    retain_gate: bool = True
     augment: str = "dihedral-codes"
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -75,8 +78,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        # Recipes recorded before retention or augmentation existed trained without them.
-        return cls(**{"retain_dim": 0, "augment": "none", **d})
+        # Recipes recorded before retention, its gate or augmentation existed trained without them.
+        return cls(**{"retain_dim": 0, "retain_gate": False, "augment": "none", **d})
 
     def _kw(self, key: str) -> dict[str, Any]:
         kw = dict(self.options.get(key, {}))
@@ -102,7 +105,7 @@ class Recipe:
         head: nn.Module | None
         srl = dg = None
         if self.method in ("srl", "combined"):
-            kw = {"retain_dim": self.retain_dim, **self._kw("srl")}
+            kw = {"retain_dim": self.retain_dim, "retain_gate": self.retain_gate, **self._kw("srl")}
             srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(
