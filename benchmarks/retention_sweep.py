@@ -1,7 +1,8 @@
 """Seen- and unseen-class mAP of the default recipe's float embedding over the retention angle.
 
 The default model's SRL embedding keeps the backbone's own features beside the trained ones, weighted by
-an angle that validation chooses (docs/training.md). This sweeps the angle on the evaluation splits
+an angle, or a per-tile gate of angles, that validation chooses (docs/training.md). This scores the
+chosen gate and then sweeps fixed angles of the same trained head on the evaluation splits
 themselves, to show the trade-off the choice makes; it is a diagnostic, never a way to pick the angle
 (that would select on test queries).
 
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ from geoir.training.protocols import evaluate_seen, stratified_split, unseen_cla
 from geoir.training.recipes import Recipe, float_encoder  # noqa: E402
 
 ANGLES = (0.0, 0.3, 0.6, 0.75, 0.9, 1.05, 1.2, 1.35, float(np.pi / 2))
+#: The row of a gated head as trained (its per-tile angles, docs/training.md).
+GATED = "gate chosen by validation"
 
 
 def main() -> None:
@@ -60,14 +64,18 @@ def main() -> None:
         return recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)[0]
 
     rows: dict[str, dict[str, list[float]]] = {f"{a:.2f}": {"seen": [], "unseen": []} for a in ANGLES}
+    rows[GATED] = {"seen": [], "unseen": []}
     backbone: dict[str, list[float]] = {"seen": [], "unseen": []}
-    chosen: list[float] = []
+    chosen: list[Any] = []
 
     def sweep(head, score) -> None:  # type: ignore[no-untyped-def]
         srl = head.srl if hasattr(head, "srl") else head
-        chosen.append(srl.retain)
+        chosen.append(srl.retain if srl.gate is None else {"gate": list(srl.gate)})
         if not srl.retain:
             raise SystemExit("the recipe trained without retention; nothing to sweep")
+        if srl.gate is not None:
+            yield GATED, score(srl.embed)  # the head as validation chose it
+            srl.gate = None  # then the same trained and retained parts at fixed angles
         for a in ANGLES:
             srl.retain = a  # 0 switches the retained part off
             yield f"{a:.2f}", score(srl.embed)
@@ -105,7 +113,9 @@ def main() -> None:
         {"angle (rad)": "backbone alone", "seen mAP": mean(backbone["seen"]), "unseen mAP": mean(backbone["unseen"])}
     ]
     table_rows += [
-        {"angle (rad)": a, "seen mAP": mean(r["seen"]), "unseen mAP": mean(r["unseen"])} for a, r in rows.items()
+        {"angle (rad)": a, "seen mAP": mean(r["seen"]), "unseen mAP": mean(r["unseen"])}
+        for a, r in rows.items()
+        if r["seen"] or r["unseen"]
     ]
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},

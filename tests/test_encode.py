@@ -111,3 +111,19 @@ def test_model_file_errors(tmp_path: Path) -> None:
         load_model(junk)
     with pytest.raises(ModelError, match="unknown timm model"):
         load_model("backbone", backbone="no_such_model_xyz")
+
+
+def test_shipped_default_model_is_the_documented_recipe() -> None:
+    # docs/training.md's command: combined, 64 bits, both heads on the dihedral views, gated retention.
+    model = load_model(None)
+    recipe = model.meta["recipe"]
+    assert recipe["method"] == "combined" and recipe["bits"] == 64
+    assert recipe["augment"] == "dihedral" and recipe["retain_gate"] and recipe["retain_dim"] == 256
+    srl = model.head.srl  # type: ignore[union-attr]
+    assert srl.gate is not None and srl.gate_centroids.shape == (21, srl.out_dim)
+    lo, hi, tau, _ = srl.gate
+    assert 0 <= lo <= hi <= np.pi / 2 and 0 < tau < 1
+    x = torch.randint(0, 255, (2, 3, 256, 256), dtype=torch.uint8)
+    out = model.encode(x)
+    assert out.embedding.shape == (2, srl.embedding_dim) and out.codes.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(out.embedding, axis=1), 1.0, atol=1e-5)
