@@ -267,6 +267,30 @@ def test_train_srl_chooses_a_gate_on_validation() -> None:
     assert fixed.gate is None and fixed.retain == 0.3
 
 
+def test_train_srl_sets_the_gate_validation_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    import geoir.training.fit as fit
+
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    kw = {"epochs": 3, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
+    seen: dict[str, bool] = {}
+
+    def choose(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["gate"] = args[-1]
+        return 0.9, (0.3, 0.9, 0.6, 0.05), {"gate 0.30 0.90 0.60": {"seen": 1.0, "unseen": 1.0}}
+
+    monkeypatch.setattr(fit, "_choose_retention", choose)
+    head, hist = train_srl(x, y, retain_gate=True, **kw)
+    assert seen["gate"] is True and hist["retain_gate"] == [0.3, 0.9, 0.6, 0.05] and hist["retain_angle"] == 0.9
+    assert head.gate == (0.3, 0.9, 0.6, 0.05) and head.retain == 0.9
+    # Its centroids are the fitting images' classes in the trained embedding, the validation images left out.
+    fit_idx, _ = fit._holdout(y, 0.2, "stratified", 1)
+    f = head.embed_trained(x[fit_idx])
+    cent = np.stack([f[y[fit_idx] == c].mean(0) for c in range(8)])
+    np.testing.assert_allclose(
+        head.gate_centroids.numpy(), cent / np.linalg.norm(cent, axis=1, keepdims=True), atol=1e-5
+    )
+
+
 def test_train_srl_chooses_retention_on_validation() -> None:
     x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
     kw = {"epochs": 6, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
