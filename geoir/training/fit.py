@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from geoir.errors import DatasetError
-from geoir.training.heads import HashHead, PlainHead, SRLHead
+from geoir.training.heads import HashHead, PlainHead, SRLHead, gate_angles
 from geoir.training.losses import (
     AsymmetricLoss,
     CorrectiveTripletLoss,
@@ -205,10 +205,22 @@ def _val_map(
     items, each query excluded from its own ranking."""
     q = encode(x[val_idx])
     if within:
-        out = evaluate_retrieval(q, q, y[val_idx], y[val_idx], metric=metric, ks=(), self_index=np.arange(len(q)))
-    else:
-        out = evaluate_retrieval(q, encode(x[fit_idx]), y[val_idx], y[fit_idx], metric=metric, ks=())
-    return float(out["mAP"])  # type: ignore[arg-type]
+        return _map(q, q, y[val_idx], y[val_idx], metric, within=True)
+    return _map(q, encode(x[fit_idx]), y[val_idx], y[fit_idx], metric)
+
+
+def _map(
+    q: np.ndarray,
+    db: np.ndarray,
+    yq: np.ndarray,
+    ydb: np.ndarray,
+    metric: Literal["euclidean", "hamming"],
+    within: bool = False,
+) -> float:
+    """mAP of queries against a database (``within``: the queries are the database, each excluded from its
+    own ranking)."""
+    self_index = np.arange(len(q)) if within else None
+    return _as_float(evaluate_retrieval(q, db, yq, ydb, metric=metric, ks=(), self_index=self_index)["mAP"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,21 +478,17 @@ def _choose_retention(
     xk, yk = x[known], y[known]
     # Every candidate embeds with the same trained part and retained part; only the angles change.
     trial = copy.deepcopy(probe).set_retention(xk[p_fit], RETAIN_ANGLES[-1], dim)
-    f = torch.from_numpy(trial.embed_trained(x))
     with torch.no_grad():
-        full = torch.from_numpy(trial.embed(x))
-    r = full[:, f.shape[1] :] / math.sin(RETAIN_ANGLES[-1])
-    seen_rows, unseen_rows = (known[p_val], known[p_fit]), unknown
-    if gate:
-        trial.set_gate(xk[p_fit], yk[p_fit], 0.0, RETAIN_ANGLES[-1], 0.5, GATE_TEMPERATURE)
+        xt = torch.as_tensor(x, dtype=torch.float32)
+        f, r = trial.trained(xt), trial.retained(xt)
+        if gate:
+            trial.set_gate(xk[p_fit], yk[p_fit], 0.0, RETAIN_ANGLES[-1], 0.5, GATE_TEMPERATURE)
+            confidence = trial.confidence(f)
+    (q, db), u = (known[p_val], known[p_fit]), unknown
 
     def score(angles: torch.Tensor) -> tuple[float, float]:
         e = torch.cat([torch.cos(angles)[:, None] * f, torch.sin(angles)[:, None] * r], dim=1).numpy()
-        q, db = seen_rows
-        seen = evaluate_retrieval(e[q], e[db], y[q], y[db], metric="euclidean", ks=())["mAP"]
-        u = e[unseen_rows]
-        un = evaluate_retrieval(u, u, y[unseen_rows], y[unseen_rows], ks=(), self_index=np.arange(len(u)))["mAP"]
-        return float(seen), float(un)  # type: ignore[arg-type]
+        return _map(e[q], e[db], y[q], y[db], "euclidean"), _map(e[u], e[u], y[u], y[u], "euclidean", within=True)
 
     curve: dict[str, Any] = {}
     best: tuple[float, tuple[float, float, float, float] | None] = (RETAIN_ANGLES[0], None)
@@ -491,12 +499,7 @@ def _choose_retention(
             (hi, (lo, hi, tau, GATE_TEMPERATURE)) for lo in GATE_ANGLES_LO for hi in GATE_ANGLES_HI for tau in GATE_TAUS
         ]
     for angle, g in candidates:
-        if g is None:
-            angles = torch.full((len(f),), angle)
-        else:
-            trial.gate = g
-            angles = trial.angles(f)
-        seen, un = score(angles)
+        seen, un = score(torch.full((len(f),), angle) if g is None else gate_angles(confidence, *g))
         key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
         curve[key] = {"seen": seen, "unseen": un}
         if (seen + un) / 2 > best_score + 1e-9:
@@ -658,10 +661,8 @@ def train_dgssh(
                 t = float("nan")
             else:
                 v_codes = V.numpy().astype(np.int8)
-                i1 = _as_float(
-                    evaluate_retrieval(qc, net_codes, y[val_idx], y[fit_idx], metric="hamming", ks=())["mAP"]
-                )
-                t = _as_float(evaluate_retrieval(qc, v_codes, y[val_idx], y[fit_idx], metric="hamming", ks=())["mAP"])
+                i1 = _map(qc, net_codes, y[val_idx], y[fit_idx], "hamming")
+                t = _map(qc, v_codes, y[val_idx], y[fit_idx], "hamming")
             hist["val_mAP_I1"].append(i1)
             hist["val_mAP_T"].append(t)
             score = hist["val_mAP_I1" if select_on == "I1" else "val_mAP_T"][-1]

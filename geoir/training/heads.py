@@ -13,6 +13,7 @@ Every head is serialisable as ``(config(), state_dict())``: ``config()`` is a sm
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "HashHead",
     "PlainHead",
     "SRLHead",
+    "gate_angles",
     "get_head",
     "head_from_config",
     "pca_whitening",
@@ -58,6 +60,11 @@ def pca_whitening(features: np.ndarray, dim: int, eps: float = 1e-6) -> tuple[np
     var = s[:dim] ** 2 / max(x.shape[0] - 1, 1)
     w = vt[:dim] / np.sqrt(var + eps)[:, None]
     return w.astype(np.float32), (-w @ mean).astype(np.float32)
+
+
+def gate_angles(confidence: Tensor, lo: float, hi: float, tau: float, temperature: float) -> Tensor:
+    """Retention angles of a gate (:meth:`SRLHead.set_gate`): ``hi + (lo - hi) * sigmoid((c - tau) / T)``."""
+    return hi + (lo - hi) * torch.sigmoid((confidence - tau) / temperature)
 
 
 class SRLHead(nn.Module):
@@ -162,23 +169,34 @@ class SRLHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Unit-norm embeddings, N x :attr:`embedding_dim`."""
-        f = F.normalize(self.linear(x), dim=1, eps=1e-12)
+        f = self.trained(x)
         if self.retain <= 0:
             return f
-        r = (F.normalize(x, dim=1, eps=1e-12) - self.retain_mean) @ self.retain_proj
-        r = F.normalize(r, dim=1, eps=1e-12)
+        r = self.retained(x)
         if self.gate is None:
             return torch.cat([math.cos(self.retain) * f, math.sin(self.retain) * r], dim=1)
         a = self.angles(f)[:, None]
         return torch.cat([torch.cos(a) * f, torch.sin(a) * r], dim=1)
 
+    def trained(self, x: Tensor) -> Tensor:
+        """The trained part alone, ``normalize(W x + b)``: N x :attr:`out_dim`."""
+        return F.normalize(self.linear(x), dim=1, eps=1e-12)
+
+    def retained(self, x: Tensor) -> Tensor:
+        """The retained part alone (see :meth:`set_retention`), before its angle: N x :attr:`retain_dim`."""
+        r = (F.normalize(x, dim=1, eps=1e-12) - self.retain_mean) @ self.retain_proj
+        return F.normalize(r, dim=1, eps=1e-12)
+
+    def confidence(self, f: Tensor) -> Tensor:
+        """Cosine similarity of trained embeddings ``f`` to their nearest class centroid (needs a gate)."""
+        return (f @ self.gate_centroids.T).amax(dim=1)
+
     def angles(self, f: Tensor) -> Tensor:
-        """Per-item retention angles of the gate from trained embeddings ``f`` (N x out_dim, unit norm)."""
+        """Per-item retention angles from trained embeddings ``f`` (N x out_dim, unit norm): the fixed
+        :attr:`retain`, or the gate's."""
         if self.gate is None:
             return torch.full((len(f),), self.retain, dtype=f.dtype, device=f.device)
-        lo, hi, tau, temperature = self.gate
-        confidence = (f @ self.gate_centroids.T).amax(dim=1)
-        return hi + (lo - hi) * torch.sigmoid((confidence - tau) / temperature)
+        return gate_angles(self.confidence(f), *self.gate)
 
     def set_gate(
         self, features: np.ndarray, labels: np.ndarray, angle_lo: float, angle_hi: float, tau: float, temperature: float
@@ -217,16 +235,9 @@ class SRLHead(nn.Module):
         self.retain = float(angle_hi)
         return self
 
-    @torch.no_grad()
     def embed_trained(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """The trained part alone (``normalize(W x + b)``), without retention; N x out_dim float32."""
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        w = self.linear.weight.detach().cpu()
-        b = self.linear.bias.detach().cpu()
-        out = [
-            F.normalize(x[s : s + batch_size] @ w.T + b, dim=1, eps=1e-12) for s in range(0, max(len(x), 1), batch_size)
-        ]
-        return torch.cat(out).numpy().astype(np.float32)
+        """The trained part alone (:meth:`trained`) of an N x D feature array; N x out_dim float32."""
+        return _batched(self, features, batch_size, self.trained).numpy().astype(np.float32)
 
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments, with the registry name."""
@@ -426,12 +437,16 @@ def head_from_config(config: dict[str, Any], state_dict: dict[str, Tensor] | Non
     return head.eval()
 
 
-def _batched(module: nn.Module, features: np.ndarray, batch_size: int) -> Tensor:
-    """Run ``module`` over a numpy feature array in batches, without gradients, in float32."""
+def _batched(
+    module: nn.Module, features: np.ndarray, batch_size: int, fn: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Run ``module`` (or ``fn``, one of its methods) over a numpy feature array in batches, in eval mode,
+    without gradients, in float32."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    run = fn or module
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        out = torch.cat([module(x[s : s + batch_size]) for s in range(0, max(len(x), 1), batch_size)])
+        out = torch.cat([run(x[s : s + batch_size]) for s in range(0, max(len(x), 1), batch_size)])
     module.train(was_training)
     return out
