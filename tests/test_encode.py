@@ -127,3 +127,12 @@ def test_shipped_default_model_is_the_documented_recipe() -> None:
     out = model.encode(x)
     assert out.embedding.shape == (2, srl.embedding_dim) and out.codes.shape == (2, 8)
     np.testing.assert_allclose(np.linalg.norm(out.embedding, axis=1), 1.0, atol=1e-5)
+
+
+def test_model_file_with_a_broken_head_names_the_file(tmp_path: Path) -> None:
+    payload = torch.load(load_model(None).meta["path"], map_location="cpu", weights_only=True)
+    payload["head_config"]["gate"] = [0.1, 1.0]  # a gate needs 4 numbers
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(ModelError, match=r"bad\.pt: a retention gate needs .*geoir train"):
+        load_model(bad)

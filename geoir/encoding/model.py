@@ -263,7 +263,13 @@ def load_model(
 
     head = None
     if payload["head_config"] is not None:
-        head = head_from_config(payload["head_config"], payload["head_state"])
+        try:
+            head = head_from_config(payload["head_config"], payload["head_state"])
+        except ModelError as exc:
+            raise ModelError(
+                f"{path}: {exc}; the file is damaged or was written by another geoir version: "
+                "train it again with `geoir train`"
+            ) from None
     meta = dict(payload.get("meta") or {})
     meta.setdefault("name", path.stem)
     meta["path"] = str(path.resolve())
