@@ -180,11 +180,18 @@ def test_dihedral_features_are_cached_per_view(image_folder: Path) -> None:
 
 def test_train_records_the_augmentation(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
-    invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(out), *TEST_BACKBONE)
+    args = ("train", str(image_folder), "--method", "srl", "--epochs", "2", *TEST_BACKBONE)
+    invoke(*args, "--no-retain-gate", "--out", str(out))
     meta = load_model(out).meta
+    # --augment auto without the retention gate: the float embedding trains on the images as given.
     assert meta["recipe"]["augment"] == "dihedral-codes"
     # An SRL head trains on no view under dihedral-codes, so none was computed: only view 0 is cached.
     assert [p.name for p in cache_dir().iterdir() if ".view" in p.name] == []
+    # With the gate (the default), auto trains every head on the 7 other views too, as the shipped model.
+    gated = tmp_path / "g.pt"
+    invoke(*args, "--out", str(gated))
+    assert load_model(gated).meta["recipe"]["augment"] == "dihedral"
+    assert len([p for p in cache_dir().iterdir() if ".view" in p.name]) == 7
     none = tmp_path / "n.pt"
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--augment", "none", "--out", str(none))
     assert load_model(none).meta["recipe"]["augment"] == "none"
@@ -205,7 +212,9 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
     gpkg = tmp_path / "labels.gpkg"
     labels.to_file(gpkg)
     out = tmp_path / "m.pt"
-    r = CliRunner().invoke(cli, ["train", str(gpkg), "--index", str(index), "--out", str(out), "--device", "cpu"])
+    r = CliRunner().invoke(
+        cli, ["train", str(gpkg), "--index", str(index), "--augment", "dihedral", "--out", str(out), "--device", "cpu"]
+    )
     assert r.exit_code == 2 and "--augment none" in r.output and not out.exists()
     invoke(
         "train", str(gpkg), "--index", str(index), "--method", "srl", "--epochs", "2", "--augment", "none",
@@ -213,8 +222,15 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
     )  # fmt: skip
     meta = load_model(out).meta
     assert meta["data"]["samples"] == 16 and meta["data"]["classes"] == 2
-    # An SRL head needs no views under the default dihedral-codes, so labelled tiles train without --augment.
+    # --augment auto means none for labelled tiles, so they train without the option, hash heads too.
+    auto = tmp_path / "auto.pt"
+    invoke("train", str(gpkg), "--index", str(index), "--method", "combined", "--epochs", "1", "--out", str(auto))
+    assert load_model(auto).meta["recipe"]["augment"] == "none"
+    # An SRL head needs no views under dihedral-codes, so labelled tiles train with it too.
     srl = tmp_path / "srl.pt"
-    invoke("train", str(gpkg), "--index", str(index), "--method", "srl", "--epochs", "1", "--out", str(srl))
+    invoke(
+        "train", str(gpkg), "--index", str(index), "--method", "srl", "--epochs", "1", "--augment", "dihedral-codes",
+        "--out", str(srl),
+    )  # fmt: skip
     assert load_model(srl).meta["recipe"]["augment"] == "dihedral-codes"
     assert all(item.startswith("tile:") for item in meta["split"]["test_items"])

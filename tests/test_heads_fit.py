@@ -328,8 +328,10 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
         Recipe(retain_dim=-1)
     with pytest.raises(DatasetError, match="--augment"):
         Recipe(augment="mirror")
-    assert Recipe(method="srl").views_needed == "none" and Recipe(method="dgssh").views_needed == "dihedral-codes"
-    assert Recipe(method="srl", augment="dihedral").views_needed == "dihedral"
+    assert Recipe(method="srl", augment="dihedral-codes").views_needed == "none"
+    assert Recipe(method="dgssh", augment="dihedral-codes").views_needed == "dihedral-codes"
+    # The default is the shipped model's recipe: every head on the views.
+    assert Recipe(method="srl").views_needed == "dihedral" and Recipe().augment == "dihedral"
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,19 @@ def _features(
     return bb, bundle_features(dataset, bundle)
 
 
+def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: bool) -> str:
+    """What ``--augment auto`` means for DATASET: every head on the dihedral views for an image folder (the
+    shipped model's recipe), but the float embedding on the images as given when no retention gate guards
+    it (with one retention angle for all tiles, views cost it the detail that finds the same place at
+    another date: docs/results.md); no views for a bundle's labelled tiles, whose pixels it does not keep.
+    Any other value is returned as given."""
+    if augment != "auto":
+        return augment
+    if not dataset.is_dir():
+        return "none"
+    return "dihedral" if retain_dim > 0 and retain_gate else "dihedral-codes"
+
+
 @click.command(short_help="Train a head (SRL, DGSSH) on labelled images or tiles.")
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -85,11 +98,12 @@ def _features(
 )
 @click.option(
     "--augment",
-    type=click.Choice(["dihedral-codes", "dihedral", "none"]),
-    default="dihedral-codes",
+    type=click.Choice(["auto", "dihedral", "dihedral-codes", "none"]),
+    default="auto",
     show_default=True,
     help="Also train on the 7 flips/quarter turns of every image (8 backbone passes, cached; image folders "
-    "only): for the hash head (dihedral-codes), for every head (dihedral), or none.",
+    "only): for every head (dihedral), the hash head only (dihedral-codes), or none. auto: dihedral for an "
+    "image folder (dihedral-codes with the retention gate off), none for labelled tiles of a bundle.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits and the training.")
 @click.option(
@@ -151,6 +165,7 @@ def train(
     if model is not None:
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
     refuse_existing(out, overwrite)
+    augment = resolve_augment(augment, dataset, retain_dim, retain_gate)
     recipe = Recipe(
         method=method,
         bits=int(bits),

@@ -38,10 +38,11 @@ class Recipe:
             a class the head was taught (:meth:`geoir.training.heads.SRLHead.set_gate`).
         augment: Which heads also train on the 7 other flips and quarter turns of every image (one view
             drawn per sample and step; the caller passes their features as ``views``): ``dihedral-codes``
-            the hash head only, ``dihedral`` every head, ``none`` no head. Views make a head treat a
-            turned or mirrored scene as the same scene, which lifts class-level retrieval, but they cost
-            the float embedding the detail that finds the same place again (relocalization: docs/results.md),
-            so by default the float embedding trains on the images as given.
+            the hash head only, ``dihedral`` every head (the default, the shipped model's recipe), ``none``
+            no head. Views make a head treat a turned or mirrored scene as the same scene, which lifts
+            class-level retrieval. With one retention angle for all items they cost the float embedding the
+            detail that finds the same place again at another date; the retention gate keeps it
+            (relocalization: docs/results.md), so without the gate prefer ``dihedral-codes``.
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -52,7 +53,7 @@ class Recipe:
     seed: int = 0
     retain_dim: int = 256
     retain_gate: bool = True
-    augment: str = "dihedral-codes"
+    augment: str = "dihedral"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
