@@ -76,14 +76,21 @@ def dask_client(scheduler: str | None = None, cluster: str | None = None, thread
             :func:`gpu_worker_threads`).
 
     Raises:
-        GeoirError: dask.distributed is not installed, or the option is malformed.
+        GeoirError: dask.distributed is not installed, the option is malformed, or the scheduler cannot be
+            reached.
     """
     try:
         from distributed import Client
     except ImportError as exc:
         raise GeoirError("distributed tiling needs Dask: pip install 'geoir[dist]'") from exc
     if scheduler:
-        return Client(scheduler)
+        try:
+            return Client(scheduler)
+        except (OSError, ValueError) as exc:
+            raise GeoirError(
+                f"cannot reach the Dask scheduler at {scheduler} ({str(exc).splitlines()[0]}); start one there "
+                "(`dask scheduler`, with workers: `dask worker ADDRESS`) or pass --cluster local:N instead"
+            ) from None
     assert cluster is not None
     kind, _, n = cluster.partition(":")
     if kind != "local" or not n.isdigit() or int(n) < 1:

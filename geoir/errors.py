@@ -34,3 +34,31 @@ class QueryError(GeoirError):
 
 class DatasetError(GeoirError):
     """A training or evaluation data set is missing or malformed."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The one-line message of a geoir error, also when a DataLoader worker raised it.
+
+    torch re-raises an exception of a reader process as the same type, with the whole worker traceback
+    as its message ("Caught SceneError in DataLoader worker process 0. Original Traceback ...", or the
+    chained exceptions it came from); the user needs only the original message, its last line.
+    """
+    text = str(exc)
+    if "in DataLoader worker process" in text or "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        name = type(exc).__name__
+        for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                return last[len(prefix) :]
+        return last
+    return text
+
+
+def unreadable_file_reason(exc: BaseException) -> str:
+    """A short reason why ``torch.load`` (or safetensors) could not read a file, without torch's advice
+    to load it unsafely or to file a torch issue."""
+    text = str(exc)
+    if "Weights only load failed" in text or "invalid load key" in text or "magic number" in text:
+        return "damaged, or not a PyTorch file"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]

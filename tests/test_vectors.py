@@ -395,7 +395,7 @@ def test_load_missing_and_corrupt_files(tmp_path: Path) -> None:
         VectorIndex.load(tmp_path / "nothing.faiss")
     garbage = tmp_path / "garbage.faiss"
     garbage.write_bytes(b"this is not a FAISS index at all")
-    with pytest.raises(BundleError, match=r"garbage\.faiss is corrupt.*re-run geoir tile"):
+    with pytest.raises(BundleError, match=r"garbage\.faiss is corrupt or truncated; delete it and search again"):
         VectorIndex.load(garbage)
     index = VectorIndex(16, factory="IVF4,PQ4x4")
     index.add(np.arange(300), np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32))

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 import click
 
 from geoir import __version__
-from geoir.errors import GeoirError
+from geoir.errors import GeoirError, user_message
 
 #: Ceiling of GDAL's block cache for geoir commands, in MB (users can set another with GDAL_CACHEMAX).
 #: Reading a scene lowers the cache to what a row of its tiles needs (:func:`geoir.io.scene.fit_block_cache`).
@@ -52,7 +52,7 @@ class GeoirGroup(click.Group):
         try:
             return super().invoke(ctx)
         except GeoirError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(user_message(exc)) from exc
 
 
 class _StderrFormatter(logging.Formatter):

@@ -21,6 +21,7 @@ from geoir.cli.options import (
     resolve_model,
     tqdm_progress,
 )
+from geoir.errors import GeoirError
 
 
 @click.command(short_help="Cut scenes into tiles and index them.")
@@ -124,7 +125,7 @@ def tile(
       $ geoir tile s2.tif --bands 1,2,3 --gsd 10 --export-chips chips/
       $ geoir tile big/*.tif --index-kind BHNSW32 --device cuda --batch-size 256
     """
-    from geoir.index.bundle import Bundle
+    from geoir.index.bundle import Bundle, discard_if_unused
     from geoir.io.files import ensure_writable_dir
     from geoir.tiling.grid import TilingParams
     from geoir.tiling.run import prepare_scenes, tile_scenes
@@ -171,48 +172,60 @@ def tile(
         if existing is not None:
             existing.check_model(encoder.fingerprint, encoder.meta.get("name"))
     kinds = parse_index_kinds(index_kinds)
-    bundle = Bundle.open_or_create(index, params)
-    if kinds and bundle.model is None:
-        bundle.manifest["index"] = {**bundle.manifest.get("index", {}), **kinds}
-    elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
-        raise click.UsageError(f"{index} already uses index kinds {bundle.manifest.get('index')}; drop --index-kind")
-    if scheduler or cluster:
-        from geoir.distributed import dask_client, gpu_worker_threads, spec_for, tile_scenes_distributed
+    if encoder is not None:
+        check_index_kinds(kinds, encoder)
+    with discard_if_unused(index):
+        bundle = Bundle.open_or_create(index, params)
+        if kinds and bundle.model is None:
+            bundle.manifest["index"] = {**bundle.manifest.get("index", {}), **kinds}
+        elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
+            raise click.UsageError(
+                f"{index} already uses index kinds {bundle.manifest.get('index')}; drop --index-kind"
+            )
+        if scheduler or cluster:
+            from geoir.distributed import dask_client, gpu_worker_threads, spec_for, tile_scenes_distributed
 
-        spec = spec_for(encoder, weights, device) if encoder is not None else None
-        # A CPU worker encodes with its one thread; a GPU worker reads blocks in several threads.
-        threads = 1
-        if cluster is not None and encoder is not None and wants_gpu(device):
-            threads = gpu_worker_threads(int(cluster.partition(":")[2]))
-        with dask_client(scheduler, cluster, threads_per_worker=threads) as client, bundle.lock():
-            report = tile_scenes_distributed(
-                bundle,
-                prepared,
-                client,
-                model=encoder,
-                spec=spec,
-                progress=tqdm_progress(progress_enabled(ctx)),
-                batch_size=batch_size,
+            spec = spec_for(encoder, weights, device) if encoder is not None else None
+            # A CPU worker encodes with its one thread; a GPU worker reads blocks in several threads.
+            threads = 1
+            if cluster is not None and encoder is not None and wants_gpu(device):
+                threads = gpu_worker_threads(int(cluster.partition(":")[2]))
+            with dask_client(scheduler, cluster, threads_per_worker=threads) as client, bundle.lock():
+                report = tile_scenes_distributed(
+                    bundle,
+                    prepared,
+                    client,
+                    model=encoder,
+                    spec=spec,
+                    progress=tqdm_progress(progress_enabled(ctx)),
+                    batch_size=batch_size,
+                )
+        else:
+            with bundle.lock():
+                report = tile_scenes(
+                    bundle,
+                    prepared,
+                    model=encoder,
+                    chips_dir=export_chips,
+                    progress=tqdm_progress(progress_enabled(ctx)),
+                    batch_size=batch_size,
+                    workers=default_workers() if workers is None else workers,
+                )
+        if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:
+            # Nothing to search: refuse rather than leave an empty bundle that re-runs would skip over.
+            raise click.ClickException(
+                f"no tile of {', '.join(Path(s.path).name for s in prepared)} passed the nodata limit "
+                f"(--max-nodata {params.max_nodata:g}, tiles of {params.size} px): is --size larger than the scene, "
+                "or the scene mostly nodata? Use a smaller --size or a larger --max-nodata"
             )
-    else:
-        with bundle.lock():
-            report = tile_scenes(
-                bundle,
-                prepared,
-                model=encoder,
-                chips_dir=export_chips,
-                progress=tqdm_progress(progress_enabled(ctx)),
-                batch_size=batch_size,
-                workers=default_workers() if workers is None else workers,
-            )
-    logging.getLogger("geoir").info(
-        "%s: %d scene(s) added, %d already indexed, %d tiles added; %d tiles in total",
-        index,
-        len(report.added_scenes),
-        len(report.skipped_scenes),
-        report.tiles_added,
-        bundle.manifest["counts"]["tiles"],
-    )
+        logging.getLogger("geoir").info(
+            "%s: %d scene(s) added, %d already indexed, %d tiles added; %d tiles in total",
+            index,
+            len(report.added_scenes),
+            len(report.skipped_scenes),
+            report.tiles_added,
+            bundle.manifest["counts"]["tiles"],
+        )
 
 
 def wants_gpu(device: str) -> bool:
@@ -222,6 +235,23 @@ def wants_gpu(device: str) -> bool:
 
         return torch.cuda.is_available()
     return device.startswith("cuda")
+
+
+def check_index_kinds(kinds: dict[str, str], model) -> None:  # type: ignore[no-untyped-def]
+    """Refuse ``--index-kind`` factory strings FAISS cannot build for this model, before any tile is read."""
+    from geoir.index.vectors import VectorIndex
+
+    for kind, factory in kinds.items():
+        if kind == "binary" and not model.bits:
+            raise click.BadParameter(
+                f"{factory!r} is a binary index, and model {model.meta.get('name')} gives no hash codes",
+                param_hint="--index-kind",
+            )
+        dim = int(model.bits) if kind == "binary" else int(model.embedding_dim)
+        try:
+            VectorIndex(dim, kind=kind, factory=factory)  # type: ignore[arg-type]
+        except GeoirError as exc:
+            raise click.BadParameter(str(exc), param_hint="--index-kind") from None
 
 
 def parse_index_kinds(values: tuple[str, ...]) -> dict[str, str]:

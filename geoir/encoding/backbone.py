@@ -21,6 +21,7 @@ import hashlib
 import importlib.resources
 import importlib.util
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geoir.errors import ModelError
+from geoir.errors import ModelError, unreadable_file_reason
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -453,9 +454,15 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj: Any = load_file(str(path), device="cpu")
         else:
             # weights_only refuses pickled code: a weights file must never be able to run anything.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns about pickle protocols and asks for issues to be filed: not for geoir's users.
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
-        raise ModelError(f"cannot read weights file {path}: {exc}") from exc
+        raise ModelError(
+            f"cannot read weights file {path} ({unreadable_file_reason(exc)}); pass a state dict saved with "
+            "torch.save, a timm checkpoint or a .safetensors file"
+        ) from exc
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):

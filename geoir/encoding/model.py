@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
-from geoir.errors import ModelError
+from geoir.errors import ModelError, unreadable_file_reason
 
 MODEL_FORMAT = "geoir-model"
 MODEL_FORMAT_VERSION = 1
@@ -243,9 +244,15 @@ def load_model(
         )
         return Model(bb, meta={"name": "backbone"})
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols and asks for issues to be filed: not for geoir's users.
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise ModelError(f"{path} is not a readable geoir model ({exc}); re-train it with `geoir train`") from exc
+        raise ModelError(
+            f"{path} is not a readable geoir model ({unreadable_file_reason(exc)}); pass a file written by "
+            "`geoir train`, or train one again"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path} is not a geoir model file; pass a file written by `geoir train`")
     spec = payload["backbone"]

@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -64,6 +65,38 @@ TILE_COLUMNS = ["tile_id", "scene_id", "col_off", "row_off", "width", "height", 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Remove the bundle the block creates at ``path`` when the block fails before it holds any tile.
+
+    A run that fails (bad input, an unreadable scene, Ctrl-C) before committing a tile to a new bundle
+    would otherwise leave a manifest behind that fixes its model and index kinds for the next run. A
+    bundle that already existed, or one that holds committed tiles, is kept: every committed scene is
+    whole. A directory that existed (empty) before is emptied, not removed.
+    """
+    p = Path(path)
+    if (p / MANIFEST).exists():
+        yield
+        return
+    existed = p.is_dir()
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tiles = json.loads((p / MANIFEST).read_text())["counts"]["tiles"] if (p / MANIFEST).exists() else 0
+            if tiles == 0 and p.is_dir():
+                if existed:
+                    for child in p.iterdir():
+                        if child.is_dir():
+                            shutil.rmtree(child)
+                        else:
+                            child.unlink()
+                else:
+                    shutil.rmtree(p)
+                log.debug("removed the unused new bundle %s", p)
+        raise
 
 
 class Bundle:
@@ -110,6 +143,12 @@ class Bundle:
         bundle = cls(p, manifest)
         if bundle.catalog_path.exists():
             bundle._check_catalog()
+        elif (manifest.get("counts") or {}).get("scenes"):
+            # Without the catalog the vectors would look orphaned, and a repair would delete them.
+            raise BundleError(
+                f"{bundle.catalog_path} is missing, but {p} records {manifest['counts']['scenes']} scene(s); restore "
+                f"that file from a backup, or tile the scenes again into a new --index"
+            )
         return bundle
 
     @classmethod
@@ -255,7 +294,7 @@ class Bundle:
         for r in self.scene_records():
             if r["id"] == scene_id:
                 return Scene.from_record(r)
-        raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info {self.path}` lists them")
+        raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info --index {self.path}` lists them")
 
     def scenes(self) -> gpd.GeoDataFrame:
         """The `scenes` layer."""
@@ -589,7 +628,7 @@ class Bundle:
     def remove_scene(self, scene_id: str) -> int:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
         if scene_id not in self.scene_ids():
-            raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info {self.path}` lists them")
+            raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info --index {self.path}` lists them")
         with contextlib.closing(self._connect()) as con, con:
             ids = [r[0] for r in con.execute("SELECT tile_id FROM tiles WHERE scene_id = ?", (scene_id,))]
             # Scene row first: from that instant its tiles are invisible, whatever happens next.

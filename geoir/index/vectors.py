@@ -47,8 +47,10 @@ filter is tight or when a filtered search came back short. See :meth:`VectorInde
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +60,8 @@ import faiss as _faiss
 import numpy as np
 
 from geoir.errors import BundleError, QueryError
+
+log = logging.getLogger("geoir")
 
 # FAISS's bundled stubs (faiss/__init__.pyi) cover only part of the SWIG API: no DirectMap, no
 # SearchParametersHNSW, no keyword constructors, no id_map or codes. Typed against them, every correct call
@@ -158,7 +162,8 @@ class VectorIndex:
             faiss_metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
             return faiss.index_factory(self.dim, factory, faiss_metric)
         except RuntimeError as err:
-            reason = str(err).strip().splitlines()[-1][-160:]
+            # FAISS prefixes its reason with the C++ function and source line; the reason is what follows.
+            reason = re.split(r"\.(?:cpp|h):\d+: ", str(err).strip().splitlines()[-1])[-1][-160:]
             raise BundleError(
                 f"cannot build a {self.dim}-{'bit' if self.kind == 'binary' else 'd'} {self.kind} index "
                 f"from factory string {factory!r} ({reason}); {hint}"
@@ -573,7 +578,8 @@ class VectorIndex:
             BundleError: The file is missing, corrupt, truncated, or not a geoir vector index.
         """
         source = Path(path)
-        redo = "re-run geoir tile to rebuild the index, or restore the bundle from a backup"
+        # A bundle's index files are derived from the vectors it stores, and rebuilt from them when missing.
+        redo = "delete it and search again: it is rebuilt from the vectors stored in the bundle"
         try:
             with open(source, "rb") as f:
                 magic = f.read(4)
@@ -585,8 +591,8 @@ class VectorIndex:
         try:
             index = faiss.read_index_binary(str(source)) if binary else faiss.read_index(str(source))
         except (RuntimeError, MemoryError) as err:
-            reason = str(err).strip().splitlines()[-1][-120:] if str(err).strip() else type(err).__name__
-            raise BundleError(f"index file {source} is corrupt or truncated ({reason}); {redo}") from None
+            log.debug("FAISS cannot read %s: %s", source, err)
+            raise BundleError(f"index file {source} is corrupt or truncated; {redo}") from None
         self = cls.__new__(cls)
         self.kind = "binary" if binary else "float"
         self.dim = int(index.d)
@@ -805,7 +811,8 @@ def hybrid_search(
             x = rerank.reconstruct(ids)
         except QueryError as err:
             raise BundleError(
-                f"{err}: the binary and float indexes disagree on the tiles; re-run geoir tile to rebuild"
+                f"{err}: the binary and float indexes disagree on the tiles; delete binary.faiss and float.faiss "
+                "in the bundle and search again (they are rebuilt from the stored vectors)"
             ) from None
         dist = np.sqrt(np.maximum(((x - q) ** 2).sum(axis=1), 0.0)).astype(np.float32)
         order = np.lexsort((ids, dist))[:k]

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geoir.errors import SceneError
@@ -244,7 +245,10 @@ def open_scene(
         raise SceneError(f"{p} is a directory; pass raster files, a glob, or the directory to `geoir tile`")
     try:
         # Threads decode the blocks of the statistics read (see SceneReader.src).
-        with rasterio.Env(GDAL_NUM_THREADS=str(read_threads())):
+        # A raster without georeferencing is refused below with its own message; rasterio's warning about
+        # it would only add noise before that message.
+        with rasterio.Env(GDAL_NUM_THREADS=str(read_threads())), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(p)
     except RasterioIOError as exc:
         raise SceneError(f"{p} is not a raster GDAL can read ({exc}); pass a GeoTIFF, COG, JP2 or similar") from exc
@@ -259,7 +263,13 @@ def open_scene(
         dtype = src.dtypes[chosen[0] - 1]
         scaling = Scaling()
         if dtype != "uint8":
-            scaling = _percentile_scaling(src, chosen, nd, mask_kind, percentiles)
+            try:
+                scaling = _percentile_scaling(src, chosen, nd, mask_kind, percentiles)
+            except RasterioIOError as exc:
+                raise SceneError(
+                    f"{p}: its pixels cannot be read ({_gdal_reason(exc)}); the file is truncated or damaged: "
+                    "copy or export it again"
+                ) from exc
         fp = content_fingerprint(p)
         return Scene(
             id=fp[:16],
@@ -482,7 +492,19 @@ class SceneReader:
             window: The grid window.
             out: A C-contiguous uint8 array of the tile's shape (e.g. a slot of a batch) to write the
                 pixels into, and return, instead of a new array.
+
+        Raises:
+            SceneError: The pixels cannot be decoded (a truncated or damaged file).
         """
+        try:
+            return self._read(window, out)
+        except RasterioIOError as exc:
+            raise SceneError(
+                f"{self.scene.path}: the pixels at column {int(window.col_off)}, row {int(window.row_off)} cannot "
+                f"be read ({_gdal_reason(exc)}); the file is truncated or damaged: copy or export it again"
+            ) from exc
+
+    def _read(self, window: Window, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         sc = self.scene
         out_shape = (len(sc.bands), int(window.height), int(window.width))
         native = Window(
@@ -556,6 +578,14 @@ class SceneReader:
         cols = max(block_cols, cols // block_cols * block_cols)
         for col in range(0, src.width, cols):
             src.read(bands, window=Window(col, top, min(cols, src.width - col), bottom - top))
+
+
+def _gdal_reason(exc: Exception) -> str:
+    """GDAL's own reason for a failed read: rasterio's "Read failed. See previous exception" points at an
+    exception it chains (the GDAL error), which is the one that says what went wrong."""
+    cause = exc.__cause__ or exc.__context__
+    text = str(cause if cause is not None and str(cause) else exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_threads() -> int:

@@ -196,6 +196,14 @@ def commit_scene(
     report.added_scenes.append(scene.id)
     report.tiles_added += len(kept)
     report.tiles_skipped_nodata += len(source) - len(kept)
+    if not kept:
+        log.warning(
+            "%s gave no tile: all %d are over the nodata limit (%g); is the tile size (%d px) larger than the scene?",
+            scene.path,
+            len(source),
+            bundle.params.max_nodata,
+            bundle.params.size,
+        )
     log.info(
         "%s: %d tiles added (%d skipped over the nodata limit)",
         Path(scene.path).name,

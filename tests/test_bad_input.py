@@ -1,0 +1,159 @@
+"""Bad input to `geoir tile` and `geoir encode`, and damaged bundles: one clear message, the right exit
+code, no traceback, and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from geoir.cli import cli
+from geoir.errors import BundleError, GeoirError, SceneError, user_message
+from geoir.index.bundle import Bundle, discard_if_unused
+from geoir.io.scene import open_scene
+from tests.conftest import MakeGeoTiff
+
+BACKBONE = ["--model", "backbone", "--backbone", "test", "--device", "cpu"]
+
+
+def geoir(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["-q", *args])
+
+
+def assert_clean_error(r: Result, code: int, *needles: str) -> None:
+    """Exit ``code`` through click (no traceback), a one-line message holding every needle."""
+    assert r.exit_code == code, r.output
+    assert isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.output
+    for needle in needles:
+        assert needle in r.output, r.output
+
+
+def truncated(make_geotiff: MakeGeoTiff, tmp_path: Path) -> Path:
+    """A GeoTIFF whose header is whole but whose pixel data stop half-way (an interrupted copy)."""
+    full = make_geotiff(shape=(3, 512, 512), tiled=False)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_truncated_scene_fails_cleanly_and_leaves_no_bundle(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, workers: str
+) -> None:
+    cut = truncated(make_geotiff, tmp_path)
+    index = tmp_path / "idx"
+    r = geoir("tile", str(cut), "--index", str(index), "--workers", workers, *BACKBONE)
+    # With reader processes too, the message is the reader's own, not torch's worker traceback.
+    assert_clean_error(r, 1, str(cut), "truncated or damaged")
+    assert "DataLoader" not in r.output
+    assert not index.exists()
+
+
+def test_failed_run_empties_a_given_empty_directory_and_keeps_it(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    index.mkdir()
+    r = geoir("tile", str(truncated(make_geotiff, tmp_path)), "--index", str(index), "--workers", "0", *BACKBONE)
+    assert r.exit_code == 1
+    assert index.is_dir() and list(index.iterdir()) == []
+
+
+def test_bad_index_kind_is_refused_before_any_tile(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    r = geoir("tile", str(make_geotiff()), "--index", str(index), "--index-kind", "FOO99", *BACKBONE)
+    assert_clean_error(r, 2, "--index-kind", "FOO99", "valid float examples")
+    assert "faiss::" not in r.output and ".cpp" not in r.output
+    assert not index.exists()
+    # A binary kind for a model without codes is refused too.
+    r = geoir("tile", str(make_geotiff()), "--index", str(index), "--index-kind", "BHNSW32", *BACKBONE)
+    assert_clean_error(r, 2, "gives no hash codes")
+    assert not index.exists()
+
+
+def test_tiles_larger_than_the_scene_leave_no_empty_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    r = geoir("tile", str(make_geotiff(shape=(3, 256, 256))), "--index", str(index), "--size", "2048", *BACKBONE)
+    assert_clean_error(r, 1, "no tile of scene.tif", "--size", "--max-nodata")
+    assert not index.exists()
+
+
+def test_missing_catalog_is_named_and_the_vectors_survive(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), "--workers", "0", *BACKBONE).exit_code == 0
+    vectors = sorted((index / "vectors").iterdir())
+    (index / "catalog.gpkg").unlink()
+    for args in (["encode", "--index", str(index)], ["info", "--index", str(index)]):
+        assert_clean_error(geoir(*args), 1, "catalog.gpkg is missing", "restore")
+    # Before, a repair by `geoir encode` took the vectors for orphans and deleted them.
+    assert sorted((index / "vectors").iterdir()) == vectors
+    with pytest.raises(BundleError, match="records 1 scene"):
+        Bundle.open(index)
+
+
+def test_scene_gone_since_tiling_is_named_without_worker_traceback(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(name="gone.tif")
+    index = tmp_path / "idx"
+    assert geoir("tile", str(scene), "--index", str(index), "--no-encode").exit_code == 0
+    scene.unlink()
+    r = geoir("encode", "--index", str(index), "--workers", "1", *BACKBONE)
+    assert_clean_error(r, 1, "gone.tif can no longer be read")
+    assert "DataLoader" not in r.output and "Original Traceback" not in r.output
+
+
+def test_model_and_weights_files_of_garbage_get_a_short_reason(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x03not a model at all" * 50)
+    index = tmp_path / "idx"
+    model = geoir("tile", str(make_geotiff()), "--index", str(index), "--model", str(junk))
+    assert_clean_error(model, 1, str(junk), "damaged, or not a PyTorch file", "geoir train")
+    weights = geoir("tile", str(make_geotiff()), "--index", str(index), "--model", "backbone", "--weights", str(junk))
+    assert_clean_error(weights, 1, str(junk), "damaged, or not a PyTorch file")
+    for r in (model, weights):
+        # torch's own advice (load it unsafely, file a torch issue) is not for geoir's users.
+        assert "weights_only" not in r.output and "file an issue" not in r.output
+    assert not index.exists()
+
+
+def test_raster_without_crs_gives_its_message_without_rasterio_warnings(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    plain = make_geotiff(name="plain.tif", crs=None)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SceneError, match="has no CRS"):
+        warnings.simplefilter("always")
+        open_scene(plain)
+    assert [w for w in caught if "georeferenc" in str(w.message).lower()] == []
+
+
+def test_user_message_strips_the_dataloader_wrapper() -> None:
+    wrapped = SceneError(
+        "Caught SceneError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise SceneError(msg)\ngeoir.errors.SceneError: a.tif can no longer be read'
+    )
+    assert user_message(wrapped) == "a.tif can no longer be read"
+    assert user_message(SceneError("plain message")) == "plain message"
+
+
+def test_discard_if_unused_removes_only_what_the_failed_run_created(tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt), discard_if_unused(new):
+        Bundle.open_or_create(new, None)
+        raise KeyboardInterrupt  # Ctrl-C before the first scene is committed
+    assert not new.exists()
+    # An existing bundle is never touched, even empty.
+    kept = tmp_path / "kept"
+    Bundle.open_or_create(kept, None)
+    with pytest.raises(GeoirError), discard_if_unused(kept):
+        raise GeoirError("boom")
+    assert (kept / "manifest.json").exists()
+    # A new bundle that holds tiles when the run fails keeps them: every committed scene is whole.
+    partial = tmp_path / "partial"
+    with pytest.raises(GeoirError), discard_if_unused(partial):
+        b = Bundle.open_or_create(partial, None)
+        b.manifest["counts"] = {"scenes": 1, "tiles": 4}
+        b.write_manifest()
+        raise GeoirError("second scene failed")
+    assert json.loads((partial / "manifest.json").read_text())["counts"]["tiles"] == 4
