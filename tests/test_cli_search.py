@@ -521,3 +521,102 @@ def test_hits_open_styled_in_qgis(bundle2: Path, tmp_path: Path) -> None:
     assert info["hits"]["renderer"] == "graduatedSymbol" and info["hits"]["labels"]
     assert info["hits_merged"]["valid"] and info["hits_merged"]["renderer"] == "graduatedSymbol"
     assert info["query"]["valid"] and info["query"]["count"] == 1
+
+
+def _fails(args: list[str], code: int) -> str:
+    """Run a command that must fail cleanly: exit ``code``, one message, no traceback."""
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == code, (r.output, r.exception)
+    assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    return r.output
+
+
+def test_examples_negative_column_is_parsed_strictly(bundle2: Path, tmp_path: Path) -> None:
+    """'no' is a positive, not a negative (any non-empty string used to count as true); an unknown value
+    is an error naming the file, the column, the value and the accepted values."""
+    tiles = Bundle.open(bundle2).tiles()
+    points = [tiles.geometry[i].centroid for i in (0, 5, 9, 12)]
+    out = tmp_path / "e.gpkg"
+    for values in (["no", "YES", " False ", None], [0, 1, 0, 1], [False, True, None, True]):
+        ex = tmp_path / "ex.gpkg"
+        gpd.GeoDataFrame({"negative": values}, geometry=points, crs="EPSG:4326").to_file(ex)
+        invoke("search", "--examples", str(ex), "--index", str(bundle2), "--out", str(out), "--overwrite", *TEST_MODEL)
+        expected = [bool(v) if not isinstance(v, str) else v.strip().lower() == "yes" for v in values]
+        assert gpd.read_file(out, layer="query").negative.tolist() == expected, values
+    out.unlink()
+    bad = tmp_path / "bad.gpkg"
+    gpd.GeoDataFrame({"negative": ["yes", "no", "maybe"]}, geometry=points[:3], crs="EPSG:4326").to_file(bad)
+    msg = _fails(["search", "--examples", str(bad), "--index", str(bundle2), "--out", str(out), *TEST_MODEL], 1)
+    assert "bad.gpkg" in msg and "`negative`" in msg and "'maybe'" in msg and "yes/no" in msg and "1/0" in msg
+    assert "positive query" not in msg and not out.exists() and not list(tmp_path.glob(".e*"))
+
+
+@pytest.mark.parametrize(
+    ("out_name", "fmt", "hint"),
+    [
+        ("s.gpkg", "geojson", "give --out the suffix .geojson"),
+        ("s.geojson", "fgb", "drop --format"),
+        ("-", "gpkg", "stdout"),
+    ],
+)
+def test_format_contradicting_out_is_usage_error(
+    bundle2: Path, tmp_path: Path, out_name: str, fmt: str, hint: str
+) -> None:
+    """--format against the --out suffix used to write GeoJSON text into a .gpkg (and an extra file beside it)."""
+    out = "-" if out_name == "-" else str(tmp_path / out_name)
+    before = sorted(tmp_path.iterdir())
+    args = ["search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", out, "--format", fmt, *TEST_MODEL]
+    msg = _fails(args, 2)
+    assert "--format" in msg and hint in msg and "Error:" in msg
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_format_names_an_output_without_known_suffix(bundle2: Path, tmp_path: Path) -> None:
+    """What --format is for: an --out whose suffix says nothing; agreeing suffixes are fine too."""
+    out = tmp_path / "hits.out"
+    base = ["search", "--point", "10.01,45.01", "--index", str(bundle2), "-k", "3", *TEST_MODEL]
+    invoke(*base, "--out", str(out), "--format", "fgb")
+    assert len(gpd.read_file(out)) == 3 and (tmp_path / "hits.hits_merged.out").exists()
+    invoke(*base, "--out", str(tmp_path / "h.json"), "--format", "geojson")
+    msg = _fails([*base, "--out", str(tmp_path / "h.txt")], 2)
+    assert "h.txt" in msg and "--format" in msg and not (tmp_path / "h.txt").exists()
+
+
+def test_unknown_tile_message_points_to_real_tile_ids(bundle2: Path, tmp_path: Path) -> None:
+    """`geoir info` lists no tile ids: the message names where they are, and an id taken from there works."""
+    out = tmp_path / "s.gpkg"
+    msg = _fails(["search", "tile:123", "--index", str(bundle2), "--out", str(out), *TEST_MODEL], 1)
+    catalog = bundle2 / "catalog.gpkg"
+    assert "tile 123 is not in" in msg and "tile_id" in msg and str(catalog) in msg and "geoir info" not in msg
+    assert not out.exists()
+    tid = int(gpd.read_file(catalog, layer="tiles").tile_id[0])
+    invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), *TEST_MODEL)
+    assert out.exists()
+
+
+def test_unknown_scene_message_gives_a_working_info_command(bundle2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.gpkg"
+    args = ["search", "--point", "10.01,45.01", "--scene", "nosuch", "--index", str(bundle2), "--out", str(out)]
+    msg = _fails([*args, *TEST_MODEL], 1)
+    command = f"geoir info --index {bundle2}"
+    assert "no scene 'nosuch'" in msg and f"`{command}`" in msg and not out.exists()
+    r = invoke(*command.split()[1:])
+    assert "b.tif" in r.output
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_index_file_message_gives_a_working_fix(bundle2: Path, tmp_path: Path, damage: str) -> None:
+    """Re-running `geoir tile` skips indexed scenes and so never repaired a corrupt .faiss file; deleting it does
+    (the search rebuilds it from the stored vectors). FAISS's C++ internals stay out of the message."""
+    faiss_file = bundle2 / "float.faiss"
+    data = faiss_file.read_bytes()
+    faiss_file.write_bytes(b"\xcbW\x1eb" + bytes(200) if damage == "garbage" else data[: len(data) // 2])
+    out = tmp_path / "s.gpkg"
+    args = ["search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), *TEST_MODEL]
+    msg = _fails(args, 1)
+    assert str(faiss_file) in msg and "delete it and search again" in msg and "geoir tile" not in msg
+    assert "faiss/impl" not in msg and "index_read" not in msg and len(msg.strip().splitlines()) == 1
+    assert not out.exists()
+    faiss_file.unlink()  # the fix the message gives
+    invoke(*args[: -len(TEST_MODEL)], *TEST_MODEL)
+    assert len(gpd.read_file(out, layer="hits")) == 10 and faiss_file.exists()

@@ -35,7 +35,8 @@ log = logging.getLogger("geoir")
     "--examples",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Vector file of example points/polygons; a boolean `negative` column marks negatives.",
+    help="Vector file of example points/polygons; a `negative` column (true/false, yes/no, 1/0; empty: "
+    "positive) marks negatives.",
 )
 @click.option(
     "--negative",
@@ -100,12 +101,21 @@ def search(
     """
     if not (queries or points or examples):
         raise click.UsageError("give a QUERY image or tile:ID, --point, or --examples")
+    from geoir.output.writers import format_conflict, suffix_format, write_layers
+
+    conflict = format_conflict(out, fmt)
+    if conflict:
+        raise click.BadParameter(conflict, param_hint="'--format'")
+    fmt = fmt or suffix_format(out)
+    if fmt is None:
+        raise click.BadParameter(
+            f"cannot tell the format of {out} from its suffix; use .gpkg, .geojson or .fgb, or --format",
+            param_hint="'--out'",
+        )
     from geoir.cli.options import resolve_model
     from geoir.index.bundle import Bundle
-    from geoir.output.writers import guess_format, write_layers
     from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
-    fmt = guess_format(out, fmt)
     refuse_existing(out, overwrite)
     bundle = Bundle.open(index_dir)
     encoder = resolve_model(model, backbone, weights, download, device, bundle.model)

@@ -34,16 +34,37 @@ def hits_style(field: str = "rank") -> str:
     return qml
 
 
-def guess_format(out: str, fmt: str | None) -> str:
-    """Output format from ``--format`` or the file suffix; stdout is GeoJSON."""
-    if fmt:
-        return fmt
+def suffix_format(out: str) -> str | None:
+    """The format an output's suffix names (stdout, ``-``, is GeoJSON); None for an unknown suffix."""
+    return "geojson" if out == "-" else SUFFIXES.get(Path(out).suffix.lower())
+
+
+def format_conflict(out: str, fmt: str | None) -> str | None:
+    """Why ``--format`` cannot go with ``--out`` (stdout takes only GeoJSON; a known suffix names its format)."""
+    named = suffix_format(out)
+    if not fmt or named is None or fmt == named:
+        return None
     if out == "-":
-        return "geojson"
-    suffix = Path(out).suffix.lower()
-    if suffix not in SUFFIXES:
+        return f"{fmt} cannot go to stdout (--out -), only geojson; drop --format or write to a .{fmt} file"
+    return (
+        f"{fmt} contradicts --out {out}, whose suffix {Path(out).suffix} names {named}; "
+        f"drop --format, or give --out the suffix .{fmt}"
+    )
+
+
+def guess_format(out: str, fmt: str | None) -> str:
+    """Output format from ``--format`` or the file suffix; stdout is GeoJSON.
+
+    Raises:
+        QueryError: ``--format`` contradicts the suffix, or there is neither a format nor a known suffix.
+    """
+    conflict = format_conflict(out, fmt)
+    if conflict:
+        raise QueryError(conflict)
+    fmt = fmt or suffix_format(out)
+    if fmt is None:
         raise QueryError(f"cannot tell the format of {out} from its suffix; use .gpkg, .geojson or .fgb, or --format")
-    return SUFFIXES[suffix]
+    return fmt
 
 
 def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import shapely
 import torch
@@ -136,7 +137,10 @@ class Searcher:
         tiles = self.tiles_by_id(ids)
         missing = sorted(set(ids.tolist()) - set(tiles.tile_id.tolist()))
         if missing:
-            raise QueryError(f"tile {missing[0]} is not in {self.bundle.path}; `geoir info` lists the bundle's tiles")
+            raise QueryError(
+                f"tile {missing[0]} is not in {self.bundle.path}; take an id from the tile_id field of the `tiles` "
+                f"layer of {self.bundle.catalog_path} or of earlier search results"
+            )
         vec = self.bundle.vectors(sorted(set(tiles.scene_id)))
         pos = {int(t): i for i, t in enumerate(vec["ids"])}
         feats = np.stack([vec["features"][pos[int(t)]] for t in ids]).astype(np.float32)
@@ -155,8 +159,8 @@ class Searcher:
         tiles = tiles[tiles.geometry.contains(pt)]
         if tiles.empty:
             raise QueryError(
-                f"no tile of {self.bundle.path} contains the point {lon:g},{lat:g} (lon,lat); "
-                "check the order (longitude first) and `geoir info` for the covered area"
+                f"no tile of {self.bundle.path} contains the point {lon:g},{lat:g} (lon,lat); check the order "
+                f"(longitude first); the `tiles` layer of {self.bundle.catalog_path} shows the area covered"
             )
         self.add_tiles(parts, tiles.tile_id.tolist(), f"point {lon:g},{lat:g}", negative)
 
@@ -171,10 +175,9 @@ class Searcher:
             raise QueryError(f"{p} has no features; add example points or polygons")
         if gdf.crs is None:
             raise QueryError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
+        flags = _negative_flags(gdf["negative"], p) if "negative" in gdf.columns else [False] * len(gdf)
         gdf = gdf.to_crs("EPSG:4326")
-        neg_col = gdf["negative"].fillna(False).astype(bool) if "negative" in gdf.columns else None
-        for i, geom in enumerate(gdf.geometry):
-            negative = bool(neg_col.iloc[i]) if neg_col is not None else False
+        for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
             tiles = self.bundle.tiles(bbox=tuple(geom.bounds))  # type: ignore[arg-type]
             tiles = tiles[tiles.geometry.intersects(geom)]
             if geom.geom_type == "Point":
@@ -214,7 +217,7 @@ class Searcher:
         for sid, rec in self._records.items():
             if s in (sid, rec["path"], Path(rec["path"]).name, Path(rec["path"]).stem):
                 return sid
-        raise QueryError(f"no scene {s!r} in {self.bundle.path}; `geoir info {self.bundle.path}` lists them")
+        raise QueryError(f"no scene {s!r} in {self.bundle.path}; `geoir info --index {self.bundle.path}` lists them")
 
     def search(
         self, parts: QueryParts, k: int = 10, allowed: np.ndarray | None = None, include_query_overlap: bool = False
@@ -313,6 +316,30 @@ class Searcher:
             "geometry",
         ]
         return gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+
+
+#: Values of an examples file's ``negative`` column (case-insensitive); empty or null marks a positive.
+NEGATIVE_VALUES = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "": False}
+
+
+def _negative_flags(column: pd.Series, path: Path) -> list[bool]:
+    """Parse an examples file's ``negative`` column strictly: booleans, 0/1, true/false, yes/no; else an error."""
+    flags = []
+    for i, value in enumerate(column.tolist()):
+        if isinstance(value, bool | np.bool_):
+            flags.append(bool(value))
+        elif value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)):
+            flags.append(False)
+        elif isinstance(value, int | float | np.integer | np.floating) and value in (0, 1):
+            flags.append(bool(value))
+        elif isinstance(value, str) and value.strip().lower() in NEGATIVE_VALUES:
+            flags.append(NEGATIVE_VALUES[value.strip().lower()])
+        else:
+            raise QueryError(
+                f"{path}: the `negative` column of feature {i} is {value!r}; use true/false, yes/no or 1/0 "
+                "(any case), or leave it empty for a positive example"
+            )
+    return flags
 
 
 def _best_over_turns(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
