@@ -157,3 +157,12 @@ def test_discard_if_unused_removes_only_what_the_failed_run_created(tmp_path: Pa
         b.write_manifest()
         raise GeoirError("second scene failed")
     assert json.loads((partial / "manifest.json").read_text())["counts"]["tiles"] == 4
+
+
+def test_truncated_image_query_gives_gdal_reason(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    out = tmp_path / "v.npy"
+    r = geoir("encode", str(truncated(make_geotiff, tmp_path)), "--out", str(out), *BACKBONE)
+    # GDAL's reason, not rasterio's "Read failed. See previous exception" (which is never shown).
+    assert_clean_error(r, 1, "cut.tif cannot be read as an image", "truncated or damaged")
+    assert "previous exception" not in r.output
+    assert not out.exists()

@@ -13,7 +13,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geoir.errors import QueryError
-from geoir.io.scene import Scaling, Scene, open_scene
+from geoir.io.scene import Scaling, Scene, gdal_reason, open_scene
 from geoir.tiling.grid import footprints
 
 #: Images larger than this (longest side, pixels) are read decimated: the backbone sees 224-ish pixels
@@ -48,7 +48,10 @@ def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> 
         try:
             return _read(Path(path), scaling)
         except RasterioIOError as exc:
-            raise QueryError(f"{path} cannot be read as an image ({exc}); is the file complete?") from exc
+            raise QueryError(
+                f"{path} cannot be read as an image ({gdal_reason(exc)}); the file is truncated or damaged: "
+                "copy or export it again"
+            ) from exc
 
 
 def _read(p: Path, scaling: Scaling | None) -> Image:

@@ -267,7 +267,7 @@ def open_scene(
                 scaling = _percentile_scaling(src, chosen, nd, mask_kind, percentiles)
             except RasterioIOError as exc:
                 raise SceneError(
-                    f"{p}: its pixels cannot be read ({_gdal_reason(exc)}); the file is truncated or damaged: "
+                    f"{p}: its pixels cannot be read ({gdal_reason(exc)}); the file is truncated or damaged: "
                     "copy or export it again"
                 ) from exc
         fp = content_fingerprint(p)
@@ -501,7 +501,7 @@ class SceneReader:
         except RasterioIOError as exc:
             raise SceneError(
                 f"{self.scene.path}: the pixels at column {int(window.col_off)}, row {int(window.row_off)} cannot "
-                f"be read ({_gdal_reason(exc)}); the file is truncated or damaged: copy or export it again"
+                f"be read ({gdal_reason(exc)}); the file is truncated or damaged: copy or export it again"
             ) from exc
 
     def _read(self, window: Window, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -580,7 +580,7 @@ class SceneReader:
             src.read(bands, window=Window(col, top, min(cols, src.width - col), bottom - top))
 
 
-def _gdal_reason(exc: Exception) -> str:
+def gdal_reason(exc: Exception) -> str:
     """GDAL's own reason for a failed read: rasterio's "Read failed. See previous exception" points at an
     exception it chains (the GDAL error), which is the one that says what went wrong."""
     cause = exc.__cause__ or exc.__context__
