@@ -234,3 +234,151 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
     )  # fmt: skip
     assert load_model(srl).meta["recipe"]["augment"] == "dihedral-codes"
     assert all(item.startswith("tile:") for item in meta["split"]["test_items"])
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def refused(*args: str, code: int):  # type: ignore[no-untyped-def]
+    """Run a command that must fail with one message: exit ``code``, no traceback."""
+    r = CliRunner().invoke(cli, ["-q", *args])
+    assert r.exit_code == code, (r.output, r.exception)
+    assert isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.output
+    return r
+
+
+def make_folder(root: Path, sizes: dict[str, int]) -> Path:
+    """Class folders of small random PNGs, ``sizes[name]`` images each."""
+    rng = np.random.default_rng(1)
+    for c, n in sizes.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def srl_model(image_folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "m.pt"
+    invoke(
+        "train", str(image_folder), "--method", "srl", "--epochs", "1", "--retain-dim", "0", "--augment", "none",
+        "--out", str(out), *TEST_BACKBONE,
+    )  # fmt: skip
+    return out
+
+
+def test_train_on_classes_too_small_for_validation_keeps_the_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 classes x 6 images: 5 train per class, too few for a validation image; the last epoch is kept."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = make_folder(tmp_path / "ds", {"agricultural": 6, "beach": 6, "forest": 6})
+    out = tmp_path / "r.pt"
+    r = CliRunner().invoke(
+        cli, ["train", str(data), "--out", str(out), "--epochs", "2", "--augment", "none", *TEST_BACKBONE]
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "validation" in r.output and "last epoch" in r.output and "7 or more images" in r.output
+    history = load_model(out).meta["history"]
+    assert set(history) == {"srl", "dgssh"}
+    assert all(h["best_epoch"] == 2 and h.get("best_val_mAP") is None for h in history.values())
+
+
+def test_train_refuses_a_class_too_small_before_reading_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = make_folder(tmp_path / "ds", {"beach": 2, "forest": 6})
+    out = tmp_path / "r.pt"
+    r = refused("train", str(data), "--out", str(out), *TEST_BACKBONE, code=1)
+    assert "'beach' has 2" in r.output and "at least 3 images" in r.output and "--test-fraction 0" in r.output
+    assert str(data) in r.output
+    assert not out.exists() and not (tmp_path / "cache").exists()  # no image was encoded
+
+
+def test_train_names_a_small_class_of_labelled_tiles_as_labelled(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 512, 512))
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", "--backbone", "test", "--workers", "0")
+    tiles = Bundle.open(index).tiles()
+    assert len(tiles) == 4
+    labels = gpd.GeoDataFrame(
+        {"label": ["a", "b", "b", "b"]}, geometry=tiles.geometry.representative_point().to_numpy(), crs=tiles.crs
+    )
+    gpkg = tmp_path / "labels.gpkg"
+    labels.to_file(gpkg)
+    out = tmp_path / "m.pt"
+    r = refused("train", str(gpkg), "--index", str(index), "--out", str(out), "--device", "cpu", code=1)
+    assert "class 'a' has 1" in r.output and "np.int64" not in r.output
+    assert "labels.gpkg" in r.output and "`label` column" in r.output and "labelled tiles" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["some.png", "scene.tif"])
+def test_train_refuses_an_image_as_data_set(tmp_path: Path, name: str) -> None:
+    image = tmp_path / name
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "r.pt"
+    for extra in ([], ["--index", str(tmp_path / "idx")]):
+        r = refused("train", str(image), "--out", str(out), *extra, *TEST_BACKBONE, code=2)
+        assert name in r.output and "not a data set" in r.output and "vector file" not in r.output.split(";")[0]
+        assert "folder of class folders" in r.output and "GeoPackage" in r.output and "--index" in r.output
+    assert not out.exists() and not (tmp_path / "idx").exists()
+
+
+def test_train_refuses_a_model_name_without_pt_before_any_work(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r05.txt"
+    r = refused("train", str(image_folder), "--out", str(out), "--epochs", "1", *TEST_BACKBONE, code=2)
+    assert "--out" in r.output and ".pt" in r.output and "r05.pt" in r.output
+    assert not out.exists() and not cache_dir().exists()
+    r = refused("train", str(image_folder), "--out", str(tmp_path / "m.pt"), "--seed", "-1", *TEST_BACKBONE, code=2)
+    assert "--seed" in r.output
+
+
+@pytest.mark.parametrize("option", ["--seeds", "--unseen-seeds"])
+@pytest.mark.parametrize("value", ["a,b", "x", "0,,1", "1,-2", "0,0"])
+def test_eval_refuses_malformed_seeds(tmp_path: Path, option: str, value: str) -> None:
+    (tmp_path / "ds").mkdir()
+    report = tmp_path / "r.json"
+    r = refused("eval", str(tmp_path / "ds"), "--model", "m.pt", option, value, "--json", str(report), code=2)
+    assert option in r.output and "0,1,2" in r.output
+    assert not report.exists()
+
+
+def test_eval_checks_every_protocol_before_any_work(image_folder: Path, srl_model: Path, tmp_path: Path) -> None:
+    """4 classes cannot give the unseen protocol's 15 + 2: refused before the seen protocol runs or writes."""
+    report, splits = tmp_path / "r.json", tmp_path / "splits"
+    r = refused(
+        "eval", str(image_folder), "--model", str(srl_model), "--json", str(report), "--splits-dir", str(splits), code=1
+    )
+    assert str(image_folder) in r.output and "4 classes" in r.output and "at least 17" in r.output
+    assert "--protocol seen" in r.output and "n_train_classes" not in r.output
+    assert not report.exists() and not splits.exists()
+
+
+def test_eval_refuses_to_replace_curves_and_splits_without_overwrite(
+    image_folder: Path, srl_model: Path, tmp_path: Path
+) -> None:
+    report, png, splits = tmp_path / "r.json", tmp_path / "pr.png", tmp_path / "splits"
+    args = ["eval", str(image_folder), "--model", str(srl_model), "--protocol", "seen", "--seeds", "0,3"]
+    args += ["--json", str(report)]
+    png.write_bytes(b"old curve")
+    r = refused(*args, "--pr-curve", str(png), code=1)
+    assert "pr.png exists" in r.output and "--overwrite" in r.output
+    assert png.read_bytes() == b"old curve" and not report.exists()
+    splits.mkdir()
+    (splits / "seen_seed3.json").write_text("old split")
+    r = refused(*args, "--splits-dir", str(splits), code=1)
+    assert "seen_seed3.json" in r.output and "--overwrite" in r.output and "--splits-dir" in r.output
+    assert sorted(p.name for p in splits.iterdir()) == ["seen_seed3.json"] and not report.exists()
+    # Split files of other seeds or protocols are no conflict; with --overwrite the old ones are replaced.
+    invoke(*args, "--splits-dir", str(splits), "--pr-curve", str(png), "--overwrite")
+    assert json.loads((splits / "seen_seed3.json").read_text())["seed"] == 3
+    assert Image.open(png).size == (640, 480)
+
+
+def test_eval_refuses_a_curve_file_that_is_not_png(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    report, curve = tmp_path / "r.json", tmp_path / "x.txt"
+    r = refused("eval", str(tmp_path / "ds"), "--json", str(report), "--pr-curve", str(curve), code=2)
+    assert "--pr-curve" in r.output and ".png" in r.output and "x.txt" in r.output
+    assert not report.exists() and not curve.exists()

@@ -44,6 +44,8 @@ from geoir.training.protocols import (
     Split,
     evaluate_seen,
     evaluate_unseen,
+    min_class_size,
+    split_train_size,
     stratified_split,
     summarize,
     unseen_class_split,
@@ -484,6 +486,37 @@ def test_training_with_views_and_class_validation(method: str) -> None:
         train_plain(x, y, views=views[:, :5], epochs=1)
 
 
+def test_training_without_a_validation_image_keeps_the_last_epoch() -> None:
+    """5 images per class hold out round(0.5) = 0 for validation: no selection, the last epoch is kept."""
+    from geoir.training import fit
+
+    x, y = _clusters(n_classes=3, per_class=5)
+    fit_idx, val_idx = fit._holdout(y, 0.1, "stratified", 0)
+    assert val_idx is None and len(fit_idx) == len(y)
+    head, hist = train_srl(x, y, epochs=2, retain_dim=4, retain_gate=True)
+    assert hist["best_epoch"] == 2 and hist["best_val_mAP"] is None
+    assert hist["retain_angle"] == RETAIN_DEFAULT_ANGLE and head.retain == RETAIN_DEFAULT_ANGLE
+    for train in (train_dgssh, train_plain):
+        _, hist = train(x, y, bits=8, epochs=2)
+        assert hist["best_epoch"] == 2 and hist["best_val_mAP"] is None
+    # 20 classes of 5: the validation split is empty, and so is the retention probe's: the default angle.
+    x, y = _clusters(n_classes=20, per_class=5)
+    _, hist = train_srl(x, y, epochs=1, retain_dim=4)
+    assert hist["best_val_mAP"] is None and hist["retain_angle"] == RETAIN_DEFAULT_ANGLE
+
+
+def test_selector_keeps_a_state_whatever_the_scores() -> None:
+    from geoir.training import fit
+
+    head = torch.nn.Linear(2, 2)
+    sel = fit._Selector()
+    assert sel.update(float("nan"), 1, head) and sel.epoch == 1 and sel.state is not None
+    assert not sel.update(float("nan"), 2, head) and sel.epoch == 1
+    assert sel.update(0.5, 3, head) and sel.best == 0.5
+    assert not sel.update(0.4, 4, head) and not sel.update(float("nan"), 5, head) and sel.epoch == 3
+    assert sel.update(None, 6, head) and sel.epoch == 6
+
+
 def test_training_input_errors() -> None:
     x, y = _clusters()
     with pytest.raises(DatasetError, match="N x D"):
@@ -512,8 +545,37 @@ def test_stratified_split() -> None:
     assert d["test_paths"][0] == paths[s.test[0]]
     back = Split.from_json(s.to_json())
     assert np.array_equal(back.train, s.train) and back.seed == 0
-    with pytest.raises(DatasetError, match="at least 2"):
+    with pytest.raises(DatasetError, match="at least 2") as err:
         stratified_split(np.array([0, 0, 1]))
+    assert "class 1 has 1 image" in str(err.value)  # the label as given, not np.int64(1)
+    with pytest.raises(DatasetError, match="class 'b' has 1 image"):
+        stratified_split(np.array(["a", "a", "b"]))
+
+
+def test_min_class_size() -> None:
+    assert [min_class_size(f) for f in (0.8, 0.5, 0.2, 0.1)] == [3, 3, 8, 15]
+    for f in (0.8, 0.5, 0.2, 0.1):
+        n = min_class_size(f)
+        assert split_train_size(n, f) >= 2 and split_train_size(n - 1, f) < 2
+    assert min_class_size(0.8, 6) == 7
+
+
+def test_run_protocols_checks_every_protocol_before_any_work(tmp_path: Path) -> None:
+    import types
+
+    from geoir.training.data import FeatureSet
+    from geoir.training.evaluation import check_protocols, run_protocols
+
+    x, y = _clusters(n_classes=3, per_class=6)
+    data = FeatureSet(x, y, ["a", "b", "c"], [f"{i}.png" for i in range(len(y))], "fp")
+    model = types.SimpleNamespace(meta={"recipe": {"method": "srl", "epochs": 1}, "name": "t"})
+    logged: list[str] = []
+    with pytest.raises(DatasetError, match=r"3 classes.*at least 17.*--protocol seen$"):
+        run_protocols(model, data, ["seen", "unseen"], [0], [0], splits_dir=tmp_path / "s", log=logged.append)
+    assert logged == [] and not (tmp_path / "s").exists()  # the seen protocol never ran
+    with pytest.raises(DatasetError, match=r"at least 3 images per class; too few in 'b' \(2\)"):
+        check_protocols(np.array([0, 0, 0, 1, 1]), ["a", "b"], ["seen"], source="ds")
+    check_protocols(np.array([0, 0, 0, 1, 1, 1]), ["a", "b"], ["seen", "reference"])
 
 
 def test_unseen_class_split() -> None:

@@ -4,13 +4,50 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import click
 
 from geoir.cli.options import overwrite_option, progress_enabled, refuse_existing, tqdm_progress
 
 log = logging.getLogger("geoir")
+
+
+class SeedsType(click.ParamType):
+    """Comma-separated seeds (whole numbers >= 0, each once), e.g. ``0,1,2``."""
+
+    name = "SEEDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            seeds = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of seeds like 0,1,2", param, ctx)
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            self.fail(f"{value!r}: give each seed once, as a whole number >= 0 (e.g. 0,1,2)", param, ctx)
+        return seeds
+
+
+def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Fail before any work when split files would replace others without --overwrite, or cannot be written."""
+    existing = [n for n in names if (splits_dir / n).exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise click.ClickException(
+            f"{splits_dir} already holds {shown}; pass --overwrite to replace them, or another --splits-dir"
+        )
+    # The folder is made only when the split files are written, at the end: check the nearest existing one.
+    parent = splits_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.ClickException(f"{parent} is a file, so --splits-dir {splits_dir} cannot be made; pick a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.ClickException(f"cannot write split files under {parent}; pick a writable --splits-dir")
 
 
 @click.command(name="eval", short_help="Evaluate a model on a labelled data set (mAP, P@k, ANMRR).")
@@ -31,8 +68,12 @@ log = logging.getLogger("geoir")
     help="seen: 80/20 splits, test queries vs train+test encoded by the network; unseen: train on "
     "15 classes, all-vs-all on the other 6; reference: DGSSH code's protocol T.",
 )
-@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Seeds of the seen-class splits.")
-@click.option("--unseen-seeds", default="0,1,2", show_default=True, help="Seeds of the unseen-class splits.")
+@click.option(
+    "--seeds", type=SeedsType(), default="0,1,2,3,4", show_default=True, help="Seeds of the seen-class splits."
+)
+@click.option(
+    "--unseen-seeds", type=SeedsType(), default="0,1,2", show_default=True, help="Seeds of the unseen-class splits."
+)
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Report file (JSON)."
 )
@@ -40,13 +81,13 @@ log = logging.getLogger("geoir")
     "--pr-curve",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also draw the precision-recall curves (PNG).",
+    help="Also draw the precision-recall curves (a .png file).",
 )
 @click.option(
     "--splits-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write the split lists (JSON, with image paths) here.",
+    help="Write the split lists (JSON, with image paths) here: seen_seedN.json, unseen_seedN.json.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
 @overwrite_option
@@ -56,8 +97,8 @@ def evaluate(
     dataset: Path,
     model_path: str | None,
     protocol: tuple[str, ...],
-    seeds: str,
-    unseen_seeds: str,
+    seeds: tuple[int, ...],
+    unseen_seeds: tuple[int, ...],
     json_out: Path,
     pr_curve: Path | None,
     splits_dir: Path | None,
@@ -76,10 +117,17 @@ def evaluate(
       $ geoir eval ucmerced/ --model ucm.pt --protocol seen --seeds 0 --json r.json --pr-curve pr.png
     """
     from geoir.encoding.model import load_model
-    from geoir.training.data import image_folder_features
-    from geoir.training.evaluation import run_protocols, write_pr_curve
+    from geoir.training.data import image_folder_features, list_image_folder
+    from geoir.training.evaluation import check_protocols, run_protocols, split_files, write_pr_curve
 
+    # Every output and every protocol is checked before the model is trained once.
+    if pr_curve is not None and pr_curve.suffix.lower() != ".png":
+        raise click.BadParameter(f"{pr_curve}: the curves are drawn as a PNG; use a .png file", param_hint="--pr-curve")
     refuse_existing(json_out, overwrite)
+    if pr_curve is not None:
+        refuse_existing(pr_curve, overwrite)
+    if splits_dir is not None:
+        _refuse_existing_splits(splits_dir, split_files(protocol, seeds, unseen_seeds), overwrite)
     model = load_model(model_path or "default")
     if model.head is None or "recipe" not in model.meta:
         raise click.ClickException(
@@ -88,6 +136,8 @@ def evaluate(
         )
     from geoir.training.recipes import Recipe
 
+    _, labels, classes = list_image_folder(dataset)
+    check_protocols(labels, classes, protocol, source=str(dataset))
     data = image_folder_features(
         dataset,
         model.backbone,
@@ -99,8 +149,8 @@ def evaluate(
         model,
         data,
         protocol,
-        [int(s) for s in seeds.split(",")],
-        [int(s) for s in unseen_seeds.split(",")],
+        seeds,
+        unseen_seeds,
         splits_dir=splits_dir,
         log=lambda s: log.info("%s", s),
     )

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from geoir.cli.options import model_options, overwrite_option, progress_enabled, refuse_existing, tqdm_progress
 
+if TYPE_CHECKING:
+    import numpy as np
+
 log = logging.getLogger("geoir")
+
+#: Suffixes of rasters and images, which are neither a folder of class folders nor a vector file of labels.
+IMAGE_FILE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".img", ".vrt", ".bmp", ".gif", ".webp", ".ntf", ".nitf",
+    ".hdf", ".nc",
+)  # fmt: skip
+DATASET_KINDS = (
+    "a folder of class folders (CLASS/*.jpg) or a vector file (GeoPackage/GeoJSON/Shapefile) of labelled "
+    "geometries with --index"
+)
 
 
 def _features(
@@ -35,7 +49,10 @@ def _features(
     from geoir.index.bundle import Bundle
 
     if index_dir is None:
-        raise click.UsageError(f"{dataset} is a vector file: pass the --index bundle whose tiles it labels")
+        raise click.UsageError(
+            f"{dataset} is not a folder, so it is read as a vector file of labelled geometries: pass the --index "
+            "bundle whose tiles it labels"
+        )
     if augment != "none":
         raise click.UsageError(
             f"--augment {augment} needs the pixels of every sample, and a bundle stores only its tiles' "
@@ -105,7 +122,9 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "only): for every head (dihedral), the hash head only (dihedral-codes), or none. auto: dihedral for an "
     "image folder (dihedral-codes with the retention gate off), none for labelled tiles of a bundle.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits and the training.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the splits and the training."
+)
 @click.option(
     "--test-fraction",
     type=click.FloatRange(0.0, 0.9),
@@ -164,6 +183,12 @@ def train(
 
     if model is not None:
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
+    if out.suffix.lower() != ".pt":
+        raise click.BadParameter(f"{out}: a model file is written as .pt; use e.g. {out.stem}.pt", param_hint="--out")
+    if not dataset.is_dir() and dataset.suffix.lower() in IMAGE_FILE_SUFFIXES:
+        raise click.BadParameter(
+            f"{dataset} is an image or raster file, not a data set; pass {DATASET_KINDS}", param_hint="DATASET"
+        )
     refuse_existing(out, overwrite)
     augment = resolve_augment(augment, dataset, retain_dim, retain_gate)
     recipe = Recipe(
@@ -176,7 +201,13 @@ def train(
         retain_gate=retain_gate,
         augment=augment,
     )
+    if dataset.is_dir():
+        from geoir.training.data import list_image_folder
+
+        _, labels, classes = list_image_folder(dataset)
+        _check_class_sizes(labels, classes, dataset, test_fraction)  # before the backbone reads any image
     bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers, recipe.views_needed)
+    _check_class_sizes(data.labels, data.classes, dataset, test_fraction)
     if test_fraction > 0:
         split = stratified_split(data.labels, 1 - test_fraction, seed)
         train_idx, test_idx = split.train, split.test
@@ -195,6 +226,7 @@ def train(
         views=data.views_of(train_idx),
         log=lambda s: log.debug("%s", s),
     )
+    _warn_without_validation(history, test_fraction, "image" if dataset.is_dir() else "labelled tile")
     meta = {
         "name": out.stem,
         "recipe": recipe.to_dict(),
@@ -205,6 +237,57 @@ def train(
     trained = Model(bb, head, head.config(), meta)  # type: ignore[operator]
     trained.save(out)
     log.info("%s: %s head (fingerprint %s)", out, method, trained.fingerprint[:12])
+
+
+def _check_class_sizes(labels: np.ndarray, classes: list[str], dataset: Path, test_fraction: float) -> None:
+    """Fail before training when a class of DATASET is too small to hold some out and train on 2 of it."""
+    import numpy as np
+
+    from geoir.errors import DatasetError
+    from geoir.training.protocols import min_class_size
+
+    folder = dataset.is_dir()
+    what = "image" if folder else "labelled tile"
+    where = f"{dataset}" if folder else f"{dataset} (`label` column)"
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{where} gives {len(classes)} class ({', '.join(map(repr, classes))}); training needs at least 2: "
+            + ("add a class folder" if folder else "label the geometries of another class")
+        )
+    need = min_class_size(1 - test_fraction) if test_fraction > 0 else 2
+    counts = np.bincount(labels, minlength=len(classes))
+    small = [(c, int(n)) for c, n in zip(classes, counts, strict=True) if n < need]
+    if not small:
+        return
+    listed = ", ".join(f"{c!r} has {n}" for c, n in small[:5]) + (", ..." if len(small) > 5 else "")
+    why = f"to train on 2 and hold out --test-fraction {test_fraction:g} for eval" if test_fraction > 0 else "to train"
+    fix = "add images to those class folders or remove them" if folder else "label more tiles of those classes"
+    if test_fraction > 0 and all(n >= 2 for _, n in small):
+        fix += ", or pass --test-fraction 0 to hold none out"
+    raise DatasetError(f"{where}: every class needs at least {need} {what}s {why}, but class {listed}; {fix}")
+
+
+def _warn_without_validation(history: dict, test_fraction: float, what: str) -> None:
+    """Say so when a head was trained without a validation split (its classes too small to give up one)."""
+    from geoir.training.protocols import min_class_size
+
+    heads, need = [], 0
+    for name, h in history.items():
+        val_fraction = float(h.get("config", {}).get("val_fraction", 0))
+        if h.get("best_val_mAP") is not None or val_fraction <= 0:
+            continue
+        fit = next(m for m in range(2, 10_000) if min(round(val_fraction * m), m - 1) >= 1)
+        heads.append(name)
+        need = max(need, min_class_size(1 - test_fraction, fit) if test_fraction > 0 else fit)
+    if heads:
+        log.warning(
+            "too few %ss per class to hold out a validation split, so the %s head of the last epoch is kept, "
+            "not the best one on validation; classes of %d or more %ss give one",
+            what,
+            "/".join(heads),
+            need,
+            what,
+        )
 
 
 def _scalars(history: dict) -> dict:

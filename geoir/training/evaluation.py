@@ -10,11 +10,13 @@ from typing import Any
 import numpy as np
 
 from geoir.errors import DatasetError
+from geoir.io.files import atomic_write_text
 from geoir.training.data import FeatureSet
 from geoir.training.protocols import (
     Metric,
     evaluate_seen,
     evaluate_unseen,
+    min_class_size,
     stratified_split,
     summarize,
     unseen_class_split,
@@ -22,6 +24,63 @@ from geoir.training.protocols import (
 from geoir.training.recipes import Recipe, code_encoder, float_encoder
 
 METRIC_KW: dict[str, Any] = {"ks": (5, 10, 20, 50, 100), "map_ks": (20,)}
+#: Share of every class the seen-classes protocols train on.
+SEEN_TRAIN_FRACTION = 0.8
+#: Classes the unseen-classes protocol trains on (15 of UC Merced's 21); at least 2 more are held out.
+UNSEEN_TRAIN_CLASSES = 15
+
+
+def split_files(protocols: Sequence[str], seeds: Sequence[int], unseen_seeds: Sequence[int]) -> list[str]:
+    """Names of the split files :func:`run_protocols` writes to its ``splits_dir``."""
+    names = []
+    if "seen" in protocols or "reference" in protocols:
+        names += [f"seen_seed{s}.json" for s in seeds]
+    if "unseen" in protocols:
+        names += [f"unseen_seed{s}.json" for s in unseen_seeds]
+    return names
+
+
+def check_protocols(
+    labels: np.ndarray, classes: Sequence[str], protocols: Sequence[str], source: str = "the data set"
+) -> None:
+    """Fail before any work when the data set cannot be scored under every protocol asked for.
+
+    Args:
+        labels: N class indexes into ``classes``.
+        classes: Class names (folder names), used in the message.
+        protocols: Names among ``seen``, ``unseen``, ``reference``.
+        source: What to call the data set in the message (its path).
+
+    Raises:
+        DatasetError: Too few classes for ``unseen``, or a class too small to be split and trained on.
+    """
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    seen = [p for p in protocols if p in ("seen", "reference")]
+    if seen:
+        need = min_class_size(SEEN_TRAIN_FRACTION)
+        small = [(c, int(n)) for c, n in zip(classes, counts, strict=True) if n < need]
+        if small:
+            listed = ", ".join(f"{c!r} ({n})" for c, n in small[:5]) + (" ..." if len(small) > 5 else "")
+            raise DatasetError(
+                f"{source}: the {'/'.join(seen)} protocol trains on {SEEN_TRAIN_FRACTION:.0%} of every class and "
+                f"needs at least {need} images per class; too few in {listed}; add images or remove those classes"
+            )
+    if "unseen" in protocols:
+        need_classes = UNSEEN_TRAIN_CLASSES + 2
+        if len(classes) < need_classes:
+            others = [p for p in ("seen", "reference") if p in protocols] or ["seen"]
+            raise DatasetError(
+                f"{source} has {len(classes)} classes; the unseen protocol trains on {UNSEEN_TRAIN_CLASSES} and "
+                f"holds out at least 2 more, so it needs at least {need_classes}; leave it out with "
+                + " ".join(f"--protocol {p}" for p in others)
+            )
+        small = [(c, int(n)) for c, n in zip(classes, counts, strict=True) if n < 2]
+        if small:
+            raise DatasetError(
+                f"{source}: the unseen protocol needs at least 2 images per class; too few in "
+                + ", ".join(f"{c!r} ({n})" for c, n in small[:5])
+                + "; add images or remove those classes"
+            )
 
 
 Variant = tuple[str, Metric, Callable[[np.ndarray], np.ndarray]]
@@ -54,8 +113,11 @@ def run_protocols(
     """
     recipe = Recipe.from_dict(model.meta["recipe"])
     x, y = data.features, data.labels
+    check_protocols(y, data.classes, protocols)
     if recipe.views_needed != "none" and data.views is None:
         raise DatasetError(f"the recipe trains with {recipe.augment} views; compute the data set's features with them")
+    # Split files are written once every protocol has run, so a failed or interrupted run leaves none.
+    splits: dict[str, str] = {}
 
     def train(rows: np.ndarray, seed: int) -> Any:
         return recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)[0]
@@ -72,10 +134,8 @@ def run_protocols(
         seen: dict[str, list[dict[str, Any]]] = {}
         ref: dict[str, list[dict[str, Any]]] = {}
         for seed in seeds:
-            split = stratified_split(y, 0.8, seed)
-            if splits_dir is not None:
-                splits_dir.mkdir(parents=True, exist_ok=True)
-                (splits_dir / f"seen_seed{seed}.json").write_text(split.to_json(data.items))
+            split = stratified_split(y, SEEN_TRAIN_FRACTION, seed)
+            splits[f"seen_seed{seed}.json"] = split.to_json(data.items)
             head = train(split.train, seed)
             base: Variant = ("backbone float", "euclidean", backbone)
             runs = [base] + [(f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)]
@@ -94,21 +154,25 @@ def run_protocols(
         if ref:
             report["protocols"]["reference"] = {k: {"runs": v, **summarize(v)} for k, v in ref.items()}
     if "unseen" in protocols:
-        if splits_dir is not None:
-            splits_dir.mkdir(parents=True, exist_ok=True)
-            for seed in unseen_seeds:
-                split = unseen_class_split(y, seed=seed)  # the split evaluate_unseen scores
-                (splits_dir / f"unseen_seed{seed}.json").write_text(split.to_json(data.items))
+        for seed in unseen_seeds:
+            split = unseen_class_split(y, UNSEEN_TRAIN_CLASSES, seed)  # the split evaluate_unseen scores
+            splits[f"unseen_seed{seed}.json"] = split.to_json(data.items)
         unseen: dict[str, Any] = {}
         unseen["backbone float"] = evaluate_unseen(
-            lambda f, lab, s: backbone, x, y, metric="euclidean", seeds=unseen_seeds, **METRIC_KW
+            lambda f, lab, s: backbone,
+            x,
+            y,
+            metric="euclidean",
+            n_train_classes=UNSEEN_TRAIN_CLASSES,
+            seeds=unseen_seeds,
+            **METRIC_KW,
         )
         heads: dict[int, Any] = {}
 
         def fit(name: str) -> Callable[[np.ndarray, np.ndarray, int], Callable[[np.ndarray], np.ndarray]]:
             def f(fx: np.ndarray, fy: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
                 if seed not in heads:
-                    rows = unseen_class_split(y, seed=seed).train  # the rows evaluate_unseen trains on
+                    rows = unseen_class_split(y, UNSEEN_TRAIN_CLASSES, seed).train  # what evaluate_unseen trains on
                     assert np.array_equal(x[rows], fx), "unseen split out of step with evaluate_unseen"
                     heads[seed] = train(rows, seed)
                 return dict((n, e) for n, _, e in _variants(heads[seed]))[name]
@@ -117,11 +181,15 @@ def run_protocols(
 
         for name, metric, _ in _variants(model.head):
             unseen[f"{recipe.method} {name}"] = evaluate_unseen(
-                fit(name), x, y, metric=metric, seeds=unseen_seeds, **METRIC_KW
+                fit(name), x, y, metric=metric, n_train_classes=UNSEEN_TRAIN_CLASSES, seeds=unseen_seeds, **METRIC_KW
             )
         for k, v in unseen.items():
             log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
         report["protocols"]["unseen"] = unseen
+    if splits_dir is not None:
+        splits_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in splits.items():
+            atomic_write_text(splits_dir / name, text)
     return json.loads(json.dumps(report, default=_plain))
 
 

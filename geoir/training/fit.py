@@ -7,8 +7,9 @@
 
 Each holds out a stratified validation split (``val_fraction`` of the training set) and keeps the epoch with
 the best validation mAP (validation queries against the rest of the training set, encoded by the head):
-the test queries are never looked at. Each returns ``(head, history)``; ``history`` is JSON-able apart from
-the ``"V"`` array of :func:`train_dgssh`.
+the test queries are never looked at. When no class is large enough to give up a validation image, the last
+epoch is kept (``history["best_val_mAP"]`` is None). Each returns ``(head, history)``; ``history`` is JSON-able
+apart from the ``"V"`` array of :func:`train_dgssh`.
 """
 
 from __future__ import annotations
@@ -131,13 +132,20 @@ def class_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
 
 def _holdout(y: np.ndarray, val_fraction: float, val_split: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(fitting rows, validation rows)``; no validation (None) when ``val_fraction`` is 0 or when no class
+    is large enough to give up an image (``round(val_fraction * n_c)`` is 0 for every class), so the caller
+    keeps the last epoch instead of selecting on an empty validation set, whose mAP is undefined."""
     if val_fraction <= 0:
         return np.arange(len(y)), None
     if val_split == "stratified":
-        return stratified_holdout(y, val_fraction, seed)
-    if val_split == "classes":
-        return class_holdout(y, val_fraction, seed)
-    raise ValueError(f"val_split must be 'stratified' or 'classes', got {val_split!r}")
+        fit_idx, val_idx = stratified_holdout(y, val_fraction, seed)
+    elif val_split == "classes":
+        fit_idx, val_idx = class_holdout(y, val_fraction, seed)
+    else:
+        raise ValueError(f"val_split must be 'stratified' or 'classes', got {val_split!r}")
+    if len(val_idx) == 0:
+        return np.arange(len(y)), None
+    return fit_idx, val_idx
 
 
 class _Views:
@@ -177,18 +185,26 @@ def _seed_all(seed: int) -> np.random.Generator:
 
 
 class _Selector:
-    """Keeps the state dict of the best validation score (or the last one when there is no validation)."""
+    """Keeps the state dict of the best validation score (or the last one when there is no validation).
+
+    A score that is not a number (NaN) never counts as an improvement, but the first state offered is always
+    kept, so there is a state to load whatever the scores were.
+    """
 
     def __init__(self) -> None:
         self.best: float = -math.inf
         self.epoch: int = -1
         self.state: dict[str, torch.Tensor] | None = None
 
-    def update(self, score: float | None, epoch: int, module: nn.Module) -> None:
-        if score is None or score > self.best:
-            self.best = -math.inf if score is None else score
+    def update(self, score: float | None, epoch: int, module: nn.Module) -> bool:
+        """Keep ``module``'s state if ``score`` is the best so far (or None); returns whether it was kept."""
+        valid = score is not None and not math.isnan(score)
+        if score is None or (valid and score > self.best) or self.state is None:
+            self.best = score if valid and score is not None else -math.inf
             self.epoch = epoch
             self.state = copy.deepcopy(module.state_dict())
+            return True
+        return False
 
 
 def _val_map(
@@ -281,7 +297,8 @@ def train_srl(
         weight_decay: Adam weight decay (L2, on the head only).
         warmup_epochs: Linear warm-up length.
         final_lr_fraction: LR at the end of the cosine, as a fraction of ``lr``.
-        val_fraction: Held-out fraction for model selection (0: keep the last epoch).
+        val_fraction: Held-out fraction for model selection (0, or classes too small to give up an image:
+            keep the last epoch).
         val_split: ``"stratified"`` holds out ``val_fraction`` of every class; ``"classes"`` holds out that
             fraction of the classes (selects for generalisation to unseen classes).
         views: Optional V x N x D features of augmented copies (e.g. flips and 90° rotations) of the same
@@ -294,8 +311,8 @@ def train_srl(
             is trained without ``retain_holdout`` of the classes, and the angle of :data:`RETAIN_ANGLES` with
             the best mean of its two validation mAPs (held-out images of its classes; the held-out classes
             among themselves) is kept, so the choice weighs the labels against what they never named.
-            Without validation (``val_fraction == 0``) or with fewer than 3 classes the angle is
-            :data:`RETAIN_DEFAULT_ANGLE`.
+            Without validation (``val_fraction == 0`` or classes too small) or with fewer than 3 classes the
+            angle is :data:`RETAIN_DEFAULT_ANGLE`.
         retain_holdout: Fraction of the classes the probe head never sees.
         retain_gate: Let validation also choose a *gate* (:meth:`SRLHead.set_gate`): a retention angle per
             item, small for items near a class the head was taught and large for items far from all of them,
@@ -361,8 +378,7 @@ def train_srl(
         hist["lr"].append(float(opt.param_groups[0]["lr"]))
         score = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within) if val_idx is not None else None
         hist["val_mAP"].append(score)
-        improved = score is None or score > sel.best
-        sel.update(score, epoch, head)
+        improved = sel.update(score, epoch, head)
         if log:
             log(f"srl epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
         stale = 0 if improved else stale + 1
@@ -472,9 +488,11 @@ def _choose_retention(
     """
     seed = int(probe_kw["seed"])
     known, unknown = class_holdout(y, holdout, seed)
-    probe, _ = train_srl(x[known], y[known], views=None if views is None else views[:, known], **probe_kw)
     p_fit, p_val = _holdout(y[known], float(probe_kw["val_fraction"]), "stratified", seed)
-    assert p_val is not None
+    if p_val is None:
+        # The probe's classes are too small to hold out images of: nothing to choose on.
+        return RETAIN_DEFAULT_ANGLE, None, {}
+    probe, _ = train_srl(x[known], y[known], views=None if views is None else views[:, known], **probe_kw)
     xk, yk = x[known], y[known]
     # Every candidate embeds with the same trained part and retained part; only the angles change.
     trial = copy.deepcopy(probe).set_retention(xk[p_fit], RETAIN_ANGLES[-1], dim)
@@ -588,7 +606,8 @@ def train_dgssh(
         chunk: Images of one class per chunk (K_s).
         classes_per_batch: Chunks per batch (P); the batch size is ``chunk * classes_per_batch``.
         recompute_u: Recompute U exactly before the V-step (instead of the stale per-batch rows).
-        val_fraction: Held-out fraction for model selection (0: keep the last epoch).
+        val_fraction: Held-out fraction for model selection (0, or classes too small to give up an image:
+            keep the last epoch).
         val_split: ``"stratified"`` (per class) or ``"classes"`` (whole classes held out).
         views: Optional V x N x D features of augmented copies of the same images (see :func:`train_srl`).
         select_on: Validation protocol for selection: ``"I1"`` (database encoded by the network, as at
@@ -666,9 +685,8 @@ def train_dgssh(
             hist["val_mAP_I1"].append(i1)
             hist["val_mAP_T"].append(t)
             score = hist["val_mAP_I1" if select_on == "I1" else "val_mAP_T"][-1]
-        if score is None or score > sel.best:
+        if sel.update(score, epoch, head):
             best_V = V.clone()
-        sel.update(score, epoch, head)
         if log:
             log(
                 f"dgssh epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP I1 {score} "

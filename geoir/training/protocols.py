@@ -27,6 +27,8 @@ __all__ = [
     "Split",
     "evaluate_seen",
     "evaluate_unseen",
+    "min_class_size",
+    "split_train_size",
     "stratified_split",
     "summarize",
     "unseen_class_split",
@@ -87,8 +89,8 @@ def stratified_split(labels: np.ndarray, train_fraction: float = 0.8, seed: int 
     for c in np.unique(y):
         idx = rng.permutation(np.nonzero(y == c)[0])
         if len(idx) < 2:
-            raise DatasetError(f"class {c!r} has {len(idx)} image; every class needs at least 2 to be split")
-        n_train = min(max(round(train_fraction * len(idx)), 1), len(idx) - 1)
+            raise DatasetError(f"class {_plain(c)!r} has {len(idx)} image; every class needs at least 2 to be split")
+        n_train = split_train_size(len(idx), train_fraction)
         train.append(idx[:n_train])
         test.append(idx[n_train:])
     return Split(
@@ -97,6 +99,23 @@ def stratified_split(labels: np.ndarray, train_fraction: float = 0.8, seed: int 
         seed,
         f"stratified {train_fraction:.0%} train per class, seed {seed}",
     )
+
+
+def split_train_size(n: int, train_fraction: float) -> int:
+    """Images of a class of ``n`` (>= 2) that :func:`stratified_split` puts in train: ``round(train_fraction *
+    n)``, but at least 1 and at most ``n - 1``."""
+    return min(max(round(train_fraction * n), 1), n - 1)
+
+
+def min_class_size(train_fraction: float, min_train: int = 2) -> int:
+    """The fewest images a class needs for :func:`stratified_split` to put ``min_train`` of them in train (and
+    at least one in test)."""
+    if not 0 < train_fraction < 1:
+        raise DatasetError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    n = max(2, min_train + 1)
+    while split_train_size(n, train_fraction) < min_train:
+        n += 1
+    return n
 
 
 def evaluate_seen(
