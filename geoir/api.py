@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
-from geoir.index.bundle import DEFAULT_INDEX, Bundle
+from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.run import TileReport, prepare_scenes, tile_scenes
@@ -54,9 +54,11 @@ def tile(
     encoder = None
     if encode:
         encoder = model if isinstance(model, Model) else model_for_bundle(existing.model if existing else None, model)
-    bundle = Bundle.open_or_create(index, params)
-    with bundle.lock():
-        return tile_scenes(bundle, prepared, model=encoder, batch_size=batch_size, workers=workers)
+    # A new bundle whose run fails before its first tile is removed again (as `geoir tile` does).
+    with discard_if_unused(index):
+        bundle = Bundle.open_or_create(index, params)
+        with bundle.lock():
+            return tile_scenes(bundle, prepared, model=encoder, batch_size=batch_size, workers=workers)
 
 
 def search(

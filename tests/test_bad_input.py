@@ -166,3 +166,14 @@ def test_truncated_image_query_gives_gdal_reason(make_geotiff: MakeGeoTiff, tmp_
     assert_clean_error(r, 1, "cut.tif cannot be read as an image", "truncated or damaged")
     assert "previous exception" not in r.output
     assert not out.exists()
+
+
+def test_api_tile_removes_the_new_bundle_of_a_failed_run(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    import geoir
+    from geoir.encoding.model import load_model
+
+    index = tmp_path / "idx"
+    model = load_model("backbone", backbone="test")
+    with pytest.raises(SceneError, match="truncated or damaged"):
+        geoir.tile([truncated(make_geotiff, tmp_path)], index=index, model=model)
+    assert not index.exists()
