@@ -6,30 +6,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import click
 
-from geoir.cli.options import overwrite_option, progress_enabled, refuse_existing, tqdm_progress
+from geoir.cli.options import SeedsType, overwrite_option, progress_enabled, refuse_existing, tqdm_progress
 
 log = logging.getLogger("geoir")
-
-
-class SeedsType(click.ParamType):
-    """Comma-separated seeds (whole numbers >= 0, each once), e.g. ``0,1,2``."""
-
-    name = "SEEDS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            seeds = tuple(int(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of seeds like 0,1,2", param, ctx)
-        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-            self.fail(f"{value!r}: give each seed once, as a whole number >= 0 (e.g. 0,1,2)", param, ctx)
-        return seeds
 
 
 def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool) -> None:

@@ -14,21 +14,49 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class BandsType(click.ParamType):
-    """Comma-separated 1-based band indexes, e.g. ``4,3,2`` or ``1``."""
+class IntListType(click.ParamType):
+    """Comma-separated whole numbers, e.g. ``4,3,2``; subclasses say what a valid list is (:meth:`problem`)."""
 
-    name = "BANDS"
+    name = "INTS"
+    #: What the numbers are, for messages ("band numbers"), and an example list.
+    what, example = "whole numbers", "1,2,3"
+
+    def problem(self, values: tuple[int, ...]) -> str | None:
+        """Why ``values`` is not a valid list (None when it is)."""
+        return None
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
         if isinstance(value, tuple):
             return value
         try:
-            bands = tuple(int(v) for v in str(value).split(","))
+            values = tuple(int(v) for v in str(value).split(","))
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of band numbers like 4,3,2", param, ctx)
-        if not 1 <= len(bands) <= 3 or any(b < 1 for b in bands):
-            self.fail(f"{value!r}: give 1 to 3 band numbers, each >= 1 (e.g. 4,3,2)", param, ctx)
-        return bands
+            self.fail(f"{value!r} is not a comma-separated list of {self.what} like {self.example}", param, ctx)
+        problem = self.problem(values)
+        if problem:
+            self.fail(f"{value!r}: {problem} (e.g. {self.example})", param, ctx)
+        return values
+
+
+class BandsType(IntListType):
+    """Comma-separated 1-based band indexes, e.g. ``4,3,2`` or ``1``."""
+
+    name = "BANDS"
+    what, example = "band numbers", "4,3,2"
+
+    def problem(self, values: tuple[int, ...]) -> str | None:
+        return None if 1 <= len(values) <= 3 and all(b >= 1 for b in values) else "give 1 to 3 band numbers, each >= 1"
+
+
+class SeedsType(IntListType):
+    """Comma-separated seeds (whole numbers >= 0, each once), e.g. ``0,1,2``."""
+
+    name = "SEEDS"
+    what, example = "seeds", "0,1,2"
+
+    def problem(self, values: tuple[int, ...]) -> str | None:
+        ok = all(s >= 0 for s in values) and len(set(values)) == len(values)
+        return None if ok else "give each seed once, as a whole number >= 0"
 
 
 class FractionType(click.ParamType):
