@@ -57,8 +57,18 @@ def user_message(exc: BaseException) -> str:
 def unreadable_file_reason(exc: BaseException) -> str:
     """A short reason why ``torch.load`` (or safetensors) could not read a file, without torch's advice
     to load it unsafely or to file a torch issue."""
+    import pickle
+
     text = str(exc)
-    if "Weights only load failed" in text or "invalid load key" in text or "magic number" in text:
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "truncated or damaged: not a whole PyTorch file"
+    if (
+        isinstance(exc, pickle.UnpicklingError | KeyError | EOFError)
+        or "Weights only load failed" in text
+        or "invalid load key" in text
+        or "magic number" in text
+    ):
         return "damaged, or not a PyTorch file"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:200]
+    # torch's messages go on with advice after their first sentence; the first says what went wrong.
+    return first.split(". ")[0].rstrip(".")[:200]

@@ -100,7 +100,7 @@ def test_scene_gone_since_tiling_is_named_without_worker_traceback(make_geotiff:
     assert geoir("tile", str(scene), "--index", str(index), "--no-encode").exit_code == 0
     scene.unlink()
     r = geoir("encode", "--index", str(index), "--workers", "1", *BACKBONE)
-    assert_clean_error(r, 1, "gone.tif can no longer be read")
+    assert_clean_error(r, 1, "gone.tif can no longer be read", "geoir remove gone.tif --index")
     assert "DataLoader" not in r.output and "Original Traceback" not in r.output
 
 
@@ -126,6 +126,34 @@ def test_raster_without_crs_gives_its_message_without_rasterio_warnings(
         warnings.simplefilter("always")
         open_scene(plain)
     assert [w for w in caught if "georeferenc" in str(w.message).lower()] == []
+
+
+def test_plain_image_without_crs_or_geotransform_gets_the_whole_fix(tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+
+    plain = tmp_path / "plain.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(plain, "w", driver="GTiff", width=8, height=8, count=3, dtype="uint8") as dst:
+            dst.write(np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(SceneError, match=r"no CRS and no geotransform.*-a_srs EPSG:XXXX -a_ullr ULX ULY LRX LRY"):
+        open_scene(plain)
+
+
+def test_unreadable_file_reasons_are_short() -> None:
+    import pickle
+
+    from geoir.errors import unreadable_file_reason
+
+    zip_error = RuntimeError(
+        "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal "
+        "miniz error. If you are seeing this error, there is a high likelihood that your checkpoint file is corrupted"
+    )
+    assert unreadable_file_reason(zip_error) == "truncated or damaged: not a whole PyTorch file"
+    assert unreadable_file_reason(KeyError(101)) == "damaged, or not a PyTorch file"  # a text file
+    assert unreadable_file_reason(pickle.UnpicklingError("invalid load key, 'x'.")) == "damaged, or not a PyTorch file"
+    assert unreadable_file_reason(OSError("Permission denied. Check it.")) == "Permission denied"
 
 
 def test_user_message_strips_the_dataloader_wrapper() -> None:
@@ -177,3 +205,16 @@ def test_api_tile_removes_the_new_bundle_of_a_failed_run(make_geotiff: MakeGeoTi
     with pytest.raises(SceneError, match="truncated or damaged"):
         geoir.tile([truncated(make_geotiff, tmp_path)], index=index, model=model)
     assert not index.exists()
+
+
+def test_index_kind_too_large_for_the_first_scene_is_refused_up_front(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 512, 512))  # 4 tiles of 256 px
+    r = geoir("tile", str(scene), "--index", str(index), "--index-kind", "IVF64,Flat", *BACKBONE)
+    assert_clean_error(r, 2, "--index-kind", "needs at least 64", "gives at most 4", "fewer lists")
+    assert not index.exists()
+    # A kind the first scene can train is accepted.
+    ok = geoir("tile", str(scene), "--index", str(index), "--index-kind", "IVF2,Flat", "--workers", "0", *BACKBONE)
+    assert ok.exit_code == 0, ok.output

@@ -129,6 +129,7 @@ def tile(
     from geoir.io.files import ensure_writable_dir
     from geoir.tiling.grid import TilingParams
     from geoir.tiling.run import prepare_scenes, tile_scenes
+    from geoir.tiling.tiler import TileSource
 
     if overlap is not None and stride is not None:
         raise click.UsageError("give --overlap or --stride, not both")
@@ -173,7 +174,13 @@ def tile(
             existing.check_model(encoder.fingerprint, encoder.meta.get("name"))
     kinds = parse_index_kinds(index_kinds)
     if encoder is not None:
-        check_index_kinds(kinds, encoder)
+        # An approximate index trains on the tiles of the first scene that a bundle without tiles gets.
+        trains_on = None
+        if existing is None or existing.manifest["counts"]["tiles"] == 0:
+            have = existing.scene_ids() if existing is not None else set()
+            first = next((s for s in prepared if s.id not in have), None)
+            trains_on = (first, len(TileSource(first, params))) if first is not None else None
+        check_index_kinds(kinds, encoder, trains_on)
     with discard_if_unused(index):
         bundle = Bundle.open_or_create(index, params)
         if kinds and bundle.model is None:
@@ -237,8 +244,10 @@ def wants_gpu(device: str) -> bool:
     return device.startswith("cuda")
 
 
-def check_index_kinds(kinds: dict[str, str], model) -> None:  # type: ignore[no-untyped-def]
-    """Refuse ``--index-kind`` factory strings FAISS cannot build for this model, before any tile is read."""
+def check_index_kinds(kinds: dict[str, str], model, trains_on=None) -> None:  # type: ignore[no-untyped-def]
+    """Refuse ``--index-kind`` factory strings FAISS cannot build for this model, or cannot train on the
+    tiles of ``trains_on`` (``(scene, its number of tiles)``: the scene the index trains on), before any
+    tile is read."""
     from geoir.index.vectors import VectorIndex
 
     for kind, factory in kinds.items():
@@ -249,9 +258,17 @@ def check_index_kinds(kinds: dict[str, str], model) -> None:  # type: ignore[no-
             )
         dim = int(model.bits) if kind == "binary" else int(model.embedding_dim)
         try:
-            VectorIndex(dim, kind=kind, factory=factory)  # type: ignore[arg-type]
+            need = VectorIndex(dim, kind=kind, factory=factory).min_train  # type: ignore[arg-type]
         except GeoirError as exc:
             raise click.BadParameter(str(exc), param_hint="--index-kind") from None
+        if trains_on is not None and trains_on[1] < need:
+            scene, n = trains_on
+            raise click.BadParameter(
+                f"{factory!r} trains on the tiles of the bundle's first scene and needs at least {need}, but "
+                f"{Path(scene.path).name} gives at most {n}; pick a kind with fewer lists/centroids, or leave "
+                "--index-kind out (exact search, best for bundles of this size)",
+                param_hint="--index-kind",
+            )
 
 
 def parse_index_kinds(values: tuple[str, ...]) -> dict[str, str]:

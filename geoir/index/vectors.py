@@ -244,10 +244,11 @@ class VectorIndex:
         if len(x) > self.max_train:
             pick = np.random.default_rng(self.seed).choice(len(x), self.max_train, replace=False)
             x = x[np.sort(pick)]
-        need = self._min_train()
+        need = self.min_train
         advice = (
             f"index factory {self.factory!r} needs at least {need} vectors to train but got {len(x)}; "
-            "index more tiles at once, or pick a kind with fewer lists/centroids (or exact search)"
+            "pick a kind with fewer lists/centroids, or exact search (in a bundle: tile into a new --index "
+            "with a smaller --index-kind, or without one)"
         )
         if len(x) < need:
             raise BundleError(advice)
@@ -669,8 +670,10 @@ class VectorIndex:
         base = self._base()
         return base.hnsw if isinstance(base, faiss.IndexHNSW | faiss.IndexBinaryHNSW) else None
 
-    def _min_train(self) -> int:
-        """The fewest training vectors FAISS accepts for this kind (centroids need one point each)."""
+    @property
+    def min_train(self) -> int:
+        """The fewest training vectors FAISS accepts for this kind (centroids need one point each; 1 for kinds
+        that need no training)."""
         ivf = self._ivf()
         need = int(ivf.nlist) if ivf is not None else 1
         base = self._base()

@@ -254,7 +254,12 @@ def open_scene(
         raise SceneError(f"{p} is not a raster GDAL can read ({exc}); pass a GeoTIFF, COG, JP2 or similar") from exc
     with src:
         if src.crs is None:
-            raise SceneError(f"{p} has no CRS; georeference it first (e.g. gdal_edit.py -a_srs EPSG:XXXX {p.name})")
+            # Say everything that is missing at once, so the suggested command is the whole fix.
+            ullr = " -a_ullr ULX ULY LRX LRY" if src.transform.is_identity else ""
+            raise SceneError(
+                f"{p} has no CRS{' and no geotransform' if ullr else ''}; georeference it first "
+                f"(e.g. gdal_edit.py -a_srs EPSG:XXXX{ullr} {p.name})"
+            )
         if src.transform.is_identity:
             raise SceneError(f"{p} has a CRS but no geotransform; georeference it first")
         chosen = _choose_bands(src, bands, p)
@@ -470,7 +475,10 @@ class SceneReader:
                 with rasterio.Env(GDAL_NUM_THREADS=str(self._threads)):
                     self._src = rasterio.open(self.scene.path)
             except RasterioIOError as exc:
-                raise SceneError(f"{self.scene.path} can no longer be read ({exc}); was it moved?") from exc
+                raise SceneError(
+                    f"{self.scene.path} can no longer be read ({exc}); was it moved? Put it back, or take the scene "
+                    f"out of the bundle with `geoir remove {Path(self.scene.path).name} --index INDEX`"
+                ) from exc
             self._fill_inside = _fill_changes_pixels(self._src, self.scene)
             self._cache_fitted = False
             self._ahead_to = 0
