@@ -382,3 +382,28 @@ def test_eval_refuses_a_curve_file_that_is_not_png(tmp_path: Path) -> None:
     r = refused("eval", str(tmp_path / "ds"), "--json", str(report), "--pr-curve", str(curve), code=2)
     assert "--pr-curve" in r.output and ".png" in r.output and "x.txt" in r.output
     assert not report.exists() and not curve.exists()
+
+
+def test_eval_refuses_curves_without_the_seen_protocol(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    report, curve = tmp_path / "r.json", tmp_path / "pr.png"
+    args = ("eval", str(tmp_path / "ds"), "--json", str(report), "--pr-curve", str(curve), "--protocol", "unseen")
+    r = refused(*args, code=2)
+    assert "--protocol seen" in r.output
+    assert not report.exists() and not curve.exists()
+
+
+def test_eval_reference_protocol_logs_its_own_figures(image_folder: Path, srl_model: Path, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    r = CliRunner().invoke(
+        cli,
+        ["eval", str(image_folder), "--model", str(srl_model), "--protocol", "reference", "--seeds", "0",
+         "--json", str(report)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = json.loads(report.read_text())["protocols"]
+    assert set(got) == {"reference"}
+    backbone = got["reference"]["backbone float"]["mAP_mean"]
+    # What the log says is what the report holds (before, the log showed the seen protocol's figures).
+    assert "reference seed 0 backbone float" in r.output and "seen seed" not in r.output
+    assert f"{backbone:.4f}" in r.output

@@ -105,6 +105,11 @@ def evaluate(
     # Every output and every protocol is checked before the model is trained once.
     if pr_curve is not None and pr_curve.suffix.lower() != ".png":
         raise click.BadParameter(f"{pr_curve}: the curves are drawn as a PNG; use a .png file", param_hint="--pr-curve")
+    if pr_curve is not None and "seen" not in protocol:
+        raise click.BadParameter(
+            "the curves are the seen protocol's (first seed); add --protocol seen, or leave --pr-curve out",
+            param_hint="--pr-curve",
+        )
     refuse_existing(json_out, overwrite)
     if pr_curve is not None:
         refuse_existing(pr_curve, overwrite)
