@@ -103,8 +103,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=3072, help="side of the generated scene in pixels")
     ap.add_argument("--bare-batches", type=int, default=5)
     ap.add_argument("--section", default=None, help="docs section name [default: encode_throughput_DEVICE]")
+    ap.add_argument("--tta", action="store_true", help="encode with test-time averaging (geoir tile --tta)")
     args = ap.parse_args()
-    model = load_model("backbone", device=args.device)
+    model = load_model("backbone", device=args.device, tta=args.tta)
     dev = model.backbone.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,13 +133,22 @@ def main() -> None:
     }
     rows.append(row)
     cols = list(row)
-    section = args.section or f"encode_throughput_{dev.type}"
+    section = args.section or f"encode_throughput_{dev.type}" + ("_tta" if args.tta else "")
     md = "\n".join(
         [
-            f"## Encoding throughput on {name}: pipeline vs bare backbone forward",
+            f"## Encoding throughput on {name}{' with --tta' if args.tta else ''}: pipeline vs bare backbone forward",
             "",
             f"`python benchmarks/encode_throughput.py --device {args.device} --batch-size {args.batch_size} "
-            f"--workers {args.workers} --side {args.side}` on {machine()}; torch {torch.__version__}.",
+            f"--workers {args.workers} --side {args.side}{' --tta' if args.tta else ''}` on {machine()}; "
+            f"torch {torch.__version__}.",
+            *(
+                [
+                    "With --tta every tile is encoded as the mean of its 8 flips and quarter turns (8 forward passes",
+                    "per tile); bare forward stays one pass per image, so pipeline / bare shows the cost.",
+                ]
+                if args.tta
+                else []
+            ),
             "Backbone tf_efficientnet_lite0 (224 px input, tiles of 256 px resized on the device). bare = forward on",
             "pre-made normalised tensors (best of two, before and after the pipeline); encode only = `Model.encode`",
             "on a uint8 batch already in (pinned) host memory: transfer, resize, normalise, forward, vectors back;",

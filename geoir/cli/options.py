@@ -201,11 +201,15 @@ def resolve_model(
     download: bool,
     device: str,
     bundle_model: dict | None = None,
+    tta: bool | None = None,
 ):  # type: ignore[no-untyped-def]
-    """Load the model a command asked for; with no --model, the bundle's own model, else the default."""
+    """Load the model a command asked for; with no --model, the bundle's own model, else the default. Test-time
+    averaging (``tta``) follows the bundle unless given."""
     from geoir.encoding.model import model_for_bundle
 
-    return model_for_bundle(bundle_model, model, backbone=backbone, weights=weights, download=download, device=device)
+    return model_for_bundle(
+        bundle_model, model, backbone=backbone, weights=weights, download=download, device=device, tta=tta
+    )
 
 
 class BBoxType(click.ParamType):

@@ -66,6 +66,12 @@ from geoir.errors import GeoirError
 @batch_options
 @click.option("--no-encode", is_flag=True, help="Only cut and catalog tiles; `geoir encode` can encode them later.")
 @click.option(
+    "--tta",
+    is_flag=True,
+    help="Encode every tile as the mean features of its 8 flips and quarter turns: better retrieval "
+    "(docs/results.md), 8 backbone passes per tile. Recorded in a new bundle; queries follow it.",
+)
+@click.option(
     "--index-kind",
     "index_kinds",
     multiple=True,
@@ -107,6 +113,7 @@ def tile(
     batch_size: int,
     workers: int | None,
     no_encode: bool,
+    tta: bool,
     index_kinds: tuple[str, ...],
     scheduler: str | None,
     cluster: str | None,
@@ -124,6 +131,7 @@ def tile(
       $ geoir tile scenes/ --index naip-index --size 224 --overlap 0.5
       $ geoir tile s2.tif --bands 1,2,3 --gsd 10 --export-chips chips/
       $ geoir tile big/*.tif --index-kind BHNSW32 --device cuda --batch-size 256
+      $ geoir tile scene.tif --index tta-index --tta --device cuda
     """
     from geoir.index.bundle import Bundle, discard_if_unused
     from geoir.io.files import ensure_writable_dir
@@ -139,6 +147,10 @@ def tile(
         raise click.UsageError("--export-chips runs on one machine; drop --scheduler/--cluster")
     if cluster is not None and not re.fullmatch(r"local:[1-9][0-9]*", cluster):
         raise click.BadParameter(f"{cluster!r}: use local:N with N >= 1 worker processes", param_hint="--cluster")
+    if tta and (scheduler or cluster):
+        raise click.UsageError("--tta encodes on one machine; drop --scheduler/--cluster")
+    if tta and no_encode:
+        raise click.UsageError("--tta is a way of encoding; drop --no-encode")
     if (scheduler or cluster) and importlib.util.find_spec("distributed") is None:
         raise click.ClickException("--scheduler/--cluster need Dask: pip install 'geoir[dist]'")
     index = Path(index_dir)
@@ -169,7 +181,10 @@ def tile(
         # On a cluster the workers encode (each on its own GPU with --device cuda); the client's copy of the
         # model only describes it and merges vectors, so it stays on the CPU.
         client_device = "cpu" if (scheduler or cluster) else device
-        encoder = resolve_model(model, backbone, weights, download, client_device, existing.model if existing else None)
+        described = existing.model if existing else None
+        if tta and described is not None and not described.get("backbone_tta"):
+            raise click.UsageError(f"{index} was encoded without --tta; drop --tta, or use another --index")
+        encoder = resolve_model(model, backbone, weights, download, client_device, described, tta=tta or None)
         if existing is not None:
             existing.check_model(encoder.fingerprint, encoder.meta.get("name"))
     kinds = parse_index_kinds(index_kinds)

@@ -225,6 +225,8 @@ class Backbone:
         self.num_features = width + sum(self._install_taps())
         self.fingerprint = _fingerprint(name, model, preprocess, self.taps)
         self._cuda_batch = 0
+        #: Encode every tile as the mean features of its 8 flips and quarter turns (:meth:`features`).
+        self.tta = False
         self._mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -337,7 +339,9 @@ class Backbone:
             amp: Use bf16 autocast on CUDA (ignored on CPU).
 
         Returns:
-            ``[N, num_features]`` float32 tensor on the model's device.
+            ``[N, num_features]`` float32 tensor on the model's device: with :attr:`tta`, the mean features
+            of each tile's 8 flips and quarter turns (8 forward passes per tile; the same features whichever
+            way the tile is turned).
         """
         device = self.device
         n = batch_uint8.shape[0]
@@ -350,13 +354,22 @@ class Backbone:
             self._cuda_batch = max(self._cuda_batch, n)
         with torch.inference_mode():
             x = self.prepare(batch_uint8.to(device, non_blocking=True))
+            rows = x.shape[0]
+            if self.tta:
+                # The 8 views of geoir.training.data.dihedral (k quarter turns, then mirrored) in one batch.
+                # The input is square after prepare, and turning commutes with its separable resize.
+                turns = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+                x = torch.cat(turns + [t.flip(3) for t in turns])
             x = x.contiguous(memory_format=torch.channels_last)
             if device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     out = self._forward(x)
             else:
                 out = self._forward(x)
-            out = out.float()[:n]
+            out = out.float()
+            if self.tta:
+                out = out.view(8, rows, -1).mean(0)
+            out = out[:n]
         if out.shape != (n, self.num_features):
             raise ModelError(
                 f"backbone {self.name!r} gave features of shape {list(out.shape)}, expected "

@@ -63,8 +63,11 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the backbone fingerprint and the head's config and weights."""
+        """sha256 over the backbone fingerprint, the head's config and weights, and test-time averaging when
+        it is on (vectors of the averaged features are another model's: they must not share a bundle)."""
         h = hashlib.sha256(self.backbone.fingerprint.encode())
+        if self.backbone.tta:
+            h.update(b"tta=dihedral8\0")
         if self.head is not None:
             h.update(json.dumps(self.head_config, sort_keys=True).encode())
             for k, v in self.head.state_dict().items():
@@ -96,6 +99,7 @@ class Model:
             "backbone": self.backbone.name,
             "backbone_fingerprint": self.backbone.fingerprint,
             "backbone_taps": list(self.backbone.taps),
+            "backbone_tta": self.backbone.tta,
             "preprocess": self.backbone.preprocess.to_dict(),
             "head": self.head_config,
             "feature_dim": self.backbone.num_features,
@@ -211,6 +215,7 @@ def load_model(
     download: bool = False,
     device: str | torch.device = "cpu",
     taps: tuple[int, ...] | None = None,
+    tta: bool = False,
 ) -> Model:
     """Load a model file, the shipped default, or a bare backbone.
 
@@ -223,6 +228,8 @@ def load_model(
         device: ``auto``, ``cpu`` or ``cuda``.
         taps: For a bare backbone: its tapped blocks (None: the backbone's default; see
             :func:`geoir.encoding.backbone.load_backbone`). A model file records its own.
+        tta: Encode every tile as the mean features of its 8 flips and quarter turns (8 backbone passes
+            per tile; see :meth:`geoir.encoding.backbone.Backbone.features`).
 
     Raises:
         ModelError: The file is missing or not a geoir model, or its backbone does not match.
@@ -242,6 +249,7 @@ def load_model(
         bb = load_backbone(
             backbone or DEFAULT_BACKBONE, weights=_path(weights), download=download, device=device, taps=taps
         )
+        bb.tta = tta
         return Model(bb, meta={"name": "backbone"})
     try:
         with warnings.catch_warnings():
@@ -280,6 +288,7 @@ def load_model(
     meta = dict(payload.get("meta") or {})
     meta.setdefault("name", path.stem)
     meta["path"] = str(path.resolve())
+    bb.tta = tta
     return Model(bb, head, payload["head_config"], meta)
 
 
@@ -291,6 +300,7 @@ def model_for_bundle(
     weights: str | os.PathLike[str] | None = None,
     download: bool = False,
     device: str | torch.device = "cpu",
+    tta: bool | None = None,
 ) -> Model:
     """The model to use with a bundle: the one asked for, else the one its manifest describes.
 
@@ -301,7 +311,11 @@ def model_for_bundle(
         weights: Local backbone weights.
         download: Allow timm downloads.
         device: Where to run.
+        tta: Test-time averaging (see :func:`load_model`); None: as the bundle was encoded (off for a new one).
     """
+    if tta is None:
+        # Queries and new scenes must be encoded as the bundle's tiles were.
+        tta = bool((described or {}).get("backbone_tta", False))
     taps = None
     if model is None and described is not None:
         if described.get("name") == "backbone":
@@ -312,4 +326,4 @@ def model_for_bundle(
             model = described["path"]
     if model is None and backbone is not None:
         model = "backbone"
-    return load_model(model, backbone=backbone, weights=weights, download=download, device=device, taps=taps)
+    return load_model(model, backbone=backbone, weights=weights, download=download, device=device, taps=taps, tta=tta)

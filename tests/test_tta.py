@@ -1,0 +1,87 @@
+"""Test-time averaging (`geoir tile --tta`): every tile encoded as the mean features of its 8 flips and
+quarter turns, recorded in the bundle so that later scenes and queries are encoded alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from geoir.cli import cli
+from geoir.encoding.backbone import load_backbone
+from geoir.encoding.model import load_model, model_for_bundle
+from geoir.index.bundle import Bundle
+from geoir.io.scene import open_scene
+from geoir.tiling.grid import TilingParams
+from geoir.tiling.tiler import TileSource
+from geoir.training.data import dihedral
+from tests.conftest import MakeGeoTiff
+
+TEST = ["--backbone", "test", "--device", "cpu", "--workers", "0"]
+
+
+def geoir(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["-q", *args])
+
+
+def test_tta_features_are_the_mean_of_the_eight_views_and_turn_invariant() -> None:
+    bb = load_backbone("test", device="cpu")
+    img = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 48), dtype=np.uint8)  # not square: queries
+    views = [bb.features(torch.from_numpy(np.stack([dihedral(i, v) for i in img]))) for v in range(8)]
+    bb.tta = True
+    got = bb.features(torch.from_numpy(img))
+    assert got.shape == (3, bb.num_features)
+    torch.testing.assert_close(got, torch.stack(views).mean(0), rtol=1e-4, atol=1e-5)
+    turned = np.ascontiguousarray(np.rot90(img, 1, axes=(2, 3))[:, :, :, ::-1])
+    torch.testing.assert_close(bb.features(torch.from_numpy(turned)), got, rtol=1e-4, atol=1e-5)
+    # Without averaging a turned tile gets other features: the test above can fail.
+    bb.tta = False
+    assert not torch.allclose(bb.features(torch.from_numpy(turned)), bb.features(torch.from_numpy(img)), atol=1e-3)
+
+
+def test_tta_is_part_of_the_model_fingerprint() -> None:
+    plain, averaged = load_model("backbone", backbone="test"), load_model("backbone", backbone="test", tta=True)
+    assert plain.fingerprint != averaged.fingerprint and averaged.describe()["backbone_tta"] is True
+    assert plain.backbone.fingerprint == averaged.backbone.fingerprint  # the same weights
+    # A bundle's record brings it back; an explicit choice wins.
+    assert model_for_bundle(averaged.describe(), backbone="test").fingerprint == averaged.fingerprint
+    assert model_for_bundle(None, backbone="test").backbone.tta is False
+
+
+def test_tile_tta_records_it_and_later_scenes_and_queries_follow(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    a, b = make_geotiff(name="a.tif", seed=1), make_geotiff(name="b.tif", seed=2)
+    assert geoir("tile", str(a), "--index", str(index), "--model", "backbone", "--tta", *TEST).exit_code == 0
+    model = json.loads((index / "manifest.json").read_text())["model"]
+    assert model["backbone_tta"] is True
+    # A second scene without --tta is encoded as the bundle was, not refused as another model.
+    r = geoir("tile", str(b), "--index", str(index), "--backbone", "test", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    bundle = Bundle.open(index)
+    assert bundle.manifest["counts"]["scenes"] == 2 and bundle.model["fingerprint"] == model["fingerprint"]
+    # The stored vectors are the averaged ones: a tile turned a quarter finds itself first.
+    tiles = bundle.tiles()
+    source = TileSource(open_scene(a), TilingParams())
+    rgb = source.read(0).rgb
+    query = tmp_path / "q.png"
+    Image.fromarray(np.rot90(rgb, 1, axes=(1, 2)).transpose(1, 2, 0).copy()).save(query)
+    out = tmp_path / "hits.geojson"
+    r = geoir("search", str(query), "--index", str(index), "--out", str(out), "-k", "1", "--no-rotations")
+    assert r.exit_code == 0, r.output
+    hit = json.loads(out.read_text())["features"][0]["properties"]
+    assert int(hit["tile_id"]) == int(source.tiles[0].id) and len(tiles) == 8
+
+
+def test_tta_on_a_bundle_encoded_without_it_is_refused(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), "--model", "backbone", *TEST).exit_code == 0
+    before = (index / "manifest.json").read_text()
+    r = geoir("tile", str(make_geotiff(name="b.tif", seed=3)), "--index", str(index), "--tta", *TEST)
+    assert r.exit_code == 2 and "encoded without --tta" in r.output and "Traceback" not in r.output
+    assert (index / "manifest.json").read_text() == before
+    r = geoir("tile", str(make_geotiff()), "--index", str(tmp_path / "n"), "--tta", "--no-encode")
+    assert r.exit_code == 2 and "--no-encode" in r.output and not (tmp_path / "n").exists()
