@@ -16,6 +16,7 @@ from geoir.encoding.backbone import load_backbone
 from geoir.encoding.model import load_model, model_for_bundle
 from geoir.index.bundle import Bundle
 from geoir.io.scene import open_scene
+from geoir.retrieval.engine import Searcher
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.tiler import TileSource
 from geoir.training.data import dihedral
@@ -74,6 +75,11 @@ def test_tile_tta_records_it_and_later_scenes_and_queries_follow(make_geotiff: M
     assert r.exit_code == 0, r.output
     hit = json.loads(out.read_text())["features"][0]["properties"]
     assert int(hit["tile_id"]) == int(source.tiles[0].id) and len(tiles) == 8
+    # The averaged query is the same in every turn, so the default search encodes it once, to the same hit.
+    searcher = Searcher(bundle, model_for_bundle(bundle.model, backbone="test"))
+    assert searcher.rotations is False
+    r = geoir("search", str(query), "--index", str(index), "--out", str(out), "-k", "1", "--overwrite")
+    assert int(json.loads(out.read_text())["features"][0]["properties"]["tile_id"]) == int(source.tiles[0].id)
 
 
 def test_tta_on_a_bundle_encoded_without_it_is_refused(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

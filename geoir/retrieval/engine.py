@@ -83,7 +83,8 @@ class Searcher:
         bundle.check_model(model.fingerprint, model.meta.get("name"))
         self.bundle = bundle
         self.model = model
-        self.rotations = rotations
+        # Averaged features (--tta) are the same for every turn of a query: one encoding is enough.
+        self.rotations = rotations and not model.backbone.tta
         self.indexes = bundle.indexes()
         if not len(self.indexes["float"]):
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
