@@ -59,6 +59,7 @@ def test_tile_tta_records_it_and_later_scenes_and_queries_follow(make_geotiff: M
     assert geoir("tile", str(a), "--index", str(index), "--model", "backbone", "--tta", *TEST).exit_code == 0
     model = json.loads((index / "manifest.json").read_text())["model"]
     assert model["backbone_tta"] is True
+    assert "averaged over 8 turns (--tta)" in geoir("info", "--index", str(index)).output
     # A second scene without --tta is encoded as the bundle was, not refused as another model.
     r = geoir("tile", str(b), "--index", str(index), "--backbone", "test", "--workers", "0")
     assert r.exit_code == 0, r.output

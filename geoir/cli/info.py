@@ -75,6 +75,7 @@ def info(index_dir: str, as_json: bool) -> None:
     )
     if m:
         code = f", {m['bits']}-bit codes" if m.get("bits") else ""
+        code += ", averaged over 8 turns (--tta)" if m.get("backbone_tta") else ""
         click.echo(
             f"model    {m.get('name')} ({m['backbone']}, {m['embedding_dim']}-d embedding{code}); "
             f"fingerprint {m['fingerprint'][:12]}"
