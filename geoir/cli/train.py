@@ -15,11 +15,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("geoir")
 
-#: Suffixes of rasters and images, which are neither a folder of class folders nor a vector file of labels.
-IMAGE_FILE_SUFFIXES = (
-    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".img", ".vrt", ".bmp", ".gif", ".webp", ".ntf", ".nitf",
-    ".hdf", ".nc",
-)  # fmt: skip
 DATASET_KINDS = (
     "a folder of class folders (CLASS/*.jpg) or a vector file (GeoPackage/GeoJSON/Shapefile) of labelled "
     "geometries with --index"
@@ -185,7 +180,7 @@ def train(
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
     if out.suffix.lower() != ".pt":
         raise click.BadParameter(f"{out}: a model file is written as .pt; use e.g. {out.stem}.pt", param_hint="--out")
-    if not dataset.is_dir() and dataset.suffix.lower() in IMAGE_FILE_SUFFIXES:
+    if not dataset.is_dir() and dataset.suffix.lower() in _image_file_suffixes():
         raise click.BadParameter(
             f"{dataset} is an image or raster file, not a data set; pass {DATASET_KINDS}", param_hint="DATASET"
         )
@@ -207,7 +202,9 @@ def train(
         _, labels, classes = list_image_folder(dataset)
         _check_class_sizes(labels, classes, dataset, test_fraction)  # before the backbone reads any image
     bb, data = _features(ctx, dataset, index_dir, backbone, weights, download, device, workers, recipe.views_needed)
-    _check_class_sizes(data.labels, data.classes, dataset, test_fraction)
+    if not dataset.is_dir():
+        # A bundle's labelled tiles are known only now; a folder's classes were checked above.
+        _check_class_sizes(data.labels, data.classes, dataset, test_fraction)
     if test_fraction > 0:
         split = stratified_split(data.labels, 1 - test_fraction, seed)
         train_idx, test_idx = split.train, split.test
@@ -237,6 +234,14 @@ def train(
     trained = Model(bb, head, head.config(), meta)  # type: ignore[operator]
     trained.save(out)
     log.info("%s: %s head (fingerprint %s)", out, method, trained.fingerprint[:12])
+
+
+def _image_file_suffixes() -> set[str]:
+    """Suffixes of images and rasters, which are neither a folder of class folders nor a vector file of labels."""
+    from geoir.io.scene import RASTER_SUFFIXES
+    from geoir.training.data import IMAGE_SUFFIXES
+
+    return {*IMAGE_SUFFIXES, *RASTER_SUFFIXES, ".bmp", ".gif", ".webp"}
 
 
 def _check_class_sizes(labels: np.ndarray, classes: list[str], dataset: Path, test_fraction: float) -> None:

@@ -52,21 +52,6 @@ def format_conflict(out: str, fmt: str | None) -> str | None:
     )
 
 
-def guess_format(out: str, fmt: str | None) -> str:
-    """Output format from ``--format`` or the file suffix; stdout is GeoJSON.
-
-    Raises:
-        QueryError: ``--format`` contradicts the suffix, or there is neither a format nor a known suffix.
-    """
-    conflict = format_conflict(out, fmt)
-    if conflict:
-        raise QueryError(conflict)
-    fmt = fmt or suffix_format(out)
-    if fmt is None:
-        raise QueryError(f"cannot tell the format of {out} from its suffix; use .gpkg, .geojson or .fgb, or --format")
-    return fmt
-
-
 def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False) -> None:
     """Write named layers.
 
