@@ -358,6 +358,28 @@ def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) 
     assert len(bundle.indexes()["float"]) == 13 == bundle.n_tiles()
 
 
+def test_info_says_when_an_index_file_is_corrupt_or_stale(bundle2: Path) -> None:
+    r = invoke("info", "--index", str(bundle2))
+    assert "exact (flat), 13 vectors" in r.output
+    assert json.loads(invoke("info", "--index", str(bundle2), "--json").output)["index"]["float"]["vectors"] == 13
+    faiss_file = bundle2 / "float.faiss"
+    data = faiss_file.read_bytes()
+    faiss_file.write_bytes(data[: len(data) // 2])
+    r = CliRunner().invoke(cli, ["info", "--index", str(bundle2)])
+    assert r.exit_code == 0, r.output
+    assert f"{faiss_file} is corrupt or truncated; delete it and search again" in r.output
+    assert "float: exact (flat), unreadable" in r.output
+    # An index written for other tiles: counted, and said to be rebuilt by the next search.
+    bundle = Bundle.open(bundle2)
+    faiss_file.unlink()
+    index = bundle.rebuild_index("float")
+    index.remove(index.ids()[:3])
+    index.save(faiss_file)
+    r = CliRunner().invoke(cli, ["info", "--index", str(bundle2)])
+    assert "10 vectors, not the 13 of the encoded scenes (the next search rebuilds it)" in r.output
+    assert len(Bundle.open(bundle2).indexes()["float"]) == 13
+
+
 def test_encode_images_command(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
     png = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(png)

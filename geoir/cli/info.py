@@ -35,6 +35,7 @@ def info(index_dir: str, as_json: bool) -> None:
     bundle = Bundle.open(index_dir)
     records = bundle.scene_records()
     encoded = set(bundle.encoded_scene_ids())
+    expected = bundle.encoded_tiles()
     data = {
         "path": str(bundle.path),
         "format_version": bundle.manifest["format_version"],
@@ -42,7 +43,11 @@ def info(index_dir: str, as_json: bool) -> None:
         "counts": bundle.manifest["counts"],
         "model": bundle.model,
         "index": {
-            kind: {"factory": (bundle.manifest.get("index") or {}).get(kind), "bytes": _size(bundle.path / name)}
+            kind: {
+                "factory": (bundle.manifest.get("index") or {}).get(kind),
+                "bytes": _size(bundle.path / name),
+                **_index_state(bundle.path / name, expected),
+            }
             for kind, name in INDEX_FILES.items()
             if (bundle.path / name).exists()
         },
@@ -83,11 +88,29 @@ def info(index_dir: str, as_json: bool) -> None:
     else:
         click.echo("model    none (not encoded)")
     for kind, d in data["index"].items():
-        click.echo(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {d['bytes'] / 1e6:.2f} MB")
+        state = d.get("problem") or f"{d['vectors']} vectors"
+        click.echo(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {state}, {d['bytes'] / 1e6:.2f} MB")
     click.echo(f"size     {data['bytes']['total'] / 1e6:.2f} MB on disk")
     for s in data["scenes"]:
         flag = "" if s["encoded"] else "  (not encoded)"
         click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}")
+
+
+def _index_state(path: Path, expected: int) -> dict[str, object]:
+    """How many vectors an index file holds, or what is wrong with it (a search repairs both)."""
+    from geoir.errors import BundleError
+    from geoir.index.vectors import VectorIndex
+
+    try:
+        n = VectorIndex.count(path)
+    except BundleError as exc:
+        log.warning("%s", exc)
+        return {"vectors": None, "problem": "unreadable (see the warning above)"}
+    if n != expected:
+        problem = f"{n} vectors, not the {expected} of the encoded scenes (the next search rebuilds it)"
+        log.warning("%s holds %s", path, problem)
+        return {"vectors": n, "problem": problem}
+    return {"vectors": n}
 
 
 def _epsg(wkt: str) -> str:

@@ -556,12 +556,13 @@ class Bundle:
             self._apply_pending(kind)
             self._save_index(kind, self._loaded[kind])
 
-    def _encoded_tiles(self) -> int:
+    def encoded_tiles(self) -> int:
+        """Tiles of the committed scenes that have vectors: what every FAISS index of the bundle must hold."""
         return sum(r["n_tiles"] for r in self.scene_records() if self.vectors_path(r["id"]).exists())
 
     def indexes(self) -> dict[str, VectorIndex]:
         """The FAISS indexes, checked against the committed scenes and rebuilt when they disagree."""
-        expected = self._encoded_tiles()
+        expected = self.encoded_tiles()
         out: dict[str, VectorIndex] = {}
         for kind in self.index_kinds():
             index = self._index(kind)
@@ -599,7 +600,7 @@ class Bundle:
             index = self._index(kind) if first else self._loaded[kind]  # (not _index: it applies pending adds)
             if first:
                 # The scene being added is already committed, with its vectors: the rest must be in the file.
-                before = self._encoded_tiles() - len(ids)
+                before = self.encoded_tiles() - len(ids)
                 if (len(index) if index is not None else 0) != before:
                     log.info("%s index of %s lacks committed scenes; rebuilding it from the vectors", kind, self.path)
                     self.rebuild_index(kind)

@@ -62,6 +62,8 @@ import numpy as np
 from geoir.errors import BundleError, QueryError
 
 log = logging.getLogger("geoir")
+# A bundle's index files are derived from the vectors it stores, and rebuilt from them when missing.
+_REDO = "delete it and search again: it is rebuilt from the vectors stored in the bundle"
 
 # FAISS's bundled stubs (faiss/__init__.pyi) cover only part of the SWIG API: no DirectMap, no
 # SearchParametersHNSW, no keyword constructors, no id_map or codes. Typed against them, every correct call
@@ -571,6 +573,26 @@ class VectorIndex:
             reason = str(err).strip()[-160:]
             raise BundleError(f"cannot write {target}: {reason}; check free disk space") from None
 
+    @staticmethod
+    def count(path: str | os.PathLike[str]) -> int:
+        """How many vectors the index file at ``path`` holds, without reading them (memory-mapped).
+
+        Raises:
+            BundleError: The file is missing, corrupt or truncated (as :meth:`load` would find it).
+        """
+        source = Path(path)
+        try:
+            with open(source, "rb") as f:
+                binary = f.read(4).startswith(b"IB")
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            index = faiss.read_index_binary(str(source), flags) if binary else faiss.read_index(str(source), flags)
+        except OSError as err:
+            raise BundleError(f"cannot read index file {source}: {err.strerror}") from None
+        except (RuntimeError, MemoryError) as err:
+            log.debug("FAISS cannot read %s: %s", source, err)
+            raise BundleError(f"index file {source} is corrupt or truncated; {_REDO}") from None
+        return int(index.ntotal)
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> VectorIndex:
         """Read an index written by :meth:`save`.
@@ -579,8 +601,7 @@ class VectorIndex:
             BundleError: The file is missing, corrupt, truncated, or not a geoir vector index.
         """
         source = Path(path)
-        # A bundle's index files are derived from the vectors it stores, and rebuilt from them when missing.
-        redo = "delete it and search again: it is rebuilt from the vectors stored in the bundle"
+        redo = _REDO
         try:
             with open(source, "rb") as f:
                 magic = f.read(4)
