@@ -407,3 +407,10 @@ def test_eval_reference_protocol_logs_its_own_figures(image_folder: Path, srl_mo
     # What the log says is what the report holds (before, the log showed the seen protocol's figures).
     assert "reference seed 0 backbone float" in r.output and "seen seed" not in r.output
     assert f"{backbone:.4f}" in r.output
+
+
+def test_train_refuses_index_with_an_image_folder(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    r = invoke("train", str(image_folder), "--index", str(tmp_path / "idx"), "--out", str(out), *TEST_BACKBONE, code=2)
+    assert "--index is for a vector file of labelled geometries" in r.output and "leave --index out" in r.output
+    assert not out.exists()

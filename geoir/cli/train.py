@@ -37,6 +37,11 @@ def _features(
     from geoir.training.data import bundle_features, image_folder_features
 
     if dataset.is_dir():
+        if index_dir is not None:
+            raise click.UsageError(
+                f"{dataset} is a folder of class folders, whose images are encoded as they are; --index is for a "
+                "vector file of labelled geometries over a bundle's tiles: leave --index out"
+            )
         bb = load_backbone(backbone_name or DEFAULT_BACKBONE, weights=weights, download=download, device=device)
         progress = tqdm_progress(progress_enabled(ctx))
         return bb, image_folder_features(dataset, bb, workers=workers, progress=progress, augment=augment)
