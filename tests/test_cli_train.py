@@ -409,6 +409,46 @@ def test_eval_reference_protocol_logs_its_own_figures(image_folder: Path, srl_mo
     assert f"{backbone:.4f}" in r.output
 
 
+def test_eval_tta_scores_the_averaged_features_that_tile_tta_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geoir.training.protocols import evaluate_seen, stratified_split
+    from geoir.training.recipes import float_encoder
+
+    # Two colours x two stripe directions: averaging over quarter turns cannot tell the directions apart,
+    # so the averaged backbone ranks differently from the single view.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    image_folder = tmp_path / "stripes"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (image_folder / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            img = np.clip(np.array([(200, 60, 60), (60, 60, 200)][c % 2]) + rng.normal(0, 30, (64, 64, 3)), 0, 255)
+            img[(np.arange(64) // 4 % 2 == 0)] *= 0.3  # horizontal stripes
+            Image.fromarray(img.astype(np.uint8).transpose(1, 0, 2) if c >= 2 else img.astype(np.uint8)).save(
+                image_folder / f"class{c}" / f"{i}.png"
+            )
+    model = tmp_path / "m.pt"
+    invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(model), *TEST_BACKBONE)
+    reports = {}
+    for flag in ("", "--tta"):
+        out = tmp_path / f"r{flag}.json"
+        args = ["--model", str(model), "--protocol", "seen", "--seeds", "0", "--json", str(out)]
+        invoke("eval", str(image_folder), *args, *([flag] if flag else []))
+        reports[flag] = json.loads(out.read_text())
+    assert reports["--tta"]["tta"] is True and reports[""]["tta"] is False
+    # The backbone's figures under --tta are those of the features an averaging backbone (geoir tile --tta)
+    # computes, image by image; and they are not the single view's.
+    bb = load_backbone("test", device="cpu")
+    bb.tta = True
+    data = image_folder_features(image_folder, bb)
+    split = stratified_split(data.labels, 0.8, 0)
+    want = evaluate_seen(float_encoder(None), data.features, data.labels, split, database="all")["mAP"]
+    got = {k: r["protocols"]["seen"]["backbone float"]["mAP_mean"] for k, r in reports.items()}
+    assert got["--tta"] == pytest.approx(want, abs=1e-6)
+    assert got[""] != pytest.approx(want, abs=1e-3)
+
+
 def test_train_refuses_index_with_an_image_folder(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     r = invoke("train", str(image_folder), "--index", str(tmp_path / "idx"), "--out", str(out), *TEST_BACKBONE, code=2)

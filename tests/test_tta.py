@@ -92,3 +92,35 @@ def test_tta_on_a_bundle_encoded_without_it_is_refused(make_geotiff: MakeGeoTiff
     assert (index / "manifest.json").read_text() == before
     r = geoir("tile", str(make_geotiff()), "--index", str(tmp_path / "n"), "--tta", "--no-encode")
     assert r.exit_code == 2 and "--no-encode" in r.output and not (tmp_path / "n").exists()
+
+
+def test_encode_tta_images_match_an_averaged_bundle_and_no_encode_bundles_can_take_it(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    scene = make_geotiff(seed=4)
+    averaged, later = tmp_path / "averaged", tmp_path / "later"
+    assert geoir("tile", str(scene), "--index", str(averaged), "--model", "backbone", "--tta", *TEST).exit_code == 0
+    # A bundle tiled without encoding takes --tta from `geoir encode`, and stores what `geoir tile --tta` stores.
+    assert geoir("tile", str(scene), "--index", str(later), "--no-encode", "--workers", "0").exit_code == 0
+    r = geoir("encode", "--index", str(later), "--model", "backbone", "--tta", *TEST)
+    assert r.exit_code == 0, r.output
+    a, b = Bundle.open(averaged), Bundle.open(later)
+    assert b.model is not None and b.model["backbone_tta"] is True and b.model["fingerprint"] == a.model["fingerprint"]
+    np.testing.assert_allclose(b.vectors()["embedding"], a.vectors()["embedding"], rtol=1e-5, atol=1e-6)
+    # An image encoded with --tta gets its tile's stored vector, whichever way it is turned; without, it does not.
+    rgb = TileSource(open_scene(scene), TilingParams()).read(0).rgb
+    png = tmp_path / "turned.png"
+    Image.fromarray(np.rot90(rgb, 3, axes=(1, 2)).transpose(1, 2, 0).copy()).save(png)
+    stored = a.vectors()["embedding"][0]
+    for flag, close in (("--tta", True), ("", False)):
+        out = tmp_path / f"v{flag}.npy"
+        r = geoir("encode", str(png), "--out", str(out), "--model", "backbone", *TEST[:4], *([flag] if flag else []))
+        assert r.exit_code == 0, r.output
+        assert np.allclose(np.load(out)[0], stored, rtol=1e-4, atol=1e-5) is close
+    # A bundle encoded without averaging refuses it, and is left as it was.
+    plain = tmp_path / "plain"
+    assert geoir("tile", str(scene), "--index", str(plain), "--model", "backbone", *TEST).exit_code == 0
+    before = (plain / "manifest.json").read_text()
+    r = geoir("encode", "--index", str(plain), "--tta", *TEST)
+    assert r.exit_code == 2 and "encoded without --tta" in r.output
+    assert (plain / "manifest.json").read_text() == before

@@ -16,8 +16,10 @@ from geoir.cli.options import (
     overwrite_option,
     progress_enabled,
     refuse_existing,
+    refuse_tta_change,
     resolve_model,
     tqdm_progress,
+    tta_option,
 )
 
 log = logging.getLogger("geoir")
@@ -36,6 +38,10 @@ log = logging.getLogger("geoir")
 @overwrite_option
 @model_options
 @batch_options
+@tta_option(
+    "Encode every image or tile as the mean features of its 8 flips and quarter turns, as `geoir tile "
+    "--tta` does (8 backbone passes each). A bundle records it, and one encoded without it refuses it."
+)
 @click.pass_context
 def encode(
     ctx: click.Context,
@@ -50,6 +56,7 @@ def encode(
     device: str,
     batch_size: int,
     workers: int | None,
+    tta: bool,
 ) -> None:
     """Encode IMAGE files to vectors, or (without IMAGE) encode the bundle's tiles that have no vectors.
 
@@ -61,6 +68,7 @@ def encode(
     Examples:
       $ geoir encode a.png b.jpg --out vectors.npz
       $ geoir encode --index geoir-index --device cuda
+      $ geoir encode query.png --tta --out query.npz    # to compare with a `geoir tile --tta` bundle
     """
     if images:
         if out is None:
@@ -69,7 +77,11 @@ def encode(
             raise click.BadParameter(f"{out}: use a .npy or .npz file", param_hint="--out")
         refuse_existing(out, overwrite)
         _encode_images(
-            images, out, resolve_model(model, backbone, weights, download, device), batch_size, progress_enabled(ctx)
+            images,
+            out,
+            resolve_model(model, backbone, weights, download, device, tta=tta),
+            batch_size,
+            progress_enabled(ctx),
         )
         return
     if out is not None:
@@ -78,7 +90,8 @@ def encode(
     from geoir.index.bundle import Bundle
 
     bundle = Bundle.open(index_dir)
-    encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
+    refuse_tta_change(index_dir, bundle.model, tta)
+    encoder = resolve_model(model, backbone, weights, download, device, bundle.model, tta=tta or None)
     with bundle.lock():
         n = encode_bundle(
             bundle,

@@ -71,6 +71,12 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     default=None,
     help="Write the split lists (JSON, with image paths) here: seen_seedN.json, unseen_seedN.json.",
 )
+@click.option(
+    "--tta",
+    is_flag=True,
+    help="Score every image by the mean features of its 8 flips and quarter turns, as `geoir tile --tta` "
+    "encodes (8 backbone passes per image the first time; heads still train on single views).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
 @overwrite_option
 @click.pass_context
@@ -84,6 +90,7 @@ def evaluate(
     json_out: Path,
     pr_curve: Path | None,
     splits_dir: Path | None,
+    tta: bool,
     workers: int,
     overwrite: bool,
 ) -> None:
@@ -97,6 +104,7 @@ def evaluate(
     Examples:
       $ geoir eval ucmerced/ --json report.json
       $ geoir eval ucmerced/ --model ucm.pt --protocol seen --seeds 0 --json r.json --pr-curve pr.png
+      $ geoir eval ucmerced/ --tta --json report_tta.json
     """
     from geoir.encoding.model import load_model
     from geoir.training.data import image_folder_features, list_image_folder
@@ -130,7 +138,8 @@ def evaluate(
         model.backbone,
         workers=workers,
         progress=tqdm_progress(progress_enabled(ctx)),
-        augment=Recipe.from_dict(model.meta["recipe"]).views_needed,
+        # Test-time averaging needs every view, even for a recipe that trains on none.
+        augment="dihedral" if tta else Recipe.from_dict(model.meta["recipe"]).views_needed,
     )
     report = run_protocols(
         model,
@@ -140,6 +149,7 @@ def evaluate(
         unseen_seeds,
         splits_dir=splits_dir,
         log=lambda s: log.info("%s", s),
+        tta=tta,
     )
     tmp = json_out.with_name(f".{json_out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=float))

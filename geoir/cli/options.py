@@ -194,6 +194,17 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def tta_option(help: str) -> Callable[[F], F]:
+    """``--tta``: encode every tile or image as the mean features of its 8 flips and quarter turns."""
+    return click.option("--tta", is_flag=True, help=help)
+
+
+def refuse_tta_change(index: object, described: dict | None, tta: bool) -> None:
+    """A bundle is encoded one way: --tta cannot be asked of one whose tiles were encoded without it."""
+    if tta and described is not None and not described.get("backbone_tta"):
+        raise click.UsageError(f"{index} was encoded without --tta; drop --tta, or use another --index")
+
+
 def resolve_model(
     model: str | None,
     backbone: str | None,

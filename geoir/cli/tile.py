@@ -18,8 +18,10 @@ from geoir.cli.options import (
     index_option,
     model_options,
     progress_enabled,
+    refuse_tta_change,
     resolve_model,
     tqdm_progress,
+    tta_option,
 )
 from geoir.errors import GeoirError
 
@@ -65,11 +67,9 @@ from geoir.errors import GeoirError
 @model_options
 @batch_options
 @click.option("--no-encode", is_flag=True, help="Only cut and catalog tiles; `geoir encode` can encode them later.")
-@click.option(
-    "--tta",
-    is_flag=True,
-    help="Encode every tile as the mean features of its 8 flips and quarter turns: better retrieval "
-    "(docs/results.md), 8 backbone passes per tile. Recorded in a new bundle; queries follow it.",
+@tta_option(
+    "Encode every tile as the mean features of its 8 flips and quarter turns: better retrieval "
+    "(docs/results.md), 8 backbone passes per tile. Recorded in a new bundle; queries follow it."
 )
 @click.option(
     "--index-kind",
@@ -182,8 +182,7 @@ def tile(
         # model only describes it and merges vectors, so it stays on the CPU.
         client_device = "cpu" if (scheduler or cluster) else device
         described = existing.model if existing else None
-        if tta and described is not None and not described.get("backbone_tta"):
-            raise click.UsageError(f"{index} was encoded without --tta; drop --tta, or use another --index")
+        refuse_tta_change(index, described, tta)
         encoder = resolve_model(model, backbone, weights, download, client_device, described, tta=tta or None)
         if existing is not None:
             existing.check_model(encoder.fingerprint, encoder.meta.get("name"))

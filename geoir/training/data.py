@@ -134,7 +134,8 @@ def image_folder_features(
         raise DatasetError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
     root = Path(root)
     paths, labels, classes = list_image_folder(root)
-    key = _cache_key(root, paths, backbone.fingerprint)
+    # An averaging backbone (tta) has its weights' fingerprint but other features: keep them apart.
+    key = _cache_key(root, paths, backbone.fingerprint + (":tta" if getattr(backbone, "tta", False) else ""))
     items = [str(p.relative_to(root)) for p in paths]
     n_views = 1 if augment == "none" else 8
     feats = [

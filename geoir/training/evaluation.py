@@ -105,8 +105,14 @@ def run_protocols(
     unseen_seeds: Sequence[int],
     splits_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Scores of the backbone alone and of the model's recipe, re-trained on each split.
+
+    Args:
+        tta: Score every image, query and database alike, by the mean features of its 8 flips and quarter
+            turns (what ``geoir tile --tta`` encodes); ``data`` must carry the 7 other views. Heads still
+            train, and choose their epoch and gate, on single views, as ``geoir train`` does.
 
     Returns:
         ``{"model": ..., "protocols": {name: {variant: summary with per-seed runs}}}``.
@@ -116,6 +122,12 @@ def run_protocols(
     check_protocols(y, data.classes, protocols)
     if recipe.views_needed != "none" and data.views is None:
         raise DatasetError(f"the recipe trains with {recipe.augment} views; compute the data set's features with them")
+    # Training features are single views; scored features are either those or (tta) the mean of the 8 views.
+    xe = x
+    if tta:
+        if data.views is None or len(data.views) != 7:
+            raise DatasetError("test-time averaging needs the 7 other flips and quarter turns of every image")
+        xe = ((x + data.views.sum(0, dtype=np.float64)) / 8).astype(x.dtype)
     # Split files are written once every protocol has run, so a failed or interrupted run leaves none.
     splits: dict[str, str] = {}
 
@@ -128,6 +140,7 @@ def run_protocols(
         "recipe": recipe.to_dict(),
         "data": data.summary(),
         "ties": "broken by ascending database index",
+        "tta": tta,
         "protocols": {},
     }
     if "seen" in protocols or "reference" in protocols:
@@ -142,13 +155,13 @@ def run_protocols(
             for name, metric, enc in runs:
                 if "seen" in protocols:
                     r = evaluate_seen(
-                        enc, x, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **METRIC_KW
+                        enc, xe, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **METRIC_KW
                     )
                     seen.setdefault(name, []).append({"seed": seed, **r})
                     log(f"seen seed {seed} {name}: mAP {r['mAP']:.4f}")
                 if "reference" in protocols:
                     # The reference code's protocol: test queries against the training images only.
-                    r2 = evaluate_seen(enc, x, y, split, metric=metric, database="train", **METRIC_KW)
+                    r2 = evaluate_seen(enc, xe, y, split, metric=metric, database="train", **METRIC_KW)
                     ref.setdefault(name, []).append({"seed": seed, **r2})
                     log(f"reference seed {seed} {name}: mAP {r2['mAP']:.4f}")
         if "seen" in protocols:
@@ -162,7 +175,7 @@ def run_protocols(
         unseen: dict[str, Any] = {}
         unseen["backbone float"] = evaluate_unseen(
             lambda f, lab, s: backbone,
-            x,
+            xe,
             y,
             metric="euclidean",
             n_train_classes=UNSEEN_TRAIN_CLASSES,
@@ -175,7 +188,7 @@ def run_protocols(
             def f(fx: np.ndarray, fy: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
                 if seed not in heads:
                     rows = unseen_class_split(y, UNSEEN_TRAIN_CLASSES, seed).train  # what evaluate_unseen trains on
-                    assert np.array_equal(x[rows], fx), "unseen split out of step with evaluate_unseen"
+                    assert np.array_equal(xe[rows], fx), "unseen split out of step with evaluate_unseen"
                     heads[seed] = train(rows, seed)
                 return dict((n, e) for n, _, e in _variants(heads[seed]))[name]
 
@@ -183,7 +196,7 @@ def run_protocols(
 
         for name, metric, _ in _variants(model.head):
             unseen[f"{recipe.method} {name}"] = evaluate_unseen(
-                fit(name), x, y, metric=metric, n_train_classes=UNSEEN_TRAIN_CLASSES, seeds=unseen_seeds, **METRIC_KW
+                fit(name), xe, y, metric=metric, n_train_classes=UNSEEN_TRAIN_CLASSES, seeds=unseen_seeds, **METRIC_KW
             )
         for k, v in unseen.items():
             log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
