@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
+from geoir.errors import ModelError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
@@ -35,6 +36,7 @@ def tile(
     nodata: float | None = None,
     batch_size: int = 64,
     workers: int = 0,
+    tta: bool | None = None,
 ) -> TileReport:
     """Tile, encode and index scenes into a bundle (``geoir tile``).
 
@@ -48,12 +50,22 @@ def tile(
         nodata: Nodata value overriding the files'.
         batch_size: Tiles per model batch.
         workers: Reader processes.
+        tta: Encode every tile as the mean features of its 8 flips and quarter turns (``geoir tile
+            --tta``); None: as the bundle was encoded (off for a new one). For a loaded ``model``, give
+            it to :func:`load_model` instead.
     """
+    _check_tta(model, tta)
     prepared = prepare_scenes([str(s) for s in scenes], bands=bands, nodata=nodata)
     existing = Bundle.open(index) if (Path(index) / "manifest.json").exists() else None
     encoder = None
     if encode:
-        encoder = model if isinstance(model, Model) else model_for_bundle(existing.model if existing else None, model)
+        described = existing.model if existing else None
+        if tta and described is not None and not described.get("backbone_tta"):
+            raise ModelError(f"{index} was encoded without tta; leave tta out, or use another index")
+        if isinstance(model, Model):
+            encoder = model
+        else:
+            encoder = model_for_bundle(described, model, tta=tta)
     # A new bundle whose run fails before its first tile is removed again (as `geoir tile` does).
     with discard_if_unused(index):
         bundle = Bundle.open_or_create(index, params)
@@ -104,9 +116,21 @@ def search(
     return searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap)
 
 
-def encode_images(images: Sequence[PathLike], model: Model | str | None = None) -> np.ndarray:
-    """Embeddings of image files, one row each (``geoir encode IMAGE... --out``)."""
+def encode_images(images: Sequence[PathLike], model: Model | str | None = None, tta: bool | None = None) -> np.ndarray:
+    """Embeddings of image files, one row each (``geoir encode IMAGE... --out``); ``tta``: each image as the
+    mean features of its 8 flips and quarter turns (``geoir encode --tta``), for a loaded ``model`` given to
+    :func:`load_model` instead."""
     from geoir.io.images import read_image
 
-    m = model if isinstance(model, Model) else load_model(model)
+    _check_tta(model, tta)
+    m = model if isinstance(model, Model) else load_model(model, tta=bool(tta))
     return m.concat([m.encode_image(read_image(p).rgb) for p in images]).embedding
+
+
+def _check_tta(model: Model | str | None, tta: bool | None) -> None:
+    """A loaded model carries its own test-time averaging: a ``tta`` that says otherwise is a mistake."""
+    if isinstance(model, Model) and tta is not None and tta != model.backbone.tta:
+        raise ModelError(
+            f"the model passed is loaded with tta={model.backbone.tta}; load it with load_model(..., tta={tta}) "
+            "or leave tta out"
+        )

@@ -124,3 +124,32 @@ def test_encode_tta_images_match_an_averaged_bundle_and_no_encode_bundles_can_ta
     r = geoir("encode", "--index", str(plain), "--tta", *TEST)
     assert r.exit_code == 2 and "encoded without --tta" in r.output
     assert (plain / "manifest.json").read_text() == before
+
+
+def test_python_api_takes_tta_and_refuses_contradictions(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    import pytest
+
+    import geoir
+    from geoir.errors import ModelError
+
+    averaged = load_model("backbone", backbone="test", tta=True)
+    scene = make_geotiff(seed=5)
+    index, plain = tmp_path / "idx", tmp_path / "plain"
+    geoir.tile([scene], index=index, model=averaged)
+    assert Bundle.open(index).model["backbone_tta"] is True
+    with pytest.raises(ModelError, match=r"tta=True; load it with load_model\(\.\.\., tta=False\)"):
+        geoir.tile([scene], index=tmp_path / "other", model=averaged, tta=False)
+    assert not (tmp_path / "other").exists()
+    geoir.tile([scene], index=plain, model=load_model("backbone", backbone="test"))
+    with pytest.raises(ModelError, match="encoded without tta"):
+        geoir.tile([make_geotiff(name="b.tif", seed=6)], index=plain, model="backbone", tta=True)
+    assert Bundle.open(plain).manifest["counts"]["scenes"] == 1
+    # Images: the averaged embedding is the same however the image is turned.
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    pngs = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.fromarray(rgb).save(pngs[0])
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1)[:, ::-1])).save(pngs[1])
+    emb = geoir.encode_images(pngs, model=averaged)
+    np.testing.assert_allclose(emb[0], emb[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ModelError):
+        geoir.encode_images(pngs, model=averaged, tta=False)
