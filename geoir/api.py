@@ -62,10 +62,7 @@ def tile(
         described = existing.model if existing else None
         if tta and described is not None and not described.get("backbone_tta"):
             raise ModelError(f"{index} was encoded without tta; leave tta out, or use another index")
-        if isinstance(model, Model):
-            encoder = model
-        else:
-            encoder = model_for_bundle(described, model, tta=tta)
+        encoder = model if isinstance(model, Model) else model_for_bundle(described, model, tta=tta)
     # A new bundle whose run fails before its first tile is removed again (as `geoir tile` does).
     with discard_if_unused(index):
         bundle = Bundle.open_or_create(index, params)
