@@ -269,33 +269,6 @@ def test_train_srl_chooses_a_gate_on_validation() -> None:
     assert fixed.gate is None and fixed.retain == 0.3
 
 
-def _chosen_key(hist: dict) -> str:  # type: ignore[type-arg]
-    gate = hist["retain_gate"]
-    return f"{hist['retain_angle']:.2f}" if gate is None else "gate " + " ".join(f"{v:.2f}" for v in gate[:3])
-
-
-def test_train_srl_retain_rule_backbone_serves_the_labels_above_the_backbones_floor() -> None:
-    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
-    kw = {"epochs": 6, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
-    _, balance = train_srl(x, y, retain_gate=True, **kw)
-    head, hist = train_srl(x, y, retain_gate=True, retain_rule="backbone", **kw)
-    curve = dict(hist["retain_val_mAP"])
-    floor = curve.pop("backbone")["unseen"]
-    # The floor is the backbone's own mAP on the probe's held-out classes: the widest angle comes near it.
-    assert 0 < floor <= 1 and abs(curve["1.20"]["unseen"] - floor) < 0.2
-    # Same probe and candidates as the balance rule; only the choice differs.
-    assert curve == balance["retain_val_mAP"]
-    above = {k: v["seen"] for k, v in curve.items() if v["unseen"] >= floor}
-    chosen = _chosen_key(hist)
-    if above:
-        assert curve[chosen]["unseen"] >= floor and curve[chosen]["seen"] == max(above.values())
-    else:
-        assert curve[chosen]["unseen"] == max(v["unseen"] for v in curve.values())
-    assert hist["config"]["retain_rule"] == "backbone" and head.retain == hist["retain_angle"]
-    with pytest.raises(ValueError, match="retain_rule"):
-        train_srl(x, y, retain_gate=True, retain_rule="best", **kw)  # type: ignore[arg-type]
-
-
 def test_train_srl_sets_the_gate_validation_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     import geoir.training.fit as fit
 

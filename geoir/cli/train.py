@@ -114,15 +114,6 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "near a class the head was taught, large for tiles unlike any of them.",
 )
 @click.option(
-    "--retain-rule",
-    type=click.Choice(["balance", "backbone"]),
-    default="balance",
-    show_default=True,
-    help="srl/combined: how validation weighs the kept axes: the best mean of the taught classes' and "
-    "held-out classes' mAP (balance), or the best on the taught classes among weights that rank held-out "
-    "classes at least as well as the backbone alone (backbone).",
-)
-@click.option(
     "--augment",
     type=click.Choice(["auto", "dihedral", "dihedral-codes", "none"]),
     default="auto",
@@ -158,7 +149,6 @@ def train(
     epochs: int | None,
     retain_dim: int,
     retain_gate: bool,
-    retain_rule: str,
     augment: str,
     seed: int,
     test_fraction: float,
@@ -209,7 +199,6 @@ def train(
         seed=seed,
         retain_dim=retain_dim,
         retain_gate=retain_gate,
-        retain_rule=retain_rule,
         augment=augment,
     )
     if dataset.is_dir():

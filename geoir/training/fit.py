@@ -268,7 +268,6 @@ def train_srl(
     retain_angle: float | None = None,
     retain_holdout: float = 0.25,
     retain_gate: bool = False,
-    retain_rule: RetainRule = "balance",
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -321,11 +320,6 @@ def train_srl(
             geometry. Candidates: :data:`GATE_ANGLES_LO` x :data:`GATE_ANGLES_HI` x :data:`GATE_TAUS`,
             besides the fixed angles. Needs a validation split (else the fixed default angle is used) and
             is ignored when ``retain_angle`` is given.
-        retain_rule: How validation picks among the retention candidates: ``"balance"``, the best mean of
-            the two validation mAPs; ``"backbone"``, the best mAP on the held-out images of the taught
-            classes among candidates that rank the held-out classes at least as well as the backbone's own
-            features do (when none does, the best there), so the labels are served as far as what they
-            never named is not worse off than without a head.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
@@ -333,8 +327,6 @@ def train_srl(
         The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
         ``best_val_mAP``, ``seconds``, ``config``; with retention ``retain_angle`` and ``retain_val_mAP``).
     """
-    if retain_rule not in RETAIN_RULES:
-        raise ValueError(f"retain_rule must be one of {RETAIN_RULES}, got {retain_rule!r}")
     x, y = _check_inputs(features, labels)
     rng = _seed_all(seed)
     fit_idx, val_idx = _holdout(y, val_fraction, val_split, seed)
@@ -420,9 +412,7 @@ def train_srl(
                 patience=patience,
                 seed=seed,
             )
-            angle, gate, curve = _choose_retention(
-                x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate, rule=retain_rule
-            )
+            angle, gate, curve = _choose_retention(x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate)
         head.set_retention(x[fit_idx], angle, retain_dim)
         if gate is not None:
             head.set_gate(x[fit_idx], y[fit_idx], *gate)
@@ -443,7 +433,6 @@ def train_srl(
             "retain_dim": retain_dim,
             "retain_holdout": retain_holdout,
             "retain_gate": retain_gate,
-            "retain_rule": retain_rule,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,
@@ -469,9 +458,6 @@ def train_srl(
     return head.eval(), hist
 
 
-RetainRule = Literal["balance", "backbone"]
-#: Rules by which validation picks a retention (:func:`train_srl`'s ``retain_rule``).
-RETAIN_RULES: tuple[str, ...] = ("balance", "backbone")
 #: Retention angles tried on the validation split (radians; 0 = the trained embedding alone).
 RETAIN_ANGLES = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2)
 #: The angle used when there is no validation split to choose one.
@@ -492,10 +478,9 @@ def _choose_retention(
     holdout: float,
     probe_kw: dict[str, Any],
     gate: bool = False,
-    rule: RetainRule = "balance",
 ) -> tuple[float, tuple[float, float, float, float] | None, dict[str, Any]]:
-    """The retention (a fixed angle, or with ``gate`` also a gate) that validation prefers under ``rule``
-    (see :func:`train_srl`'s ``retain_rule``); returns ``(angle, gate or None, curve)``.
+    """The retention (a fixed angle, or with ``gate`` also a gate) with the best mean validation mAP over
+    seen and held-out classes; returns ``(angle, gate or None, curve)``.
 
     A probe head is trained (same settings, no retention) on the classes left after holding out
     ``holdout`` of them; each candidate is scored on the probe's own validation images (seen classes) and
@@ -524,13 +509,8 @@ def _choose_retention(
         return _map(e[q], e[db], y[q], y[db], "euclidean"), _map(e[u], e[u], y[u], y[u], "euclidean", within=True)
 
     curve: dict[str, Any] = {}
-    floor = -np.inf
-    if rule == "backbone":
-        xu = x[u] / np.maximum(np.linalg.norm(x[u], axis=1, keepdims=True), 1e-12)
-        floor = _map(xu, xu, y[u], y[u], "euclidean", within=True)
-        curve["backbone"] = {"unseen": floor}
     best: tuple[float, tuple[float, float, float, float] | None] = (RETAIN_ANGLES[0], None)
-    best_score = -np.inf
+    best_score = -1.0
     candidates: list[tuple[float, tuple[float, float, float, float] | None]] = [(a, None) for a in RETAIN_ANGLES]
     if gate:
         candidates += [
@@ -540,10 +520,8 @@ def _choose_retention(
         seen, un = score(torch.full((len(f),), angle) if g is None else gate_angles(confidence, *g))
         key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
         curve[key] = {"seen": seen, "unseen": un}
-        # "backbone": a candidate under the floor counts only by how near it comes (always below any above).
-        value = (seen + un) / 2 if rule == "balance" else seen if un >= floor else un - 2.0
-        if value > best_score + 1e-9:
-            best, best_score = (angle, g), value
+        if (seen + un) / 2 > best_score + 1e-9:
+            best, best_score = (angle, g), (seen + un) / 2
     # Angle 0 wins only when retention helps nowhere; the head then keeps the smallest angle on offer.
     if best[1] is None and best[0] <= 0:
         best = (RETAIN_ANGLES[1], None)

@@ -15,7 +15,6 @@ from torch import nn
 
 from geoir.errors import DatasetError
 from geoir.training.data import AUGMENTS
-from geoir.training.fit import RETAIN_RULES
 from geoir.training.heads import CombinedHead
 
 METHODS = ("srl", "dgssh", "plain", "combined")
@@ -37,8 +36,6 @@ class Recipe:
             :func:`geoir.training.fit.train_srl`).
         retain_gate: Let validation also choose a per-item retention angle from how close an item lies to
             a class the head was taught (:meth:`geoir.training.heads.SRLHead.set_gate`).
-        retain_rule: For ``srl`` and ``combined``: how validation picks the retention, ``balance`` or
-            ``backbone`` (:func:`geoir.training.fit.train_srl`'s ``retain_rule``).
         augment: Which heads also train on the 7 other flips and quarter turns of every image (one view
             drawn per sample and step; the caller passes their features as ``views``): ``dihedral-codes``
             the hash head only, ``dihedral`` every head (the default, the shipped model's recipe), ``none``
@@ -57,7 +54,6 @@ class Recipe:
     retain_dim: int = 256
     retain_gate: bool = True
     augment: str = "dihedral"
-    retain_rule: str = "balance"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,8 +63,6 @@ class Recipe:
             raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
         if self.retain_dim < 0:
             raise DatasetError(f"--retain-dim {self.retain_dim}: use 0 (off) or a positive number of axes")
-        if self.retain_rule not in RETAIN_RULES:
-            raise DatasetError(f"--retain-rule {self.retain_rule}: use one of {', '.join(RETAIN_RULES)}")
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
 
@@ -112,12 +106,7 @@ class Recipe:
         head: nn.Module | None
         srl = dg = None
         if self.method in ("srl", "combined"):
-            kw = {
-                "retain_dim": self.retain_dim,
-                "retain_gate": self.retain_gate,
-                "retain_rule": self.retain_rule,
-                **self._kw("srl"),
-            }
+            kw = {"retain_dim": self.retain_dim, "retain_gate": self.retain_gate, **self._kw("srl")}
             srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(
