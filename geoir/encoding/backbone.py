@@ -447,6 +447,17 @@ def packaged_weights_path(name: str) -> Path | None:
         return Path(path)
 
 
+def torch_load(path: str | Path) -> Any:
+    """``torch.load`` of a weights or model file onto the CPU, quietly and safely.
+
+    ``weights_only`` refuses pickled code: a file given to geoir must never be able to run anything. torch's
+    warnings about pickle protocols, which ask for torch issues to be filed, are not for geoir's users.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads a state dict from a weights file, unwrapping timm/PyTorch checkpoints.
 
@@ -466,11 +477,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            # weights_only refuses pickled code: a weights file must never be able to run anything.
-            with warnings.catch_warnings():
-                # torch warns about pickle protocols and asks for issues to be filed: not for geoir's users.
-                warnings.simplefilter("ignore", UserWarning)
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load(path)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
         raise ModelError(
             f"cannot read weights file {path} ({unreadable_file_reason(exc)}); pass a state dict saved with "

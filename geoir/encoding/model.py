@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, load_backbone, torch_load
 from geoir.errors import ModelError, unreadable_file_reason
 
 MODEL_FORMAT = "geoir-model"
@@ -252,10 +251,7 @@ def load_model(
         bb.tta = tta
         return Model(bb, meta={"name": "backbone"})
     try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols and asks for issues to be filed: not for geoir's users.
-            warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load(path)
     except Exception as exc:  # a truncated or foreign file
         raise ModelError(
             f"{path} is not a readable geoir model ({unreadable_file_reason(exc)}); pass a file written by "
