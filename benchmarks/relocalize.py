@@ -6,12 +6,16 @@ brightness/contrast changes; NAIP queries are also cut from the other dates at t
 query counts as found when a returned footprint has IoU >= 0.3 with its true footprint or contains
 its centre. Reports recall@1 and recall@10 per scene and query kind, for each model.
 
-    $ python benchmarks/relocalize.py [--models backbone,default] [--queries 20] [--seed 0]
+    $ python benchmarks/relocalize.py [--models backbone,default] [--queries 20] [--seed 0] [--json FILE]
+
+With ``--json FILE`` the results go to FILE only; otherwise they replace the relocalize section of
+docs/benchmarks.md and benchmarks/results/relocalize.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -169,6 +173,12 @@ def main() -> None:
     ap.add_argument("--models", default="backbone,default")
     ap.add_argument("--queries", type=int, default=20, help="queries per scene and kind")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--json",
+        type=Path,
+        help="write the results to this file only, leaving docs/benchmarks.md and benchmarks/results/ as they "
+        "are (to score a model file that is not the shipped one)",
+    )
     args = ap.parse_args()
     logging.getLogger("geoir").setLevel(logging.WARNING)
     if not SCENES.exists():
@@ -194,7 +204,11 @@ def main() -> None:
             table(rows, cols),
         ]
     )
-    write_section("relocalize", md, {"args": vars(args), "machine": machine(), "rows": rows})
+    payload = {"args": vars(args), "machine": machine(), "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    else:
+        write_section("relocalize", md, payload)
     print(table(rows, cols))
 
 
