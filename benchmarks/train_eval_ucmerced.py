@@ -74,15 +74,17 @@ def load_labels() -> tuple[np.ndarray, list[str]]:
     return np.array([classes.index(r["label"]) for r in rows]), [r["path"] for r in rows]
 
 
-def compute_features(paths: list[str], cache: Path, view: int = 0, root: Path = DATA) -> np.ndarray:
-    """Backbone features of every image (``geoir.encoding.backbone.load_backbone()``, the default features),
-    for one dihedral view (0 = the image as is; :func:`geoir.training.data.dihedral`), cached as
-    ``cache/ucmerced_features_{fingerprint[:12]}_view{view}.npy``."""
+def compute_features(
+    paths: list[str], cache: Path, view: int = 0, root: Path = DATA, backbone_name: str | None = None
+) -> np.ndarray:
+    """Backbone features of every image (``geoir.encoding.backbone.load_backbone(backbone_name)``, the default
+    features of the default backbone unless named), for one dihedral view (0 = the image as is;
+    :func:`geoir.training.data.dihedral`), cached as ``cache/ucmerced_features_{fingerprint[:12]}_view{view}.npy``."""
     from PIL import Image
 
-    from geoir.encoding.backbone import load_backbone
+    from geoir.encoding.backbone import DEFAULT_BACKBONE, load_backbone
 
-    backbone = load_backbone()
+    backbone = load_backbone(backbone_name or DEFAULT_BACKBONE)
     out = cache / f"ucmerced_features_{backbone.fingerprint[:12]}_view{view}.npy"
     if out.exists():
         return np.load(out)
@@ -213,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=Path, help="N x D .npy of backbone features in manifest order")
     p.add_argument("--views", type=Path, nargs="*", default=[], help="N x D .npy features of augmented views")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "geoir-ucmerced")
+    p.add_argument(
+        "--backbone",
+        help="timm name of a backbone with packaged weights (geoir.encoding.backbone.PACKAGED_WEIGHTS) "
+        "[default: tf_efficientnet_lite0]",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--bits", type=int, nargs="+", default=[16, 32, 48, 64])
     p.add_argument("--methods", nargs="+", default=["backbone", "plain", "srl", "dgssh"])
@@ -237,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         y, paths = load_labels()
     else:  # features given without the data folder: labels must sit beside them
         y, paths = np.load(args.features.with_name("ucm_labels.npy")), []
-    x = np.load(args.features).astype(np.float32) if args.features else compute_features(paths, args.cache)
+    if args.features:
+        x = np.load(args.features).astype(np.float32)
+    else:
+        x = compute_features(paths, args.cache, backbone_name=args.backbone)
     if args.dihedral:
-        views = np.stack([compute_features(paths, args.cache, v) for v in range(1, 8)])
+        views = np.stack([compute_features(paths, args.cache, v, backbone_name=args.backbone) for v in range(1, 8)])
     else:
         views = np.stack([np.load(v).astype(np.float32) for v in args.views]) if args.views else None
     eval_x = None
@@ -281,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.seeds,
             "unseen_seeds": args.unseen_seeds,
             "features": str(args.features),
+            "backbone": args.backbone or "tf_efficientnet_lite0",
             "views": [str(v) for v in args.views],
             "tta": args.tta,
         }
