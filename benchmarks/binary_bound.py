@@ -62,7 +62,7 @@ def _map(v: np.ndarray, y: np.ndarray, metric: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "geoir-ucmerced")
-    p.add_argument("--bits", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--bits", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "binary_bound.json")
     args = p.parse_args(argv)
