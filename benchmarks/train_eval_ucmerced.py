@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.seeds,
             "unseen_seeds": args.unseen_seeds,
             "features": str(args.features),
-            "backbone": args.backbone or "tf_efficientnet_lite0",
+            "backbone": None if args.features else args.backbone or "tf_efficientnet_lite0",
             "views": [str(v) for v in args.views],
             "tta": args.tta,
         }
