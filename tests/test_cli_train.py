@@ -138,6 +138,8 @@ def test_train_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "at least 2" in r.output
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "m.pt"), "--bits", "20"])
     assert r.exit_code == 2
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "m.pt"), "--distill", "-1"])
+    assert r.exit_code == 2 and "--distill" in r.output
     labels = tmp_path / "l.geojson"
     labels.write_text('{"type": "FeatureCollection", "features": []}')
     r = CliRunner().invoke(cli, ["train", str(labels), "--out", str(tmp_path / "m.pt"), *TEST_BACKBONE])
@@ -280,8 +282,10 @@ def test_train_on_classes_too_small_for_validation_keeps_the_last_epoch(
     )
     assert r.exit_code == 0, (r.output, r.exception)
     assert "validation" in r.output and "last epoch" in r.output and "7 or more images" in r.output
-    history = load_model(out).meta["history"]
+    meta = load_model(out).meta
+    history = meta["history"]
     assert set(history) == {"srl", "dgssh"}
+    assert meta["recipe"]["distill"] == 10.0
     assert all(h["best_epoch"] == 2 and h.get("best_val_mAP") is None for h in history.values())
 
 

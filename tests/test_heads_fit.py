@@ -326,6 +326,10 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe().retain_dim == 256 and Recipe.from_dict(Recipe(retain_dim=64).to_dict()).retain_dim == 64
     assert Recipe.from_dict({"method": "srl", "bits": 64, "dim": None, "epochs": 3, "seed": 0}).retain_dim == 0
     assert Recipe().retain_gate and not Recipe.from_dict({"method": "srl", "retain_dim": 64}).retain_gate
+    # Distillation is on by default; recipes recorded before it existed trained without it.
+    assert Recipe().distill == 10.0 and Recipe.from_dict({"method": "srl", "retain_dim": 64}).distill == 0.0
+    with pytest.raises(DatasetError, match="--distill"):
+        Recipe(distill=-1.0)
     with pytest.raises(DatasetError, match="retain-dim"):
         Recipe(retain_dim=-1)
     with pytest.raises(DatasetError, match="--augment"):
@@ -411,6 +415,36 @@ def test_train_srl_improves_and_is_deterministic() -> None:
     json.dumps(hist)
     head2, _ = train_srl(x, y, **kw)
     np.testing.assert_array_equal(head.embed(x), head2.embed(x))
+
+
+def _gram_gap(e: np.ndarray, t: np.ndarray) -> float:
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    return float(np.mean((e @ e.T - t @ t.T) ** 2))
+
+
+@pytest.mark.parametrize("mode", ["pool", "pk"])
+def test_train_srl_distill_keeps_the_backbone_geometry_of_untaught_classes(mode: str) -> None:
+    x, y = _clusters(n_classes=6, spread=1.6, dim=12)
+    taught = y < 4
+    kw = {"epochs": 10, "lr": 1e-2, "warmup_epochs": 1, "val_fraction": 0.0, "seed": 1, "mode": mode}
+    kw.update(classes_per_batch=2, per_class=6)
+    plain, h0 = train_srl(x[taught], y[taught], **kw)
+    kept, h1 = train_srl(x[taught], y[taught], distill=20.0, distill_sample=16, **kw)
+    assert h0["config"]["distill"] == 0.0 and h1["config"]["distill"] == 20.0
+    # The teacher is the untrained head: the centred features of the training images.
+    new = x[~taught] - x[taught].mean(0)
+    assert _gram_gap(kept.embed(x[~taught]), new) < 0.5 * _gram_gap(plain.embed(x[~taught]), new)
+    # Off, it draws nothing from the random stream: the same head as a run that never heard of it.
+    again, _ = train_srl(x[taught], y[taught], distill=0.0, **kw)
+    np.testing.assert_array_equal(again.embed(x), plain.embed(x))
+
+
+@pytest.mark.parametrize("bad", [{"distill": -1.0}, {"distill": float("nan")}, {"distill_sample": 1}])
+def test_train_srl_rejects_bad_distill(bad: dict) -> None:
+    x, y = _clusters()
+    with pytest.raises(DatasetError, match="distill"):
+        train_srl(x, y, epochs=1, **bad)
 
 
 def test_train_srl_pk_mode_and_small_dim() -> None:

@@ -19,6 +19,7 @@ from geoir.training.losses import (
     label_smoothing_cross_entropy,
     pairwise_likelihood_loss,
     sgn,
+    similarity_distillation,
     similarity_ratio,
     soft_similarity,
 )
@@ -372,3 +373,39 @@ def test_asymmetric_bad_variant() -> None:
 def test_sgn_never_zero() -> None:
     x = _t([-1.0, -0.0, 0.0, 1e-30, -1e-30])
     np.testing.assert_array_equal(sgn(x).numpy(), [-1, 1, 1, 1, -1])
+
+
+# ------------------------------------------------------------------------------ similarity distillation
+
+
+def test_similarity_distillation_hand_case() -> None:
+    # E E^T = I; the teacher's rows (1, 0) and (1, 1)/sqrt(2) have cosine 1/sqrt(2): two off-diagonal
+    # squared differences of 1/2 over 4 entries.
+    assert float(similarity_distillation(_t([[1.0, 0.0], [0.0, 1.0]]), _t([[1.0, 0.0], [1.0, 1.0]]))) == (
+        pytest.approx(0.25, abs=TOL)
+    )
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=20, deadline=None)
+def test_similarity_distillation_invariances(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(7, 5, generator=g, dtype=T64)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=T64))
+    scale = torch.rand(7, 1, generator=g, dtype=T64) + 0.1
+    # A rotation and per-row scales keep every cosine: nothing to distil. Other dimensions are fine.
+    assert float(similarity_distillation(scale * (t @ q), t)) == pytest.approx(0.0, abs=1e-12)
+    wide = torch.cat([t @ q, torch.zeros(7, 3, dtype=T64)], dim=1)
+    assert float(similarity_distillation(wide, t)) == pytest.approx(0.0, abs=1e-12)
+    e = torch.randn(7, 4, generator=g, dtype=T64)
+    assert float(similarity_distillation(e, t)) > 0
+
+
+def test_similarity_distillation_gradient_reaches_only_the_student() -> None:
+    e = torch.tensor([[1.0, 0.2], [0.3, 1.0], [1.0, 1.0]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]], requires_grad=True)
+    similarity_distillation(e, t).backward()
+    assert e.grad is not None and float(e.grad.abs().sum()) > 0
+    assert t.grad is None
+    with pytest.raises(ValueError, match="teacher"):
+        similarity_distillation(e, t[:2])

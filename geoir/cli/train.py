@@ -114,6 +114,14 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "near a class the head was taught, large for tiles unlike any of them.",
 )
 @click.option(
+    "--distill",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="srl/combined: weight of the term that keeps the trained embedding's pairwise similarities near "
+    "the backbone's own, so it forgets less of what the labels never named (0: off).",
+)
+@click.option(
     "--augment",
     type=click.Choice(["auto", "dihedral", "dihedral-codes", "none"]),
     default="auto",
@@ -149,6 +157,7 @@ def train(
     epochs: int | None,
     retain_dim: int,
     retain_gate: bool,
+    distill: float,
     augment: str,
     seed: int,
     test_fraction: float,
@@ -200,6 +209,7 @@ def train(
         retain_dim=retain_dim,
         retain_gate=retain_gate,
         augment=augment,
+        distill=distill,
     )
     if dataset.is_dir():
         from geoir.training.data import list_image_folder

@@ -32,6 +32,7 @@ from geoir.training.losses import (
     SRLLoss,
     adsh_v_step,
     label_smoothing_cross_entropy,
+    similarity_distillation,
     similarity_ratio,
     soft_similarity,
 )
@@ -268,6 +269,8 @@ def train_srl(
     retain_angle: float | None = None,
     retain_holdout: float = 0.25,
     retain_gate: bool = False,
+    distill: float = 0.0,
+    distill_sample: int = 512,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -320,6 +323,13 @@ def train_srl(
             geometry. Candidates: :data:`GATE_ANGLES_LO` x :data:`GATE_ANGLES_HI` x :data:`GATE_TAUS`,
             besides the fixed angles. Needs a validation split (else the fixed default angle is used) and
             is ignored when ``retain_angle`` is given.
+        distill: Weight of a similarity-distillation term (:func:`geoir.training.losses.similarity_distillation`)
+            added to the loss: the embeddings' pairwise cosine similarities are pulled towards those of the
+            centred backbone features of the same items (the untrained head's own, with the identity
+            init), so the head keeps the backbone's geometry wherever the labels do not ask otherwise. 0:
+            plain SRL.
+        distill_sample: Items per step over which the distillation term is computed (pool mode: a random
+            subset of the pool; P x K mode: the batch, up to this many).
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
@@ -334,6 +344,17 @@ def train_srl(
     xf = _Views(x, views, fit_idx, rng)
     yf = torch.from_numpy(y[fit_idx]).long()
     loss = loss or SRLLoss(omega_max=2.0)
+    if not distill >= 0 or distill_sample < 2:
+        raise DatasetError(f"distill {distill}, distill_sample {distill_sample}: need distill >= 0 and >= 2 items")
+    teacher_mean = torch.from_numpy(x[fit_idx].mean(0))
+
+    def with_distill(value: torch.Tensor, emb: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        # Only drawn from rng when on, so a head trained without it is the same as before it existed.
+        if distill <= 0:
+            return value
+        s = torch.from_numpy(np.sort(rng.choice(len(emb), size=min(distill_sample, len(emb)), replace=False)))
+        return value + distill * similarity_distillation(emb[s], xb[s] - teacher_mean)
+
     head = SRLHead(x.shape[1], dim)
     if head.out_dim != head.in_dim:
         head.init_pca_whitening(x[fit_idx])
@@ -358,8 +379,9 @@ def train_srl(
         for group in balanced_chunks(yf.numpy(), chunk, rng):
             if mode == "pool":
                 q = torch.from_numpy(np.concatenate(group)).long()
-                emb = head(xf.batch(torch.arange(len(fit_idx))))
-                value = loss(emb[q], yf[q], emb, yf, q)
+                xb = xf.batch(torch.arange(len(fit_idx)))
+                emb = head(xb)
+                value = with_distill(loss(emb[q], yf[q], emb, yf, q), emb, xb)
                 losses.append(float(value.detach()))
                 opt.zero_grad()
                 value.backward()
@@ -368,7 +390,9 @@ def train_srl(
             else:
                 for s in range(0, len(group), classes_per_batch):
                     b = torch.from_numpy(np.concatenate(group[s : s + classes_per_batch])).long()
-                    value = loss(head(xf.batch(b)), yf[b])
+                    xb = xf.batch(b)
+                    emb = head(xb)
+                    value = with_distill(loss(emb, yf[b]), emb, xb)
                     losses.append(float(value.detach()))
                     opt.zero_grad()
                     value.backward()
@@ -410,6 +434,8 @@ def train_srl(
                 final_lr_fraction=final_lr_fraction,
                 val_fraction=val_fraction,
                 patience=patience,
+                distill=distill,
+                distill_sample=distill_sample,
                 seed=seed,
             )
             angle, gate, curve = _choose_retention(x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate)
@@ -433,6 +459,8 @@ def train_srl(
             "retain_dim": retain_dim,
             "retain_holdout": retain_holdout,
             "retain_gate": retain_gate,
+            "distill": distill,
+            "distill_sample": distill_sample,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,

@@ -32,6 +32,7 @@ __all__ = [
     "pairwise_distances",
     "pairwise_likelihood_loss",
     "sgn",
+    "similarity_distillation",
     "similarity_ratio",
     "soft_similarity",
 ]
@@ -205,6 +206,30 @@ class SRLLoss(torch.nn.Module):
             "n_easy_pos": n_e,
             "n_hard_neg": n_n,
         }
+
+
+def similarity_distillation(embeddings: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared difference between the embeddings' cosine similarities and the teacher's.
+
+    ``mean((E Eᵀ - T Tᵀ)²)`` over every ordered pair (diagonal included) of the N rows, with ``E`` the
+    embeddings and ``T`` the teacher's vectors of the same items, each row L2-normalised. It keeps the
+    pairwise geometry of the teacher (for geoir: the frozen backbone's own features, centred) wherever
+    the labels do not pull it elsewhere: the similarity-preserving distillation of Tung and Mori (ICCV
+    2019), on cosine Gram matrices. Not part of SRL or DGSSH (METHODS.md); :func:`geoir.training.fit.train_srl`
+    adds it with the weight ``distill``.
+
+    Args:
+        embeddings: N x d student embeddings (differentiable).
+        teacher: N x D teacher vectors (no gradient is taken through them).
+
+    Returns:
+        A scalar tensor; 0 when the two Gram matrices agree.
+    """
+    if embeddings.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{embeddings.shape[0]} embeddings but {teacher.shape[0]} teacher vectors")
+    e = F.normalize(embeddings, dim=1, eps=_EPS)
+    t = F.normalize(teacher.detach(), dim=1, eps=_EPS)
+    return ((e @ e.T - t @ t.T) ** 2).mean()
 
 
 def _topk_mask(scores: Tensor, k: int, largest: bool) -> Tensor:

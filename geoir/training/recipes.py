@@ -43,6 +43,10 @@ class Recipe:
             class-level retrieval. With one retention angle for all items they cost the float embedding the
             detail that finds the same place again at another date; the retention gate keeps it
             (relocalization: docs/results.md), so without the gate prefer ``dihedral-codes``.
+        distill: For ``srl`` and ``combined``: weight of the similarity-distillation term that keeps the
+            trained embedding's pairwise similarities near the backbone's own (``distill`` of
+            :func:`geoir.training.fit.train_srl`; 0: off). It keeps what the labels never named in the
+            trained part itself, not only in the retained axes.
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -54,6 +58,7 @@ class Recipe:
     retain_dim: int = 256
     retain_gate: bool = True
     augment: str = "dihedral"
+    distill: float = 10.0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +68,8 @@ class Recipe:
             raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
         if self.retain_dim < 0:
             raise DatasetError(f"--retain-dim {self.retain_dim}: use 0 (off) or a positive number of axes")
+        if not self.distill >= 0:
+            raise DatasetError(f"--distill {self.distill}: use 0 (off) or a positive weight")
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
 
@@ -79,8 +86,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        # Recipes recorded before retention, its gate or augmentation existed trained without them.
-        return cls(**{"retain_dim": 0, "retain_gate": False, "augment": "none", **d})
+        # Recipes recorded before retention, its gate, augmentation or distillation existed trained without them.
+        return cls(**{"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, **d})
 
     def _kw(self, key: str) -> dict[str, Any]:
         kw = dict(self.options.get(key, {}))
@@ -106,7 +113,12 @@ class Recipe:
         head: nn.Module | None
         srl = dg = None
         if self.method in ("srl", "combined"):
-            kw = {"retain_dim": self.retain_dim, "retain_gate": self.retain_gate, **self._kw("srl")}
+            kw = {
+                "retain_dim": self.retain_dim,
+                "retain_gate": self.retain_gate,
+                "distill": self.distill,
+                **self._kw("srl"),
+            }
             srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(
