@@ -14,6 +14,7 @@ from geoir.errors import ModelError
 from geoir.io.scene import open_scene
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.tiler import TileSource
+from geoir.training.recipes import Recipe
 from tests.conftest import MakeGeoTiff
 
 
@@ -114,11 +115,13 @@ def test_model_file_errors(tmp_path: Path) -> None:
 
 
 def test_shipped_default_model_is_the_documented_recipe() -> None:
-    # docs/training.md's command: combined, 64 bits, both heads on the dihedral views, gated retention.
+    # docs/training.md's command: combined, 64 bits, both heads on the dihedral views, gated retention,
+    # similarity distillation at its default weight.
     model = load_model(None)
     recipe = model.meta["recipe"]
     assert recipe["method"] == "combined" and recipe["bits"] == 64
     assert recipe["augment"] == "dihedral" and recipe["retain_gate"] and recipe["retain_dim"] == 256
+    assert recipe["distill"] == Recipe().distill == 10.0
     srl = model.head.srl  # type: ignore[union-attr]
     assert srl.gate is not None and srl.gate_centroids.shape == (21, srl.out_dim)
     lo, hi, tau, _ = srl.gate
