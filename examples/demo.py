@@ -69,6 +69,19 @@ def geoir(*args: str) -> None:
     subprocess.run([exe, *args], check=True)
 
 
+def drop_stale_index(index: Path) -> None:
+    """Remove the demo's own index when another geoir release's default model built it (it cannot be extended)."""
+    from geoir.encoding.model import load_model
+    from geoir.index.bundle import Bundle
+
+    if not (index / "manifest.json").exists():
+        return
+    built = Bundle.open(index).model
+    if built is not None and built["fingerprint"] != load_model(None).fingerprint:
+        print(f"{index} was built with another release's default model; building it again", flush=True)
+        shutil.rmtree(index)
+
+
 def cut_query(scene: Path, out: Path, col: int = 1210, row: int = 610, size: int = 256) -> Path:
     """A plain 8-bit PNG of one patch of the scene, stretched like geoir stretches the scene."""
     from PIL import Image
@@ -86,6 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     scene = fetch_scene(args.workdir)
     index = args.workdir / "geoir-index"
+    drop_stale_index(index)
     geoir("tile", str(scene), "--index", str(index))
     query = cut_query(scene, args.workdir / "query.png")
     hits = args.workdir / "hits.gpkg"

@@ -341,6 +341,20 @@ def test_model_mismatch_refused(bundle2: Path, make_geotiff: MakeGeoTiff, tmp_pa
     assert (bundle2 / "manifest.json").read_text() == before
 
 
+def test_a_former_shipped_default_model_is_named_as_such(bundle2: Path) -> None:
+    from geoir.errors import ModelError
+
+    manifest = json.loads((bundle2 / "manifest.json").read_text())
+    manifest["model"]["name"] = "default"
+    (bundle2 / "manifest.json").write_text(json.dumps(manifest))
+    bundle = Bundle.open(bundle2)
+    with pytest.raises(ModelError, match=r"another geoir release's shipped default model .* tile the scenes again"):
+        bundle.check_model("f" * 64, "default")
+    with pytest.raises(ModelError, match=r"built with model default .* not mine .*use that model \(--model\)"):
+        bundle.check_model("f" * 64, "mine")
+    bundle.check_model(manifest["model"]["fingerprint"], "default")  # its own model passes
+
+
 def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) -> None:
     r = invoke("info", "--index", str(bundle2), "--json")
     info = json.loads(r.output)

@@ -39,3 +39,25 @@ def test_lazy_api_attribute() -> None:
     assert callable(geoir.tile) and callable(geoir.search)
     with pytest.raises(AttributeError):
         geoir.nope  # noqa: B018
+
+
+def test_demo_rebuilds_its_own_index_when_another_release_built_it(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[1] / "examples" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    index = tmp_path / "idx"
+    demo.drop_stale_index(index)  # none yet: nothing to do
+    geoir.tile([make_geotiff(shape=(3, 300, 300))], index=index, model=load_model("backbone", backbone="test"))
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = load_model(None).fingerprint  # as if this release's default built it
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    demo.drop_stale_index(index)
+    assert (index / "manifest.json").exists()
+    manifest["model"]["fingerprint"] = "0" * 64  # another release's default
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    demo.drop_stale_index(index)
+    assert not index.exists()

@@ -459,6 +459,14 @@ class Bundle:
         """Raise unless ``fingerprint`` is the bundle's model."""
         have = self.model
         if have is not None and have["fingerprint"] != fingerprint:
+            if have.get("name") == name == "default":
+                # Both are geoir's shipped default, from two releases: the old one is not installed any more.
+                raise ModelError(
+                    f"{self.path} was built with another geoir release's shipped default model (fingerprint "
+                    f"{have['fingerprint'][:12]}); this one ships {fingerprint[:12]}, and their vectors cannot be "
+                    f"compared: tile the scenes again into a new --index, or pass --model with that release's "
+                    f"geoir/models/default.pt"
+                )
             raise ModelError(
                 f"{self.path} was built with model {have.get('name') or '?'} (fingerprint {have['fingerprint'][:12]}), "
                 f"not {name or '?'} ({fingerprint[:12]}); use that model (--model), or another --index"
