@@ -140,6 +140,8 @@ def test_train_errors(tmp_path: Path) -> None:
     assert r.exit_code == 2
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "m.pt"), "--distill", "-1"])
     assert r.exit_code == 2 and "--distill" in r.output
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "m.pt"), "--distill", "inf"])
+    assert r.exit_code == 1 and "--distill inf" in r.output
     labels = tmp_path / "l.geojson"
     labels.write_text('{"type": "FeatureCollection", "features": []}')
     r = CliRunner().invoke(cli, ["train", str(labels), "--out", str(tmp_path / "m.pt"), *TEST_BACKBONE])

@@ -328,8 +328,9 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe().retain_gate and not Recipe.from_dict({"method": "srl", "retain_dim": 64}).retain_gate
     # Distillation is on by default; recipes recorded before it existed trained without it.
     assert Recipe().distill == 10.0 and Recipe.from_dict({"method": "srl", "retain_dim": 64}).distill == 0.0
-    with pytest.raises(DatasetError, match="--distill"):
-        Recipe(distill=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(DatasetError, match="--distill"):
+            Recipe(distill=bad)
     with pytest.raises(DatasetError, match="retain-dim"):
         Recipe(retain_dim=-1)
     with pytest.raises(DatasetError, match="--augment"):
@@ -440,7 +441,9 @@ def test_train_srl_distill_keeps_the_backbone_geometry_of_untaught_classes(mode:
     np.testing.assert_array_equal(again.embed(x), plain.embed(x))
 
 
-@pytest.mark.parametrize("bad", [{"distill": -1.0}, {"distill": float("nan")}, {"distill_sample": 1}])
+@pytest.mark.parametrize(
+    "bad", [{"distill": -1.0}, {"distill": float("nan")}, {"distill": float("inf")}, {"distill_sample": 1}]
+)
 def test_train_srl_rejects_bad_distill(bad: dict) -> None:
     x, y = _clusters()
     with pytest.raises(DatasetError, match="distill"):

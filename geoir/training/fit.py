@@ -344,8 +344,10 @@ def train_srl(
     xf = _Views(x, views, fit_idx, rng)
     yf = torch.from_numpy(y[fit_idx]).long()
     loss = loss or SRLLoss(omega_max=2.0)
-    if not distill >= 0 or distill_sample < 2:
-        raise DatasetError(f"distill {distill}, distill_sample {distill_sample}: need distill >= 0 and >= 2 items")
+    if not (math.isfinite(distill) and distill >= 0) or distill_sample < 2:
+        raise DatasetError(
+            f"distill {distill}, distill_sample {distill_sample}: need a finite distill >= 0 and >= 2 items"
+        )
     teacher_mean = torch.from_numpy(x[fit_idx].mean(0))
 
     def with_distill(value: torch.Tensor, emb: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ protocol (seen classes over several seeds, unseen classes) and never scores a mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -68,8 +69,8 @@ class Recipe:
             raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
         if self.retain_dim < 0:
             raise DatasetError(f"--retain-dim {self.retain_dim}: use 0 (off) or a positive number of axes")
-        if not self.distill >= 0:
-            raise DatasetError(f"--distill {self.distill}: use 0 (off) or a positive weight")
+        if not (math.isfinite(self.distill) and self.distill >= 0):
+            raise DatasetError(f"--distill {self.distill}: use 0 (off) or a positive, finite weight")
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
 
