@@ -235,6 +235,31 @@ def test_help_has_examples_and_version() -> None:
     assert r.exit_code == 0 and "geoir" in r.output
 
 
+def test_quiet_and_verbose_after_the_command_name(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(shape=(3, 300, 300))
+
+    def output(*args: str) -> str:
+        r = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    summary = "tiles"  # the INFO summary line names what was catalogued
+    loud = output("tile", str(scene), "--index", str(tmp_path / "a"), "--no-encode")
+    assert summary in loud
+    # -q after the command name silences INFO as -q before it does; the two add up with -v.
+    for args, quiet in (
+        (["tile", "-q"], True),
+        (["-q", "tile"], True),
+        (["-q", "tile", "-v"], False),
+        (["tile", "-v", "-q"], False),
+    ):
+        index = tmp_path / f"b{len(args)}{args.index('tile')}{int(quiet)}"
+        text = output(*args, str(scene), "--index", str(index), "--no-encode")
+        assert (text.strip() == "") == quiet, (args, text)
+    verbose = output("tile", "-v", str(scene), "--index", str(tmp_path / "c"), "--no-encode")
+    assert summary in verbose
+
+
 @needs_qgis
 def test_tiles_layer_opens_in_qgis(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(shape=(3, 600, 700), crs="EPSG:32633")

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 import click
 
 from geoir import __version__
+from geoir.cli.options import set_verbosity
 from geoir.errors import GeoirError, user_message
 
 #: Ceiling of GDAL's block cache for geoir commands, in MB (users can set another with GDAL_CACHEMAX).
@@ -77,14 +78,12 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     # suffice: this sets a ceiling before any GDAL call, and each scene's reader lowers the cache to what
     # its block layout needs, so memory follows a scene's width, not its area.
     os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
-    level = logging.INFO + 10 * (quiet - verbose)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter("%(message)s"))
     log = logging.getLogger("geoir")
     log.handlers[:] = [handler]
-    log.setLevel(max(logging.DEBUG, level))
     log.propagate = False
-    ctx.obj = {"verbosity": verbose - quiet}
+    set_verbosity(ctx, verbose - quiet)
 
 
 main = cli

@@ -20,6 +20,7 @@ from geoir.cli.options import (
     resolve_model,
     tqdm_progress,
     tta_option,
+    verbosity_options,
 )
 
 log = logging.getLogger("geoir")
@@ -43,6 +44,7 @@ log = logging.getLogger("geoir")
     "--tta` does (8 backbone passes each). A bundle records it, and one encoded without it refuses it."
 )
 @click.pass_context
+@verbosity_options
 def encode(
     ctx: click.Context,
     images: tuple[str, ...],

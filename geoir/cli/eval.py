@@ -9,7 +9,14 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import SeedsType, overwrite_option, progress_enabled, refuse_existing, tqdm_progress
+from geoir.cli.options import (
+    SeedsType,
+    overwrite_option,
+    progress_enabled,
+    refuse_existing,
+    tqdm_progress,
+    verbosity_options,
+)
 
 log = logging.getLogger("geoir")
 
@@ -80,6 +87,7 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
 @overwrite_option
 @click.pass_context
+@verbosity_options
 def evaluate(
     ctx: click.Context,
     dataset: Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import index_option
+from geoir.cli.options import index_option, verbosity_options
 
 log = logging.getLogger("geoir")
 
@@ -22,6 +22,7 @@ def _size(path: Path) -> int:
 @click.command(short_help="Describe an index bundle.")
 @index_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@verbosity_options
 def info(index_dir: str, as_json: bool) -> None:
     """Print a bundle's counts, scenes, model, index kinds and sizes.
 

@@ -121,6 +121,45 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
     ensure_writable_dir(p.parent, f"the folder of {p.name},")
 
 
+def set_verbosity(ctx: click.Context, verbosity: int) -> None:
+    """Record ``verbosity`` (-v count minus -q count) on the root context and set the ``geoir`` logger's
+    level from it: INFO at 0, DEBUG from 1, WARNING at -1, ERROR at -2."""
+    import logging
+
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    root.obj["verbosity"] = verbosity
+    logging.getLogger("geoir").setLevel(max(logging.DEBUG, logging.INFO - 10 * verbosity))
+
+
+def _more_or_less(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        step = value if param.name == "verbose" else -value
+        set_verbosity(ctx, (ctx.find_root().obj or {}).get("verbosity", 0) + step)
+
+
+def verbosity_options(f: F) -> F:
+    """``-v/--verbose`` and ``-q/--quiet`` on a subcommand too (``geoir tile -q ...``), adding to any given
+    before the command name."""
+    f = click.option(
+        "-q",
+        "--quiet",
+        count=True,
+        expose_value=False,
+        callback=_more_or_less,
+        help="Fewer messages and no progress bars (repeatable).",
+    )(f)
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_more_or_less,
+        help="More messages on stderr (repeatable).",
+    )(f)
+
+
 def progress_enabled(ctx: click.Context) -> bool:
     """Progress bars are on unless -q was given."""
     obj = ctx.find_root().obj or {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import index_option
+from geoir.cli.options import index_option, verbosity_options
 
 log = logging.getLogger("geoir")
 
@@ -15,6 +15,7 @@ log = logging.getLogger("geoir")
 @click.command(short_help="Remove a scene and its tiles from a bundle.")
 @click.argument("scene")
 @index_option
+@verbosity_options
 def remove(scene: str, index_dir: str) -> None:
     """Remove SCENE (its id, path or file name) with its tiles and vectors from the bundle.
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import BBoxType, LonLatType, index_option, model_options, overwrite_option, refuse_existing
+from geoir.cli.options import (
+    BBoxType,
+    LonLatType,
+    index_option,
+    model_options,
+    overwrite_option,
+    refuse_existing,
+    verbosity_options,
+)
 
 log = logging.getLogger("geoir")
 
@@ -64,6 +72,7 @@ log = logging.getLogger("geoir")
 )
 @overwrite_option
 @model_options
+@verbosity_options
 def search(
     queries: tuple[str, ...],
     index_dir: str,

@@ -22,6 +22,7 @@ from geoir.cli.options import (
     resolve_model,
     tqdm_progress,
     tta_option,
+    verbosity_options,
 )
 from geoir.errors import GeoirError
 
@@ -93,6 +94,7 @@ from geoir.errors import GeoirError
     "turn; several workers per GPU feed it better than one.",
 )
 @click.pass_context
+@verbosity_options
 def tile(
     ctx: click.Context,
     scenes: tuple[str, ...],

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from geoir.cli.options import model_options, overwrite_option, progress_enabled, refuse_existing, tqdm_progress
+from geoir.cli.options import (
+    model_options,
+    overwrite_option,
+    progress_enabled,
+    refuse_existing,
+    tqdm_progress,
+    verbosity_options,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -148,6 +155,7 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 @overwrite_option
 @model_options
 @click.pass_context
+@verbosity_options
 def train(
     ctx: click.Context,
     dataset: Path,
