@@ -327,7 +327,16 @@ def test_empty_and_missing_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> 
     index = tmp_path / "cat"
     invoke("tile", str(make_geotiff()), "--index", str(index), "--no-encode")
     r = CliRunner().invoke(cli, ["search", "tile:1", "--index", str(index), "--out", "-", *TEST_MODEL])
-    assert r.exit_code == 1 and "no encoded tiles" in r.output
+    # Catalogued with --no-encode: the fix is to encode them, not to tile again.
+    assert r.exit_code == 1 and "no encoded tiles" in r.output and f"geoir encode --index {index}" in r.output
+
+
+def test_missing_query_file_is_named_first(tmp_path: Path) -> None:
+    # Before the bundle (missing here too) and the model are opened.
+    r = CliRunner().invoke(
+        cli, ["search", str(tmp_path / "nope.png"), "--index", str(tmp_path / "none"), "--out", "-", *TEST_MODEL]
+    )
+    assert r.exit_code == 1 and "nope.png: no such image" in r.output and "no index bundle" not in r.output
 
 
 def test_model_mismatch_refused(bundle2: Path, make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -126,6 +126,10 @@ def search(
     from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
     refuse_existing(out, overwrite)
+    for q in (*queries, *negatives):
+        # Name a mistyped query path before the bundle and the model are opened.
+        if not q.startswith("tile:") and not Path(q).exists():
+            raise click.ClickException(f"{q}: no such image; check the path (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)
     encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
     searcher = Searcher(bundle, encoder, rotations=rotations)

@@ -78,8 +78,11 @@ class Searcher:
     """
 
     def __init__(self, bundle: Bundle, model: Model, rotations: bool = True):
-        if bundle.model is None or bundle.manifest["counts"]["tiles"] == 0:
+        if bundle.manifest["counts"]["tiles"] == 0:
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir tile SCENE --index {bundle.path}`")
+        if bundle.model is None:
+            # Tiles catalogued with --no-encode: encoding them is all that is missing.
+            raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
         bundle.check_model(model.fingerprint, model.meta.get("name"))
         self.bundle = bundle
         self.model = model
