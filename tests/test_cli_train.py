@@ -460,3 +460,14 @@ def test_train_refuses_index_with_an_image_folder(image_folder: Path, tmp_path: 
     r = invoke("train", str(image_folder), "--index", str(tmp_path / "idx"), "--out", str(out), *TEST_BACKBONE, code=2)
     assert "--index is for a vector file of labelled geometries" in r.output and "leave --index out" in r.output
     assert not out.exists()
+
+
+def test_cli_defaults_are_the_recipes() -> None:
+    # `geoir train` with no options trains Recipe(), the shipped model's recipe (both read geoir.training.defaults).
+    from geoir.cli.train import train
+
+    defaults = {p.name: p.default for p in train.params}
+    r = Recipe()
+    assert defaults["method"] == r.method and int(defaults["bits"]) == r.bits
+    assert defaults["retain_dim"] == r.retain_dim and defaults["distill"] == r.distill
+    assert defaults["retain_gate"] is r.retain_gate

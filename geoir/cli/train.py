@@ -16,6 +16,7 @@ from geoir.cli.options import (
     tqdm_progress,
     verbosity_options,
 )
+from geoir.training import defaults
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,15 +92,15 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--method",
-    type=click.Choice(["srl", "dgssh", "plain", "combined"]),
-    default="combined",
+    type=click.Choice(list(defaults.METHODS)),
+    default=defaults.METHOD,
     show_default=True,
     help="srl: float embedding; dgssh: hash codes; combined: both; plain: baseline.",
 )
 @click.option(
     "--bits",
-    type=click.Choice(["16", "32", "48", "64", "128"]),
-    default="64",
+    type=click.Choice([str(b) for b in defaults.BITS]),
+    default=str(defaults.CODE_BITS),
     show_default=True,
     help="Code length of hash methods.",
 )
@@ -108,7 +109,7 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 @click.option(
     "--retain-dim",
     type=click.IntRange(min=0),
-    default=256,
+    default=defaults.RETAIN_DIM,
     show_default=True,
     help="srl/combined: backbone principal axes kept beside the trained embedding (0: off); "
     "their weight is chosen on the validation split.",
@@ -123,7 +124,7 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 @click.option(
     "--distill",
     type=click.FloatRange(min=0.0),
-    default=10.0,
+    default=defaults.DISTILL,
     show_default=True,
     help="srl/combined: weight of the term that keeps the trained embedding's pairwise similarities near "
     "the backbone's own, so it forgets less of what the labels never named (0: off).",

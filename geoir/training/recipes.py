@@ -15,10 +15,10 @@ import numpy as np
 from torch import nn
 
 from geoir.errors import DatasetError
+from geoir.training import defaults
 from geoir.training.data import AUGMENTS
+from geoir.training.defaults import METHODS
 from geoir.training.heads import CombinedHead
-
-METHODS = ("srl", "dgssh", "plain", "combined")
 
 
 @dataclass
@@ -51,22 +51,22 @@ class Recipe:
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
-    method: str = "combined"
-    bits: int = 64
+    method: str = defaults.METHOD
+    bits: int = defaults.CODE_BITS
     dim: int | None = None
     epochs: int | None = None
     seed: int = 0
-    retain_dim: int = 256
+    retain_dim: int = defaults.RETAIN_DIM
     retain_gate: bool = True
     augment: str = "dihedral"
-    distill: float = 10.0
+    distill: float = defaults.DISTILL
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise DatasetError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.bits not in (16, 32, 48, 64, 128):
-            raise DatasetError(f"--bits {self.bits}: use 16, 32, 48, 64 or 128")
+        if self.bits not in defaults.BITS:
+            raise DatasetError(f"--bits {self.bits}: use one of {', '.join(map(str, defaults.BITS))}")
         if self.retain_dim < 0:
             raise DatasetError(f"--retain-dim {self.retain_dim}: use 0 (off) or a positive number of axes")
         if not (math.isfinite(self.distill) and self.distill >= 0):

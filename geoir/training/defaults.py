@@ -1,0 +1,17 @@
+"""The default recipe's settings, in a module light enough for the command line to import at start-up
+(:mod:`geoir.training.recipes` pulls in torch); :class:`geoir.training.recipes.Recipe` and ``geoir train``
+both take them from here."""
+
+from __future__ import annotations
+
+#: Training methods (``geoir train --method``).
+METHODS = ("srl", "dgssh", "plain", "combined")
+#: Code lengths of the hash methods (``--bits``).
+BITS = (16, 32, 48, 64, 128)
+#: The shipped model's method and code length.
+METHOD = "combined"
+CODE_BITS = 64
+#: Backbone principal axes kept beside the SRL embedding (``--retain-dim``; 0: off).
+RETAIN_DIM = 256
+#: Weight of the similarity-distillation term of SRL training (``--distill``; 0: off).
+DISTILL = 10.0
