@@ -5,6 +5,7 @@ Values are parsed in ``ParamType.convert`` so a bad value fails with exit code 2
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,8 +125,6 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
 def set_verbosity(ctx: click.Context, verbosity: int) -> None:
     """Record ``verbosity`` (-v count minus -q count) on the root context and set the ``geoir`` logger's
     level from it: INFO at 0, DEBUG from 1, WARNING at -1, ERROR at -2."""
-    import logging
-
     root = ctx.find_root()
     if root.obj is None:
         root.obj = {}
