@@ -413,6 +413,12 @@ def test_encode_images_command(tmp_path: Path, make_geotiff: MakeGeoTiff) -> Non
     assert z["embedding"].shape == (2, 256) and z["features"].shape == (2, 256)
     assert list(z["paths"]) == [str(png), str(tif)]
     invoke("encode", str(png), "--out", str(out), *TILE_MODEL, code=1)  # exists, no --overwrite
+    # A missing image is named before the model (missing too) is opened, and nothing is written.
+    other = tmp_path / "w.npz"
+    r = CliRunner().invoke(
+        cli, ["encode", str(png), str(tmp_path / "gone.png"), "--out", str(other), "--model", str(tmp_path / "m.pt")]
+    )
+    assert r.exit_code == 1 and "gone.png: no such image" in r.output and not other.exists()
 
 
 def test_sigkill_mid_tile_leaves_valid_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from geoir.cli.options import (
     overwrite_option,
     progress_enabled,
     refuse_existing,
+    refuse_missing_images,
     refuse_tta_change,
     resolve_model,
     tqdm_progress,
@@ -78,6 +79,7 @@ def encode(
         if out.suffix not in (".npy", ".npz"):
             raise click.BadParameter(f"{out}: use a .npy or .npz file", param_hint="--out")
         refuse_existing(out, overwrite)
+        refuse_missing_images(images)
         _encode_images(
             images,
             out,

@@ -122,6 +122,13 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
     ensure_writable_dir(p.parent, f"the folder of {p.name},")
 
 
+def refuse_missing_images(paths: tuple[str, ...] | list[str], hint: str = "") -> None:
+    """Name the first image path that does not exist before any model or bundle is opened (exit 1)."""
+    for path in paths:
+        if not Path(path).exists():
+            raise click.ClickException(f"{path}: no such image; check the path{hint}")
+
+
 def set_verbosity(ctx: click.Context, verbosity: int) -> None:
     """Record ``verbosity`` (-v count minus -q count) on the root context and set the ``geoir`` logger's
     level from it: INFO at 0, DEBUG from 1, WARNING at -1, ERROR at -2."""

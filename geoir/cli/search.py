@@ -14,6 +14,7 @@ from geoir.cli.options import (
     model_options,
     overwrite_option,
     refuse_existing,
+    refuse_missing_images,
     verbosity_options,
 )
 
@@ -126,10 +127,8 @@ def search(
     from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
     refuse_existing(out, overwrite)
-    for q in (*queries, *negatives):
-        # Name a mistyped query path before the bundle and the model are opened.
-        if not q.startswith("tile:") and not Path(q).exists():
-            raise click.ClickException(f"{q}: no such image; check the path (or use tile:ID for an indexed tile)")
+    images = [q for q in (*queries, *negatives) if not q.startswith("tile:")]
+    refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)
     encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
     searcher = Searcher(bundle, encoder, rotations=rotations)
