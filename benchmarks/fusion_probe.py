@@ -35,7 +35,7 @@ DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import RESULTS, machine, table  # noqa: E402
+from _report import RESULTS, atomic_write, machine, table  # noqa: E402
 
 from geoir.encoding.backbone import load_backbone  # noqa: E402
 from geoir.encoding.model import load_model  # noqa: E402
@@ -147,8 +147,7 @@ def main() -> None:
         "gate chosen by validation, per run (unseen seeds, then seen seeds)": gates,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    atomic_write(args.out, json.dumps(result, indent=1))
     print(table(table_rows, ["float embedding", "seen mAP", "unseen mAP"]))
     print(f"{result['seconds']:.0f} s; written {args.out}")
 
