@@ -71,6 +71,14 @@ def test_train_writes_a_usable_model(image_folder: Path, tmp_path: Path, method:
         assert model.bits == 16
     else:
         assert model.bits is None
+    # `geoir info --model` shows what the file records.
+    text = invoke("info", "--model", str(out)).output
+    assert f"fingerprint {model.fingerprint[:12]}" in text and f"method={method} bits=16" in text
+    assert f"held out    {len(held_out)} for evaluation" in text and "4 classes" in text
+    assert ("16-bit codes" in text) == (method != "srl")
+    assert ("float embedding" in text) == (method in ("srl", "combined"))
+    doc = json.loads(invoke("info", "--model", str(out), "--json").output)
+    assert doc["model"]["fingerprint"] == model.fingerprint and doc["meta"]["recipe"]["method"] == method
 
 
 def test_trained_model_tiles_and_searches(image_folder: Path, tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
@@ -471,3 +479,16 @@ def test_cli_defaults_are_the_recipes() -> None:
     assert defaults["method"] == r.method and int(defaults["bits"]) == r.bits
     assert defaults["retain_dim"] == r.retain_dim and defaults["distill"] == r.distill
     assert defaults["retain_gate"] is r.retain_gate
+
+
+def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_path: Path) -> None:
+    model = load_model("default")
+    text = invoke("info", "--model", "default").output
+    assert f"fingerprint {model.fingerprint[:12]}" in text
+    assert f"{model.embedding_dim}-d float embedding, {model.bits}-bit codes" in text
+    for part, h in model.meta["history"].items():
+        assert f"validation  {part}: mAP {h['best_val_mAP']:.3f} at epoch {h['best_epoch']}" in text
+    r = invoke("info", "--model", str(tmp_path / "gone.pt"), code=1)
+    assert "gone.pt not found" in r.output
+    r = invoke("info", "--model", "backbone", code=2)
+    assert "'backbone' is no model file" in r.output

@@ -19,18 +19,31 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-@click.command(short_help="Describe an index bundle.")
+@click.command(short_help="Describe an index bundle or a model file.")
 @index_option
+@click.option(
+    "--model",
+    "model_file",
+    metavar="FILE|default",
+    default=None,
+    help="Describe this model file from `geoir train` ('default': the shipped model) instead of a bundle: "
+    "backbone, head, recipe, training data, held-out split and validation figures.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @verbosity_options
-def info(index_dir: str, as_json: bool) -> None:
-    """Print a bundle's counts, scenes, model, index kinds and sizes.
+def info(index_dir: str, model_file: str | None, as_json: bool) -> None:
+    """Print a bundle's counts, scenes, model, index kinds and sizes, or (--model) what a model file records.
 
     \b
     Examples:
       $ geoir info
       $ geoir info --index naip-index --json | jq .model
+      $ geoir info --model default
+      $ geoir info --model ucm.pt --json | jq .meta.history
     """
+    if model_file is not None:
+        _model_info(model_file, as_json)
+        return
     from geoir.index.bundle import INDEX_FILES, Bundle
 
     bundle = Bundle.open(index_dir)
@@ -95,6 +108,59 @@ def info(index_dir: str, as_json: bool) -> None:
     for s in data["scenes"]:
         flag = "" if s["encoded"] else "  (not encoded)"
         click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}")
+
+
+def _model_info(model_file: str, as_json: bool) -> None:
+    """What a model file records: :meth:`Model.describe` and its metadata (recipe, data, split, history)."""
+    from geoir.encoding.model import load_model
+
+    if model_file == "backbone":
+        raise click.BadParameter(
+            "'backbone' is no model file; pass a file from `geoir train`, or 'default'", param_hint="'--model'"
+        )
+    if model_file != "default" and not Path(model_file).exists():
+        raise click.ClickException(f"model file {model_file} not found; pass a file from `geoir train`, or 'default'")
+    model = load_model(model_file)
+    desc, meta = model.describe(), model.meta
+    if as_json:
+        click.echo(json.dumps({"model": desc, "meta": meta}, indent=2, default=str))
+        return
+    head = desc["head"] or {}
+    click.echo(f"model       {desc['name']} ({desc['path']})")
+    click.echo(f"fingerprint {desc['fingerprint'][:12]}")
+    pre = desc["preprocess"]
+    taps = desc["backbone_taps"]
+    pooled = f"blocks {', '.join(map(str, taps))} and the head, pooled" if taps else "the head, pooled"
+    click.echo(
+        f"backbone    {desc['backbone']}, {desc['feature_dim']} features ({pooled}); "
+        f"input {pre['input_size'][0]} px, {pre['interpolation']}"
+        + (", 8 turns averaged" if desc["backbone_tta"] else "")
+    )
+    parts = [f"{desc['embedding_dim']}-d float embedding"] if model.kind not in ("hash", "plain") else []
+    if desc["bits"]:
+        parts.append(f"{desc['bits']}-bit codes")
+    if head.get("gate"):
+        lo, hi, tau = head["gate"][:3]
+        parts.append(f"retention gate {lo:.2f}..{hi:.2f} rad at confidence {tau:.2f}")
+    elif head.get("retain"):
+        parts.append(f"retention {head['retain']:.2f} rad")
+    click.echo(f"head        {model.kind}: {', '.join(parts)}")
+    recipe = meta.get("recipe")
+    if recipe:
+        opts = " ".join(f"{k}={v}" for k, v in recipe.items() if k != "options" and v is not None)
+        click.echo(f"recipe      {opts}" + (f" options={recipe['options']}" if recipe.get("options") else ""))
+    data = meta.get("data")
+    if data:
+        click.echo(f"data        {data.get('dataset')}: {data.get('samples')} samples, {data.get('classes')} classes")
+    split = meta.get("split")
+    if split:
+        click.echo(
+            f"held out    {len(split.get('test_items', []))} for evaluation "
+            f"(test fraction {split.get('test_fraction')}, seed {split.get('seed')})"
+        )
+    for part, h in (meta.get("history") or {}).items():
+        if isinstance(h, dict) and h.get("best_val_mAP") is not None:
+            click.echo(f"validation  {part}: mAP {h['best_val_mAP']:.3f} at epoch {h.get('best_epoch')}")
 
 
 def _index_state(path: Path, expected: int) -> dict[str, object]:
