@@ -109,6 +109,25 @@ def test_trained_model_tiles_and_searches(image_folder: Path, tmp_path: Path, ma
     assert gpd.read_file(out, layer="hits").tile_id[0] == tid
 
 
+def test_fuse_codes_model_tiles_with_its_own_width(
+    image_folder: Path, tmp_path: Path, make_geotiff: MakeGeoTiff
+) -> None:
+    model = tmp_path / "f.pt"
+    args = ["train", str(image_folder), "--bits", "16", "--epochs", "2", "--retain-dim", "8", *TEST_BACKBONE]
+    invoke(*args, "--fuse-codes", "--out", str(model))
+    m = load_model(model)
+    assert m.meta["recipe"]["fuse_codes"] is True
+    fuse = m.meta["history"]["srl"]["fuse"]
+    assert m.head_config.get("fuse", 0.0) == fuse and m.embedding_dim == m.head.srl.embedding_dim + (16 if fuse else 0)
+    index = tmp_path / "idx"
+    invoke("tile", str(make_geotiff(shape=(3, 512, 512))), "--index", str(index), "--model", str(model))
+    assert Bundle.open(index).vectors()["embedding"].shape == (4, m.embedding_dim)
+    # Fusion needs both heads and retention; a refused recipe writes nothing.
+    bad = tmp_path / "bad.pt"
+    r = invoke(*args, "--fuse-codes", "--method", "srl", "--out", str(bad), code=1)
+    assert "--fuse-codes" in r.output and not bad.exists()
+
+
 def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.pt"
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(model), *TEST_BACKBONE)

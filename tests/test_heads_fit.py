@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from geoir.errors import DatasetError, ModelError
 from geoir.training.fit import (
+    FUSE_WEIGHTS,
     GATE_ANGLES_HI,
     GATE_ANGLES_LO,
     GATE_TAUS,
@@ -171,6 +172,84 @@ def test_combined_from_heads() -> None:
         CombinedHead.from_heads(SRLHead(8), h)
 
 
+@pytest.mark.parametrize("retention", ["none", "angle", "gate"])
+def test_fused_combined_head_holds_the_code_in_its_float_embedding(retention: str) -> None:
+    x, y = _clusters(per_class=40)
+    s, h = SRLHead(16), HashHead(16, 8, 5)
+    torch.nn.init.normal_(h.hash.weight)  # a code that is not near zero everywhere
+    if retention != "none":
+        s.set_retention(x, 0.6, 5)
+    if retention == "gate":
+        s.set_gate(x, y, 0.1, 0.9, 0.5, 0.05)
+    c = CombinedHead.from_heads(s, h, fuse=0.5)
+    emb = c.embed(x)
+    assert emb.shape == (len(x), c.embedding_dim) and c.embedding_dim == s.embedding_dim + 8
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # By hand: the trained part is [f, 0.5 u/|u|] normalised; the retained part and its angle are the SRL head's.
+    f = s.embed_trained(x)
+    u = h(torch.from_numpy(x)).detach().numpy()
+    t = np.concatenate([f, 0.5 * u / np.linalg.norm(u, axis=1, keepdims=True)], axis=1)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    if retention == "none":
+        np.testing.assert_allclose(emb, t, atol=1e-5)
+    else:
+        with torch.no_grad():
+            a = s.angles(torch.from_numpy(f)).numpy()[:, None]
+            r = s.retained(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(emb, np.concatenate([np.cos(a) * t, np.sin(a) * r], axis=1), atol=1e-5)
+    # The encoder's path (forward) gives the same vectors; codes are the hash head's; the file round-trips.
+    with torch.no_grad():
+        fwd, _ = c.eval()(torch.from_numpy(x))
+    np.testing.assert_allclose(fwd.numpy(), emb, atol=1e-6)
+    np.testing.assert_array_equal(c.codes(x), h.codes(x))
+    again = head_from_config(json.loads(json.dumps(c.config())), c.state_dict())
+    assert again.config()["fuse"] == 0.5
+    np.testing.assert_array_equal(again.embed(x), emb)
+    # Unfused heads keep their config (and so their fingerprint) as before fusion existed.
+    assert "fuse" not in CombinedHead.from_heads(s, h).config()
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ModelError, match="fuse"):
+            CombinedHead(16, None, 8, 5, fuse=bad)
+
+
+def test_train_srl_chooses_the_code_weight_with_the_gate_on_validation() -> None:
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    kw = {"epochs": 4, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
+    head, hist = train_srl(x, y, retain_gate=True, fuse_codes={"bits": 8, "epochs": 4}, **kw)
+    curve = hist["retain_val_mAP"]
+    per_weight = len(RETAIN_ANGLES) + len(GATE_ANGLES_LO) * len(GATE_ANGLES_HI) * len(GATE_TAUS)
+    assert len(curve) == len(FUSE_WEIGHTS) * per_weight
+    assert {k.split(" ")[1] for k in curve} == {f"{w:g}" for w in FUSE_WEIGHTS}
+    means = {k: (v["seen"] + v["unseen"]) / 2 for k, v in curve.items()}
+    gate, fuse = hist["retain_gate"], hist["fuse"]
+    assert fuse in FUSE_WEIGHTS and hist["config"]["fuse_codes"] is True
+    assert head.gate == (None if gate is None else tuple(gate))
+    key = f"code {fuse:g} " + (
+        f"{hist['retain_angle']:.2f}" if gate is None else "gate " + " ".join(f"{v:.2f}" for v in gate[:3])
+    )
+    assert means[key] == max(means.values()) or (gate is None and hist["retain_angle"] == RETAIN_ANGLES[1])
+    # Without it nothing changes: the same curve keys as before, weight 0.
+    plain = train_srl(x, y, retain_gate=True, **kw)[1]
+    assert plain["fuse"] == 0.0 and not any(k.startswith("code") for k in plain["retain_val_mAP"])
+    assert plain["config"]["fuse_codes"] is False
+
+
+def test_recipe_fuse_codes_builds_the_head_validation_chose() -> None:
+    from geoir.training.recipes import Recipe
+
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    opts = {"srl": {"epochs": 3, "warmup_epochs": 1}, "dgssh": {"epochs": 3}}
+    r = Recipe(bits=16, retain_dim=8, augment="none", fuse_codes=True, options=opts)
+    head, hist = r.train(x, y, seed=1)
+    assert isinstance(head, CombinedHead) and head.fuse == hist["srl"]["fuse"] in FUSE_WEIGHTS
+    assert head.embedding_dim == 16 + 8 + (16 if head.fuse else 0) == head.embed(x[:3]).shape[1]
+    assert Recipe.from_dict(r.to_dict()).fuse_codes and not Recipe.from_dict({"method": "combined"}).fuse_codes
+    assert not Recipe().fuse_codes  # the shipped recipe does not fuse
+    for bad in ({"method": "srl"}, {"retain_dim": 0}):
+        with pytest.raises(DatasetError, match="--fuse-codes"):
+            Recipe(fuse_codes=True, **bad)  # type: ignore[arg-type]
+
+
 def test_retention_appends_the_backbone_principal_axes() -> None:
     x, _ = _clusters(per_class=40)
     head = SRLHead(16, 8).init_pca_whitening(x)
@@ -277,12 +356,13 @@ def test_train_srl_sets_the_gate_validation_chose(monkeypatch: pytest.MonkeyPatc
     seen: dict[str, bool] = {}
 
     def choose(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen["gate"] = args[-1]
-        return 0.9, (0.3, 0.9, 0.6, 0.05), {"gate 0.30 0.90 0.60": {"seen": 1.0, "unseen": 1.0}}
+        seen["gate"], seen["codes"] = args[-2], args[-1]
+        return 0.9, (0.3, 0.9, 0.6, 0.05), {"gate 0.30 0.90 0.60": {"seen": 1.0, "unseen": 1.0}}, 0.0
 
     monkeypatch.setattr(fit, "_choose_retention", choose)
     head, hist = train_srl(x, y, retain_gate=True, **kw)
     assert seen["gate"] is True and hist["retain_gate"] == [0.3, 0.9, 0.6, 0.05] and hist["retain_angle"] == 0.9
+    assert seen["codes"] is None and hist["fuse"] == 0.0
     assert head.gate == (0.3, 0.9, 0.6, 0.05) and head.retain == 0.9
     # Its centroids are the fitting images' classes in the trained embedding, the validation images left out.
     fit_idx, _ = fit._holdout(y, 0.2, "stratified", 1)

@@ -144,6 +144,8 @@ def _model_info(model_file: str, as_json: bool) -> None:
         parts.append(f"retention gate {lo:.2f}..{hi:.2f} rad at confidence {tau:.2f}")
     elif head.get("retain"):
         parts.append(f"retention {head['retain']:.2f} rad")
+    if head.get("fuse"):
+        parts.append(f"the code's continuous output in the float embedding at weight {head['fuse']:g}")
     click.echo(f"head        {model.kind}: {', '.join(parts)}")
     recipe = meta.get("recipe")
     if recipe:

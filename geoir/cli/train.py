@@ -130,6 +130,13 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "the backbone's own, so it forgets less of what the labels never named (0: off).",
 )
 @click.option(
+    "--fuse-codes/--no-fuse-codes",
+    default=defaults.FUSE_CODES,
+    show_default=True,
+    help="combined: let validation also weigh the hash head's continuous code into the float embedding "
+    "(0, 0.5 or 1; bits more numbers per tile).",
+)
+@click.option(
     "--augment",
     type=click.Choice(["auto", "dihedral", "dihedral-codes", "none"]),
     default="auto",
@@ -167,6 +174,7 @@ def train(
     retain_dim: int,
     retain_gate: bool,
     distill: float,
+    fuse_codes: bool,
     augment: str,
     seed: int,
     test_fraction: float,
@@ -219,6 +227,7 @@ def train(
         retain_gate=retain_gate,
         augment=augment,
         distill=distill,
+        fuse_codes=fuse_codes,
     )
     if dataset.is_dir():
         from geoir.training.data import list_image_folder

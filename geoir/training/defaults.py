@@ -15,3 +15,5 @@ CODE_BITS = 64
 RETAIN_DIM = 256
 #: Weight of the similarity-distillation term of SRL training (``--distill``; 0: off).
 DISTILL = 10.0
+#: Let validation weigh the hash head's continuous code into the float embedding (``--fuse-codes``).
+FUSE_CODES = False

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from geoir.errors import DatasetError
-from geoir.training.heads import HashHead, PlainHead, SRLHead, gate_angles
+from geoir.training.heads import HashHead, PlainHead, SRLHead, fuse_trained, gate_angles
 from geoir.training.losses import (
     AsymmetricLoss,
     CorrectiveTripletLoss,
@@ -271,6 +271,7 @@ def train_srl(
     retain_gate: bool = False,
     distill: float = 0.0,
     distill_sample: int = 512,
+    fuse_codes: dict[str, Any] | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -330,6 +331,11 @@ def train_srl(
             plain SRL.
         distill_sample: Items per step over which the distillation term is computed (pool mode: a random
             subset of the pool; P x K mode: the batch, up to this many).
+        fuse_codes: For a head that will be combined with a DGSSH hash head (:class:`CombinedHead`):
+            keyword arguments of :func:`train_dgssh` for a probe hash head, trained with the retention
+            probe on the same classes, so validation also chooses the weight of the hash head's continuous
+            code in the float embedding (:data:`FUSE_WEIGHTS`, 0 among them; ``hist["fuse"]``). None: no
+            fusion (weight 0). Needs retention chosen by validation.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
@@ -417,6 +423,7 @@ def train_srl(
         angle: float | None = retain_angle
         gate: tuple[float, float, float, float] | None = None
         curve: dict[str, Any] = {}
+        fuse = 0.0
         if angle is None and (val_idx is None or len(np.unique(y)) < 3):
             # No validation, or too few classes to hold one out and keep two: the documented default.
             angle = RETAIN_DEFAULT_ANGLE
@@ -440,17 +447,21 @@ def train_srl(
                 distill_sample=distill_sample,
                 seed=seed,
             )
-            angle, gate, curve = _choose_retention(x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate)
+            angle, gate, curve, fuse = _choose_retention(
+                x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate, fuse_codes
+            )
         head.set_retention(x[fit_idx], angle, retain_dim)
         if gate is not None:
             head.set_gate(x[fit_idx], y[fit_idx], *gate)
-        hist.update(retain_angle=angle, retain_gate=None if gate is None else list(gate), retain_val_mAP=curve)
+        hist.update(
+            retain_angle=angle, retain_gate=None if gate is None else list(gate), retain_val_mAP=curve, fuse=fuse
+        )
         if log:
             how = (
                 f"angle {angle:.2f} rad"
                 if gate is None
                 else "gate {:.2f}..{:.2f} rad at confidence {:.2f}".format(*gate)
-            )
+            ) + (f", code weight {fuse:g}" if fuse_codes is not None else "")
             log(f"srl retention: {how} ({retain_dim} axes); val mAP by candidate {curve}")
     hist.update(
         best_epoch=sel.epoch,
@@ -463,6 +474,7 @@ def train_srl(
             "retain_gate": retain_gate,
             "distill": distill,
             "distill_sample": distill_sample,
+            "fuse_codes": fuse_codes is not None,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,
@@ -498,6 +510,9 @@ GATE_ANGLES_LO = (0.0, 0.3, 0.6)
 GATE_ANGLES_HI = (0.9, 1.05, 1.2, 1.4)
 GATE_TAUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
 GATE_TEMPERATURE = 0.05
+#: Weights of the hash head's continuous code in a fused float embedding tried on the validation split
+#: (:func:`geoir.training.heads.fuse_trained`; 0 = the SRL embedding alone).
+FUSE_WEIGHTS = (0.0, 0.5, 1.0)
 
 
 def _choose_retention(
@@ -508,21 +523,25 @@ def _choose_retention(
     holdout: float,
     probe_kw: dict[str, Any],
     gate: bool = False,
-) -> tuple[float, tuple[float, float, float, float] | None, dict[str, Any]]:
+    code_kw: dict[str, Any] | None = None,
+) -> tuple[float, tuple[float, float, float, float] | None, dict[str, Any], float]:
     """The retention (a fixed angle, or with ``gate`` also a gate) with the best mean validation mAP over
-    seen and held-out classes; returns ``(angle, gate or None, curve)``.
+    seen and held-out classes; returns ``(angle, gate or None, curve, fuse weight)``.
 
     A probe head is trained (same settings, no retention) on the classes left after holding out
     ``holdout`` of them; each candidate is scored on the probe's own validation images (seen classes) and
     on the held-out classes all-vs-all (what no label named). A gate's centroids are the probe's classes.
+    With ``code_kw`` a probe hash head (:func:`train_dgssh` with those arguments) is trained on the same
+    classes too, and every candidate is tried with each of :data:`FUSE_WEIGHTS`.
     """
     seed = int(probe_kw["seed"])
     known, unknown = class_holdout(y, holdout, seed)
     p_fit, p_val = _holdout(y[known], float(probe_kw["val_fraction"]), "stratified", seed)
     if p_val is None:
         # The probe's classes are too small to hold out images of: nothing to choose on.
-        return RETAIN_DEFAULT_ANGLE, None, {}
-    probe, _ = train_srl(x[known], y[known], views=None if views is None else views[:, known], **probe_kw)
+        return RETAIN_DEFAULT_ANGLE, None, {}, 0.0
+    probe_views = None if views is None else views[:, known]
+    probe, _ = train_srl(x[known], y[known], views=probe_views, **probe_kw)
     xk, yk = x[known], y[known]
     # Every candidate embeds with the same trained part and retained part; only the angles change.
     trial = copy.deepcopy(probe).set_retention(xk[p_fit], RETAIN_ANGLES[-1], dim)
@@ -532,30 +551,37 @@ def _choose_retention(
         if gate:
             trial.set_gate(xk[p_fit], yk[p_fit], 0.0, RETAIN_ANGLES[-1], 0.5, GATE_TEMPERATURE)
             confidence = trial.confidence(f)
+    codes: torch.Tensor | None = None
+    if code_kw is not None:
+        code_probe, _ = train_dgssh(xk, yk, views=probe_views, **{"seed": seed, **code_kw})
+        with torch.no_grad():
+            codes = code_probe.eval()(xt)
     (q, db), u = (known[p_val], known[p_fit]), unknown
 
-    def score(angles: torch.Tensor) -> tuple[float, float]:
-        e = torch.cat([torch.cos(angles)[:, None] * f, torch.sin(angles)[:, None] * r], dim=1).numpy()
+    def score(angles: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
+        e = torch.cat([torch.cos(angles)[:, None] * t, torch.sin(angles)[:, None] * r], dim=1).numpy()
         return _map(e[q], e[db], y[q], y[db], "euclidean"), _map(e[u], e[u], y[u], y[u], "euclidean", within=True)
 
     curve: dict[str, Any] = {}
-    best: tuple[float, tuple[float, float, float, float] | None] = (RETAIN_ANGLES[0], None)
+    best: tuple[float, tuple[float, float, float, float] | None, float] = (RETAIN_ANGLES[0], None, 0.0)
     best_score = -1.0
     candidates: list[tuple[float, tuple[float, float, float, float] | None]] = [(a, None) for a in RETAIN_ANGLES]
     if gate:
         candidates += [
             (hi, (lo, hi, tau, GATE_TEMPERATURE)) for lo in GATE_ANGLES_LO for hi in GATE_ANGLES_HI for tau in GATE_TAUS
         ]
-    for angle, g in candidates:
-        seen, un = score(torch.full((len(f),), angle) if g is None else gate_angles(confidence, *g))
-        key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
-        curve[key] = {"seen": seen, "unseen": un}
-        if (seen + un) / 2 > best_score + 1e-9:
-            best, best_score = (angle, g), (seen + un) / 2
+    for w in FUSE_WEIGHTS if codes is not None else (0.0,):
+        t = f if codes is None else fuse_trained(f, codes, w)
+        for angle, g in candidates:
+            seen, un = score(torch.full((len(f),), angle) if g is None else gate_angles(confidence, *g), t)
+            key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
+            curve[key if codes is None else f"code {w:g} {key}"] = {"seen": seen, "unseen": un}
+            if (seen + un) / 2 > best_score + 1e-9:
+                best, best_score = (angle, g, w), (seen + un) / 2
     # Angle 0 wins only when retention helps nowhere; the head then keeps the smallest angle on offer.
     if best[1] is None and best[0] <= 0:
-        best = (RETAIN_ANGLES[1], None)
-    return best[0], best[1], curve
+        best = (RETAIN_ANGLES[1], None, best[2])
+    return best[0], best[1], curve, best[2]
 
 
 def _steps_per_epoch(y: np.ndarray, chunk: int, classes_per_batch: int | None) -> int:

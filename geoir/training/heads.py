@@ -29,6 +29,7 @@ __all__ = [
     "HashHead",
     "PlainHead",
     "SRLHead",
+    "fuse_trained",
     "gate_angles",
     "get_head",
     "head_from_config",
@@ -311,6 +312,14 @@ class PlainHead(HashHead):
         super().__init__(in_dim, bits, num_classes)
 
 
+def fuse_trained(f: Tensor, u: Tensor, weight: float) -> Tensor:
+    """The trained part of a fused float embedding: ``normalize([f, weight * normalize(u)])`` for unit-norm
+    SRL embeddings ``f`` and continuous codes ``u`` (the two heads' ensemble; ``f`` itself at weight 0)."""
+    if weight <= 0:
+        return f
+    return F.normalize(torch.cat([f, weight * F.normalize(u, dim=1, eps=1e-12)], dim=1), dim=1, eps=1e-12)
+
+
 class CombinedHead(nn.Module):
     """A float embedding and a binary code from the same features.
 
@@ -319,6 +328,10 @@ class CombinedHead(nn.Module):
         embed_dim: SRL embedding dimension (default D).
         bits: Code length K.
         num_classes: Classes of the hash head's classifier.
+        retain, retain_dim, gate, gate_classes: The SRL head's retention and gate (:class:`SRLHead`).
+        fuse: With ``> 0``, the float embedding's trained part also holds the hash head's normalised
+            continuous code at this weight (:func:`fuse_trained`), ``bits`` more numbers; the gate's
+            confidence still comes from the SRL part. 0: the SRL embedding alone.
     """
 
     name = "combined"
@@ -333,19 +346,23 @@ class CombinedHead(nn.Module):
         retain_dim: int = 0,
         gate: list[float] | None = None,
         gate_classes: int = 0,
+        fuse: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(fuse) and fuse >= 0):
+            raise ModelError(f"fuse weight must be finite and >= 0 (got {fuse})")
         self.srl = SRLHead(in_dim, embed_dim, retain, retain_dim, gate, gate_classes)
         self.hash = HashHead(in_dim, bits, num_classes)
+        self.fuse = float(fuse)
 
     @property
     def embedding_dim(self) -> int:
         """Dimension of the float embedding."""
-        return self.srl.embedding_dim
+        return self.srl.embedding_dim + (self.hash.bits if self.fuse > 0 else 0)
 
     @classmethod
-    def from_heads(cls, srl: SRLHead, hash_head: HashHead) -> CombinedHead:
-        """Combine two separately trained heads (copies their weights)."""
+    def from_heads(cls, srl: SRLHead, hash_head: HashHead, fuse: float = 0.0) -> CombinedHead:
+        """Combine two separately trained heads (copies their weights); ``fuse`` as in the class."""
         if srl.in_dim != hash_head.in_dim:
             raise ModelError(
                 f"the SRL head takes {srl.in_dim}-d features but the hash head {hash_head.in_dim}-d; "
@@ -361,6 +378,7 @@ class CombinedHead(nn.Module):
             srl.retain_dim,
             srl_cfg.get("gate"),
             srl_cfg.get("gate_classes", 0),
+            fuse,
         )
         out.srl.load_state_dict(srl.state_dict())
         out.hash.load_state_dict(hash_head.state_dict())
@@ -368,11 +386,23 @@ class CombinedHead(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(embedding, u)``: unit-norm float embedding and continuous code."""
-        return self.srl(x), self.hash(x)
+        u = self.hash(x)
+        if self.fuse <= 0:
+            return self.srl(x), u
+        srl = self.srl
+        f = srl.trained(x)
+        t = fuse_trained(f, u, self.fuse)
+        if srl.retain <= 0:
+            return t, u
+        a = srl.angles(f)[:, None]
+        return torch.cat([torch.cos(a) * t, torch.sin(a) * srl.retained(x)], dim=1), u
 
+    @torch.no_grad()
     def embed(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """Float embeddings, as :meth:`SRLHead.embed`."""
-        return self.srl.embed(features, batch_size)
+        """Float embeddings: :meth:`SRLHead.embed`, or the fused embedding (see ``fuse``)."""
+        if self.fuse <= 0:
+            return self.srl.embed(features, batch_size)
+        return _batched(self, features, batch_size, lambda x: self(x)[0]).numpy().astype(np.float32)
 
     def codes(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """±1 codes, as :meth:`HashHead.codes`."""
@@ -391,6 +421,8 @@ class CombinedHead(nn.Module):
             "bits": self.hash.bits,
             "num_classes": self.hash.num_classes,
             **{k: v for k, v in self.srl.config().items() if k in ("retain", "retain_dim", "gate", "gate_classes")},
+            # Only when on, so the configs (and fingerprints) of unfused models stay as they were.
+            **({"fuse": self.fuse} if self.fuse > 0 else {}),
         }
 
 

@@ -48,6 +48,10 @@ class Recipe:
             trained embedding's pairwise similarities near the backbone's own (``distill`` of
             :func:`geoir.training.fit.train_srl`; 0: off). It keeps what the labels never named in the
             trained part itself, not only in the retained axes.
+        fuse_codes: For ``combined`` with retention: let validation also choose how much of the hash
+            head's continuous code the float embedding holds beside the SRL embedding (0, 0.5 or 1; the
+            two heads' ensemble, ``fuse_codes`` of :func:`geoir.training.fit.train_srl`). Off by default:
+            the shipped model is trained without it (docs/results.md measures the lead).
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -60,6 +64,7 @@ class Recipe:
     retain_gate: bool = True
     augment: str = "dihedral"
     distill: float = defaults.DISTILL
+    fuse_codes: bool = defaults.FUSE_CODES
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +78,11 @@ class Recipe:
             raise DatasetError(f"--distill {self.distill}: use 0 (off) or a positive, finite weight")
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
+        if self.fuse_codes and (self.method != "combined" or self.retain_dim <= 0):
+            raise DatasetError(
+                "--fuse-codes weighs the hash head's code into the float embedding: it needs --method combined "
+                "and retention (--retain-dim > 0)"
+            )
 
     @property
     def views_needed(self) -> str:
@@ -88,7 +98,9 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         # Recipes recorded before retention, its gate, augmentation or distillation existed trained without them.
-        return cls(**{"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, **d})
+        return cls(
+            **{"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, "fuse_codes": False, **d}
+        )
 
     def _kw(self, key: str) -> dict[str, Any]:
         kw = dict(self.options.get(key, {}))
@@ -120,6 +132,10 @@ class Recipe:
                 "distill": self.distill,
                 **self._kw("srl"),
             }
+            if self.fuse_codes:
+                # The retention probe trains a hash head like the one below (without its views when only
+                # the codes take views: the probe's float and code heads see the same data).
+                kw["fuse_codes"] = {"bits": self.bits, **self._kw("dgssh")}
             srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(
@@ -134,7 +150,7 @@ class Recipe:
             return head, hist
         if self.method == "combined":
             assert srl is not None and dg is not None
-            return CombinedHead.from_heads(srl, dg), hist
+            return CombinedHead.from_heads(srl, dg, fuse=float(hist["srl"].get("fuse", 0.0))), hist
         head = srl if srl is not None else dg
         assert head is not None
         return head, hist
