@@ -6,8 +6,8 @@ output ``u = tanh(W x + b)`` is signed into the 64-bit code. geoir's float embed
 This scores, on the evaluation splits, what the float embedding would rank like if its trained part were
 ``t = normalize([f, w * normalize(u)])`` (the two heads' ensemble) under the same gate, and how the
 seen/unseen trade-off moves when the gate's confidence step moves. It is a diagnostic on test
-queries, not a way to choose ``w`` or the gate (that would select on test figures); geoir does not
-ship the fusion.
+queries, not a way to choose ``w`` or the gate (that would select on test figures): ``geoir train
+--fuse-codes`` chooses them on validation, and the shipped model does not use it (docs/results.md).
 
 For each unseen-class seed the recipe trains on its 15 classes and the other 6 are ranked all-vs-all;
 for each seen-class seed it trains on the 80 % part and the test queries are ranked against train + test
