@@ -497,7 +497,7 @@ def test_cli_defaults_are_the_recipes() -> None:
     r = Recipe()
     assert defaults["method"] == r.method and int(defaults["bits"]) == r.bits
     assert defaults["retain_dim"] == r.retain_dim and defaults["distill"] == r.distill
-    assert defaults["retain_gate"] is r.retain_gate
+    assert defaults["retain_gate"] is r.retain_gate and defaults["fuse_codes"] is r.fuse_codes
 
 
 def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_path: Path) -> None:
