@@ -41,7 +41,7 @@ from geoir.encoding.backbone import load_backbone  # noqa: E402
 from geoir.encoding.model import load_model  # noqa: E402
 from geoir.training.data import image_folder_features  # noqa: E402
 from geoir.training.fit import GATE_TAUS  # noqa: E402
-from geoir.training.heads import CombinedHead, gate_angles  # noqa: E402
+from geoir.training.heads import CombinedHead, fuse_trained, gate_angles, retention_mix  # noqa: E402
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import evaluate_seen, stratified_split, unseen_class_split  # noqa: E402
 from geoir.training.recipes import Recipe  # noqa: E402
@@ -61,22 +61,21 @@ def encoders(head: CombinedHead) -> dict[str, Encoder]:
     def parts(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             xt = torch.as_tensor(x, dtype=torch.float32)
-            return srl.trained(xt), srl.retained(xt), F.normalize(head.hash(xt), dim=1)
+            return srl.trained(xt), srl.retained(xt), head.hash(xt)
 
     def gated(w: float, tau: float) -> Encoder:
         def enc(x: np.ndarray) -> np.ndarray:
             f, r, u = parts(x)
-            t = f if w == 0 else F.normalize(torch.cat([f, w * u], dim=1), dim=1)
             # The confidence is the shipped gate's: the SRL trained part against its class centroids.
-            a = gate_angles(srl.confidence(f), lo, hi, tau, temp)[:, None]
-            return torch.cat([torch.cos(a) * t, torch.sin(a) * r], dim=1).numpy()
+            a = gate_angles(srl.confidence(f), lo, hi, tau, temp)
+            return retention_mix(fuse_trained(f, u, w), r, a).numpy()
 
         return enc
 
     def alone(w_f: float, w_u: float) -> Encoder:
         def enc(x: np.ndarray) -> np.ndarray:
             f, _, u = parts(x)
-            return F.normalize(torch.cat([w_f * f, w_u * u], dim=1), dim=1).numpy()
+            return F.normalize(torch.cat([w_f * f, w_u * F.normalize(u, dim=1)], dim=1), dim=1).numpy()
 
         return enc
 

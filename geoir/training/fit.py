@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from geoir.errors import DatasetError
-from geoir.training.heads import HashHead, PlainHead, SRLHead, fuse_trained, gate_angles
+from geoir.training.heads import HashHead, PlainHead, SRLHead, fuse_trained, gate_angles, retention_mix
 from geoir.training.losses import (
     AsymmetricLoss,
     CorrectiveTripletLoss,
@@ -559,7 +559,7 @@ def _choose_retention(
     (q, db), u = (known[p_val], known[p_fit]), unknown
 
     def score(angles: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
-        e = torch.cat([torch.cos(angles)[:, None] * t, torch.sin(angles)[:, None] * r], dim=1).numpy()
+        e = retention_mix(t, r, angles).numpy()
         return _map(e[q], e[db], y[q], y[db], "euclidean"), _map(e[u], e[u], y[u], y[u], "euclidean", within=True)
 
     curve: dict[str, Any] = {}

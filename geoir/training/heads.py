@@ -34,6 +34,7 @@ __all__ = [
     "get_head",
     "head_from_config",
     "pca_whitening",
+    "retention_mix",
 ]
 
 
@@ -61,6 +62,14 @@ def pca_whitening(features: np.ndarray, dim: int, eps: float = 1e-6) -> tuple[np
     var = s[:dim] ** 2 / max(x.shape[0] - 1, 1)
     w = vt[:dim] / np.sqrt(var + eps)[:, None]
     return w.astype(np.float32), (-w @ mean).astype(np.float32)
+
+
+def retention_mix(trained: Tensor, retained: Tensor, angle: float | Tensor) -> Tensor:
+    """``[cos(angle) * trained, sin(angle) * retained]``: one angle for every row, or one per row (N)."""
+    if isinstance(angle, Tensor):
+        a = angle[:, None]
+        return torch.cat([torch.cos(a) * trained, torch.sin(a) * retained], dim=1)
+    return torch.cat([math.cos(angle) * trained, math.sin(angle) * retained], dim=1)
 
 
 def gate_angles(confidence: Tensor, lo: float, hi: float, tau: float, temperature: float) -> Tensor:
@@ -173,11 +182,7 @@ class SRLHead(nn.Module):
         f = self.trained(x)
         if self.retain <= 0:
             return f
-        r = self.retained(x)
-        if self.gate is None:
-            return torch.cat([math.cos(self.retain) * f, math.sin(self.retain) * r], dim=1)
-        a = self.angles(f)[:, None]
-        return torch.cat([torch.cos(a) * f, torch.sin(a) * r], dim=1)
+        return retention_mix(f, self.retained(x), self.retain if self.gate is None else self.angles(f))
 
     def trained(self, x: Tensor) -> Tensor:
         """The trained part alone, ``normalize(W x + b)``: N x :attr:`out_dim`."""
@@ -394,10 +399,8 @@ class CombinedHead(nn.Module):
         t = fuse_trained(f, u, self.fuse)
         if srl.retain <= 0:
             return t, u
-        a = srl.angles(f)[:, None]
-        return torch.cat([torch.cos(a) * t, torch.sin(a) * srl.retained(x)], dim=1), u
+        return retention_mix(t, srl.retained(x), srl.retain if srl.gate is None else srl.angles(f)), u
 
-    @torch.no_grad()
     def embed(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """Float embeddings: :meth:`SRLHead.embed`, or the fused embedding (see ``fuse``)."""
         if self.fuse <= 0:
