@@ -82,7 +82,7 @@ def main() -> None:
         sys.exit(f"the default model's recipe is {recipe.method!r}; this sweep needs a hash head")
     data = image_folder_features(DATA, load_backbone(), augment=recipe.views_needed)
     views = data.views if recipe.augment in ("dihedral", "dihedral-codes") else None
-    kw = {"bits": recipe.bits, **recipe._kw("dgssh")}
+    kw = {"bits": recipe.bits, **recipe.head_options("dgssh")}
     jobs = [(lr, "seen", s) for lr in args.lr for s in args.seen_seeds]
     jobs += [(lr, "unseen", s) for lr in args.lr for s in args.unseen_seeds]
     ctx = mp.get_context("fork")

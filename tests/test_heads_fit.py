@@ -421,6 +421,16 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe(method="srl").views_needed == "dihedral" and Recipe().augment == "dihedral"
 
 
+def test_recipe_head_options_add_the_recipe_epochs_without_touching_the_options() -> None:
+    from geoir.training.recipes import Recipe
+
+    r = Recipe(epochs=5, options={"dgssh": {"lr": 2e-3, "epochs": 50}})
+    assert r.head_options("dgssh") == {"lr": 2e-3, "epochs": 5}  # the recipe's --epochs wins
+    assert r.head_options("srl") == {"epochs": 5}
+    assert r.options == {"dgssh": {"lr": 2e-3, "epochs": 50}}
+    assert Recipe(options={"dgssh": {"lr": 2e-3}}).head_options("dgssh") == {"lr": 2e-3}
+
+
 @pytest.mark.parametrize(
     ("augment", "float_views", "code_views"), [("dihedral-codes", 0, 7), ("dihedral", 7, 7), ("none", 0, 0)]
 )

@@ -102,7 +102,9 @@ class Recipe:
             **{"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, "fuse_codes": False, **d}
         )
 
-    def _kw(self, key: str) -> dict[str, Any]:
+    def head_options(self, key: str) -> dict[str, Any]:
+        """Keyword arguments for the ``key`` head's trainer (``srl``, ``dgssh`` or ``plain``): its options, and the
+        recipe's epochs when set."""
         kw = dict(self.options.get(key, {}))
         if self.epochs is not None:
             kw["epochs"] = self.epochs
@@ -130,22 +132,22 @@ class Recipe:
                 "retain_dim": self.retain_dim,
                 "retain_gate": self.retain_gate,
                 "distill": self.distill,
-                **self._kw("srl"),
+                **self.head_options("srl"),
             }
             if self.fuse_codes:
                 # The retention probe trains a hash head like the one below (without its views when only
                 # the codes take views: the probe's float and code heads see the same data).
-                kw["fuse_codes"] = {"bits": self.bits, **self._kw("dgssh")}
+                kw["fuse_codes"] = {"bits": self.bits, **self.head_options("dgssh")}
             srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(
-                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self._kw("dgssh")
+                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self.head_options("dgssh")
             )
             h.pop("V", None)
             hist["dgssh"] = h
         if self.method == "plain":
             head, hist["plain"] = train_plain(
-                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self._kw("plain")
+                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self.head_options("plain")
             )
             return head, hist
         if self.method == "combined":
