@@ -290,10 +290,13 @@ def test_writer_killed_inside_a_catalog_transaction(make_geotiff: MakeGeoTiff, t
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
-    time.sleep(0.5)
+    # Kill it once the transaction is open (its journal exists), however long the writer takes to get there.
+    journal, deadline = index / "catalog.gpkg-journal", time.monotonic() + 60
+    while not journal.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (index / "catalog.gpkg-journal").exists()
+    assert journal.exists(), "the writer finished (or never began) its transaction before it could be killed"
     bundle = Bundle.open(index)
     tiles = bundle.tiles()
     assert len(tiles) == 4 and set(tiles.scene_id) != {"orphan"}  # the half-done append was rolled back
