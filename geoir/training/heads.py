@@ -180,9 +180,14 @@ class SRLHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Unit-norm embeddings, N x :attr:`embedding_dim`."""
         f = self.trained(x)
+        return self.with_retention(x, f, f)
+
+    def with_retention(self, x: Tensor, f: Tensor, t: Tensor) -> Tensor:
+        """``t`` (a trained part: :meth:`trained` ``f`` itself, or a fused one) with the retained part of
+        features ``x`` beside it at the fixed angle or the gate's angles for ``f``; ``t`` without retention."""
         if self.retain <= 0:
-            return f
-        return retention_mix(f, self.retained(x), self.retain if self.gate is None else self.angles(f))
+            return t
+        return retention_mix(t, self.retained(x), self.retain if self.gate is None else self.angles(f))
 
     def trained(self, x: Tensor) -> Tensor:
         """The trained part alone, ``normalize(W x + b)``: N x :attr:`out_dim`."""
@@ -392,14 +397,8 @@ class CombinedHead(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(embedding, u)``: unit-norm float embedding and continuous code."""
         u = self.hash(x)
-        if self.fuse <= 0:
-            return self.srl(x), u
-        srl = self.srl
-        f = srl.trained(x)
-        t = fuse_trained(f, u, self.fuse)
-        if srl.retain <= 0:
-            return t, u
-        return retention_mix(t, srl.retained(x), srl.retain if srl.gate is None else srl.angles(f)), u
+        f = self.srl.trained(x)
+        return self.srl.with_retention(x, f, fuse_trained(f, u, self.fuse)), u
 
     def embed(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """Float embeddings: :meth:`SRLHead.embed`, or the fused embedding (see ``fuse``)."""
