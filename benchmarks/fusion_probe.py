@@ -31,20 +31,16 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _default_recipe import default_recipe_features  # noqa: E402
 from _report import RESULTS, atomic_write, machine, table  # noqa: E402
 
-from geoir.encoding.backbone import load_backbone  # noqa: E402
-from geoir.encoding.model import load_model  # noqa: E402
-from geoir.training.data import image_folder_features  # noqa: E402
 from geoir.training.fit import GATE_TAUS  # noqa: E402
 from geoir.training.heads import CombinedHead, fuse_trained, gate_angles, retention_mix  # noqa: E402
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import evaluate_seen, stratified_split, unseen_class_split  # noqa: E402
-from geoir.training.recipes import Recipe  # noqa: E402
 
 #: Weights of the hash head's normalised continuous code beside the SRL trained part.
 WEIGHTS = (0.5, 1.0)
@@ -98,13 +94,8 @@ def main() -> None:
     ap.add_argument("--unseen-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=RESULTS / "fusion_probe.json")
     args = ap.parse_args()
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: this benchmark needs ../shared/data/ucmerced")
     t0 = time.perf_counter()
-    recipe = Recipe.from_dict(load_model("default").meta["recipe"])
-    if recipe.method != "combined":
-        sys.exit(f"the default model's recipe is {recipe.method!r}; this probe needs a combined one")
-    data = image_folder_features(DATA, load_backbone(), augment=recipe.views_needed)
+    recipe, data = default_recipe_features(("combined",))
     x, y = data.features, data.labels
     rows: dict[str, dict[str, list[float]]] = {}
     gates: list[Any] = []

@@ -29,19 +29,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _default_recipe import default_recipe_features  # noqa: E402
 from _report import RESULTS, atomic_write, machine, table  # noqa: E402
 
-from geoir.encoding.backbone import load_backbone  # noqa: E402
-from geoir.encoding.model import load_model  # noqa: E402
-from geoir.training.data import image_folder_features  # noqa: E402
 from geoir.training.fit import train_dgssh  # noqa: E402
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import evaluate_seen, stratified_split, unseen_class_split  # noqa: E402
-from geoir.training.recipes import Recipe  # noqa: E402
 
 _STATE: dict[str, Any] = {}
 
@@ -66,6 +62,11 @@ def _run(job: tuple[float, str, int]) -> tuple[float, str, int, float, float, in
     return lr, protocol, seed, float(m), float(hist["best_val_mAP"]), int(hist["best_epoch"])  # type: ignore[arg-type]
 
 
+def _mean(values: list[float]) -> float | str:
+    """The mean, or an empty cell when a protocol ran no seed."""
+    return float(np.mean(values)) if values else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.002, 0.004, 0.008])
@@ -74,19 +75,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (each runs torch on one thread)")
     ap.add_argument("--out", type=Path, default=RESULTS / "hash_lr_sweep.json")
     args = ap.parse_args()
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: this benchmark needs ../shared/data/ucmerced")
     t0 = time.perf_counter()
-    recipe = Recipe.from_dict(load_model("default").meta["recipe"])
-    if recipe.method not in ("combined", "dgssh"):
-        sys.exit(f"the default model's recipe is {recipe.method!r}; this sweep needs a hash head")
-    data = image_folder_features(DATA, load_backbone(), augment=recipe.views_needed)
-    views = data.views if recipe.augment in ("dihedral", "dihedral-codes") else None
+    recipe, data = default_recipe_features(("combined", "dgssh"))
     kw = {"bits": recipe.bits, **recipe.head_options("dgssh")}
     jobs = [(lr, "seen", s) for lr in args.lr for s in args.seen_seeds]
     jobs += [(lr, "unseen", s) for lr in args.lr for s in args.unseen_seeds]
     ctx = mp.get_context("fork")
-    with ctx.Pool(args.jobs, initializer=_init, initargs=(data.features, data.labels, views, kw)) as pool:
+    with ctx.Pool(args.jobs, initializer=_init, initargs=(data.features, data.labels, data.views, kw)) as pool:
         out = []
         for r in pool.imap_unordered(_run, jobs):
             out.append(r)
@@ -102,10 +97,10 @@ def main() -> None:
         rows.append(
             {
                 "lr": f"{lr:g}",
-                "val mAP (seen splits)": float(np.mean([d["seen"][s]["val_mAP"] for s in args.seen_seeds])),
-                "seen mAP": float(np.mean(seen)),
+                "val mAP (seen splits)": _mean([d["seen"][s]["val_mAP"] for s in args.seen_seeds]),
+                "seen mAP": _mean(seen),
                 "seen per seed": ", ".join(f"{m:.3f}" for m in seen),
-                "unseen mAP": float(np.mean([d["unseen"][s]["mAP"] for s in args.unseen_seeds])),
+                "unseen mAP": _mean([d["unseen"][s]["mAP"] for s in args.unseen_seeds]),
             }
         )
     result = {

@@ -27,18 +27,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "ucmerced"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _default_recipe import default_recipe_features  # noqa: E402
 from _report import RESULTS, machine, table  # noqa: E402
 
-from geoir.encoding.backbone import load_backbone  # noqa: E402
-from geoir.encoding.model import load_model  # noqa: E402
-from geoir.training.data import image_folder_features  # noqa: E402
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import evaluate_seen, stratified_split, unseen_class_split  # noqa: E402
-from geoir.training.recipes import Recipe, float_encoder  # noqa: E402
+from geoir.training.recipes import float_encoder  # noqa: E402
 
 ANGLES = (0.0, 0.3, 0.6, 0.75, 0.9, 1.05, 1.2, 1.35, float(np.pi / 2))
 #: The row of a gated head as trained (its per-tile angles, docs/training.md).
@@ -51,13 +48,9 @@ def main() -> None:
     ap.add_argument("--unseen-seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=RESULTS / "retention_sweep.json")
     args = ap.parse_args()
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: this benchmark needs ../shared/data/ucmerced")
     t0 = time.perf_counter()
-    model = load_model("default")
     # The float embedding is the SRL part of the default (combined) recipe; its hash part plays no role here.
-    recipe = Recipe.from_dict({**model.meta["recipe"], "method": "srl"})
-    data = image_folder_features(DATA, load_backbone(), augment=recipe.views_needed)
+    recipe, data = default_recipe_features(("srl",), method="srl")
     x, y = data.features, data.labels
 
     def train(rows: np.ndarray, seed: int):  # type: ignore[no-untyped-def]
