@@ -230,6 +230,32 @@ def test_train_records_the_augmentation(image_folder: Path, tmp_path: Path) -> N
     assert Recipe.from_dict({"method": "srl"}).augment == "none"
 
 
+def test_model_records_its_data_by_name_and_digest_not_by_path(image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy, renamed = tmp_path / "copy" / "data", tmp_path / "renamed" / "data"
+    shutil.copytree(image_folder, copy)
+    shutil.copytree(image_folder, renamed)
+    (renamed / "class3" / "0.png").rename(renamed / "class3" / "renamed.png")
+    data = []
+    for i, root in enumerate((image_folder, copy, renamed)):
+        out = tmp_path / f"{i}.pt"
+        args = ("--method", "dgssh", "--bits", "16", "--epochs", "1")
+        invoke("train", str(root), *args, "--out", str(out), *TEST_BACKBONE)
+        data.append(load_model(out).meta["data"])
+    # The folder's name, not the trainer's path: a model file says nothing about the machine it came from.
+    assert [d["dataset"] for d in data] == ["data"] * 3
+    assert str(tmp_path) not in json.dumps(data)
+    # The digest says what the folder held: the same wherever it lies, another once an image is renamed.
+    digests = [d["items_sha256"] for d in data]
+    assert len(digests[0]) == 64 and digests[0] == digests[1] != digests[2]
+    assert [d["samples"] for d in data] == [48] * 3
+    assert (
+        f"data        data: 48 samples, 4 classes (items sha256 {digests[2][:12]})"
+        in invoke("info", "--model", str(tmp_path / "2.pt")).output
+    )
+
+
 def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
     index = tmp_path / "idx"
     scene = make_geotiff(shape=(3, 1024, 1024))

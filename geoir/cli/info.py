@@ -153,7 +153,10 @@ def _model_info(model_file: str, as_json: bool) -> None:
         click.echo(f"recipe      {opts}" + (f" options={recipe['options']}" if recipe.get("options") else ""))
     data = meta.get("data")
     if data:
-        click.echo(f"data        {data.get('dataset')}: {data.get('samples')} samples, {data.get('classes')} classes")
+        digest = f" (items sha256 {data['items_sha256'][:12]})" if data.get("items_sha256") else ""
+        click.echo(
+            f"data        {data.get('dataset')}: {data.get('samples')} samples, {data.get('classes')} classes{digest}"
+        )
     split = meta.get("split")
     if split:
         click.echo(

@@ -260,7 +260,7 @@ def train(
     meta = {
         "name": out.stem,
         "recipe": recipe.to_dict(),
-        "data": {"dataset": str(dataset.resolve()), **data.summary(), "classes_list": data.classes},
+        "data": {"dataset": dataset.resolve().name, **data.summary(), "classes_list": data.classes},
         "split": {"seed": seed, "test_fraction": test_fraction, "test_items": [data.items[i] for i in test_idx]},
         "history": _scalars(history),
     }

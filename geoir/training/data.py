@@ -54,11 +54,16 @@ class FeatureSet:
         return None if self.views is None else self.views[:, rows]
 
     def summary(self) -> dict[str, object]:
+        """Counts of samples and classes, and ``items_sha256``: a digest of every item's name and class, equal
+        for the same data set wherever it lies on disk (so a model file can say what it was trained on
+        without recording a path of the machine that trained it)."""
         counts = np.bincount(self.labels, minlength=len(self.classes))
+        lines = "".join(f"{item}\t{self.classes[label]}\n" for item, label in zip(self.items, self.labels, strict=True))
         return {
             "samples": len(self.labels),
             "classes": len(self.classes),
             "per_class": dict(zip(self.classes, counts.tolist(), strict=True)),
+            "items_sha256": hashlib.sha256(lines.encode()).hexdigest(),
         }
 
 
