@@ -6,7 +6,10 @@ brightness/contrast changes; NAIP queries are also cut from the other dates at t
 query counts as found when a returned footprint has IoU >= 0.3 with its true footprint or contains
 its centre. Reports recall@1 and recall@10 per scene and query kind, for each model.
 
-    $ python benchmarks/relocalize.py [--models backbone,default] [--queries 20] [--seed 0] [--json FILE]
+    $ python benchmarks/relocalize.py [--models backbone,default] [--queries 20] [--seed 0] [--tta] [--json FILE]
+
+With ``--tta`` every model encodes tiles and queries as the mean features of their 8 flips and quarter
+turns (``geoir tile --tta``), and its rows are named ``MODEL+tta``.
 
 With ``--json FILE`` the results go to FILE only; otherwise they replace the relocalize section of
 docs/benchmarks.md and benchmarks/results/relocalize.json.
@@ -101,9 +104,10 @@ def crops(scene: Scene, n: int, rng: np.random.Generator, min_valid: float = 0.9
     return out
 
 
-def run_model(model_name: str, n_queries: int, seed: int, workdir: Path) -> list[dict]:
-    model = load_model(model_name)
-    index = workdir / f"idx-{model_name}"
+def run_model(model_name: str, n_queries: int, seed: int, workdir: Path, tta: bool = False) -> list[dict]:
+    model = load_model(model_name, tta=tta)
+    label = f"{model_name}+tta" if tta else model_name
+    index = workdir / f"idx-{label}"
     files = scene_files()
     scenes = [open_scene(p, nodata=nodata_for(p)) for p in files]
     bundle = Bundle.open_or_create(index, TilingParams())
@@ -120,7 +124,7 @@ def run_model(model_name: str, n_queries: int, seed: int, workdir: Path) -> list
     for other in sorted((SCENES / "naip_timeseries_5m").glob("*.tif")):
         if other.name != NAIP_INDEXED:
             jobs.append(("other date", str(other), open_scene(other)))
-    for kind, label, query_scene in jobs:
+    for kind, source, query_scene in jobs:
         reader = SceneReader(query_scene)
         r1 = r10 = 0
         chance = 0.0
@@ -139,8 +143,8 @@ def run_model(model_name: str, n_queries: int, seed: int, workdir: Path) -> list
         reader.close()
         rows.append(
             {
-                "model": model_name,
-                "scene": Path(label).name[:40],
+                "model": label,
+                "scene": Path(source).name[:40],
                 "queries": kind,
                 "n": len(wins),
                 "recall@1": r1 / max(1, len(wins)),
@@ -154,7 +158,7 @@ def run_model(model_name: str, n_queries: int, seed: int, workdir: Path) -> list
         n = sum(r["n"] for r in sel)
         rows.append(
             {
-                "model": model_name,
+                "model": label,
                 "scene": "ALL",
                 "queries": kind,
                 "n": n,
@@ -173,6 +177,7 @@ def main() -> None:
     ap.add_argument("--models", default="backbone,default")
     ap.add_argument("--queries", type=int, default=20, help="queries per scene and kind")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tta", action="store_true", help="encode tiles and queries as the mean of their 8 views")
     ap.add_argument(
         "--json",
         type=Path,
@@ -186,13 +191,14 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows += run_model(name, args.queries, args.seed, Path(tmp))
+            rows += run_model(name, args.queries, args.seed, Path(tmp), args.tta)
     cols = ["model", "scene", "queries", "n", "recall@1", "recall@10", "chance@10"]
     md = "\n".join(
         [
             "## Relocalization on real scenes",
             "",
-            f"`python benchmarks/relocalize.py --models {args.models} --queries {args.queries} --seed {args.seed}` "
+            f"`python benchmarks/relocalize.py --models {args.models} --queries {args.queries} --seed {args.seed}"
+            f"{' --tta' if args.tta else ''}` "
             f"on {machine()}.",
             "Queries: 256 px crops at random positions off the tile grid, random k*90 degree rotation and",
             "brightness/contrast change; NAIP indexed at 2009-08-18 and queried from the other five dates at the",
