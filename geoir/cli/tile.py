@@ -69,8 +69,9 @@ from geoir.errors import GeoirError
 @batch_options
 @click.option("--no-encode", is_flag=True, help="Only cut and catalog tiles; `geoir encode` can encode them later.")
 @tta_option(
-    "Encode every tile as the mean features of its 8 flips and quarter turns: better retrieval "
-    "(docs/results.md), 8 backbone passes per tile. Recorded in a new bundle; queries follow it."
+    "Encode every tile as the mean features of its 8 flips and quarter turns: better search by kind of "
+    "place, worse for the same place at another date (docs/results.md), 8 backbone passes per tile. "
+    "Recorded in a new bundle; queries follow it."
 )
 @click.option(
     "--index-kind",
