@@ -155,6 +155,11 @@ def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     for summary in seen.values():
         assert len(summary["runs"]) == 2 and 0 <= summary["mAP_mean"] <= 1
     assert Image.open(png).size == (640, 480)
+    # What validation chose for the head re-trained on each split: its epoch and its retention.
+    assert set(r["training"]) == {"seen_seed0", "seen_seed1"}
+    for chose in r["training"].values():
+        assert 0 <= chose["srl"]["best_epoch"] <= 2 and 0 <= chose["srl"]["retain_angle"] <= 1.6
+        assert len(chose["srl"].get("retain_gate", [0.0] * 4)) == 4
     split = json.loads((tmp_path / "splits" / "seen_seed0.json").read_text())
     assert not set(split["train_paths"]) & set(split["test_paths"])
 

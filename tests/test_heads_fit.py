@@ -747,6 +747,11 @@ def test_run_protocols_unseen_publishes_its_splits(tmp_path: Path) -> None:
         assert split["test"] == unseen_class_split(y, 15, seed).test.tolist()
         assert {p.split("/")[0] for p in split["test_paths"]}.isdisjoint(p.split("/")[0] for p in split["train_paths"])
         assert unseen["backbone float"]["runs"][seed]["unseen_classes"] == sorted(set(y[split["test"]].tolist()))
+        # The report says what each split's re-trained head chose: the history of training on that split.
+        _, hist = recipe.train(x[split["train"]], y[split["train"]], seed=seed)
+        chose = report["training"][f"unseen_seed{seed}"]["srl"]
+        assert (chose["best_epoch"], chose["best_val_mAP"]) == (hist["srl"]["best_epoch"], hist["srl"]["best_val_mAP"])
+    assert set(report["training"]) == {"unseen_seed0", "unseen_seed1"}
 
 
 def test_evaluate_seen_protocols() -> None:

@@ -205,7 +205,7 @@ def train(
 
     from geoir.encoding.model import Model
     from geoir.training.protocols import stratified_split
-    from geoir.training.recipes import Recipe
+    from geoir.training.recipes import Recipe, history_summary
 
     if model is not None:
         raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
@@ -262,7 +262,7 @@ def train(
         "recipe": recipe.to_dict(),
         "data": {"dataset": dataset.resolve().name, **data.summary(), "classes_list": data.classes},
         "split": {"seed": seed, "test_fraction": test_fraction, "test_items": [data.items[i] for i in test_idx]},
-        "history": _scalars(history),
+        "history": history_summary(history),
     }
     trained = Model(bb, head, head.config(), meta)  # type: ignore[operator]
     trained.save(out)
@@ -326,11 +326,3 @@ def _warn_without_validation(history: dict, test_fraction: float, what: str) -> 
             need,
             what,
         )
-
-
-def _scalars(history: dict) -> dict:
-    """The JSON-able summary of a training history (best epoch, best validation mAP, seconds)."""
-    out = {}
-    for k, h in history.items():
-        out[k] = {kk: v for kk, v in h.items() if isinstance(v, int | float | str)}
-    return out

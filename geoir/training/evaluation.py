@@ -21,7 +21,7 @@ from geoir.training.protocols import (
     summarize,
     unseen_class_split,
 )
-from geoir.training.recipes import Recipe, code_encoder, float_encoder
+from geoir.training.recipes import Recipe, code_encoder, float_encoder, history_summary
 
 METRIC_KW: dict[str, Any] = {"ks": (5, 10, 20, 50, 100), "map_ks": (20,)}
 #: Share of every class the seen-classes protocols train on.
@@ -115,7 +115,10 @@ def run_protocols(
             train, and choose their epoch and gate, on single views, as ``geoir train`` does.
 
     Returns:
-        ``{"model": ..., "protocols": {name: {variant: summary with per-seed runs}}}``.
+        ``{"model": ..., "protocols": {name: {variant: summary with per-seed runs}}, "training": {split:
+        what each head's training chose on it}}``: the ``training`` entries (``seen_seedN``,
+        ``unseen_seedN``) are :func:`~geoir.training.recipes.history_summary` of the head re-trained on
+        that split (best epochs, validation mAP, the retention gate, the code weight).
     """
     recipe = Recipe.from_dict(model.meta["recipe"])
     x, y = data.features, data.labels
@@ -131,8 +134,12 @@ def run_protocols(
     # Split files are written once every protocol has run, so a failed or interrupted run leaves none.
     splits: dict[str, str] = {}
 
-    def train(rows: np.ndarray, seed: int) -> Any:
-        return recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)[0]
+    training: dict[str, Any] = {}
+
+    def train(rows: np.ndarray, seed: int, split_name: str) -> Any:
+        head, history = recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)
+        training[split_name] = history_summary(history)
+        return head
 
     backbone = float_encoder(None)
     report: dict[str, Any] = {
@@ -149,7 +156,7 @@ def run_protocols(
         for seed in seeds:
             split = stratified_split(y, SEEN_TRAIN_FRACTION, seed)
             splits[f"seen_seed{seed}.json"] = split.to_json(data.items)
-            head = train(split.train, seed)
+            head = train(split.train, seed, f"seen_seed{seed}")
             base: Variant = ("backbone float", "euclidean", backbone)
             runs = [base] + [(f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)]
             for name, metric, enc in runs:
@@ -189,7 +196,7 @@ def run_protocols(
                 if seed not in heads:
                     rows = unseen_class_split(y, UNSEEN_TRAIN_CLASSES, seed).train  # what evaluate_unseen trains on
                     assert np.array_equal(xe[rows], fx), "unseen split out of step with evaluate_unseen"
-                    heads[seed] = train(rows, seed)
+                    heads[seed] = train(rows, seed, f"unseen_seed{seed}")
                 return dict((n, e) for n, _, e in _variants(heads[seed]))[name]
 
             return f
@@ -201,6 +208,7 @@ def run_protocols(
         for k, v in unseen.items():
             log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
         report["protocols"]["unseen"] = unseen
+    report["training"] = training
     if splits_dir is not None:
         splits_dir.mkdir(parents=True, exist_ok=True)
         for name, text in splits.items():

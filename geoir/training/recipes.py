@@ -158,6 +158,18 @@ class Recipe:
         return head, hist
 
 
+def history_summary(history: dict[str, Any]) -> dict[str, Any]:
+    """What each head's training chose, JSON-able: per head (``srl``, ``dgssh``, ``plain``) its scalars (best
+    epoch, best validation mAP, seconds; for an SRL head with retention the angle and the code weight
+    ``fuse``) and the retention gate validation chose, if any; the per-epoch curves are left out."""
+    out: dict[str, Any] = {}
+    for part, h in history.items():
+        out[part] = {k: v for k, v in h.items() if isinstance(v, int | float | str)}
+        if h.get("retain_gate") is not None:
+            out[part]["retain_gate"] = [float(v) for v in h["retain_gate"]]
+    return out
+
+
 def float_encoder(head: nn.Module | None) -> Callable[[np.ndarray], np.ndarray]:
     """features -> float vectors ranked by Euclidean distance (L2-normalised features without a head)."""
     if head is None or not hasattr(head, "embed"):
