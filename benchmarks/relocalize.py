@@ -12,7 +12,8 @@ With ``--tta`` every model encodes tiles and queries as the mean features of the
 turns (``geoir tile --tta``), and its rows are named ``MODEL+tta``.
 
 With ``--json FILE`` the results go to FILE only; otherwise they replace the relocalize section of
-docs/benchmarks.md and benchmarks/results/relocalize.json.
+docs/benchmarks.md and benchmarks/results/relocalize.json (with ``--tta``: the relocalize_tta section and
+benchmarks/results/relocalize_tta.json, so the runs without averaging stay).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def main() -> None:
     cols = ["model", "scene", "queries", "n", "recall@1", "recall@10", "chance@10"]
     md = "\n".join(
         [
-            "## Relocalization on real scenes",
+            "## Relocalization on real scenes" + (", test-time averaging" if args.tta else ""),
             "",
             f"`python benchmarks/relocalize.py --models {args.models} --queries {args.queries} --seed {args.seed}"
             f"{' --tta' if args.tta else ''}` "
@@ -214,7 +215,7 @@ def main() -> None:
     if args.json:
         atomic_write(args.json, json.dumps(payload, indent=2, default=str) + "\n")
     else:
-        write_section("relocalize", md, payload)
+        write_section("relocalize_tta" if args.tta else "relocalize", md, payload)
     print(table(rows, cols))
 
 
