@@ -14,6 +14,7 @@ from geoir.training.metrics import (
     average_precision,
     distance_matrix,
     evaluate_retrieval,
+    expand_queries,
     hamming_distances,
     map_at_k,
     mean_average_precision,
@@ -133,6 +134,58 @@ def test_self_exclusion_leave_one_out() -> None:
     assert "P@4" not in out and out["n_database"] == 3
     # Without exclusion each query finds itself first and its class mate second: still 1.0, P@3 = 2/3.
     assert evaluate_retrieval(x, x, y, y, ks=(3,))["P@3"] == pytest.approx(2 / 3)
+
+
+def test_query_expansion_float_hand_case() -> None:
+    # Query at 0 degrees; class mates at 30 and 60 degrees, another class at -35 degrees.
+    def at(deg: float) -> list[float]:
+        return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+    q, y_q = np.array([at(0)]), np.array([0])
+    db, y_db = np.array([at(30), at(-35), at(60)]), np.array([0, 1, 0])
+    # Plain ranking: 30, -35, 60 degrees: AP = (1 + 2/3) / 2.
+    assert evaluate_retrieval(q, db, y_q, y_db, ks=())["mAP"] == pytest.approx(5 / 6)
+    # Expanded with the first item: the mean of 0 and 30 degrees points at 15 degrees; ranking 30, 60, -35.
+    order = rank(distance_matrix(q, db))
+    assert expand_queries(q, db, order, 1, "euclidean") == pytest.approx(np.array([at(15)]))
+    assert evaluate_retrieval(q, db, y_q, y_db, ks=(), expand=1)["mAP"] == pytest.approx(1.0)
+
+
+def test_query_expansion_codes_majority_vote_ties_to_plus_one() -> None:
+    q = np.array([[1, 1, 1, 1]], dtype=np.int8)
+    db = np.array([[-1, 1, 1, 1], [-1, 1, -1, 1], [-1, -1, -1, -1]], dtype=np.int8)
+    order = np.array([[0, 1, 2]])
+    # Votes with the first two: [-1, 3, 1, 3] -> signs; with the first one: [0, 2, 2, 2] -> the tie goes to +1.
+    assert expand_queries(q, db, order, 2, "hamming").tolist() == [[-1, 1, 1, 1]]
+    assert expand_queries(q, db, order, 1, "hamming").tolist() == [[1, 1, 1, 1]]
+    packed = expand_queries(np.packbits(q > 0, axis=1), np.packbits(db > 0, axis=1), order, 2, "hamming")
+    assert packed.dtype == np.uint8 and np.unpackbits(packed, axis=1)[0, :4].tolist() == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="n >= 1"):
+        expand_queries(q, db, order, 0, "hamming")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "hamming"])
+def test_query_expansion_never_uses_the_query_itself(metric: str) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 16))
+    v = np.where(x >= 0, 1, -1).astype(np.int8) if metric == "hamming" else x
+    y = rng.integers(0, 3, 40)
+    si = np.arange(40)
+    out = evaluate_retrieval(v, v, y, y, metric=metric, self_index=si, ks=(), expand=5)
+    # The same figure by hand: the first 5 items of each query's own leave-one-out ranking, then rank again.
+    order = rank(distance_matrix(v, v, metric), si)
+    assert not (order[:, :5] == si[:, None]).any()
+    expanded = expand_queries(v, v, order, 5, metric)
+    ref = evaluate_retrieval(expanded, v, y, y, metric=metric, self_index=si, ks=())
+    assert out["mAP"] == pytest.approx(ref["mAP"])
+    # Packed codes give the same figure as ±1 codes.
+    if metric == "hamming":
+        p = np.packbits(v > 0, axis=1)
+        assert evaluate_retrieval(p, p, y, y, metric=metric, self_index=si, ks=(), expand=5)["mAP"] == pytest.approx(
+            out["mAP"]
+        )
+    # Asking for more items than the database holds uses all of them but the query.
+    assert evaluate_retrieval(v, v, y, y, metric=metric, self_index=si, ks=(), expand=100)["n_queries"] == 40
 
 
 def test_curves_and_per_class() -> None:
