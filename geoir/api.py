@@ -79,6 +79,7 @@ def search(
     bbox: tuple[float, float, float, float] | None = None,
     include_query_overlap: bool = False,
     rotations: bool = True,
+    expand: int = 0,
 ) -> Hits:
     """The ``k`` tiles most like the query (``geoir search``).
 
@@ -91,6 +92,8 @@ def search(
         bbox: Only tiles intersecting ``(west, south, east, north)`` in degrees.
         include_query_overlap: Keep tiles overlapping a georeferenced query.
         rotations: Match image queries in any of their four quarter turns (False: only as given).
+        expand: Query expansion (``geoir search --expand``): search again with the first ``expand`` hits
+            averaged into the query (0: off).
 
     Returns:
         :class:`~geoir.retrieval.engine.Hits` with GeoDataFrames ``hits`` and ``query`` (EPSG:4326).
@@ -110,7 +113,7 @@ def search(
             else:
                 searcher.add_image(parts, Path(q), negative)
     allowed = searcher.allowed_ids(bbox=bbox)
-    return searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap)
+    return searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap, expand=expand)
 
 
 def encode_images(images: Sequence[PathLike], model: Model | str | None = None, tta: bool | None = None) -> np.ndarray:

@@ -108,6 +108,40 @@ def test_search_matches_brute_force(bundle2: Path, tmp_path: Path) -> None:
     assert hits["distance"].to_numpy() == pytest.approx(d[order], abs=1e-4)
 
 
+def _hits(bundle: Path, out: Path, *args: str) -> gpd.GeoDataFrame:
+    invoke("search", *args, "--index", str(bundle), "--out", str(out), "--overwrite", *TEST_MODEL)
+    return gpd.read_file(out, layer="hits")
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_expand_searches_again_with_the_first_hits_averaged_in(bundle2: Path, tmp_path: Path, overlap: bool) -> None:
+    vec = Bundle.open(bundle2).vectors()
+    emb, ids = vec["embedding"].astype(np.float64), vec["ids"]
+    q = 5
+    extra = ["--include-query-overlap"] if overlap else []
+    plain = _hits(bundle2, tmp_path / "plain.gpkg", f"tile:{int(ids[q])}", "-k", "13", *extra)
+    n = 3
+    hits = _hits(bundle2, tmp_path / "exp.gpkg", f"tile:{int(ids[q])}", "-k", "13", "--expand", str(n), *extra)
+    # The same tiles are eligible (the query's own tile and its overlaps stay out unless asked for) ...
+    assert sorted(hits.tile_id) == sorted(plain.tile_id)
+    assert overlap == (int(ids[q]) in hits.tile_id.tolist())
+    # ... ranked by the mean of the query and the first n hits of the plain search, normalised.
+    row = {int(t): i for i, t in enumerate(ids)}
+    first = [row[int(t)] for t in plain.tile_id[:n]]
+    expanded = emb[q] + emb[first].sum(0)
+    expanded /= np.linalg.norm(expanded)
+    eligible = np.array([row[int(t)] for t in plain.tile_id])
+    d = np.linalg.norm(emb[eligible] - expanded, axis=1)
+    order = eligible[np.lexsort((ids[eligible], d))]
+    assert hits.tile_id.tolist() == ids[order].tolist()
+    assert hits["distance"].to_numpy() == pytest.approx(np.sort(d), abs=1e-4)
+    assert not np.allclose(hits["distance"], plain["distance"], atol=1e-3)  # the second query is another vector
+    assert set(hits["query"]) == {f"tile:{int(ids[q])} + first {n} hits"}
+    # --expand 0 is the plain search.
+    same = _hits(bundle2, tmp_path / "zero.gpkg", f"tile:{int(ids[q])}", "-k", "13", "--expand", "0", *extra)
+    assert same.tile_id.tolist() == plain.tile_id.tolist()
+
+
 def test_filters_bbox_scene_aoi(bundle2: Path, tmp_path: Path) -> None:
     bundle = Bundle.open(bundle2)
     tiles = bundle.tiles()
@@ -299,6 +333,7 @@ def test_best_over_turns_keeps_each_tile_once() -> None:
         (["--bbox", "1,2,3"], 2, "WEST,SOUTH,EAST,NORTH"),
         ([], 2, "give a QUERY"),
         (["--scene", "nope.tif", "--point", "10.01,45.01"], 1, "no scene 'nope.tif'"),
+        (["--point", "10.01,45.01", "--expand", "-1"], 2, "--expand"),
     ],
 )
 def test_search_errors(bundle2: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:

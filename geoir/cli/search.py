@@ -71,6 +71,14 @@ log = logging.getLogger("geoir")
     show_default=True,
     help="Match image queries in any of their four quarter turns (--no-rotations: only as given).",
 )
+@click.option(
+    "--expand",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Query expansion: search, add the first N hits to the query, search again (0: off; 5 is a good start).",
+)
 @overwrite_option
 @model_options
 @verbosity_options
@@ -88,6 +96,7 @@ def search(
     scenes: tuple[str, ...],
     include_query_overlap: bool,
     rotations: bool,
+    expand: int,
     overwrite: bool,
     model: str | None,
     backbone: str | None,
@@ -101,13 +110,16 @@ def search(
     --examples) are averaged; --negative examples push the results away. Writes the layers `hits`
     (tile footprints with rank, score, distance), `hits_merged` (overlapping hits dissolved into
     regions) and `query` (where the query is georeferenced), styled for QGIS. Image queries match tiles in
-    any of their four quarter turns unless --no-rotations is given.
+    any of their four quarter turns unless --no-rotations is given. --expand N searches twice, the second
+    time with the first N hits averaged into the query: it finds more tiles of the query's kind
+    (docs/results.md), at the cost of a second search.
 
     \b
     Examples:
       $ geoir search query.png --out hits.gpkg
       $ geoir search crop.tif -k 50 --bbox -75.8,37.5,-75.4,37.9 --out hits.gpkg
       $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq .features[0].properties
+      $ geoir search query.png -k 100 --expand 5 --out hits.gpkg
     """
     if not (queries or points or examples):
         raise click.UsageError("give a QUERY image or tile:ID, --point, or --examples")
@@ -159,7 +171,7 @@ def search(
             raise click.ClickException(f"--aoi {aoi} has no CRS; set one in the file")
         aoi_geom = shapely.union_all(aoi_df.to_crs("EPSG:4326").geometry.values)
     allowed = searcher.allowed_ids(bbox=bbox, aoi=aoi_geom, scenes=scenes)
-    result = searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap)
+    result = searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap, expand=expand)
     layers = {"hits": result.hits, "hits_merged": merge_hits(result.hits)}
     if not result.query.empty:
         layers["query"] = result.query

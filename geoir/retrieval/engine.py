@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import geopandas as gpd
@@ -145,16 +145,19 @@ class Searcher:
                 f"tile {missing[0]} is not in {self.bundle.path}; take an id from the tile_id field of the `tiles` "
                 f"layer of {self.bundle.catalog_path} or of earlier search results"
             )
-        vec = self.bundle.vectors(sorted(set(tiles.scene_id)))
-        pos = {int(t): i for i, t in enumerate(vec["ids"])}
-        feats = np.stack([vec["features"][pos[int(t)]] for t in ids]).astype(np.float32)
-        enc = self.model.encode_features(torch.from_numpy(feats).to(self.model.backbone.device))
-        self._append(parts, enc, negative, turned=False)
+        self._append(parts, self._encode_tiles(ids, tiles), negative, turned=False)
         parts.labels.append(("-" if negative else "") + label)
         for geom in tiles.geometry:
             parts.geometries.append((geom, label, negative))
         if not negative:
             parts.own_tiles.update(int(t) for t in ids)
+
+    def _encode_tiles(self, ids: np.ndarray, tiles: gpd.GeoDataFrame) -> Encoded:
+        """The head's encoding of these committed tiles' stored backbone features (rows in ``ids`` order)."""
+        vec = self.bundle.vectors(sorted(set(tiles.scene_id)))
+        pos = {int(t): i for i, t in enumerate(vec["ids"])}
+        feats = np.stack([vec["features"][pos[int(t)]] for t in ids]).astype(np.float32)
+        return self.model.encode_features(torch.from_numpy(feats).to(self.model.backbone.device))
 
     def add_point(self, parts: QueryParts, lon: float, lat: float, negative: bool = False) -> None:
         """The tile(s) whose footprint contains a lon/lat point."""
@@ -224,11 +227,43 @@ class Searcher:
         raise QueryError(f"no scene {s!r} in {self.bundle.path}; `geoir info --index {self.bundle.path}` lists them")
 
     def search(
-        self, parts: QueryParts, k: int = 10, allowed: np.ndarray | None = None, include_query_overlap: bool = False
+        self,
+        parts: QueryParts,
+        k: int = 10,
+        allowed: np.ndarray | None = None,
+        include_query_overlap: bool = False,
+        expand: int = 0,
     ) -> Hits:
-        """Run the combined query and return the top ``k`` hits with their footprints."""
+        """Run the combined query and return the top ``k`` hits with their footprints.
+
+        Args:
+            expand: Query expansion: search once, add the first ``expand`` hits to the query's positives (their
+                stored vectors, so the query becomes the mean of its parts and those tiles), and search again
+                (average query expansion; 0: off). The tiles added stay in the results, and the hits' ``query``
+                field ends with ``+ first N hits``.
+        """
         if not parts.positives:
             raise QueryError("give at least one positive query (an image, tile:ID, --point or --examples)")
+        if expand < 0:
+            raise QueryError(f"expand must be 0 (off) or a number of hits, got {expand}")
+        if expand:
+            first = self._search_ids(parts, expand, allowed, include_query_overlap)[1]
+            if len(first):
+                parts = replace(
+                    parts,
+                    positives=[*parts.positives, self._encode_tiles(first, self.tiles_by_id(first))],
+                    positive_turned=[*parts.positive_turned, False],
+                    labels=[*parts.labels, f"first {len(first)} hits"],
+                )
+                log.info("query expanded with the first %d hits: tiles %s", len(first), first.tolist())
+        dist, ids = self._search_ids(parts, k, allowed, include_query_overlap)
+        scores = self.indexes["float"].scores(dist)
+        return Hits(self._hits_frame(ids, dist, scores, " + ".join(parts.labels)), _query_frame(parts))
+
+    def _search_ids(
+        self, parts: QueryParts, k: int, allowed: np.ndarray | None, include_query_overlap: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distances and ids of the top ``k`` tiles for the combined query (filters and exclusions applied)."""
         emb, codes = self._combine(parts)
         excluded: set[int] = set()
         if not include_query_overlap:
@@ -255,9 +290,7 @@ class Searcher:
             dist, ids = float_index.search(emb, fetch, allowed)
         dist, ids = _best_over_turns(dist, ids)
         keep = (ids >= 0) & ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
-        dist, ids = dist[keep][:k], ids[keep][:k]
-        scores = float_index.scores(dist)
-        return Hits(self._hits_frame(ids, dist, scores, " + ".join(parts.labels)), _query_frame(parts))
+        return dist[keep][:k], ids[keep][:k]
 
     def _combine(self, parts: QueryParts) -> tuple[np.ndarray, np.ndarray | None]:
         """One query vector per turn: each turn averages the parts' vectors of that turn (``views`` rows)."""
