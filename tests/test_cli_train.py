@@ -107,6 +107,20 @@ def test_trained_model_tiles_and_searches(image_folder: Path, tmp_path: Path, ma
     tid = int(bundle.tiles().tile_id[0])
     invoke("search", f"tile:{tid}", "--index", str(index), "--out", str(out), "-k", "3", "--include-query-overlap")
     assert gpd.read_file(out, layer="hits").tile_id[0] == tid
+    # Query expansion through the code-then-float search: the float distances are those of the query averaged
+    # with its first 2 hits (the codes only propose candidates, and here every tile is one).
+    plain = tmp_path / "p.gpkg"
+    args = ["search", f"tile:{tid}", "--index", str(index), "-k", "4", "--include-query-overlap"]
+    invoke(*args, "--out", str(plain))
+    invoke(*args, "--expand", "2", "--out", str(out), "--overwrite")
+    first = gpd.read_file(plain, layer="hits").tile_id[:2].tolist()
+    vec = bundle.vectors()
+    emb = {int(t): e.astype(np.float64) for t, e in zip(vec["ids"], vec["embedding"], strict=True)}
+    q = emb[tid] + emb[first[0]] + emb[first[1]]
+    q /= np.linalg.norm(q)
+    hits = gpd.read_file(out, layer="hits")
+    want = sorted(float(np.linalg.norm(e - q)) for e in emb.values())
+    assert len(hits) == 4 and hits["distance"].to_numpy() == pytest.approx(want, abs=1e-4)
 
 
 def test_fuse_codes_model_tiles_with_its_own_width(
@@ -511,6 +525,25 @@ def test_eval_tta_scores_the_averaged_features_that_tile_tta_stores(
     got = {k: r["protocols"]["seen"]["backbone float"]["mAP_mean"] for k, r in reports.items()}
     assert got["--tta"] == pytest.approx(want, abs=1e-6)
     assert got[""] != pytest.approx(want, abs=1e-3)
+
+
+def test_eval_expand_scores_rankings_after_query_expansion(image_folder: Path, srl_model: Path, tmp_path: Path) -> None:
+    from geoir.training.protocols import evaluate_seen, stratified_split
+    from geoir.training.recipes import float_encoder
+
+    out = tmp_path / "r.json"
+    args = ["--model", str(srl_model), "--protocol", "seen", "--seeds", "0", "--json", str(out)]
+    invoke("eval", str(image_folder), *args, "--expand", "3")
+    report = json.loads(out.read_text())
+    assert report["expand"] == 3
+    # The backbone's figure is the expanded ranking's, as geoir.training.metrics computes it.
+    data = image_folder_features(image_folder, load_backbone("test", device="cpu"))
+    split = stratified_split(data.labels, 0.8, 0)
+    want = evaluate_seen(float_encoder(None), data.features, data.labels, split, database="all", expand=3)["mAP"]
+    assert report["protocols"]["seen"]["backbone float"]["mAP_mean"] == pytest.approx(want, abs=1e-6)
+    assert 0 <= report["protocols"]["seen"]["srl float"]["mAP_mean"] <= 1
+    r = invoke("eval", str(image_folder), *args, "--expand", "-2", "--overwrite", code=2)
+    assert "--expand" in r.output
 
 
 def test_train_refuses_index_with_an_image_folder(image_folder: Path, tmp_path: Path) -> None:

@@ -84,6 +84,15 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     help="Score every image by the mean features of its 8 flips and quarter turns, as `geoir tile --tta` "
     "encodes (8 backbone passes per image the first time; heads still train on single views).",
 )
+@click.option(
+    "--expand",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Score every ranking, the backbone's too, after query expansion with the first N items, as "
+    "`geoir search --expand N` searches (0: off).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
 @overwrite_option
 @click.pass_context
@@ -99,6 +108,7 @@ def evaluate(
     pr_curve: Path | None,
     splits_dir: Path | None,
     tta: bool,
+    expand: int,
     workers: int,
     overwrite: bool,
 ) -> None:
@@ -115,6 +125,7 @@ def evaluate(
       $ geoir eval ucmerced/ --json report.json
       $ geoir eval ucmerced/ --model ucm.pt --protocol seen --seeds 0 --json r.json --pr-curve pr.png
       $ geoir eval ucmerced/ --tta --json report_tta.json
+      $ geoir eval ucmerced/ --expand 5 --json report_expand5.json
     """
     from geoir.encoding.model import load_model
     from geoir.training.data import image_folder_features, list_image_folder
@@ -160,6 +171,7 @@ def evaluate(
         splits_dir=splits_dir,
         log=lambda s: log.info("%s", s),
         tta=tta,
+        expand=expand,
     )
     tmp = json_out.with_name(f".{json_out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=float))

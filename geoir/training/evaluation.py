@@ -106,6 +106,7 @@ def run_protocols(
     splits_dir: Path | None = None,
     log: Callable[[str], None] = print,
     tta: bool = False,
+    expand: int = 0,
 ) -> dict[str, Any]:
     """Scores of the backbone alone and of the model's recipe, re-trained on each split.
 
@@ -113,6 +114,8 @@ def run_protocols(
         tta: Score every image, query and database alike, by the mean features of its 8 flips and quarter
             turns (what ``geoir tile --tta`` encodes); ``data`` must carry the 7 other views. Heads still
             train, and choose their epoch and gate, on single views, as ``geoir train`` does.
+        expand: Score every ranking, the backbone's too, after average query expansion with this many items
+            (``geoir search --expand``; :func:`~geoir.training.metrics.expand_queries`); 0: none.
 
     Returns:
         ``{"model": ..., "protocols": {name: {variant: summary with per-seed runs}}, "training": {split:
@@ -131,6 +134,7 @@ def run_protocols(
         if data.views is None or len(data.views) != 7:
             raise DatasetError("test-time averaging needs the 7 other flips and quarter turns of every image")
         xe = ((x + data.views.sum(0, dtype=np.float64)) / 8).astype(x.dtype)
+    kw = {**METRIC_KW, "expand": expand}
     # Split files are written once every protocol has run, so a failed or interrupted run leaves none.
     splits: dict[str, str] = {}
 
@@ -148,6 +152,7 @@ def run_protocols(
         "data": data.summary(),
         "ties": "broken by ascending database index",
         "tta": tta,
+        "expand": expand,
         "protocols": {},
     }
     if "seen" in protocols or "reference" in protocols:
@@ -162,13 +167,13 @@ def run_protocols(
             for name, metric, enc in runs:
                 if "seen" in protocols:
                     r = evaluate_seen(
-                        enc, xe, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **METRIC_KW
+                        enc, xe, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **kw
                     )
                     seen.setdefault(name, []).append({"seed": seed, **r})
                     log(f"seen seed {seed} {name}: mAP {r['mAP']:.4f}")
                 if "reference" in protocols:
                     # The reference code's protocol: test queries against the training images only.
-                    r2 = evaluate_seen(enc, xe, y, split, metric=metric, database="train", **METRIC_KW)
+                    r2 = evaluate_seen(enc, xe, y, split, metric=metric, database="train", **kw)
                     ref.setdefault(name, []).append({"seed": seed, **r2})
                     log(f"reference seed {seed} {name}: mAP {r2['mAP']:.4f}")
         if "seen" in protocols:
@@ -187,7 +192,7 @@ def run_protocols(
             metric="euclidean",
             n_train_classes=UNSEEN_TRAIN_CLASSES,
             seeds=unseen_seeds,
-            **METRIC_KW,
+            **kw,
         )
         heads: dict[int, Any] = {}
 
@@ -203,7 +208,7 @@ def run_protocols(
 
         for name, metric, _ in _variants(model.head):
             unseen[f"{recipe.method} {name}"] = evaluate_unseen(
-                fit(name), xe, y, metric=metric, n_train_classes=UNSEEN_TRAIN_CLASSES, seeds=unseen_seeds, **METRIC_KW
+                fit(name), xe, y, metric=metric, n_train_classes=UNSEEN_TRAIN_CLASSES, seeds=unseen_seeds, **kw
             )
         for k, v in unseen.items():
             log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
