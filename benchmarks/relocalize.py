@@ -6,14 +6,16 @@ brightness/contrast changes; NAIP queries are also cut from the other dates at t
 query counts as found when a returned footprint has IoU >= 0.3 with its true footprint or contains
 its centre. Reports recall@1 and recall@10 per scene and query kind, for each model.
 
-    $ python benchmarks/relocalize.py [--models backbone,default] [--queries 20] [--seed 0] [--tta] [--json FILE]
+    $ python benchmarks/relocalize.py [--models backbone,default] [--queries 20] [--seed 0] [--tta] [--expand N]
+        [--json FILE]
 
 With ``--tta`` every model encodes tiles and queries as the mean features of their 8 flips and quarter
-turns (``geoir tile --tta``), and its rows are named ``MODEL+tta``.
+turns (``geoir tile --tta``), and its rows are named ``MODEL+tta``. With ``--expand N`` every search is
+expanded with its first N hits (``geoir search --expand N``), and the rows are named ``MODEL+expandN``.
 
 With ``--json FILE`` the results go to FILE only; otherwise they replace the relocalize section of
-docs/benchmarks.md and benchmarks/results/relocalize.json (with ``--tta``: the relocalize_tta section and
-benchmarks/results/relocalize_tta.json, so the runs without averaging stay).
+docs/benchmarks.md and benchmarks/results/relocalize.json (with ``--tta`` or ``--expand``: sections and
+files of their own, relocalize_tta, relocalize_expandN or relocalize_tta_expandN, so the plain runs stay).
 """
 
 from __future__ import annotations
@@ -105,9 +107,11 @@ def crops(scene: Scene, n: int, rng: np.random.Generator, min_valid: float = 0.9
     return out
 
 
-def run_model(model_name: str, n_queries: int, seed: int, workdir: Path, tta: bool = False) -> list[dict]:
+def run_model(
+    model_name: str, n_queries: int, seed: int, workdir: Path, tta: bool = False, expand: int = 0
+) -> list[dict]:
     model = load_model(model_name, tta=tta)
-    label = f"{model_name}+tta" if tta else model_name
+    label = model_name + ("+tta" if tta else "") + (f"+expand{expand}" if expand else "")
     index = workdir / f"idx-{label}"
     files = scene_files()
     scenes = [open_scene(p, nodata=nodata_for(p)) for p in files]
@@ -135,7 +139,7 @@ def run_model(model_name: str, n_queries: int, seed: int, workdir: Path, tta: bo
             q = jitter(rgb, rng)
             parts = QueryParts()
             searcher.add_pixels(parts, q, "crop")
-            hits = searcher.search(parts, k=10).hits
+            hits = searcher.search(parts, k=10, expand=expand).hits
             truth = footprints(query_scene.transform, [win], query_scene.crs)[0]
             rank = found_at(hits, truth)
             r1 += rank == 1
@@ -179,6 +183,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=20, help="queries per scene and kind")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tta", action="store_true", help="encode tiles and queries as the mean of their 8 views")
+    ap.add_argument("--expand", type=int, default=0, metavar="N", help="query expansion with the first N hits")
     ap.add_argument(
         "--json",
         type=Path,
@@ -192,14 +197,16 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows += run_model(name, args.queries, args.seed, Path(tmp), args.tta)
+            rows += run_model(name, args.queries, args.seed, Path(tmp), args.tta, args.expand)
     cols = ["model", "scene", "queries", "n", "recall@1", "recall@10", "chance@10"]
     md = "\n".join(
         [
-            "## Relocalization on real scenes" + (", test-time averaging" if args.tta else ""),
+            "## Relocalization on real scenes"
+            + (", test-time averaging" if args.tta else "")
+            + (f", query expansion with {args.expand} hits" if args.expand else ""),
             "",
             f"`python benchmarks/relocalize.py --models {args.models} --queries {args.queries} --seed {args.seed}"
-            f"{' --tta' if args.tta else ''}` "
+            f"{' --tta' if args.tta else ''}{f' --expand {args.expand}' if args.expand else ''}` "
             f"on {machine()}.",
             "Queries: 256 px crops at random positions off the tile grid, random k*90 degree rotation and",
             "brightness/contrast change; NAIP indexed at 2009-08-18 and queried from the other five dates at the",
@@ -215,7 +222,9 @@ def main() -> None:
     if args.json:
         atomic_write(args.json, json.dumps(payload, indent=2, default=str) + "\n")
     else:
-        write_section("relocalize_tta" if args.tta else "relocalize", md, payload)
+        write_section(
+            "relocalize" + ("_tta" if args.tta else "") + (f"_expand{args.expand}" if args.expand else ""), md, payload
+        )
     print(table(rows, cols))
 
 

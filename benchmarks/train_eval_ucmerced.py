@@ -16,7 +16,8 @@ Model selection uses a 10 % validation part of the training images only (for uns
 Optional augmentation at the feature level: ``--views`` (or ``--dihedral``, which computes them) gives the
 features of the 7 other flips/quarter turns of every image; training draws one view at random per sample.
 ``--tta`` also encodes queries and database from the mean feature over the 8 views (8 backbone passes per
-tile at deployment).
+tile at deployment). ``--expand N`` scores every ranking after average query expansion with its first N
+items, as ``geoir search --expand N`` searches (protocol T's figure stays without it).
 
 Features are read from ``--features`` (an N x D .npy in manifest order) or computed once with
 ``geoir.encoding.backbone.load_backbone()`` and cached under ``--cache`` (default: a temp folder, never
@@ -248,9 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         "--dihedral", action="store_true", help="compute the 7 flipped/rotated views with the backbone (cached)"
     )
     p.add_argument("--tta", action="store_true", help="encode test and database as the mean over the views")
+    p.add_argument(
+        "--expand",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score every ranking after query expansion with its first N items (geoir search --expand N)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (each runs torch on one thread)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_eval_ucmerced.json")
     args = p.parse_args(argv)
+    if args.expand:
+        METRIC_KW["expand"] = args.expand  # read by the worker processes, which fork after this
     if args.quick:
         for kw in (SRL_KW, DGSSH_KW, PLAIN_KW):
             kw.update(epochs=2, warmup_epochs=1)
@@ -313,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "backbone": None if args.features else args.backbone,
             "views": [str(v) for v in args.views],
             "tta": args.tta,
+            "expand": args.expand,
         }
     }
     if seen_runs:
