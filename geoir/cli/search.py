@@ -77,7 +77,8 @@ log = logging.getLogger("geoir")
     default=0,
     show_default=True,
     metavar="N",
-    help="Query expansion: search, add the first N hits to the query, search again (0: off; 5 is a good start).",
+    help="Query expansion: search, add the first N hits to the query, search again (0: off). Finds more "
+    "places of the query's kind, and ranks the query's own place lower.",
 )
 @overwrite_option
 @model_options
@@ -111,8 +112,8 @@ def search(
     (tile footprints with rank, score, distance), `hits_merged` (overlapping hits dissolved into
     regions) and `query` (where the query is georeferenced), styled for QGIS. Image queries match tiles in
     any of their four quarter turns unless --no-rotations is given. --expand N searches twice, the second
-    time with the first N hits averaged into the query: it finds more tiles of the query's kind
-    (docs/results.md), at the cost of a second search.
+    time with the first N hits averaged into the query: more tiles of the query's kind, but a crop's own
+    place comes first less often (docs/results.md), so it is for "more like this", not "where is this".
 
     \b
     Examples:
