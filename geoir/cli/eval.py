@@ -11,6 +11,7 @@ import click
 
 from geoir.cli.options import (
     SeedsType,
+    expand_option,
     overwrite_option,
     progress_enabled,
     refuse_existing,
@@ -84,14 +85,9 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     help="Score every image by the mean features of its 8 flips and quarter turns, as `geoir tile --tta` "
     "encodes (8 backbone passes per image the first time; heads still train on single views).",
 )
-@click.option(
-    "--expand",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="Score every ranking, the backbone's too, after query expansion with the first N items, as "
-    "`geoir search --expand N` searches (0: off).",
+@expand_option(
+    "Score every ranking, the backbone's too, after query expansion with the first N items, as "
+    "`geoir search --expand N` searches (0: off)."
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
 @overwrite_option

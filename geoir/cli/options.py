@@ -244,6 +244,11 @@ def tta_option(help: str) -> Callable[[F], F]:
     return click.option("--tta", is_flag=True, help=help)
 
 
+def expand_option(help: str) -> Callable[[F], F]:
+    """``--expand N``: average query expansion with the first N hits or items (0: off)."""
+    return click.option("--expand", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help=help)
+
+
 def refuse_tta_change(index: object, described: dict | None, tta: bool) -> None:
     """A bundle is encoded one way: --tta cannot be asked of one whose tiles were encoded without it."""
     if tta and described is not None and not described.get("backbone_tta"):

@@ -10,6 +10,7 @@ import click
 from geoir.cli.options import (
     BBoxType,
     LonLatType,
+    expand_option,
     index_option,
     model_options,
     overwrite_option,
@@ -71,14 +72,9 @@ log = logging.getLogger("geoir")
     show_default=True,
     help="Match image queries in any of their four quarter turns (--no-rotations: only as given).",
 )
-@click.option(
-    "--expand",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="Query expansion: search, add the first N hits to the query, search again (0: off). Finds more "
-    "places of the query's kind, and ranks the query's own place lower.",
+@expand_option(
+    "Query expansion: search, add the first N hits to the query, search again (0: off). Finds more "
+    "places of the query's kind, and ranks the query's own place lower."
 )
 @overwrite_option
 @model_options
