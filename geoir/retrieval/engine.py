@@ -255,7 +255,8 @@ class Searcher:
                     positive_turned=[*parts.positive_turned, False],
                     labels=[*parts.labels, f"first {len(first)} hits"],
                 )
-                log.info("query expanded with the first %d hits: tiles %s", len(first), first.tolist())
+                log.info("query expanded with the first %d hits", len(first))
+                log.debug("tiles added to the query: %s", first.tolist())
         dist, ids = self._search_ids(parts, k, allowed, include_query_overlap)
         scores = self.indexes["float"].scores(dist)
         return Hits(self._hits_frame(ids, dist, scores, " + ".join(parts.labels)), _query_frame(parts))
