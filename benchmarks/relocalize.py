@@ -191,6 +191,8 @@ def main() -> None:
         "are (to score a model file that is not the shipped one)",
     )
     args = ap.parse_args()
+    if args.expand < 0:
+        ap.error(f"--expand must be 0 (off) or a number of hits, got {args.expand}")
     logging.getLogger("geoir").setLevel(logging.WARNING)
     if not SCENES.exists():
         sys.exit(f"{SCENES} not found: this benchmark needs ../shared/data/scenes")
