@@ -12,7 +12,12 @@ on every split `geoir eval` uses, and reports three things per rate:
 
 The lr 1e-3 row reproduces the shipped model's `geoir eval` figures for its codes seed for seed.
 
-    $ python benchmarks/hash_lr_sweep.py [--lr 0.001 0.002 0.004 0.008] [--jobs 2]
+``--refit chosen full`` also re-trains each head on its whole training part, the validation rows
+included, once validation has chosen its epoch (the usual last step of model selection): ``chosen`` for as
+many epochs as validation chose (the schedule compressed to them), ``full`` for the recipe's whole
+schedule; both keep their last epoch, having no validation left to choose by.
+
+    $ python benchmarks/hash_lr_sweep.py [--lr 0.001 0.002 0.004 0.008] [--refit none chosen full] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -42,24 +47,37 @@ from geoir.training.protocols import evaluate_seen, stratified_split, unseen_cla
 _STATE: dict[str, Any] = {}
 
 
-def _init(x: np.ndarray, y: np.ndarray, views: np.ndarray | None, kw: dict[str, Any]) -> None:
+def _init(x: np.ndarray, y: np.ndarray, views: np.ndarray | None, kw: dict[str, Any], refit: list[str]) -> None:
     torch.set_num_threads(1)
-    _STATE.update(x=x, y=y, views=views, kw=kw)
+    _STATE.update(x=x, y=y, views=views, kw=kw, refit=refit)
 
 
-def _run(job: tuple[float, str, int]) -> tuple[float, str, int, float, float, int]:
-    """Train one head at ``lr`` on one split; returns (lr, protocol, seed, test mAP, val mAP, best epoch)."""
+def _score(head: Any, protocol: str, x: np.ndarray, y: np.ndarray, split: Any) -> float:
+    """The head's codes scored under ``geoir eval``'s protocol."""
+    if protocol == "seen":
+        return float(evaluate_seen(head.codes, x, y, split, metric="hamming", database="all", ks=())["mAP"])
+    c, yt = head.codes(x[split.test]), y[split.test]
+    return float(evaluate_retrieval(c, c, yt, yt, metric="hamming", self_index=np.arange(len(yt)), ks=())["mAP"])
+
+
+def _run(job: tuple[float, str, int]) -> tuple[float, str, int, float, float, int, dict[str, float]]:
+    """Train one head at ``lr`` on one split, then re-train it as each ``--refit`` mode asks; returns (lr,
+    protocol, seed, test mAP, val mAP, best epoch, {refit mode: test mAP})."""
     lr, protocol, seed = job
     x, y, views, kw = _STATE["x"], _STATE["y"], _STATE["views"], _STATE["kw"]
     split = stratified_split(y, 0.8, seed) if protocol == "seen" else unseen_class_split(y, 15, seed)
     v = None if views is None else views[:, split.train]
     head, hist = train_dgssh(x[split.train], y[split.train], views=v, seed=seed, **{**kw, "lr": lr})
-    if protocol == "seen":
-        m = evaluate_seen(head.codes, x, y, split, metric="hamming", database="all", ks=())["mAP"]
-    else:
-        c, yt = head.codes(x[split.test]), y[split.test]
-        m = evaluate_retrieval(c, c, yt, yt, metric="hamming", self_index=np.arange(len(yt)), ks=())["mAP"]
-    return lr, protocol, seed, float(m), float(hist["best_val_mAP"]), int(hist["best_epoch"])  # type: ignore[arg-type]
+    epoch = int(hist["best_epoch"])
+    refit = {}
+    for mode in _STATE["refit"]:
+        epochs = {"chosen": epoch, "full": kw.get("epochs", train_dgssh.__kwdefaults__["epochs"])}[mode]
+        again, _ = train_dgssh(
+            x[split.train], y[split.train], views=v, seed=seed, **{**kw, "lr": lr, "epochs": epochs, "val_fraction": 0}
+        )
+        refit[mode] = _score(again, protocol, x, y, split)
+    m = _score(head, protocol, x, y, split)
+    return lr, protocol, seed, m, float(hist["best_val_mAP"]), epoch, refit
 
 
 def _mean(values: list[float]) -> float | str:
@@ -72,6 +90,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.002, 0.004, 0.008])
     ap.add_argument("--seen-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     ap.add_argument("--unseen-seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument(
+        "--refit",
+        nargs="+",
+        choices=("none", "chosen", "full"),
+        default=["none"],
+        help="also re-train on the whole training part: for the epochs validation chose, or the full schedule",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (each runs torch on one thread)")
     ap.add_argument("--out", type=Path, default=RESULTS / "hash_lr_sweep.json")
     args = ap.parse_args()
@@ -81,28 +106,41 @@ def main() -> None:
     jobs = [(lr, "seen", s) for lr in args.lr for s in args.seen_seeds]
     jobs += [(lr, "unseen", s) for lr in args.lr for s in args.unseen_seeds]
     ctx = mp.get_context("fork")
-    with ctx.Pool(args.jobs, initializer=_init, initargs=(data.features, data.labels, data.views, kw)) as pool:
+    with ctx.Pool(
+        args.jobs,
+        initializer=_init,
+        initargs=(data.features, data.labels, data.views, kw, [m for m in args.refit if m != "none"]),
+    ) as pool:
         out = []
         for r in pool.imap_unordered(_run, jobs):
             out.append(r)
-            print(f"lr {r[0]:g} {r[1]} seed {r[2]}: mAP {r[3]:.4f} (val {r[4]:.4f}, epoch {r[5]})", flush=True)
+            refits = "".join(f", refit {k} {v:.4f}" for k, v in r[6].items())
+            print(f"lr {r[0]:g} {r[1]} seed {r[2]}: mAP {r[3]:.4f} (val {r[4]:.4f}, epoch {r[5]}){refits}", flush=True)
     runs: dict[str, Any] = {}
-    for lr, protocol, seed, m, val, epoch in sorted(out):
+    for lr, protocol, seed, m, val, epoch, refit in sorted(out, key=lambda r: r[:3]):
         d = runs.setdefault(f"{lr:g}", {"seen": {}, "unseen": {}})
-        d[protocol][seed] = {"mAP": m, "val_mAP": val, "best_epoch": epoch}
+        d[protocol][seed] = {
+            "mAP": m,
+            "val_mAP": val,
+            "best_epoch": epoch,
+            **{f"mAP_refit_{k}": v for k, v in refit.items()},
+        }
     rows = []
     for lr in args.lr:
         d = runs[f"{lr:g}"]
-        seen = [d["seen"][s]["mAP"] for s in args.seen_seeds]
-        rows.append(
-            {
-                "lr": f"{lr:g}",
-                "val mAP (seen splits)": _mean([d["seen"][s]["val_mAP"] for s in args.seen_seeds]),
-                "seen mAP": _mean(seen),
-                "seen per seed": ", ".join(f"{m:.3f}" for m in seen),
-                "unseen mAP": _mean([d["unseen"][s]["mAP"] for s in args.unseen_seeds]),
-            }
-        )
+        for mode in args.refit:
+            key = "mAP" if mode == "none" else f"mAP_refit_{mode}"
+            seen = [d["seen"][s][key] for s in args.seen_seeds]
+            rows.append(
+                {
+                    "lr": f"{lr:g}",
+                    "refit": mode,
+                    "val mAP (seen splits)": _mean([d["seen"][s]["val_mAP"] for s in args.seen_seeds]),
+                    "seen mAP": _mean(seen),
+                    "seen per seed": ", ".join(f"{m:.3f}" for m in seen),
+                    "unseen mAP": _mean([d["unseen"][s][key] for s in args.unseen_seeds]),
+                }
+            )
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "machine": machine(),
