@@ -142,6 +142,19 @@ def test_fuse_codes_model_tiles_with_its_own_width(
     assert "--fuse-codes" in r.output and not bad.exists()
 
 
+def test_train_refit_is_recorded_and_shown(image_folder: Path, tmp_path: Path) -> None:
+    model = tmp_path / "r.pt"
+    args = ["train", str(image_folder), "--bits", "16", "--epochs", "2", "--retain-dim", "8", *TEST_BACKBONE]
+    invoke(*args, "--refit", "--out", str(model))
+    m = load_model(model)
+    n_train = 4 * 12 - len(m.meta["split"]["test_items"])
+    assert m.meta["recipe"]["refit"] is True
+    for part in ("srl", "dgssh"):  # both heads of the combined recipe, each on every training image
+        assert m.meta["history"][part]["refit"]["items"] == n_train
+    text = invoke("info", "--model", str(model)).output
+    assert "refit=True" in text and f"then re-trained on all {n_train} items" in text
+
+
 def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.pt"
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(model), *TEST_BACKBONE)
@@ -562,6 +575,7 @@ def test_cli_defaults_are_the_recipes() -> None:
     assert defaults["method"] == r.method and int(defaults["bits"]) == r.bits
     assert defaults["retain_dim"] == r.retain_dim and defaults["distill"] == r.distill
     assert defaults["retain_gate"] is r.retain_gate and defaults["fuse_codes"] is r.fuse_codes
+    assert defaults["refit"] is r.refit is False
 
 
 def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_path: Path) -> None:

@@ -419,6 +419,9 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe(method="dgssh", augment="dihedral-codes").views_needed == "dihedral-codes"
     # The default is the shipped model's recipe: every head on the views.
     assert Recipe(method="srl").views_needed == "dihedral" and Recipe().augment == "dihedral"
+    # Refitting is off by default, and recipes recorded before it existed trained without it.
+    assert not Recipe().refit and not Recipe.from_dict({"method": "srl"}).refit
+    assert Recipe.from_dict(Recipe(refit=True).to_dict()).refit
 
 
 def test_recipe_head_options_add_the_recipe_epochs_without_touching_the_options() -> None:
@@ -630,6 +633,75 @@ def test_training_without_a_validation_image_keeps_the_last_epoch() -> None:
     x, y = _clusters(n_classes=20, per_class=5)
     _, hist = train_srl(x, y, epochs=1, retain_dim=4)
     assert hist["best_val_mAP"] is None and hist["retain_angle"] == RETAIN_DEFAULT_ANGLE
+
+
+@pytest.mark.parametrize("train", [train_srl, train_dgssh, train_plain])
+def test_stop_after_follows_the_same_schedule_and_stops(train) -> None:  # type: ignore[no-untyped-def]
+    x, y = _clusters()
+    kw = {"epochs": 6, "warmup_epochs": 1, "val_fraction": 0.0, "seed": 3}
+    kw.update({} if train is train_srl else {"bits": 8})
+    full = train(x, y, **kw)[1]
+    cut = train(x, y, stop_after=2, **kw)[1]
+    # The first two epochs of the six-epoch schedule, step for step, then nothing more.
+    assert cut["loss"] == full["loss"][:2] and cut["best_epoch"] == 2
+    if train is train_srl:
+        h0, hist0 = train_srl(x, y, stop_after=0, **kw)
+        assert hist0["loss"] == [] and hist0["best_epoch"] == 0
+        assert np.allclose(h0.linear.weight.detach().numpy(), np.eye(x.shape[1]))  # the untrained head
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("train", [train_dgssh, train_plain])
+def test_refit_trains_again_on_every_item_for_the_chosen_epochs(train) -> None:  # type: ignore[no-untyped-def]
+    x, y = _clusters(n_classes=5, per_class=20, spread=1.4)
+    kw = {"bits": 8, "epochs": 8, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 2}
+    first, hist = train(x, y, **kw)
+    head, refit = train(x, y, refit=True, **kw)
+    e = hist["best_epoch"]
+    assert refit["best_epoch"] == e and refit["best_val_mAP"] == hist["best_val_mAP"]  # validation's choice
+    assert refit["refit"]["epochs"] == e and refit["refit"]["items"] == len(y) and refit["config"]["refit"] is True
+    again = train(x, y, **{**kw, "val_fraction": 0.0, "stop_after": e})[0]
+    assert _same_weights(head, again) and not _same_weights(head, first)
+    if train is train_dgssh:
+        # The database codes and their rows are the refit's: every item.
+        assert refit["fit_index"] == list(range(len(y))) and refit["V"].shape == (len(y), 8)
+    # Without validation there is nothing to refit after: the same head, no record.
+    none = train(x, y, **{**kw, "val_fraction": 0.0})
+    assert _same_weights(none[0], train(x, y, **{**kw, "val_fraction": 0.0, "refit": True})[0])
+    assert "refit" not in none[1]
+
+
+def test_srl_refit_keeps_the_retention_validation_chose_fitted_on_every_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    import geoir.training.fit as fit
+
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    kw = {"epochs": 5, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
+    calls: list[int] = []
+
+    def choose(x_, y_, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(y_))  # the probe's choice is made on all items, as without refitting
+        return 0.9, (0.3, 0.9, 0.6, 0.05), {}, 0.0
+
+    monkeypatch.setattr(fit, "_choose_retention", choose)
+    _, hist = train_srl(x, y, retain_gate=True, **kw)
+    head, refit = train_srl(x, y, retain_gate=True, refit=True, **kw)
+    assert calls == [len(y), len(y)]  # once per call: the refit head itself chooses nothing
+    assert refit["best_epoch"] == hist["best_epoch"] and refit["refit"]["items"] == len(y)
+    assert refit["retain_gate"] == [0.3, 0.9, 0.6, 0.05] and head.gate == (0.3, 0.9, 0.6, 0.05) and head.retain == 0.9
+    trained = train_srl(x, y, **{**kw, "retain_dim": 0, "val_fraction": 0.0, "stop_after": hist["best_epoch"]})[0]
+    assert torch.equal(head.linear.weight, trained.linear.weight)
+    # The retained axes and the gate's class centroids come from every item, not the fitting 80 %.
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(head.retain_mean.numpy(), unit.mean(0), atol=1e-6)
+    f = head.embed_trained(x)
+    cent = np.stack([f[y == c].mean(0) for c in range(8)])
+    np.testing.assert_allclose(
+        head.gate_centroids.numpy(), cent / np.linalg.norm(cent, axis=1, keepdims=True), atol=1e-5
+    )
 
 
 def test_selector_keeps_a_state_whatever_the_scores() -> None:

@@ -165,7 +165,9 @@ def _model_info(model_file: str, as_json: bool) -> None:
         )
     for part, h in (meta.get("history") or {}).items():
         if isinstance(h, dict) and h.get("best_val_mAP") is not None:
-            click.echo(f"validation  {part}: mAP {h['best_val_mAP']:.3f} at epoch {h.get('best_epoch')}")
+            refit = h.get("refit")
+            again = f"; then re-trained on all {refit['items']} items" if isinstance(refit, dict) else ""
+            click.echo(f"validation  {part}: mAP {h['best_val_mAP']:.3f} at epoch {h.get('best_epoch')}{again}")
 
 
 def _index_state(path: Path, expected: int) -> dict[str, object]:

@@ -137,6 +137,13 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "(0, 0.5 or 1; bits more numbers per tile).",
 )
 @click.option(
+    "--refit/--no-refit",
+    default=defaults.REFIT,
+    show_default=True,
+    help="Once validation has chosen each head's epoch, train it again on every training image (the "
+    "validation tenth included) for that many epochs, and keep that; about doubles the training time.",
+)
+@click.option(
     "--augment",
     type=click.Choice(["auto", "dihedral", "dihedral-codes", "none"]),
     default="auto",
@@ -175,6 +182,7 @@ def train(
     retain_gate: bool,
     distill: float,
     fuse_codes: bool,
+    refit: bool,
     augment: str,
     seed: int,
     test_fraction: float,
@@ -228,6 +236,7 @@ def train(
         augment=augment,
         distill=distill,
         fuse_codes=fuse_codes,
+        refit=refit,
     )
     if dataset.is_dir():
         from geoir.training.data import list_image_folder

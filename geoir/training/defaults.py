@@ -17,3 +17,5 @@ RETAIN_DIM = 256
 DISTILL = 10.0
 #: Let validation weigh the hash head's continuous code into the float embedding (``--fuse-codes``).
 FUSE_CODES = False
+#: Train each head again on every training item once validation has chosen its epoch (``--refit``).
+REFIT = False

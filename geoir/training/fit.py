@@ -240,6 +240,23 @@ def _map(
     return _as_float(evaluate_retrieval(q, db, yq, ydb, metric=metric, ks=(), self_index=self_index)["mAP"])
 
 
+def _refit(
+    train: Callable[..., tuple[Any, dict[str, Any]]],
+    args: dict[str, Any],
+    hist: dict[str, Any],
+    epoch: int,
+    log: Callable[[str], None] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train ``train(**args)`` once more on every item, the validation items included, with the same schedule
+    stopped after ``epoch`` (the one validation chose), keeping the last epoch; records ``hist["refit"]``."""
+    n = len(args["labels"])
+    if log:
+        log(f"refit: training again on all {n} items, {epoch} epoch(s) of the same schedule")
+    head, h = train(**{**args, "val_fraction": 0.0, "refit": False, "stop_after": epoch, "log": log})
+    hist["refit"] = {"epochs": epoch, "items": n, "seconds": h["seconds"]}
+    return head, h
+
+
 # ----------------------------------------------------------------------------------------------------------
 # SRL
 # ----------------------------------------------------------------------------------------------------------
@@ -272,6 +289,8 @@ def train_srl(
     distill: float = 0.0,
     distill_sample: int = 512,
     fuse_codes: dict[str, Any] | None = None,
+    refit: bool = False,
+    stop_after: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
@@ -336,6 +355,11 @@ def train_srl(
             probe on the same classes, so validation also chooses the weight of the hash head's continuous
             code in the float embedding (:data:`FUSE_WEIGHTS`, 0 among them; ``hist["fuse"]``). None: no
             fusion (weight 0). Needs retention chosen by validation.
+        refit: Once validation has chosen the epoch, train the head again on every item, the validation
+            items included, with the same schedule stopped after that epoch, and keep it (``hist["refit"]``);
+            validation's other choices (retention, gate, code weight) carry over. No-op without validation.
+            About doubles the training time.
+        stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
@@ -343,6 +367,7 @@ def train_srl(
         The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
         ``best_val_mAP``, ``seconds``, ``config``; with retention ``retain_angle`` and ``retain_val_mAP``).
     """
+    args = dict(locals())
     x, y = _check_inputs(features, labels)
     rng = _seed_all(seed)
     fit_idx, val_idx = _holdout(y, val_fraction, val_split, seed)
@@ -382,6 +407,8 @@ def train_srl(
         sel.update(hist["val_mAP_initial"], 0, head)
     stale = 0
     for epoch in range(1, epochs + 1):
+        if stop_after is not None and epoch > stop_after:
+            break
         head.train()
         losses = []
         for group in balanced_chunks(yf.numpy(), chunk, rng):
@@ -416,9 +443,15 @@ def train_srl(
         stale = 0 if improved else stale + 1
         if patience is not None and stale >= patience:
             break
+    if sel.state is None:  # stopped before the first epoch, without validation: the initial head
+        sel.update(None, 0, head)
     assert sel.state is not None
     head.load_state_dict(sel.state)
     head.eval()
+    if refit and val_idx is not None:
+        # Retention is chosen below as for the first head, and fitted on every item like the refit head.
+        head, _ = _refit(train_srl, {**args, "retain_dim": 0, "fuse_codes": None}, hist, sel.epoch, log)
+        fit_idx = np.arange(len(y))
     if retain_dim > 0:
         angle: float | None = retain_angle
         gate: tuple[float, float, float, float] | None = None
@@ -475,6 +508,7 @@ def train_srl(
             "distill": distill,
             "distill_sample": distill_sample,
             "fuse_codes": fuse_codes is not None,
+            "refit": refit,
             "mode": mode,
             "queries_per_class": queries_per_class,
             "classes_per_batch": classes_per_batch,
@@ -635,6 +669,8 @@ def train_dgssh(
     val_split: Literal["stratified", "classes"] = "stratified",
     views: np.ndarray | None = None,
     select_on: Literal["I1", "T"] = "I1",
+    refit: bool = False,
+    stop_after: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[HashHead, dict[str, Any]]:
@@ -668,6 +704,10 @@ def train_dgssh(
         views: Optional V x N x D features of augmented copies of the same images (see :func:`train_srl`).
         select_on: Validation protocol for selection: ``"I1"`` (database encoded by the network, as at
             deployment) or ``"T"`` (database = V).
+        refit: Once validation has chosen the epoch, train the head again on every item, the validation
+            items included, with the same schedule stopped after that epoch, and keep it (``hist["refit"]``;
+            ``V`` and ``fit_index`` are then the refit's). No-op without validation.
+        stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
 
@@ -677,6 +717,7 @@ def train_dgssh(
         (database codes of the fitting set at the best epoch, int8) and ``fit_index`` (their rows in
         ``features``).
     """
+    args = dict(locals())
     x, y = _check_inputs(features, labels)
     if select_on == "T" and val_split == "classes":
         raise ValueError("select_on='T' needs val_split='stratified': held-out classes have no database codes")
@@ -701,6 +742,8 @@ def train_dgssh(
     best_V = V.clone()
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        if stop_after is not None and epoch > stop_after:
+            break
         head.train()
         losses = []
         for b in dgssh_batches(yf.numpy(), rng, chunk, classes_per_batch):
@@ -750,6 +793,9 @@ def train_dgssh(
             )
     assert sel.state is not None
     head.load_state_dict(sel.state)
+    if refit and val_idx is not None:
+        head, h = _refit(train_dgssh, args, hist, sel.epoch, log)
+        best_V, fit_idx = torch.from_numpy(h["V"].astype(np.float32)), np.asarray(h["fit_index"])
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
@@ -777,6 +823,7 @@ def train_dgssh(
             "val_split": val_split,
             "views": 0 if views is None else int(np.shape(views)[0]),
             "select_on": select_on,
+            "refit": refit,
             "seed": seed,
         },
     )
@@ -803,16 +850,20 @@ def train_plain(
     val_fraction: float = 0.1,
     val_split: Literal["stratified", "classes"] = "stratified",
     views: np.ndarray | None = None,
+    refit: bool = False,
+    stop_after: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[PlainHead, dict[str, Any]]:
     """Baseline: ``Linear(D, bits) -> tanh -> classifier`` trained with label-smoothed cross-entropy plus
-    ``rho * mean((u - sgn u)²)``; AdamW, warm-up + cosine, validation selection every epoch.
+    ``rho * mean((u - sgn u)²)``; AdamW, warm-up + cosine, validation selection every epoch; ``refit`` and
+    ``stop_after`` as in :func:`train_dgssh`.
 
     Returns:
         The best head (eval mode) and a history dict (per-epoch ``loss`` and ``val_mAP``, ``best_epoch``,
         ``seconds``, ``config``).
     """
+    args = dict(locals())
     x, y = _check_inputs(features, labels)
     rng = _seed_all(seed)
     fit_idx, val_idx = _holdout(y, val_fraction, val_split, seed)
@@ -828,6 +879,8 @@ def train_plain(
     sel = _Selector()
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        if stop_after is not None and epoch > stop_after:
+            break
         head.train()
         perm = torch.from_numpy(rng.permutation(len(fit_idx))).long()
         losses = []
@@ -849,6 +902,8 @@ def train_plain(
             log(f"plain epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
     assert sel.state is not None
     head.load_state_dict(sel.state)
+    if refit and val_idx is not None:
+        head, _ = _refit(train_plain, args, hist, sel.epoch, log)
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
@@ -865,6 +920,7 @@ def train_plain(
             "val_fraction": val_fraction,
             "val_split": val_split,
             "views": 0 if views is None else int(np.shape(views)[0]),
+            "refit": refit,
             "seed": seed,
         },
     )

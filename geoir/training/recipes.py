@@ -52,6 +52,10 @@ class Recipe:
             head's continuous code the float embedding holds beside the SRL embedding (0, 0.5 or 1; the
             two heads' ensemble, ``fuse_codes`` of :func:`geoir.training.fit.train_srl`). Off by default:
             the shipped model is trained without it (docs/results.md measures the lead).
+        refit: Once validation has chosen a head's epoch, train it again on every training item, the
+            validation items included, for that many epochs of the same schedule, and keep that head
+            (``refit`` of :func:`geoir.training.fit.train_srl`); validation's other choices carry over. Off by
+            default: it about doubles the training time (docs/results.md measures what it gives).
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -65,6 +69,7 @@ class Recipe:
     augment: str = "dihedral"
     distill: float = defaults.DISTILL
     fuse_codes: bool = defaults.FUSE_CODES
+    refit: bool = defaults.REFIT
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,10 +102,10 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        # Recipes recorded before retention, its gate, augmentation or distillation existed trained without them.
-        return cls(
-            **{"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, "fuse_codes": False, **d}
-        )
+        # Recipes recorded before retention, its gate, augmentation, distillation or refitting existed trained
+        # without them.
+        old = {"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, "fuse_codes": False}
+        return cls(**{**old, "refit": False, **d})
 
     def head_options(self, key: str) -> dict[str, Any]:
         """Keyword arguments for the ``key`` head's trainer (``srl``, ``dgssh`` or ``plain``): its options, and the
@@ -138,16 +143,32 @@ class Recipe:
                 # The retention probe trains a hash head like the one below (without its views when only
                 # the codes take views: the probe's float and code heads see the same data).
                 kw["fuse_codes"] = {"bits": self.bits, **self.head_options("dgssh")}
-            srl, hist["srl"] = train_srl(features, labels, dim=self.dim, views=float_views, seed=seed, log=log, **kw)
+            srl, hist["srl"] = train_srl(
+                features, labels, dim=self.dim, views=float_views, refit=self.refit, seed=seed, log=log, **kw
+            )
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(
-                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self.head_options("dgssh")
+                features,
+                labels,
+                bits=self.bits,
+                views=code_views,
+                refit=self.refit,
+                seed=seed,
+                log=log,
+                **self.head_options("dgssh"),
             )
             h.pop("V", None)
             hist["dgssh"] = h
         if self.method == "plain":
             head, hist["plain"] = train_plain(
-                features, labels, bits=self.bits, views=code_views, seed=seed, log=log, **self.head_options("plain")
+                features,
+                labels,
+                bits=self.bits,
+                views=code_views,
+                refit=self.refit,
+                seed=seed,
+                log=log,
+                **self.head_options("plain"),
             )
             return head, hist
         if self.method == "combined":
@@ -161,12 +182,15 @@ class Recipe:
 def history_summary(history: dict[str, Any]) -> dict[str, Any]:
     """What each head's training chose, JSON-able: per head (``srl``, ``dgssh``, ``plain``) its scalars (best
     epoch, best validation mAP, seconds; for an SRL head with retention the angle and the code weight
-    ``fuse``) and the retention gate validation chose, if any; the per-epoch curves are left out."""
+    ``fuse``), the retention gate validation chose, if any, and the refit (epochs, items, seconds), if
+    any; the per-epoch curves are left out."""
     out: dict[str, Any] = {}
     for part, h in history.items():
         out[part] = {k: v for k, v in h.items() if isinstance(v, int | float | str)}
         if h.get("retain_gate") is not None:
             out[part]["retain_gate"] = [float(v) for v in h["retain_gate"]]
+        if h.get("refit") is not None:
+            out[part]["refit"] = dict(h["refit"])
     return out
 
 
