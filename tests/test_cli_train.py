@@ -153,6 +153,20 @@ def test_train_refit_is_recorded_and_shown(image_folder: Path, tmp_path: Path) -
         assert m.meta["history"][part]["refit"]["items"] == n_train
     text = invoke("info", "--model", str(model)).output
     assert "refit=True" in text and f"then re-trained on all {n_train} items" in text
+    # `geoir eval` re-trains the recipe the model records, refit included, on each split.
+    report = tmp_path / "r.json"
+    invoke(
+        "eval", str(image_folder), "--model", str(model), "--protocol", "seen", "--seeds", "0", "--json", str(report)
+    )
+    r = json.loads(report.read_text())
+    from geoir.training.protocols import stratified_split
+
+    n_split = len(stratified_split(np.repeat(np.arange(4), 12), 0.8, 0).train)
+    assert r["recipe"]["refit"] is True
+    assert {part: h["refit"]["items"] for part, h in r["training"]["seen_seed0"].items()} == {
+        "srl": n_split,
+        "dgssh": n_split,
+    }
 
 
 def test_eval_report(image_folder: Path, tmp_path: Path) -> None:

@@ -129,6 +129,13 @@ class Recipe:
         seed = self.seed if seed is None else seed
         float_views = views if self.augment == "dihedral" else None
         code_views = views if self.augment in ("dihedral", "dihedral-codes") else None
+        code_kw: dict[str, Any] = {
+            "bits": self.bits,
+            "views": code_views,
+            "refit": self.refit,
+            "seed": seed,
+            "log": log,
+        }
         hist: dict[str, Any] = {}
         head: nn.Module | None
         srl = dg = None
@@ -147,29 +154,11 @@ class Recipe:
                 features, labels, dim=self.dim, views=float_views, refit=self.refit, seed=seed, log=log, **kw
             )
         if self.method in ("dgssh", "combined"):
-            dg, h = train_dgssh(
-                features,
-                labels,
-                bits=self.bits,
-                views=code_views,
-                refit=self.refit,
-                seed=seed,
-                log=log,
-                **self.head_options("dgssh"),
-            )
+            dg, h = train_dgssh(features, labels, **code_kw, **self.head_options("dgssh"))
             h.pop("V", None)
             hist["dgssh"] = h
         if self.method == "plain":
-            head, hist["plain"] = train_plain(
-                features,
-                labels,
-                bits=self.bits,
-                views=code_views,
-                refit=self.refit,
-                seed=seed,
-                log=log,
-                **self.head_options("plain"),
-            )
+            head, hist["plain"] = train_plain(features, labels, **code_kw, **self.head_options("plain"))
             return head, hist
         if self.method == "combined":
             assert srl is not None and dg is not None
