@@ -141,7 +141,8 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     default=defaults.REFIT,
     show_default=True,
     help="Once validation has chosen each head's epoch, train it again on every training image (the "
-    "validation tenth included) for that many epochs, and keep that; about doubles the training time.",
+    "validation tenth included) for that many epochs, and keep that; about a third more training time for "
+    "the default recipe.",
 )
 @click.option(
     "--augment",

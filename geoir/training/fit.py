@@ -358,7 +358,7 @@ def train_srl(
         refit: Once validation has chosen the epoch, train the head again on every item, the validation
             items included, with the same schedule stopped after that epoch, and keep it (``hist["refit"]``);
             validation's other choices (retention, gate, code weight) carry over. No-op without validation.
-            About doubles the training time.
+            Trains the head a second time, for the chosen epochs.
         stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.

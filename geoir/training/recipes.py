@@ -55,7 +55,8 @@ class Recipe:
         refit: Once validation has chosen a head's epoch, train it again on every training item, the
             validation items included, for that many epochs of the same schedule, and keep that head
             (``refit`` of :func:`geoir.training.fit.train_srl`); validation's other choices carry over. Off by
-            default: it about doubles the training time (docs/results.md measures what it gives).
+            default: it trains each head a second time, for the chosen epochs (the default recipe on UC Merced: about
+            a third more time; docs/results.md measures what it gives).
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
