@@ -245,14 +245,13 @@ def _refit(
     args: dict[str, Any],
     hist: dict[str, Any],
     epoch: int,
-    log: Callable[[str], None] | None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train ``train(**args)`` once more on every item, the validation items included, with the same schedule
     stopped after ``epoch`` (the one validation chose), keeping the last epoch; records ``hist["refit"]``."""
     n = len(args["labels"])
-    if log:
-        log(f"refit: training again on all {n} items, {epoch} epoch(s) of the same schedule")
-    head, h = train(**{**args, "val_fraction": 0.0, "refit": False, "stop_after": epoch, "log": log})
+    if args["log"]:
+        args["log"](f"refit: training again on all {n} items, {epoch} epoch(s) of the same schedule")
+    head, h = train(**{**args, "val_fraction": 0.0, "refit": False, "stop_after": epoch})
     hist["refit"] = {"epochs": epoch, "items": n, "seconds": h["seconds"]}
     return head, h
 
@@ -450,7 +449,7 @@ def train_srl(
     head.eval()
     if refit and val_idx is not None:
         # Retention is chosen below as for the first head, and fitted on every item like the refit head.
-        head, _ = _refit(train_srl, {**args, "retain_dim": 0, "fuse_codes": None}, hist, sel.epoch, log)
+        head, _ = _refit(train_srl, {**args, "retain_dim": 0, "fuse_codes": None}, hist, sel.epoch)
         fit_idx = np.arange(len(y))
     if retain_dim > 0:
         angle: float | None = retain_angle
@@ -794,7 +793,7 @@ def train_dgssh(
     assert sel.state is not None
     head.load_state_dict(sel.state)
     if refit and val_idx is not None:
-        head, h = _refit(train_dgssh, args, hist, sel.epoch, log)
+        head, h = _refit(train_dgssh, args, hist, sel.epoch)
         best_V, fit_idx = torch.from_numpy(h["V"].astype(np.float32)), np.asarray(h["fit_index"])
     hist.update(
         best_epoch=sel.epoch,
@@ -903,7 +902,7 @@ def train_plain(
     assert sel.state is not None
     head.load_state_dict(sel.state)
     if refit and val_idx is not None:
-        head, _ = _refit(train_plain, args, hist, sel.epoch, log)
+        head, _ = _refit(train_plain, args, hist, sel.epoch)
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
