@@ -145,14 +145,24 @@ def test_fuse_codes_model_tiles_with_its_own_width(
 def test_train_refit_is_recorded_and_shown(image_folder: Path, tmp_path: Path) -> None:
     model = tmp_path / "r.pt"
     args = ["train", str(image_folder), "--bits", "16", "--epochs", "2", "--retain-dim", "8", *TEST_BACKBONE]
-    invoke(*args, "--refit", "--out", str(model))
-    m = load_model(model)
+    # By default only the hash head is trained again, on every training image.
+    invoke(*args, "--out", str(tmp_path / "codes.pt"))
+    m = load_model(tmp_path / "codes.pt")
     n_train = 4 * 12 - len(m.meta["split"]["test_items"])
-    assert m.meta["recipe"]["refit"] is True
+    assert m.meta["recipe"]["refit"] == "codes"
+    assert m.meta["history"]["dgssh"]["refit"]["items"] == n_train and "refit" not in m.meta["history"]["srl"]
+    text = invoke("info", "--model", str(tmp_path / "codes.pt")).output
+    assert "refit=codes" in text and text.count(f"then re-trained on all {n_train} items") == 1
+    invoke(*args, "--refit", "all", "--out", str(model))
+    m = load_model(model)
+    assert m.meta["recipe"]["refit"] == "all"
     for part in ("srl", "dgssh"):  # both heads of the combined recipe, each on every training image
         assert m.meta["history"][part]["refit"]["items"] == n_train
     text = invoke("info", "--model", str(model)).output
-    assert "refit=True" in text and f"then re-trained on all {n_train} items" in text
+    assert "refit=all" in text and text.count(f"then re-trained on all {n_train} items") == 2
+    bad = tmp_path / "bad.pt"
+    r = invoke(*args, "--refit", "both", "--out", str(bad), code=2)
+    assert "--refit" in r.output and "'codes'" in r.output and not bad.exists()
     # `geoir eval` re-trains the recipe the model records, refit included, on each split.
     report = tmp_path / "r.json"
     invoke(
@@ -162,7 +172,7 @@ def test_train_refit_is_recorded_and_shown(image_folder: Path, tmp_path: Path) -
     from geoir.training.protocols import stratified_split
 
     n_split = len(stratified_split(np.repeat(np.arange(4), 12), 0.8, 0).train)
-    assert r["recipe"]["refit"] is True
+    assert r["recipe"]["refit"] == "all"
     assert {part: h["refit"]["items"] for part, h in r["training"]["seen_seed0"].items()} == {
         "srl": n_split,
         "dgssh": n_split,
@@ -589,7 +599,7 @@ def test_cli_defaults_are_the_recipes() -> None:
     assert defaults["method"] == r.method and int(defaults["bits"]) == r.bits
     assert defaults["retain_dim"] == r.retain_dim and defaults["distill"] == r.distill
     assert defaults["retain_gate"] is r.retain_gate and defaults["fuse_codes"] is r.fuse_codes
-    assert defaults["refit"] is r.refit is False
+    assert defaults["refit"] == r.refit == "codes"
 
 
 def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_path: Path) -> None:

@@ -419,9 +419,14 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe(method="dgssh", augment="dihedral-codes").views_needed == "dihedral-codes"
     # The default is the shipped model's recipe: every head on the views.
     assert Recipe(method="srl").views_needed == "dihedral" and Recipe().augment == "dihedral"
-    # Refitting is off by default, and recipes recorded before it existed trained without it.
-    assert not Recipe().refit and not Recipe.from_dict({"method": "srl"}).refit
-    assert Recipe.from_dict(Recipe(refit=True).to_dict()).refit
+    # The default re-trains the hash head only; recipes recorded before refitting existed trained without it,
+    # and those recorded when it was one switch for every head read as "all" / "none".
+    assert Recipe().refit == "codes" and Recipe.from_dict({"method": "srl"}).refit == "none"
+    assert Recipe.from_dict({**Recipe().to_dict(), "refit": True}).refit == "all"
+    assert Recipe.from_dict({**Recipe().to_dict(), "refit": False}).refit == "none"
+    assert Recipe.from_dict(Recipe(refit="float").to_dict()).refit == "float"
+    with pytest.raises(DatasetError, match="--refit"):
+        Recipe(refit="both")
 
 
 def test_recipe_head_options_add_the_recipe_epochs_without_touching_the_options() -> None:

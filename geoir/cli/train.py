@@ -137,12 +137,13 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "(0, 0.5 or 1; bits more numbers per tile).",
 )
 @click.option(
-    "--refit/--no-refit",
+    "--refit",
+    type=click.Choice(defaults.REFITS),
     default=defaults.REFIT,
     show_default=True,
-    help="Once validation has chosen each head's epoch, train it again on every training image (the "
-    "validation tenth included) for that many epochs, and keep that; about a third more training time for "
-    "the default recipe.",
+    help="Which heads, once validation has chosen their epoch, train again on every training image (the "
+    "validation tenth included) for that many epochs and are kept: the hash head (codes), the float "
+    "embedding (float), both (all) or none.",
 )
 @click.option(
     "--augment",
@@ -183,7 +184,7 @@ def train(
     retain_gate: bool,
     distill: float,
     fuse_codes: bool,
-    refit: bool,
+    refit: str,
     augment: str,
     seed: int,
     test_fraction: float,

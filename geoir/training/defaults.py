@@ -17,5 +17,9 @@ RETAIN_DIM = 256
 DISTILL = 10.0
 #: Let validation weigh the hash head's continuous code into the float embedding (``--fuse-codes``).
 FUSE_CODES = False
-#: Train each head again on every training item once validation has chosen its epoch (``--refit``).
-REFIT = False
+#: Which heads train again on every training item once validation has chosen their epoch (``--refit``):
+#: none, the hash head (``codes``), the float embedding (``float``) or both (``all``).
+REFITS = ("none", "codes", "float", "all")
+#: The shipped model re-trains its hash head; its float embedding keeps the head validation chose, which
+#: finds the same place at another date more often (docs/results.md).
+REFIT = "codes"

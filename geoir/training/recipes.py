@@ -52,11 +52,14 @@ class Recipe:
             head's continuous code the float embedding holds beside the SRL embedding (0, 0.5 or 1; the
             two heads' ensemble, ``fuse_codes`` of :func:`geoir.training.fit.train_srl`). Off by default:
             the shipped model is trained without it (docs/results.md measures the lead).
-        refit: Once validation has chosen a head's epoch, train it again on every training item, the
-            validation items included, for that many epochs of the same schedule, and keep that head
-            (``refit`` of :func:`geoir.training.fit.train_srl`); validation's other choices carry over. Off by
-            default: it trains each head a second time, for the chosen epochs (the default recipe on UC Merced: about
-            a third more time; docs/results.md measures what it gives).
+        refit: Which heads, once validation has chosen their epoch, train again on every training item,
+            the validation items included, for that many epochs of the same schedule, and are kept (``refit``
+            of :func:`geoir.training.fit.train_srl`): ``codes`` (the hash head of ``dgssh``, ``plain`` and
+            ``combined``; the default), ``float`` (the SRL embedding), ``all`` or ``none``. Validation's other
+            choices carry over. Each refit head trains a second time, for its chosen epochs. The default
+            re-trains the codes only: re-training the float embedding too lifts its class-level mAP but finds
+            the same place at another date less often (docs/results.md). Older records' ``True`` / ``False``
+            read as ``all`` / ``none``.
         options: Extra keyword arguments of the training function (see :mod:`geoir.training.fit`).
     """
 
@@ -70,7 +73,7 @@ class Recipe:
     augment: str = "dihedral"
     distill: float = defaults.DISTILL
     fuse_codes: bool = defaults.FUSE_CODES
-    refit: bool = defaults.REFIT
+    refit: str = defaults.REFIT
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,10 @@ class Recipe:
             raise DatasetError(f"--distill {self.distill}: use 0 (off) or a positive, finite weight")
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
+        if isinstance(self.refit, bool):  # recorded before the heads could be chosen
+            self.refit = "all" if self.refit else "none"
+        if self.refit not in defaults.REFITS:
+            raise DatasetError(f"--refit {self.refit}: use one of {', '.join(defaults.REFITS)}")
         if self.fuse_codes and (self.method != "combined" or self.retain_dim <= 0):
             raise DatasetError(
                 "--fuse-codes weighs the hash head's code into the float embedding: it needs --method combined "
@@ -106,7 +113,7 @@ class Recipe:
         # Recipes recorded before retention, its gate, augmentation, distillation or refitting existed trained
         # without them.
         old = {"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, "fuse_codes": False}
-        return cls(**{**old, "refit": False, **d})
+        return cls(**{**old, "refit": "none", **d})
 
     def head_options(self, key: str) -> dict[str, Any]:
         """Keyword arguments for the ``key`` head's trainer (``srl``, ``dgssh`` or ``plain``): its options, and the
@@ -133,7 +140,7 @@ class Recipe:
         code_kw: dict[str, Any] = {
             "bits": self.bits,
             "views": code_views,
-            "refit": self.refit,
+            "refit": self.refit in ("codes", "all"),
             "seed": seed,
             "log": log,
         }
@@ -151,8 +158,9 @@ class Recipe:
                 # The retention probe trains a hash head like the one below (without its views when only
                 # the codes take views: the probe's float and code heads see the same data).
                 kw["fuse_codes"] = {"bits": self.bits, **self.head_options("dgssh")}
+            refit = self.refit in ("float", "all")
             srl, hist["srl"] = train_srl(
-                features, labels, dim=self.dim, views=float_views, refit=self.refit, seed=seed, log=log, **kw
+                features, labels, dim=self.dim, views=float_views, refit=refit, seed=seed, log=log, **kw
             )
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(features, labels, **code_kw, **self.head_options("dgssh"))
