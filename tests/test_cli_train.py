@@ -600,6 +600,12 @@ def test_cli_defaults_are_the_recipes() -> None:
     assert defaults["retain_dim"] == r.retain_dim and defaults["distill"] == r.distill
     assert defaults["retain_gate"] is r.retain_gate and defaults["fuse_codes"] is r.fuse_codes
     assert defaults["refit"] == r.refit == "codes"
+    # ... and the shipped model file was trained with it (docs/training.md's command): codes re-trained on
+    # every training image of its split, the float embedding as validation chose it.
+    shipped = load_model("default").meta
+    assert Recipe.from_dict(shipped["recipe"]) == r
+    n_train = shipped["data"]["samples"] - len(shipped["split"]["test_items"])
+    assert shipped["history"]["dgssh"]["refit"]["items"] == n_train and "refit" not in shipped["history"]["srl"]
 
 
 def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_path: Path) -> None:
