@@ -425,8 +425,9 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
     assert Recipe.from_dict({**Recipe().to_dict(), "refit": True}).refit == "all"
     assert Recipe.from_dict({**Recipe().to_dict(), "refit": False}).refit == "none"
     assert Recipe.from_dict(Recipe(refit="float").to_dict()).refit == "float"
-    with pytest.raises(DatasetError, match="--refit"):
-        Recipe(refit="both")
+    for bad in ("both", True):  # a switch is read as heads only from a record (from_dict)
+        with pytest.raises(DatasetError, match="--refit"):
+            Recipe(refit=bad)  # type: ignore[arg-type]
 
 
 def test_recipe_head_options_add_the_recipe_epochs_without_touching_the_options() -> None:

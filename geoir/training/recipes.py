@@ -87,8 +87,6 @@ class Recipe:
             raise DatasetError(f"--distill {self.distill}: use 0 (off) or a positive, finite weight")
         if self.augment not in AUGMENTS:
             raise DatasetError(f"--augment {self.augment}: use one of {', '.join(AUGMENTS)}")
-        if isinstance(self.refit, bool):  # recorded before the heads could be chosen
-            self.refit = "all" if self.refit else "none"
         if self.refit not in defaults.REFITS:
             raise DatasetError(f"--refit {self.refit}: use one of {', '.join(defaults.REFITS)}")
         if self.fuse_codes and (self.method != "combined" or self.retain_dim <= 0):
@@ -113,7 +111,10 @@ class Recipe:
         # Recipes recorded before retention, its gate, augmentation, distillation or refitting existed trained
         # without them.
         old = {"retain_dim": 0, "retain_gate": False, "augment": "none", "distill": 0.0, "fuse_codes": False}
-        return cls(**{**old, "refit": "none", **d})
+        refit = d.get("refit", "none")
+        if isinstance(refit, bool):  # recorded when one switch re-trained every head
+            refit = "all" if refit else "none"
+        return cls(**{**old, **d, "refit": refit})
 
     def head_options(self, key: str) -> dict[str, Any]:
         """Keyword arguments for the ``key`` head's trainer (``srl``, ``dgssh`` or ``plain``): its options, and the
