@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoir.errors import DatasetError, ModelError
+from geoir.training.defaults import BITS
 from geoir.training.fit import (
     FUSE_WEIGHTS,
     GATE_ANGLES_HI,
@@ -586,6 +587,20 @@ def test_train_dgssh(variant: str) -> None:
     codes = head.codes(x)
     out = evaluate_retrieval(codes, codes, y, y, metric="hamming", self_index=np.arange(len(y)))
     assert out["mAP"] > 0.5
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_train_dgssh_every_code_length(bits: int) -> None:
+    # The code lengths: each trains, encodes new items by the network, packs to bits / 8 bytes and
+    # survives a save/load of its head.
+    x, y = _clusters(n_classes=4, per_class=16, spread=0.8)
+    head, hist = train_dgssh(x, y, bits=bits, epochs=2, warmup_epochs=1, seed=0)
+    assert hist["V"].shape == (len(hist["fit_index"]), bits)
+    codes = head.codes(x)
+    assert codes.shape == (len(x), bits) and set(np.unique(codes)) <= {-1, 1}
+    assert head.packed_codes(x).shape == (len(x), bits // 8)
+    again = head_from_config(head.config(), head.state_dict())
+    np.testing.assert_array_equal(again.codes(x), codes)
 
 
 def test_train_dgssh_beats_chance_by_far_and_matches_v() -> None:
