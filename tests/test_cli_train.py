@@ -524,6 +524,61 @@ def test_eval_reference_protocol_logs_its_own_figures(image_folder: Path, srl_mo
     assert f"{backbone:.4f}" in r.output
 
 
+def test_eval_papers_protocols_score_one_head_per_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from geoir.training.protocols import Split, evaluate_seen, stratified_split
+    from geoir.training.recipes import code_encoder, float_encoder
+
+    # Colours under heavy noise: the classes overlap, so the protocols rank differently and each figure
+    # below pins which database was used.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, rng = tmp_path / "noisy", np.random.default_rng(0)
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            img = np.clip(np.array(colour) + rng.normal(0, 150, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"class{c}" / f"{i}.png")
+    model = tmp_path / "m.pt"
+    invoke(
+        "train", str(folder), "--method", "combined", "--bits", "16", "--epochs", "2", "--retain-dim", "0",
+        "--augment", "none", "--out", str(model), *TEST_BACKBONE,
+    )  # fmt: skip
+    out = tmp_path / "r.json"
+    args = ["--protocol", "seen", "--protocol", "test", "--protocol", "reference", "--seeds", "0"]
+    invoke("eval", str(folder), "--model", str(model), *args, "--json", str(out))
+    got = json.loads(out.read_text())["protocols"]
+    assert list(got) == ["seen", "test", "reference"]
+    data = image_folder_features(folder, load_backbone("test", device="cpu"))
+    x, y = data.features, data.labels
+    split = stratified_split(y, 0.8, 0)
+    # The head eval trains on the split (seeded, so the same here), scored by every protocol.
+    recipe = Recipe.from_dict(load_model(str(model)).meta["recipe"])
+    head, hist = recipe.train(x[split.train], y[split.train], seed=0, keep_codes=True)
+    for protocol, database in (("seen", "all"), ("test", "test"), ("reference", "train")):
+        for name, enc in (("backbone float", float_encoder(None)), ("combined float", float_encoder(head))):
+            want = evaluate_seen(enc, x, y, split, database=database)["mAP"]  # type: ignore[arg-type]
+            assert got[protocol][name]["mAP_mean"] == pytest.approx(want, abs=1e-6), (protocol, name)
+    want = evaluate_seen(code_encoder(head), x, y, split, metric="hamming", database="test")["mAP"]
+    assert got["test"]["combined 16-bit"]["mAP_mean"] == pytest.approx(want, abs=1e-6)
+    # Every protocol the scorer knows is offered by the command, and no other.
+    from geoir.cli.eval import evaluate as eval_command
+    from geoir.training.evaluation import PROTOCOLS
+
+    choices = next(p.type.choices for p in eval_command.params if p.name == "protocol")  # type: ignore[attr-defined]
+    assert sorted(choices) == sorted(PROTOCOLS)
+    # Protocol T: the test codes against the codes the hash head learned for its training images (V), which
+    # are not the network's codes of those images.
+    learned, fit = hist["dgssh"]["V"], split.train[np.asarray(hist["dgssh"]["fit_index"])]
+    assert np.any(learned != code_encoder(head)(x[fit]))
+    t = Split(fit, split.test, 0)
+    want = evaluate_seen(code_encoder(head), x, y, t, metric="hamming", database="train", database_codes=learned)["mAP"]
+    run = got["reference"]["combined 16-bit"]["runs"][0]
+    assert run["mAP"] == pytest.approx(want, abs=1e-6) and "learned" in run["protocol"]
+    network = evaluate_seen(code_encoder(head), x, y, split, metric="hamming", database="train")["mAP"]
+    assert abs(network - want) > 1e-3
+    # The model's history keeps no codes: only eval's own re-training holds them, for protocol T.
+    assert "V" not in recipe.train(x[split.train], y[split.train], seed=0)[1]["dgssh"]
+
+
 def test_eval_tta_scores_the_averaged_features_that_tile_tta_stores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

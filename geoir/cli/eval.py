@@ -51,12 +51,14 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
 )
 @click.option(
     "--protocol",
-    type=click.Choice(["seen", "unseen", "reference"]),
+    type=click.Choice(["seen", "test", "reference", "unseen"]),
     multiple=True,
     default=("seen", "unseen"),
     show_default=True,
-    help="seen: 80/20 splits, test queries vs train+test encoded by the network; unseen: train on "
-    "15 classes, all-vs-all on the other 6; reference: DGSSH code's protocol T.",
+    help="seen: 80/20 splits, test queries vs train+test, all encoded by the network (SRL's P2); "
+    "test: the same splits, test queries vs the other test images (SRL's P1); reference: the same splits, "
+    "test queries vs the training images, codes vs the codes the hash head learned for them (the DGSSH "
+    "code's protocol T); unseen: train on 15 classes, all-vs-all on the other 6. Repeatable.",
 )
 @click.option(
     "--seeds", type=SeedsType(), default="0,1,2,3,4", show_default=True, help="Seeds of the seen-class splits."
@@ -120,6 +122,7 @@ def evaluate(
     Examples:
       $ geoir eval ucmerced/ --json report.json
       $ geoir eval ucmerced/ --model ucm.pt --protocol seen --seeds 0 --json r.json --pr-curve pr.png
+      $ geoir eval ucmerced/ --protocol test --protocol reference --json papers.json
       $ geoir eval ucmerced/ --tta --json report_tta.json
       $ geoir eval ucmerced/ --expand 5 --json report_expand5.json
     """

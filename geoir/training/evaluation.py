@@ -14,6 +14,7 @@ from geoir.io.files import atomic_write_text
 from geoir.training.data import FeatureSet
 from geoir.training.protocols import (
     Metric,
+    Split,
     evaluate_seen,
     evaluate_unseen,
     min_class_size,
@@ -28,12 +29,18 @@ METRIC_KW: dict[str, Any] = {"ks": (5, 10, 20, 50, 100), "map_ks": (20,)}
 SEEN_TRAIN_FRACTION = 0.8
 #: Classes the unseen-classes protocol trains on (15 of UC Merced's 21); at least 2 more are held out.
 UNSEEN_TRAIN_CLASSES = 15
+#: Protocols scored on the seen-class 80/20 splits, with one head trained per split for all of them:
+#: ``seen`` (test queries against train ∪ test, METHODS.md P2), ``test`` (test queries against the other
+#: test images, P1) and ``reference`` (test queries against the training images; codes against the codes
+#: the hash head learned for them, DGSSH's protocol T).
+SEEN_PROTOCOLS = ("seen", "test", "reference")
+PROTOCOLS = (*SEEN_PROTOCOLS, "unseen")
 
 
 def split_files(protocols: Sequence[str], seeds: Sequence[int], unseen_seeds: Sequence[int]) -> list[str]:
     """Names of the split files :func:`run_protocols` writes to its ``splits_dir``."""
     names = []
-    if "seen" in protocols or "reference" in protocols:
+    if any(p in SEEN_PROTOCOLS for p in protocols):
         names += [f"seen_seed{s}.json" for s in seeds]
     if "unseen" in protocols:
         names += [f"unseen_seed{s}.json" for s in unseen_seeds]
@@ -48,14 +55,14 @@ def check_protocols(
     Args:
         labels: N class indexes into ``classes``.
         classes: Class names (folder names), used in the message.
-        protocols: Names among ``seen``, ``unseen``, ``reference``.
+        protocols: Names among :data:`PROTOCOLS`.
         source: What to call the data set in the message (its path).
 
     Raises:
         DatasetError: Too few classes for ``unseen``, or a class too small to be split and trained on.
     """
     counts = np.bincount(np.asarray(labels), minlength=len(classes))
-    seen = [p for p in protocols if p in ("seen", "reference")]
+    seen = [p for p in protocols if p in SEEN_PROTOCOLS]
     if seen:
         need = min_class_size(SEEN_TRAIN_FRACTION)
         small = [(c, int(n)) for c, n in zip(classes, counts, strict=True) if n < need]
@@ -68,7 +75,7 @@ def check_protocols(
     if "unseen" in protocols:
         need_classes = UNSEEN_TRAIN_CLASSES + 2
         if len(classes) < need_classes:
-            others = [p for p in ("seen", "reference") if p in protocols] or ["seen"]
+            others = [p for p in SEEN_PROTOCOLS if p in protocols] or ["seen"]
             raise DatasetError(
                 f"{source} has {len(classes)} classes; the unseen protocol trains on {UNSEEN_TRAIN_CLASSES} and "
                 f"holds out at least 2 more, so it needs at least {need_classes}; leave it out with "
@@ -139,9 +146,14 @@ def run_protocols(
     splits: dict[str, str] = {}
 
     training: dict[str, Any] = {}
+    # Protocol T ranks codes against the codes the hash head learned for its training images (V).
+    learned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def train(rows: np.ndarray, seed: int, split_name: str) -> Any:
-        head, history = recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed)
+        keep = "reference" in protocols and split_name.startswith("seen")
+        head, history = recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed, keep_codes=keep)
+        if keep and "V" in history.get("dgssh", {}):
+            learned[split_name] = (history["dgssh"]["V"], rows[np.asarray(history["dgssh"]["fit_index"])])
         training[split_name] = history_summary(history)
         return head
 
@@ -155,9 +167,8 @@ def run_protocols(
         "expand": expand,
         "protocols": {},
     }
-    if "seen" in protocols or "reference" in protocols:
-        seen: dict[str, list[dict[str, Any]]] = {}
-        ref: dict[str, list[dict[str, Any]]] = {}
+    if any(p in SEEN_PROTOCOLS for p in protocols):
+        scored: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in SEEN_PROTOCOLS if p in protocols}
         for seed in seeds:
             split = stratified_split(y, SEEN_TRAIN_FRACTION, seed)
             splits[f"seen_seed{seed}.json"] = split.to_json(data.items)
@@ -165,21 +176,14 @@ def run_protocols(
             base: Variant = ("backbone float", "euclidean", backbone)
             runs = [base] + [(f"{recipe.method} {n}", m, e) for n, m, e in _variants(head)]
             for name, metric, enc in runs:
-                if "seen" in protocols:
-                    r = evaluate_seen(
-                        enc, xe, y, split, metric=metric, database="all", with_curves=seed == seeds[0], **kw
-                    )
-                    seen.setdefault(name, []).append({"seed": seed, **r})
-                    log(f"seen seed {seed} {name}: mAP {r['mAP']:.4f}")
-                if "reference" in protocols:
-                    # The reference code's protocol: test queries against the training images only.
-                    r2 = evaluate_seen(enc, xe, y, split, metric=metric, database="train", **kw)
-                    ref.setdefault(name, []).append({"seed": seed, **r2})
-                    log(f"reference seed {seed} {name}: mAP {r2['mAP']:.4f}")
-        if "seen" in protocols:
-            report["protocols"]["seen"] = {k: {"runs": v, **summarize(v)} for k, v in seen.items()}
-        if ref:
-            report["protocols"]["reference"] = {k: {"runs": v, **summarize(v)} for k, v in ref.items()}
+                for protocol, by_variant in scored.items():
+                    # The per-class table and the PR curve are the seen protocol's, first seed.
+                    curves = protocol == "seen" and seed == seeds[0]
+                    r = _score_seen(protocol, enc, metric, xe, y, split, learned.get(f"seen_seed{seed}"), curves, kw)
+                    by_variant.setdefault(name, []).append({"seed": seed, **r})
+                    log(f"{protocol} seed {seed} {name}: mAP {r['mAP']:.4f}")
+        for protocol, by_variant in scored.items():
+            report["protocols"][protocol] = {k: {"runs": v, **summarize(v)} for k, v in by_variant.items()}
     if "unseen" in protocols:
         for seed in unseen_seeds:
             split = unseen_class_split(y, UNSEEN_TRAIN_CLASSES, seed)  # the split evaluate_unseen scores
@@ -219,6 +223,39 @@ def run_protocols(
         for name, text in splits.items():
             atomic_write_text(splits_dir / name, text)
     return json.loads(json.dumps(report, default=_plain))
+
+
+def _score_seen(
+    protocol: str,
+    encode: Callable[[np.ndarray], np.ndarray],
+    metric: Metric,
+    features: np.ndarray,
+    labels: np.ndarray,
+    split: Split,
+    learned: tuple[np.ndarray, np.ndarray] | None,
+    with_curves: bool,
+    kw: dict[str, Any],
+) -> dict[str, Any]:
+    """One variant's scores on one seen-class split under ``protocol`` (one of :data:`SEEN_PROTOCOLS`).
+
+    ``learned`` is ``(V, rows)``: the codes the hash head learned for the training images it fitted, and
+    those images' rows; protocol ``reference`` ranks a code variant's test queries against them (DGSSH's
+    protocol T) and every other variant's against the network's encoding of the training images."""
+    if protocol == "seen":
+        return evaluate_seen(
+            encode, features, labels, split, metric=metric, database="all", with_curves=with_curves, **kw
+        )
+    if protocol == "test":
+        return evaluate_seen(encode, features, labels, split, metric=metric, database="test", **kw)
+    if metric == "hamming" and learned is not None:
+        codes, rows = learned
+        fitted = Split(rows, split.test, split.seed, split.description)
+        out = evaluate_seen(
+            encode, features, labels, fitted, metric=metric, database="train", database_codes=codes, **kw
+        )
+        out["protocol"] = "seen classes, queries = test, database = the codes learned for the training images (T)"
+        return out
+    return evaluate_seen(encode, features, labels, split, metric=metric, database="train", **kw)
 
 
 def _plain(v: Any) -> Any:

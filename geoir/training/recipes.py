@@ -131,8 +131,12 @@ class Recipe:
         views: np.ndarray | None = None,
         log: Callable[[str], None] | None = None,
         seed: int | None = None,
+        keep_codes: bool = False,
     ) -> tuple[nn.Module, dict[str, Any]]:
-        """Train the head on features and labels; returns ``(head, history)``."""
+        """Train the head on features and labels; returns ``(head, history)``.
+
+        With ``keep_codes`` a DGSSH head's history keeps ``V``, the codes it learned for the items it fitted
+        (rows ``fit_index``), which DGSSH's protocol T ranks against; otherwise they are dropped."""
         from geoir.training.fit import train_dgssh, train_plain, train_srl
 
         seed = self.seed if seed is None else seed
@@ -165,7 +169,8 @@ class Recipe:
             )
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(features, labels, **code_kw, **self.head_options("dgssh"))
-            h.pop("V", None)
+            if not keep_codes:
+                h.pop("V", None)
             hist["dgssh"] = h
         if self.method == "plain":
             head, hist["plain"] = train_plain(features, labels, **code_kw, **self.head_options("plain"))
