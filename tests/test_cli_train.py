@@ -184,7 +184,7 @@ def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     invoke("train", str(image_folder), "--method", "srl", "--epochs", "2", "--out", str(model), *TEST_BACKBONE)
     report = tmp_path / "r.json"
     png = tmp_path / "pr.png"
-    invoke(
+    printed = invoke(
         "eval",
         str(image_folder),
         "--model",
@@ -205,6 +205,10 @@ def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     assert set(seen) == {"backbone float", "srl float"}
     for summary in seen.values():
         assert len(summary["runs"]) == 2 and 0 <= summary["mAP_mean"] <= 1
+    # The means are printed too, one row per variant, as the report holds them.
+    for name, summary in seen.items():
+        row = f"| seen | {name} | {summary['mAP_mean']:.4f} ± {summary['mAP_std']:.4f} | "
+        assert row in printed.output and printed.output.count(f"| seen | {name} |") == 1
     assert Image.open(png).size == (640, 480)
     # What validation chose for the head re-trained on each split: its epoch and its retention.
     assert set(r["training"]) == {"seen_seed0", "seen_seed1"}

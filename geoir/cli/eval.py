@@ -116,7 +116,7 @@ def evaluate(
     so no score comes from images the head saw; the backbone alone is scored under the same splits.
     mAP is over the full ranking with ties broken by database index; also mAP@k, P@k and ANMRR.
     The report also records, per split, what validation chose for the head re-trained on it (best
-    epochs, retention angle or gate, code weight).
+    epochs, retention angle or gate, code weight); the means over the seeds are printed as a table.
 
     \b
     Examples:
@@ -128,7 +128,7 @@ def evaluate(
     """
     from geoir.encoding.model import load_model
     from geoir.training.data import image_folder_features, list_image_folder
-    from geoir.training.evaluation import check_protocols, run_protocols, split_files, write_pr_curve
+    from geoir.training.evaluation import check_protocols, run_protocols, split_files, summary_table, write_pr_curve
 
     # Every output and every protocol is checked before the model is trained once.
     if pr_curve is not None and pr_curve.suffix.lower() != ".png":
@@ -178,3 +178,4 @@ def evaluate(
     if pr_curve is not None:
         write_pr_curve(report, pr_curve)
     log.info("%s written", json_out)
+    click.echo(summary_table(report))

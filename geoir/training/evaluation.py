@@ -35,6 +35,8 @@ UNSEEN_TRAIN_CLASSES = 15
 #: the hash head learned for them, DGSSH's protocol T).
 SEEN_PROTOCOLS = ("seen", "test", "reference")
 PROTOCOLS = (*SEEN_PROTOCOLS, "unseen")
+#: The means :func:`summary_table` shows after mAP@all.
+METRIC_COLUMNS = ("mAP@20_mean", "P@10_mean", "ANMRR_mean")
 
 
 def split_files(protocols: Sequence[str], seeds: Sequence[int], unseen_seeds: Sequence[int]) -> list[str]:
@@ -223,6 +225,19 @@ def run_protocols(
         for name, text in splits.items():
             atomic_write_text(splits_dir / name, text)
     return json.loads(json.dumps(report, default=_plain))
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The report's means as a Markdown table: one row per protocol and variant (mAP@all ± std over the
+    seeds, mAP@20, P@10, ANMRR, the number of seeds)."""
+    lines = ["| protocol | variant | mAP@all | mAP@20 | P@10 | ANMRR | seeds |", "|---|---|---|---|---|---|---|"]
+    for protocol, variants in report["protocols"].items():
+        for name, s in variants.items():
+            # A metric the database is too small for (P@10 over fewer than 10 items) is not in the report.
+            cells = [f"{s['mAP_mean']:.4f} ± {s['mAP_std']:.4f}"]
+            cells += [f"{s[k]:.4f}" if k in s else "-" for k in METRIC_COLUMNS]
+            lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + f" | {len(s['runs'])} |")
+    return "\n".join(lines)
 
 
 def _score_seen(
