@@ -583,6 +583,28 @@ def test_eval_papers_protocols_score_one_head_per_split(tmp_path: Path, monkeypa
     assert "V" not in recipe.train(x[split.train], y[split.train], seed=0)[1]["dgssh"]
 
 
+def test_eval_shows_one_bar_tick_per_trained_split(image_folder: Path, srl_model: Path) -> None:
+    from geoir.training.evaluation import run_protocols
+
+    events: list[object] = []
+
+    class Bar:
+        def __init__(self, total: int, label: str, unit: str) -> None:
+            events.append(("open", total, unit))
+
+        def update(self, n: int) -> None:
+            events.append(n)
+
+        def close(self) -> None:
+            events.append("close")
+
+    data = image_folder_features(image_folder, load_backbone("test", device="cpu"))
+    model = load_model(str(srl_model))
+    run_protocols(model, data, ["seen", "test"], [0, 1], [0], log=lambda s: None, progress=Bar)
+    # Two seen splits, each trained once for both protocols; no unseen split was asked for.
+    assert events == [("open", 2, "split"), 1, 1, "close"]
+
+
 def test_eval_tta_scores_the_averaged_features_that_tile_tta_stores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

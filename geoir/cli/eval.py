@@ -171,6 +171,7 @@ def evaluate(
         log=lambda s: log.info("%s", s),
         tta=tta,
         expand=expand,
+        progress=tqdm_progress(progress_enabled(ctx)),
     )
     tmp = json_out.with_name(f".{json_out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=float))

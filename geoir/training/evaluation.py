@@ -116,10 +116,13 @@ def run_protocols(
     log: Callable[[str], None] = print,
     tta: bool = False,
     expand: int = 0,
+    progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Scores of the backbone alone and of the model's recipe, re-trained on each split.
 
     Args:
+        progress: A factory ``progress(total, label, unit)`` of a bar with ``update(n)`` and ``close()``
+            (:func:`geoir.cli.options.tqdm_progress`), ticked once per split the recipe is trained on.
         tta: Score every image, query and database alike, by the mean features of its 8 flips and quarter
             turns (what ``geoir tile --tta`` encodes); ``data`` must carry the 7 other views. Heads still
             train, and choose their epoch and gate, on single views, as ``geoir train`` does.
@@ -151,12 +154,18 @@ def run_protocols(
     # Protocol T ranks codes against the codes the hash head learned for its training images (V).
     learned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
+    n_seen = len(seeds) if any(p in SEEN_PROTOCOLS for p in protocols) else 0
+    n_splits = n_seen + (len(unseen_seeds) if "unseen" in protocols else 0)
+    bar = progress(n_splits, "training per split", "split") if progress is not None else None
+
     def train(rows: np.ndarray, seed: int, split_name: str) -> Any:
         keep = "reference" in protocols and split_name.startswith("seen")
         head, history = recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed, keep_codes=keep)
         if keep and "V" in history.get("dgssh", {}):
             learned[split_name] = (history["dgssh"]["V"], rows[np.asarray(history["dgssh"]["fit_index"])])
         training[split_name] = history_summary(history)
+        if bar is not None:
+            bar.update(1)
         return head
 
     backbone = float_encoder(None)
@@ -219,6 +228,8 @@ def run_protocols(
         for k, v in unseen.items():
             log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
         report["protocols"]["unseen"] = unseen
+    if bar is not None:
+        bar.close()
     report["training"] = training
     if splits_dir is not None:
         splits_dir.mkdir(parents=True, exist_ok=True)
