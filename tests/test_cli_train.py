@@ -24,18 +24,22 @@ from tests.conftest import MakeGeoTiff
 TEST_BACKBONE = ["--backbone", "test", "--device", "cpu"]
 
 
-@pytest.fixture
-def image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """4 classes x 12 images: each class a colour with noise, so classes are separable."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = tmp_path / "data"
+def colour_folder(root: Path, noise: float) -> Path:
+    """4 classes x 12 images: each class a colour under Gaussian noise of std ``noise`` (40: separable)."""
     rng = np.random.default_rng(0)
     for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
         (root / f"class{c}").mkdir(parents=True)
         for i in range(12):
-            img = np.clip(np.array(colour) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            img = np.clip(np.array(colour) + rng.normal(0, noise, (64, 64, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """4 classes x 12 images: each class a colour with noise, so classes are separable."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return colour_folder(tmp_path / "data", 40)
 
 
 def invoke(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
@@ -535,12 +539,7 @@ def test_eval_papers_protocols_score_one_head_per_split(tmp_path: Path, monkeypa
     # Colours under heavy noise: the classes overlap, so the protocols rank differently and each figure
     # below pins which database was used.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    folder, rng = tmp_path / "noisy", np.random.default_rng(0)
-    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
-        (folder / f"class{c}").mkdir(parents=True)
-        for i in range(12):
-            img = np.clip(np.array(colour) + rng.normal(0, 150, (64, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"class{c}" / f"{i}.png")
+    folder = colour_folder(tmp_path / "noisy", 150)
     model = tmp_path / "m.pt"
     invoke(
         "train", str(folder), "--method", "combined", "--bits", "16", "--epochs", "2", "--retain-dim", "0",

@@ -796,6 +796,12 @@ def test_run_protocols_checks_every_protocol_before_any_work(tmp_path: Path) -> 
     with pytest.raises(DatasetError, match=r"at least 3 images per class; too few in 'b' \(2\)"):
         check_protocols(np.array([0, 0, 0, 1, 1]), ["a", "b"], ["seen"], source="ds")
     check_protocols(np.array([0, 0, 0, 1, 1, 1]), ["a", "b"], ["seen", "reference"])
+    # SRL's P1 ranks the test images of a class against each other: 7 images leave 1 in test, 8 leave 2.
+    with pytest.raises(
+        DatasetError, match=r"test protocol.*at least 2 of them; too few in 'a' \(7\);.*--protocol test"
+    ):
+        check_protocols(np.repeat([0, 1], [7, 8]), ["a", "b"], ["seen", "test"], source="ds")
+    check_protocols(np.repeat([0, 1], [8, 8]), ["a", "b"], ["seen", "test"])
 
 
 def test_unseen_class_split() -> None:

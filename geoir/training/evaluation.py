@@ -18,6 +18,7 @@ from geoir.training.protocols import (
     evaluate_seen,
     evaluate_unseen,
     min_class_size,
+    split_train_size,
     stratified_split,
     summarize,
     unseen_class_split,
@@ -61,7 +62,8 @@ def check_protocols(
         source: What to call the data set in the message (its path).
 
     Raises:
-        DatasetError: Too few classes for ``unseen``, or a class too small to be split and trained on.
+        DatasetError: Too few classes for ``unseen``, a class too small to be split and trained on, or (``test``)
+            one whose test part holds a single image.
     """
     counts = np.bincount(np.asarray(labels), minlength=len(classes))
     seen = [p for p in protocols if p in SEEN_PROTOCOLS]
@@ -73,6 +75,20 @@ def check_protocols(
             raise DatasetError(
                 f"{source}: the {'/'.join(seen)} protocol trains on {SEEN_TRAIN_FRACTION:.0%} of every class and "
                 f"needs at least {need} images per class; too few in {listed}; add images or remove those classes"
+            )
+    if "test" in protocols:
+        # Each test image queries the other test images of the split: its class needs another one there.
+        few = [
+            (c, int(n))
+            for c, n in zip(classes, counts, strict=True)
+            if n - split_train_size(n, SEEN_TRAIN_FRACTION) < 2
+        ]
+        if few:
+            listed = ", ".join(f"{c!r} ({n})" for c, n in few[:5]) + (" ..." if len(few) > 5 else "")
+            raise DatasetError(
+                f"{source}: the test protocol ranks each class's test images ({1 - SEEN_TRAIN_FRACTION:.0%} of it) "
+                f"against each other and needs at least 2 of them; too few in {listed}; add images, or leave "
+                "out --protocol test"
             )
     if "unseen" in protocols:
         need_classes = UNSEEN_TRAIN_CLASSES + 2
@@ -154,8 +170,8 @@ def run_protocols(
     # Protocol T ranks codes against the codes the hash head learned for its training images (V).
     learned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    n_seen = len(seeds) if any(p in SEEN_PROTOCOLS for p in protocols) else 0
-    n_splits = n_seen + (len(unseen_seeds) if "unseen" in protocols else 0)
+    seen_protocols = [p for p in SEEN_PROTOCOLS if p in protocols]
+    n_splits = (len(seeds) if seen_protocols else 0) + (len(unseen_seeds) if "unseen" in protocols else 0)
     bar = progress(n_splits, "training per split", "split") if progress is not None else None
 
     def train(rows: np.ndarray, seed: int, split_name: str) -> Any:
@@ -178,8 +194,8 @@ def run_protocols(
         "expand": expand,
         "protocols": {},
     }
-    if any(p in SEEN_PROTOCOLS for p in protocols):
-        scored: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in SEEN_PROTOCOLS if p in protocols}
+    if seen_protocols:
+        scored: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in seen_protocols}
         for seed in seeds:
             split = stratified_split(y, SEEN_TRAIN_FRACTION, seed)
             splits[f"seen_seed{seed}.json"] = split.to_json(data.items)
