@@ -48,6 +48,18 @@ def invoke(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
     return r
 
 
+def test_train_shows_a_bar_per_training_loop_and_quiet_hides_them(image_folder: Path, tmp_path: Path) -> None:
+    args = ["train", str(image_folder), "--bits", "16", "--epochs", "2", "--augment", "none", *TEST_BACKBONE]
+    r = CliRunner().invoke(cli, ["-v", *args, "--out", str(tmp_path / "a.pt")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    # The backbone's features, then the shipped recipe's loops; -v's per-epoch lines print above the bars.
+    for label in ("SRL head", "SRL head, retention probe", "SRL retention choices", "DGSSH head (16 bits)"):
+        assert f"{label}: 100%" in r.stderr, label
+    assert "2/2 [" in r.stderr and "val mAP" in r.stderr and "debug: dgssh epoch 2:" in r.stderr
+    quiet = CliRunner().invoke(cli, ["-q", *args, "--out", str(tmp_path / "b.pt")])
+    assert quiet.exit_code == 0 and "SRL head" not in quiet.stderr and "100%" not in quiet.stderr
+
+
 @pytest.mark.parametrize("method", ["srl", "dgssh", "plain", "combined"])
 def test_train_writes_a_usable_model(image_folder: Path, tmp_path: Path, method: str) -> None:
     out = tmp_path / f"{method}.pt"

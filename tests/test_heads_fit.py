@@ -251,6 +251,74 @@ def test_recipe_fuse_codes_builds_the_head_validation_chose() -> None:
             Recipe(fuse_codes=True, **bad)  # type: ignore[arg-type]
 
 
+class _Bars:
+    """A progress factory that records every bar: its label, unit, total, ticks, notes and whether it closed."""
+
+    def __init__(self) -> None:
+        self.bars: list[dict] = []
+
+    def __call__(self, total: int, label: str, unit: str = "tile") -> _Bars:
+        self.bars.append({"label": label, "unit": unit, "total": total, "ticks": 0, "notes": [], "closed": False})
+        return self
+
+    def update(self, n: int = 1) -> None:
+        assert not self.bars[-1]["closed"], "a tick after the bar closed"
+        self.bars[-1]["ticks"] += n
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        self.bars[-1]["notes"].append(s)
+
+    def close(self) -> None:
+        self.bars[-1]["closed"] = True
+
+
+def test_recipe_training_shows_a_bar_over_every_training_loop() -> None:
+    from geoir.training.fit import GATE_ANGLES_HI, GATE_ANGLES_LO, GATE_TAUS, RETAIN_ANGLES
+    from geoir.training.recipes import Recipe
+
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    opts = {"srl": {"epochs": 3, "warmup_epochs": 1}, "dgssh": {"epochs": 4, "warmup_epochs": 1}}
+    bars = _Bars()
+    head, hist = Recipe(bits=16, retain_dim=8, augment="none", options=opts).train(x, y, seed=1, progress=bars)
+    best = hist["dgssh"]["best_epoch"]
+    candidates = len(RETAIN_ANGLES) + len(GATE_ANGLES_LO) * len(GATE_ANGLES_HI) * len(GATE_TAUS)
+    # The shipped recipe's loops in the order they run: the SRL head, its retention probe, the scoring of
+    # the retention candidates, the hash head and its refit for the epochs validation chose.
+    assert [(b["label"], b["unit"], b["total"]) for b in bars.bars] == [
+        ("SRL head", "epoch", 3),
+        ("SRL head, retention probe", "epoch", 3),
+        ("SRL retention choices", "candidate", candidates),
+        ("DGSSH head (16 bits)", "epoch", 4),
+        ("DGSSH head (16 bits), refit on all items", "epoch", best),
+    ]
+    assert all(b["closed"] and b["ticks"] == b["total"] for b in bars.bars)
+    # Each epoch of a loop with validation shows its validation mAP; a refit has none to show.
+    val = [f"val mAP {v:.3f}" for v in hist["dgssh"]["val_mAP_I1"]]
+    assert bars.bars[3]["notes"] == val and bars.bars[4]["notes"] == []
+    assert bars.bars[0]["notes"] == [f"val mAP {v:.3f}" for v in hist["srl"]["val_mAP"]]
+    # The bars change nothing: the same recipe trained without them gives the same head.
+    again, _ = Recipe(bits=16, retain_dim=8, augment="none", options=opts).train(x, y, seed=1)
+    assert np.array_equal(head.embed(x), again.embed(x)) and np.array_equal(head.codes(x), again.codes(x))
+
+
+def test_refit_and_plain_training_show_their_own_bars() -> None:
+    from geoir.training.recipes import Recipe
+
+    x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
+    opts = {"srl": {"epochs": 3, "warmup_epochs": 1}, "plain": {"epochs": 5, "warmup_epochs": 1}}
+    bars = _Bars()
+    _, hist = Recipe(method="srl", retain_dim=0, augment="none", refit="all", options=opts).train(x, y, progress=bars)
+    assert [(b["label"], b["total"], b["ticks"]) for b in bars.bars] == [
+        ("SRL head", 3, 3),
+        ("SRL head, refit on all items", hist["srl"]["best_epoch"], hist["srl"]["best_epoch"]),
+    ]
+    bars = _Bars()
+    Recipe(method="plain", bits=32, augment="none", refit="none", options=opts).train(x, y, progress=bars)
+    assert [(b["label"], b["total"], b["ticks"], b["closed"]) for b in bars.bars] == [
+        ("plain head (32 bits)", 5, 5, True)
+    ]
+
+
 def test_retention_appends_the_backbone_principal_axes() -> None:
     x, _ = _clusters(per_class=40)
     head = SRLHead(16, 8).init_pca_whitening(x)

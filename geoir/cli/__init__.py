@@ -62,6 +62,19 @@ class _StderrFormatter(logging.Formatter):
         return msg if record.levelno == logging.INFO else f"{record.levelname.lower()}: {msg}"
 
 
+class _BarSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each message above any progress bar on the stream (tqdm's ``write``), so a message logged while
+    a bar runs (``-v`` prints one per training epoch) does not break the bar into copies."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 @click.group(cls=GeoirGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="geoir")
 @click.option("-v", "--verbose", count=True, help="More messages on stderr (repeatable).")
@@ -78,7 +91,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     # suffice: this sets a ceiling before any GDAL call, and each scene's reader lowers the cache to what
     # its block layout needs, so memory follows a scene's width, not its area.
     os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BarSafeHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter("%(message)s"))
     log = logging.getLogger("geoir")
     log.handlers[:] = [handler]

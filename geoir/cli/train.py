@@ -266,6 +266,7 @@ def train(
         data.labels[train_idx],
         views=data.views_of(train_idx),
         log=lambda s: log.debug("%s", s),
+        progress=tqdm_progress(progress_enabled(ctx)),
     )
     _warn_without_validation(history, test_fraction, "image" if dataset.is_dir() else "labelled tile")
     meta = {

@@ -180,6 +180,46 @@ def _as_float(v: object) -> float:
     return float(v)  # type: ignore[arg-type]
 
 
+#: ``progress(total, label, unit)`` makes a bar with ``update(n)`` and ``close()`` (tqdm's, from
+#: :func:`geoir.cli.options.tqdm_progress`); the trainers open one per training loop.
+Progress = Callable[..., Any]
+
+
+class _Bar:
+    """One progress bar over ``total`` steps of a training loop, labelled ``label``; nothing without a factory.
+
+    ``tick(score)`` advances it by one and shows the step's validation mAP beside it (where the bar can show
+    a note, as tqdm's can)."""
+
+    def __init__(self, progress: Progress | None, total: int, label: str, unit: str = "epoch") -> None:
+        self.bar = progress(total, label, unit) if progress is not None else None
+
+    def tick(self, score: float | None = None) -> None:
+        if self.bar is None:
+            return
+        if score is not None and not math.isnan(score) and hasattr(self.bar, "set_postfix_str"):
+            self.bar.set_postfix_str(f"val mAP {score:.3f}", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _relabelled(progress: Progress | None, what: str) -> Progress | None:
+    """``progress`` with ``what`` appended to every bar's label (a probe's or a refit's bars)."""
+    if progress is None:
+        return None
+    return lambda total, label, unit="epoch": progress(total, f"{label}, {what}", unit)
+
+
+def _epochs_to_run(epochs: int, stop_after: int | None) -> int:
+    return epochs if stop_after is None else max(0, min(epochs, stop_after))
+
+
 def _seed_all(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
@@ -251,7 +291,8 @@ def _refit(
     n = len(args["labels"])
     if args["log"]:
         args["log"](f"refit: training again on all {n} items, {epoch} epoch(s) of the same schedule")
-    head, h = train(**{**args, "val_fraction": 0.0, "refit": False, "stop_after": epoch})
+    progress = _relabelled(args["progress"], "refit on all items")
+    head, h = train(**{**args, "val_fraction": 0.0, "refit": False, "stop_after": epoch, "progress": progress})
     hist["refit"] = {"epochs": epoch, "items": n, "seconds": h["seconds"]}
     return head, h
 
@@ -292,6 +333,7 @@ def train_srl(
     stop_after: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[SRLHead, dict[str, Any]]:
     """Train an :class:`SRLHead` with :class:`SRLLoss` on precomputed features.
 
@@ -361,6 +403,8 @@ def train_srl(
         stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
+        progress: Progress factory ``progress(total, label, unit)`` (:data:`Progress`): one bar over the
+            epochs of each training loop (this one, a probe's, a refit's), showing the validation mAP.
 
     Returns:
         The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
@@ -405,43 +449,45 @@ def train_srl(
         hist["val_mAP_initial"] = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within)
         sel.update(hist["val_mAP_initial"], 0, head)
     stale = 0
-    for epoch in range(1, epochs + 1):
-        if stop_after is not None and epoch > stop_after:
-            break
-        head.train()
-        losses = []
-        for group in balanced_chunks(yf.numpy(), chunk, rng):
-            if mode == "pool":
-                q = torch.from_numpy(np.concatenate(group)).long()
-                xb = xf.batch(torch.arange(len(fit_idx)))
-                emb = head(xb)
-                value = with_distill(loss(emb[q], yf[q], emb, yf, q), emb, xb)
-                losses.append(float(value.detach()))
-                opt.zero_grad()
-                value.backward()
-                opt.step()
-                sched.step()
-            else:
-                for s in range(0, len(group), classes_per_batch):
-                    b = torch.from_numpy(np.concatenate(group[s : s + classes_per_batch])).long()
-                    xb = xf.batch(b)
+    with _Bar(progress, _epochs_to_run(epochs, stop_after), "SRL head") as bar:
+        for epoch in range(1, epochs + 1):
+            if stop_after is not None and epoch > stop_after:
+                break
+            head.train()
+            losses = []
+            for group in balanced_chunks(yf.numpy(), chunk, rng):
+                if mode == "pool":
+                    q = torch.from_numpy(np.concatenate(group)).long()
+                    xb = xf.batch(torch.arange(len(fit_idx)))
                     emb = head(xb)
-                    value = with_distill(loss(emb, yf[b]), emb, xb)
+                    value = with_distill(loss(emb[q], yf[q], emb, yf, q), emb, xb)
                     losses.append(float(value.detach()))
                     opt.zero_grad()
                     value.backward()
                     opt.step()
                     sched.step()
-        hist["loss"].append(float(np.mean(losses)))
-        hist["lr"].append(float(opt.param_groups[0]["lr"]))
-        score = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within) if val_idx is not None else None
-        hist["val_mAP"].append(score)
-        improved = sel.update(score, epoch, head)
-        if log:
-            log(f"srl epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
-        stale = 0 if improved else stale + 1
-        if patience is not None and stale >= patience:
-            break
+                else:
+                    for s in range(0, len(group), classes_per_batch):
+                        b = torch.from_numpy(np.concatenate(group[s : s + classes_per_batch])).long()
+                        xb = xf.batch(b)
+                        emb = head(xb)
+                        value = with_distill(loss(emb, yf[b]), emb, xb)
+                        losses.append(float(value.detach()))
+                        opt.zero_grad()
+                        value.backward()
+                        opt.step()
+                        sched.step()
+            hist["loss"].append(float(np.mean(losses)))
+            hist["lr"].append(float(opt.param_groups[0]["lr"]))
+            score = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within) if val_idx is not None else None
+            hist["val_mAP"].append(score)
+            improved = sel.update(score, epoch, head)
+            if log:
+                log(f"srl epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
+            bar.tick(score)
+            stale = 0 if improved else stale + 1
+            if patience is not None and stale >= patience:
+                break
     if sel.state is None:  # stopped before the first epoch, without validation: the initial head
         sel.update(None, 0, head)
     assert sel.state is not None
@@ -480,7 +526,7 @@ def train_srl(
                 seed=seed,
             )
             angle, gate, curve, fuse = _choose_retention(
-                x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate, fuse_codes
+                x, y, views, retain_dim, retain_holdout, probe_kw, retain_gate, fuse_codes, progress=progress
             )
         head.set_retention(x[fit_idx], angle, retain_dim)
         if gate is not None:
@@ -557,6 +603,7 @@ def _choose_retention(
     probe_kw: dict[str, Any],
     gate: bool = False,
     code_kw: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[float, tuple[float, float, float, float] | None, dict[str, Any], float]:
     """The retention (a fixed angle, or with ``gate`` also a gate) with the best mean validation mAP over
     seen and held-out classes; returns ``(angle, gate or None, curve, fuse weight)``.
@@ -574,7 +621,8 @@ def _choose_retention(
         # The probe's classes are too small to hold out images of: nothing to choose on.
         return RETAIN_DEFAULT_ANGLE, None, {}, 0.0
     probe_views = None if views is None else views[:, known]
-    probe, _ = train_srl(x[known], y[known], views=probe_views, **probe_kw)
+    probe_progress = _relabelled(progress, "retention probe")
+    probe, _ = train_srl(x[known], y[known], views=probe_views, **{**probe_kw, "progress": probe_progress})
     xk, yk = x[known], y[known]
     # Every candidate embeds with the same trained part and retained part; only the angles change.
     trial = copy.deepcopy(probe).set_retention(xk[p_fit], RETAIN_ANGLES[-1], dim)
@@ -586,7 +634,8 @@ def _choose_retention(
             confidence = trial.confidence(f)
     codes: torch.Tensor | None = None
     if code_kw is not None:
-        code_probe, _ = train_dgssh(xk, yk, views=probe_views, **{"seed": seed, **code_kw})
+        code_kw = {"seed": seed, "progress": probe_progress, **code_kw}
+        code_probe, _ = train_dgssh(xk, yk, views=probe_views, **code_kw)
         with torch.no_grad():
             codes = code_probe.eval()(xt)
     (q, db), u = (known[p_val], known[p_fit]), unknown
@@ -603,14 +652,17 @@ def _choose_retention(
         candidates += [
             (hi, (lo, hi, tau, GATE_TEMPERATURE)) for lo in GATE_ANGLES_LO for hi in GATE_ANGLES_HI for tau in GATE_TAUS
         ]
-    for w in FUSE_WEIGHTS if codes is not None else (0.0,):
-        t = f if codes is None else fuse_trained(f, codes, w)
-        for angle, g in candidates:
-            seen, un = score(torch.full((len(f),), angle) if g is None else gate_angles(confidence, *g), t)
-            key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
-            curve[key if codes is None else f"code {w:g} {key}"] = {"seen": seen, "unseen": un}
-            if (seen + un) / 2 > best_score + 1e-9:
-                best, best_score = (angle, g, w), (seen + un) / 2
+    weights = FUSE_WEIGHTS if codes is not None else (0.0,)
+    with _Bar(progress, len(weights) * len(candidates), "SRL retention choices", "candidate") as bar:
+        for w in weights:
+            t = f if codes is None else fuse_trained(f, codes, w)
+            for angle, g in candidates:
+                seen, un = score(torch.full((len(f),), angle) if g is None else gate_angles(confidence, *g), t)
+                key = f"{angle:.2f}" if g is None else "gate " + " ".join(f"{v:.2f}" for v in g[:3])
+                curve[key if codes is None else f"code {w:g} {key}"] = {"seen": seen, "unseen": un}
+                if (seen + un) / 2 > best_score + 1e-9:
+                    best, best_score = (angle, g, w), (seen + un) / 2
+                bar.tick()
     # Angle 0 wins only when retention helps nowhere; the head then keeps the smallest angle on offer.
     if best[1] is None and best[0] <= 0:
         best = (RETAIN_ANGLES[1], None, best[2])
@@ -672,6 +724,7 @@ def train_dgssh(
     stop_after: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[HashHead, dict[str, Any]]:
     """Train a :class:`HashHead` with the DGSSH objective and the ADSH V-step.
 
@@ -709,6 +762,8 @@ def train_dgssh(
         stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
+        progress: Progress factory ``progress(total, label, unit)`` (:data:`Progress`): one bar over the
+            epochs of each training loop (this one, a probe's, a refit's), showing the validation mAP.
 
     Returns:
         The best head (eval mode; its classifier included) and a history dict with per-epoch ``loss``,
@@ -740,56 +795,58 @@ def train_dgssh(
     sel = _Selector()
     best_V = V.clone()
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        if stop_after is not None and epoch > stop_after:
-            break
-        head.train()
-        losses = []
-        for b in dgssh_batches(yf.numpy(), rng, chunk, classes_per_batch):
-            bi = torch.from_numpy(b).long()
-            u = head(xf.batch(bi))
-            value = (
-                asy(u, bi, V, S[bi], yf[bi])
-                + alpha_cls * label_smoothing_cross_entropy(head.logits(u), yf[bi], label_smoothing)
-                + cor(u, yf[bi])
-            )
-            if rho > 0:
-                value = value + rho * ((u - torch.where(u >= 0, 1.0, -1.0)) ** 2).mean()
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            sched.step()
-            U[bi] = u.detach()
-            losses.append(float(value.detach()))
-        if recompute_u:
-            with torch.no_grad():
-                head.eval()
-                U = head(xf.base)
-        V = adsh_v_step(U, S, torch.arange(n), beta, V if epoch > 1 else None)
-        hist["loss"].append(float(np.mean(losses)))
-        net_codes = head.codes(x[fit_idx])
-        hist["bit_agreement"].append(float((net_codes == V.numpy()).mean()))
-        score = None
-        if val_idx is not None:
-            qc = head.codes(x[val_idx])
-            if within:
-                # Held-out classes have no row in V: protocol T does not apply, I1 is all-vs-all.
-                i1 = _val_map(head.codes, x, y, fit_idx, val_idx, "hamming", within=True)
-                t = float("nan")
-            else:
-                v_codes = V.numpy().astype(np.int8)
-                i1 = _map(qc, net_codes, y[val_idx], y[fit_idx], "hamming")
-                t = _map(qc, v_codes, y[val_idx], y[fit_idx], "hamming")
-            hist["val_mAP_I1"].append(i1)
-            hist["val_mAP_T"].append(t)
-            score = hist["val_mAP_I1" if select_on == "I1" else "val_mAP_T"][-1]
-        if sel.update(score, epoch, head):
-            best_V = V.clone()
-        if log:
-            log(
-                f"dgssh epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP I1 {score} "
-                f"bit agreement {hist['bit_agreement'][-1]:.3f}"
-            )
+    with _Bar(progress, _epochs_to_run(epochs, stop_after), f"DGSSH head ({bits} bits)") as bar:
+        for epoch in range(1, epochs + 1):
+            if stop_after is not None and epoch > stop_after:
+                break
+            head.train()
+            losses = []
+            for b in dgssh_batches(yf.numpy(), rng, chunk, classes_per_batch):
+                bi = torch.from_numpy(b).long()
+                u = head(xf.batch(bi))
+                value = (
+                    asy(u, bi, V, S[bi], yf[bi])
+                    + alpha_cls * label_smoothing_cross_entropy(head.logits(u), yf[bi], label_smoothing)
+                    + cor(u, yf[bi])
+                )
+                if rho > 0:
+                    value = value + rho * ((u - torch.where(u >= 0, 1.0, -1.0)) ** 2).mean()
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+                sched.step()
+                U[bi] = u.detach()
+                losses.append(float(value.detach()))
+            if recompute_u:
+                with torch.no_grad():
+                    head.eval()
+                    U = head(xf.base)
+            V = adsh_v_step(U, S, torch.arange(n), beta, V if epoch > 1 else None)
+            hist["loss"].append(float(np.mean(losses)))
+            net_codes = head.codes(x[fit_idx])
+            hist["bit_agreement"].append(float((net_codes == V.numpy()).mean()))
+            score = None
+            if val_idx is not None:
+                qc = head.codes(x[val_idx])
+                if within:
+                    # Held-out classes have no row in V: protocol T does not apply, I1 is all-vs-all.
+                    i1 = _val_map(head.codes, x, y, fit_idx, val_idx, "hamming", within=True)
+                    t = float("nan")
+                else:
+                    v_codes = V.numpy().astype(np.int8)
+                    i1 = _map(qc, net_codes, y[val_idx], y[fit_idx], "hamming")
+                    t = _map(qc, v_codes, y[val_idx], y[fit_idx], "hamming")
+                hist["val_mAP_I1"].append(i1)
+                hist["val_mAP_T"].append(t)
+                score = hist["val_mAP_I1" if select_on == "I1" else "val_mAP_T"][-1]
+            if sel.update(score, epoch, head):
+                best_V = V.clone()
+            if log:
+                log(
+                    f"dgssh epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP I1 {score} "
+                    f"bit agreement {hist['bit_agreement'][-1]:.3f}"
+                )
+            bar.tick(score)
     assert sel.state is not None
     head.load_state_dict(sel.state)
     if refit and val_idx is not None:
@@ -853,10 +910,11 @@ def train_plain(
     stop_after: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[PlainHead, dict[str, Any]]:
     """Baseline: ``Linear(D, bits) -> tanh -> classifier`` trained with label-smoothed cross-entropy plus
-    ``rho * mean((u - sgn u)²)``; AdamW, warm-up + cosine, validation selection every epoch; ``refit`` and
-    ``stop_after`` as in :func:`train_dgssh`.
+    ``rho * mean((u - sgn u)²)``; AdamW, warm-up + cosine, validation selection every epoch; ``refit``,
+    ``stop_after`` and ``progress`` as in :func:`train_dgssh`.
 
     Returns:
         The best head (eval mode) and a history dict (per-epoch ``loss`` and ``val_mAP``, ``best_epoch``,
@@ -877,28 +935,30 @@ def train_plain(
     hist: dict[str, Any] = {"loss": [], "val_mAP": []}
     sel = _Selector()
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        if stop_after is not None and epoch > stop_after:
-            break
-        head.train()
-        perm = torch.from_numpy(rng.permutation(len(fit_idx))).long()
-        losses = []
-        for s in range(0, len(perm), batch_size):
-            b = perm[s : s + batch_size]
-            u = head(xf.batch(b))
-            value = label_smoothing_cross_entropy(head.logits(u), yf[b], label_smoothing)
-            value = value + rho * ((u - torch.where(u >= 0, 1.0, -1.0)) ** 2).mean()
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(value.detach()))
-        hist["loss"].append(float(np.mean(losses)))
-        score = _val_map(head.codes, x, y, fit_idx, val_idx, "hamming", within) if val_idx is not None else None
-        hist["val_mAP"].append(score)
-        sel.update(score, epoch, head)
-        if log:
-            log(f"plain epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
+    with _Bar(progress, _epochs_to_run(epochs, stop_after), f"plain head ({bits} bits)") as bar:
+        for epoch in range(1, epochs + 1):
+            if stop_after is not None and epoch > stop_after:
+                break
+            head.train()
+            perm = torch.from_numpy(rng.permutation(len(fit_idx))).long()
+            losses = []
+            for s in range(0, len(perm), batch_size):
+                b = perm[s : s + batch_size]
+                u = head(xf.batch(b))
+                value = label_smoothing_cross_entropy(head.logits(u), yf[b], label_smoothing)
+                value = value + rho * ((u - torch.where(u >= 0, 1.0, -1.0)) ** 2).mean()
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(value.detach()))
+            hist["loss"].append(float(np.mean(losses)))
+            score = _val_map(head.codes, x, y, fit_idx, val_idx, "hamming", within) if val_idx is not None else None
+            hist["val_mAP"].append(score)
+            sel.update(score, epoch, head)
+            if log:
+                log(f"plain epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
+            bar.tick(score)
     assert sel.state is not None
     head.load_state_dict(sel.state)
     if refit and val_idx is not None:

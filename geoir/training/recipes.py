@@ -132,11 +132,13 @@ class Recipe:
         log: Callable[[str], None] | None = None,
         seed: int | None = None,
         keep_codes: bool = False,
+        progress: Callable[..., Any] | None = None,
     ) -> tuple[nn.Module, dict[str, Any]]:
         """Train the head on features and labels; returns ``(head, history)``.
 
         With ``keep_codes`` a DGSSH head's history keeps ``V``, the codes it learned for the items it fitted
-        (rows ``fit_index``), which DGSSH's protocol T ranks against; otherwise they are dropped."""
+        (rows ``fit_index``), which DGSSH's protocol T ranks against; otherwise they are dropped.
+        ``progress`` (:data:`geoir.training.fit.Progress`) gives every training loop a bar over its epochs."""
         from geoir.training.fit import train_dgssh, train_plain, train_srl
 
         seed = self.seed if seed is None else seed
@@ -148,6 +150,7 @@ class Recipe:
             "refit": self.refit in ("codes", "all"),
             "seed": seed,
             "log": log,
+            "progress": progress,
         }
         hist: dict[str, Any] = {}
         head: nn.Module | None
@@ -165,7 +168,15 @@ class Recipe:
                 kw["fuse_codes"] = {"bits": self.bits, **self.head_options("dgssh")}
             refit = self.refit in ("float", "all")
             srl, hist["srl"] = train_srl(
-                features, labels, dim=self.dim, views=float_views, refit=refit, seed=seed, log=log, **kw
+                features,
+                labels,
+                dim=self.dim,
+                views=float_views,
+                refit=refit,
+                seed=seed,
+                log=log,
+                progress=progress,
+                **kw,
             )
         if self.method in ("dgssh", "combined"):
             dg, h = train_dgssh(features, labels, **code_kw, **self.head_options("dgssh"))
