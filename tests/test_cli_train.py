@@ -56,6 +56,7 @@ def test_train_shows_a_bar_per_training_loop_and_quiet_hides_them(image_folder: 
     for label in ("SRL head", "SRL head, retention probe", "SRL retention choices", "DGSSH head (16 bits)"):
         assert f"{label}: 100%" in r.stderr, label
     assert "2/2 [" in r.stderr and "val mAP" in r.stderr and "debug: dgssh epoch 2:" in r.stderr
+    assert "features: 100%" in r.stderr and "image/s" in r.stderr and "tile/s" not in r.stderr  # images, not tiles
     quiet = CliRunner().invoke(cli, ["-q", *args, "--out", str(tmp_path / "b.pt")])
     assert quiet.exit_code == 0 and "SRL head" not in quiet.stderr and "100%" not in quiet.stderr
 

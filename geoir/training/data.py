@@ -125,7 +125,7 @@ def image_folder_features(
     backbone,
     batch_size: int = 64,  # type: ignore[no-untyped-def]
     workers: int = 0,
-    progress: Callable[[int, str], object] | None = None,
+    progress: Callable[..., object] | None = None,
     use_cache: bool = True,
     augment: str = "none",
 ) -> FeatureSet:
@@ -159,7 +159,7 @@ def _view_features(
     view_of: tuple[int, int],
     batch_size: int,
     workers: int,
-    progress: Callable[[int, str], object] | None,
+    progress: Callable[..., object] | None,
     use_cache: bool,
 ) -> np.ndarray:
     view, n_views = view_of
@@ -209,7 +209,7 @@ def _encode_paths(
     backbone,
     batch_size: int,
     workers: int,  # type: ignore[no-untyped-def]
-    progress: Callable[[int, str], object] | None,
+    progress: Callable[..., object] | None,
     view: int = 0,
     label: str = "features",
 ) -> np.ndarray:
@@ -223,7 +223,7 @@ def _encode_paths(
         num_workers=workers,
         collate_fn=lambda items: torch.from_numpy(np.stack(items)),
     )
-    bar = progress(len(paths), label) if progress else None
+    bar = progress(len(paths), label, "image") if progress else None
     out = []
     for batch in loader:
         out.append(backbone.features(batch).cpu().numpy())
