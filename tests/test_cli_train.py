@@ -607,14 +607,17 @@ def test_eval_shows_one_bar_tick_per_trained_split(image_folder: Path, srl_model
         def update(self, n: int) -> None:
             events.append(n)
 
+        def set_postfix_str(self, s: str) -> None:
+            events.append(s)
+
         def close(self) -> None:
             events.append("close")
 
     data = image_folder_features(image_folder, load_backbone("test", device="cpu"))
     model = load_model(str(srl_model))
     run_protocols(model, data, ["seen", "test"], [0, 1], [0], log=lambda s: None, progress=Bar)
-    # Two seen splits, each trained once for both protocols; no unseen split was asked for.
-    assert events == [("open", 2, "split"), 1, 1, "close"]
+    # Two seen splits, each trained once for both protocols, the bar naming each; no unseen split was asked for.
+    assert events == [("open", 2, "split"), "seen_seed0", 1, "seen_seed1", 1, "close"]
 
 
 def test_eval_tta_scores_the_averaged_features_that_tile_tta_stores(

@@ -138,7 +138,8 @@ def run_protocols(
 
     Args:
         progress: A factory ``progress(total, label, unit)`` of a bar with ``update(n)`` and ``close()``
-            (:func:`geoir.cli.options.tqdm_progress`), ticked once per split the recipe is trained on.
+            (:func:`geoir.cli.options.tqdm_progress`), ticked once per split the recipe is trained on and
+            naming the split in training where the bar can show a note (tqdm's ``set_postfix_str``).
         tta: Score every image, query and database alike, by the mean features of its 8 flips and quarter
             turns (what ``geoir tile --tta`` encodes); ``data`` must carry the 7 other views. Heads still
             train, and choose their epoch and gate, on single views, as ``geoir train`` does.
@@ -176,6 +177,8 @@ def run_protocols(
 
     def train(rows: np.ndarray, seed: int, split_name: str) -> Any:
         keep = "reference" in protocols and split_name.startswith("seen")
+        if bar is not None and hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(split_name)  # the split being trained, e.g. seen_seed2
         head, history = recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed, keep_codes=keep)
         if keep and "V" in history.get("dgssh", {}):
             learned[split_name] = (history["dgssh"]["V"], rows[np.asarray(history["dgssh"]["fit_index"])])
