@@ -12,6 +12,7 @@ import numpy as np
 from geoir.errors import DatasetError
 from geoir.io.files import atomic_write_text
 from geoir.training.data import FeatureSet
+from geoir.training.progress import Bar, Progress
 from geoir.training.protocols import (
     Metric,
     Split,
@@ -132,7 +133,7 @@ def run_protocols(
     log: Callable[[str], None] = print,
     tta: bool = False,
     expand: int = 0,
-    progress: Callable[..., Any] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Scores of the backbone alone and of the model's recipe, re-trained on each split.
 
@@ -173,18 +174,16 @@ def run_protocols(
 
     seen_protocols = [p for p in SEEN_PROTOCOLS if p in protocols]
     n_splits = (len(seeds) if seen_protocols else 0) + (len(unseen_seeds) if "unseen" in protocols else 0)
-    bar = progress(n_splits, "training per split", "split") if progress is not None else None
+    bar = Bar(progress, n_splits, "training per split", "split")
 
     def train(rows: np.ndarray, seed: int, split_name: str) -> Any:
         keep = "reference" in protocols and split_name.startswith("seen")
-        if bar is not None and hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(split_name)  # the split being trained, e.g. seen_seed2
+        bar.note(split_name)  # the split being trained, e.g. seen_seed2
         head, history = recipe.train(x[rows], y[rows], views=data.views_of(rows), seed=seed, keep_codes=keep)
         if keep and "V" in history.get("dgssh", {}):
             learned[split_name] = (history["dgssh"]["V"], rows[np.asarray(history["dgssh"]["fit_index"])])
         training[split_name] = history_summary(history)
-        if bar is not None:
-            bar.update(1)
+        bar.tick()
         return head
 
     backbone = float_encoder(None)
@@ -247,8 +246,7 @@ def run_protocols(
         for k, v in unseen.items():
             log(f"unseen {k}: mAP {v['mAP_mean']:.4f}")
         report["protocols"]["unseen"] = unseen
-    if bar is not None:
-        bar.close()
+    bar.close()
     report["training"] = training
     if splits_dir is not None:
         splits_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from geoir.training.losses import (
     soft_similarity,
 )
 from geoir.training.metrics import evaluate_retrieval
+from geoir.training.progress import Bar, Progress, relabelled
 
 __all__ = [
     "balanced_chunks",
@@ -180,40 +181,9 @@ def _as_float(v: object) -> float:
     return float(v)  # type: ignore[arg-type]
 
 
-#: ``progress(total, label, unit)`` makes a bar with ``update(n)`` and ``close()`` (tqdm's, from
-#: :func:`geoir.cli.options.tqdm_progress`); the trainers open one per training loop.
-Progress = Callable[..., Any]
-
-
-class _Bar:
-    """One progress bar over ``total`` steps of a training loop, labelled ``label``; nothing without a factory.
-
-    ``tick(score)`` advances it by one and shows the step's validation mAP beside it (where the bar can show
-    a note, as tqdm's can)."""
-
-    def __init__(self, progress: Progress | None, total: int, label: str, unit: str = "epoch") -> None:
-        self.bar = progress(total, label, unit) if progress is not None else None
-
-    def tick(self, score: float | None = None) -> None:
-        if self.bar is None:
-            return
-        if score is not None and not math.isnan(score) and hasattr(self.bar, "set_postfix_str"):
-            self.bar.set_postfix_str(f"val mAP {score:.3f}", refresh=False)
-        self.bar.update(1)
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _relabelled(progress: Progress | None, what: str) -> Progress | None:
-    """``progress`` with ``what`` appended to every bar's label (a probe's or a refit's bars)."""
-    if progress is None:
-        return None
-    return lambda total, label, unit="epoch": progress(total, f"{label}, {what}", unit)
+def _val_note(score: float | None) -> str | None:
+    """The note an epoch's bar shows: its validation mAP, if it has one."""
+    return None if score is None or math.isnan(score) else f"val mAP {score:.3f}"
 
 
 def _epochs_to_run(epochs: int, stop_after: int | None) -> int:
@@ -291,7 +261,7 @@ def _refit(
     n = len(args["labels"])
     if args["log"]:
         args["log"](f"refit: training again on all {n} items, {epoch} epoch(s) of the same schedule")
-    progress = _relabelled(args["progress"], "refit on all items")
+    progress = relabelled(args["progress"], "refit on all items")
     head, h = train(**{**args, "val_fraction": 0.0, "refit": False, "stop_after": epoch, "progress": progress})
     hist["refit"] = {"epochs": epoch, "items": n, "seconds": h["seconds"]}
     return head, h
@@ -403,8 +373,8 @@ def train_srl(
         stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
-        progress: Progress factory ``progress(total, label, unit)`` (:data:`Progress`): one bar over the
-            epochs of each training loop (this one, a probe's, a refit's), showing the validation mAP.
+        progress: Progress factory (:data:`geoir.training.progress.Progress`): one bar over the epochs of
+            each training loop (this one, a probe's, a refit's), showing the validation mAP.
 
     Returns:
         The best head (eval mode) and a history dict (per-epoch ``loss``, ``val_mAP``, ``lr``; ``best_epoch``,
@@ -449,7 +419,7 @@ def train_srl(
         hist["val_mAP_initial"] = _val_map(head.embed, x, y, fit_idx, val_idx, "euclidean", within)
         sel.update(hist["val_mAP_initial"], 0, head)
     stale = 0
-    with _Bar(progress, _epochs_to_run(epochs, stop_after), "SRL head") as bar:
+    with Bar(progress, _epochs_to_run(epochs, stop_after), "SRL head", "epoch") as bar:
         for epoch in range(1, epochs + 1):
             if stop_after is not None and epoch > stop_after:
                 break
@@ -484,7 +454,7 @@ def train_srl(
             improved = sel.update(score, epoch, head)
             if log:
                 log(f"srl epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
-            bar.tick(score)
+            bar.tick(_val_note(score))
             stale = 0 if improved else stale + 1
             if patience is not None and stale >= patience:
                 break
@@ -621,7 +591,7 @@ def _choose_retention(
         # The probe's classes are too small to hold out images of: nothing to choose on.
         return RETAIN_DEFAULT_ANGLE, None, {}, 0.0
     probe_views = None if views is None else views[:, known]
-    probe_progress = _relabelled(progress, "retention probe")
+    probe_progress = relabelled(progress, "retention probe")
     probe, _ = train_srl(x[known], y[known], views=probe_views, **{**probe_kw, "progress": probe_progress})
     xk, yk = x[known], y[known]
     # Every candidate embeds with the same trained part and retained part; only the angles change.
@@ -653,7 +623,7 @@ def _choose_retention(
             (hi, (lo, hi, tau, GATE_TEMPERATURE)) for lo in GATE_ANGLES_LO for hi in GATE_ANGLES_HI for tau in GATE_TAUS
         ]
     weights = FUSE_WEIGHTS if codes is not None else (0.0,)
-    with _Bar(progress, len(weights) * len(candidates), "SRL retention choices", "candidate") as bar:
+    with Bar(progress, len(weights) * len(candidates), "SRL retention choices", "candidate") as bar:
         for w in weights:
             t = f if codes is None else fuse_trained(f, codes, w)
             for angle, g in candidates:
@@ -762,8 +732,8 @@ def train_dgssh(
         stop_after: Stop after this epoch (the schedule still spans ``epochs``); what ``refit`` trains with.
         seed: Seeds the split, the sampling and the initialisation.
         log: Called with one line per epoch.
-        progress: Progress factory ``progress(total, label, unit)`` (:data:`Progress`): one bar over the
-            epochs of each training loop (this one, a probe's, a refit's), showing the validation mAP.
+        progress: Progress factory (:data:`geoir.training.progress.Progress`): one bar over the epochs of
+            each training loop (this one, a probe's, a refit's), showing the validation mAP.
 
     Returns:
         The best head (eval mode; its classifier included) and a history dict with per-epoch ``loss``,
@@ -795,7 +765,7 @@ def train_dgssh(
     sel = _Selector()
     best_V = V.clone()
     t0 = time.perf_counter()
-    with _Bar(progress, _epochs_to_run(epochs, stop_after), f"DGSSH head ({bits} bits)") as bar:
+    with Bar(progress, _epochs_to_run(epochs, stop_after), f"DGSSH head ({bits} bits)", "epoch") as bar:
         for epoch in range(1, epochs + 1):
             if stop_after is not None and epoch > stop_after:
                 break
@@ -846,7 +816,7 @@ def train_dgssh(
                     f"dgssh epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP I1 {score} "
                     f"bit agreement {hist['bit_agreement'][-1]:.3f}"
                 )
-            bar.tick(score)
+            bar.tick(_val_note(score))
     assert sel.state is not None
     head.load_state_dict(sel.state)
     if refit and val_idx is not None:
@@ -935,7 +905,7 @@ def train_plain(
     hist: dict[str, Any] = {"loss": [], "val_mAP": []}
     sel = _Selector()
     t0 = time.perf_counter()
-    with _Bar(progress, _epochs_to_run(epochs, stop_after), f"plain head ({bits} bits)") as bar:
+    with Bar(progress, _epochs_to_run(epochs, stop_after), f"plain head ({bits} bits)", "epoch") as bar:
         for epoch in range(1, epochs + 1):
             if stop_after is not None and epoch > stop_after:
                 break
@@ -958,7 +928,7 @@ def train_plain(
             sel.update(score, epoch, head)
             if log:
                 log(f"plain epoch {epoch}: loss {hist['loss'][-1]:.4f} val mAP {score}")
-            bar.tick(score)
+            bar.tick(_val_note(score))
     assert sel.state is not None
     head.load_state_dict(sel.state)
     if refit and val_idx is not None:

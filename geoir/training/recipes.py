@@ -19,6 +19,7 @@ from geoir.training import defaults
 from geoir.training.data import AUGMENTS
 from geoir.training.defaults import METHODS
 from geoir.training.heads import CombinedHead
+from geoir.training.progress import Progress
 
 
 @dataclass
@@ -132,13 +133,13 @@ class Recipe:
         log: Callable[[str], None] | None = None,
         seed: int | None = None,
         keep_codes: bool = False,
-        progress: Callable[..., Any] | None = None,
+        progress: Progress | None = None,
     ) -> tuple[nn.Module, dict[str, Any]]:
         """Train the head on features and labels; returns ``(head, history)``.
 
         With ``keep_codes`` a DGSSH head's history keeps ``V``, the codes it learned for the items it fitted
         (rows ``fit_index``), which DGSSH's protocol T ranks against; otherwise they are dropped.
-        ``progress`` (:data:`geoir.training.fit.Progress`) gives every training loop a bar over its epochs."""
+        ``progress`` (:data:`geoir.training.progress.Progress`) gives every training loop a bar over its epochs."""
         from geoir.training.fit import train_dgssh, train_plain, train_srl
 
         seed = self.seed if seed is None else seed
