@@ -416,6 +416,19 @@ def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) 
     assert len(bundle.indexes()["float"]) == 13 == bundle.n_tiles()
 
 
+def test_info_takes_the_bundle_as_its_argument(bundle2: Path, tmp_path: Path) -> None:
+    by_option = invoke("info", "--index", str(bundle2), "--json").output
+    assert invoke("info", str(bundle2), "--json").output == by_option
+    assert json.loads(by_option)["counts"]["tiles"] == 13
+    # The argument wins over $GEOIR_INDEX, as --index does; naming the bundle twice is refused.
+    r = CliRunner().invoke(cli, ["info", str(bundle2), "--json"], env={"GEOIR_INDEX": str(tmp_path / "other")})
+    assert r.exit_code == 0 and r.output == by_option
+    r = invoke("info", str(bundle2), "--index", str(bundle2), code=2)
+    assert "both name what to describe; give one of them" in r.output
+    r = invoke("info", str(tmp_path / "none"), code=1)
+    assert str(tmp_path / "none") in r.output
+
+
 def test_info_says_when_an_index_file_is_corrupt_or_stale(bundle2: Path) -> None:
     r = invoke("info", "--index", str(bundle2))
     assert "exact (flat), 13 vectors" in r.output

@@ -715,3 +715,11 @@ def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_
     assert "gone.pt not found" in r.output
     r = invoke("info", "--model", "backbone", code=2)
     assert "'backbone' is no model file" in r.output
+    # The model as the argument: a .pt file or 'default', described as --model describes it.
+    assert invoke("info", "default").output == text
+    r = invoke("info", str(tmp_path / "gone.pt"), code=1)
+    assert "gone.pt not found" in r.output
+    r = invoke("info", "default", "--model", "default", code=2)
+    assert "both name what to describe" in r.output
+    r = invoke("info", "backbone", code=2)
+    assert "'backbone' is no model file" in r.output and "[BUNDLE|MODEL]" in r.output

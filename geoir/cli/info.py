@@ -20,6 +20,7 @@ def _size(path: Path) -> int:
 
 
 @click.command(short_help="Describe an index bundle or a model file.")
+@click.argument("target", required=False, metavar="[BUNDLE|MODEL]")
 @index_option
 @click.option(
     "--model",
@@ -31,16 +32,23 @@ def _size(path: Path) -> int:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @verbosity_options
-def info(index_dir: str, model_file: str | None, as_json: bool) -> None:
-    """Print a bundle's counts, scenes, model, index kinds and sizes, or (--model) what a model file records.
+@click.pass_context
+def info(ctx: click.Context, target: str | None, index_dir: str, model_file: str | None, as_json: bool) -> None:
+    """Print a bundle's counts, scenes, model, index kinds and sizes, or what a model file records.
+
+    The bundle or model may be named as the argument: a model file (.pt) or 'default' is described as
+    --model describes it, anything else is read as a bundle directory, as --index is.
 
     \b
     Examples:
       $ geoir info
+      $ geoir info naip-index
       $ geoir info --index naip-index --json | jq .model
-      $ geoir info --model default
-      $ geoir info --model ucm.pt --json | jq .meta.history
+      $ geoir info default
+      $ geoir info ucm.pt --json | jq .meta.history
     """
+    if target is not None:
+        index_dir, model_file = _target(ctx, target, model_file)
     if model_file is not None:
         _model_info(model_file, as_json)
         return
@@ -108,6 +116,25 @@ def info(index_dir: str, model_file: str | None, as_json: bool) -> None:
     for s in data["scenes"]:
         flag = "" if s["encoded"] else "  (not encoded)"
         click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}")
+
+
+def _target(ctx: click.Context, target: str, model_file: str | None) -> tuple[str, str | None]:
+    """``(index_dir, model_file)`` for a positional TARGET: a model file (.pt) or 'default' is a model,
+    anything else a bundle; naming the bundle or model twice (TARGET and --index/--model) is refused."""
+    from click.core import ParameterSource
+
+    if model_file is not None or ctx.get_parameter_source("index_dir") is ParameterSource.COMMANDLINE:
+        given = "--model" if model_file is not None else "--index"
+        raise click.UsageError(f"{target!r} and {given} both name what to describe; give one of them")
+    if target == "backbone":
+        raise click.BadParameter(
+            "'backbone' is no model file; pass a file from `geoir train` or 'default' "
+            "(a bundle directory named backbone: --index backbone)",
+            param_hint="'[BUNDLE|MODEL]'",
+        )
+    if target == "default" or Path(target).suffix.lower() == ".pt":
+        return "geoir-index", target
+    return target, None
 
 
 def _model_info(model_file: str, as_json: bool) -> None:
