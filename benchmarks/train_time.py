@@ -70,6 +70,11 @@ class _TimedBar:
         )
 
 
+def cached_features() -> set[Path]:
+    """The feature cache's files now (none when the cache folder does not exist yet)."""
+    return set(cache_dir().glob("*.npz"))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -94,12 +99,12 @@ def main() -> None:
     recipe = Recipe.from_dict(default.meta["recipe"])
 
     print("backbone features ...", flush=True)
-    cached_before = set(cache_dir().glob("*.npz")) if cache_dir().exists() else set()
+    cached_before = cached_features()
     t0 = time.perf_counter()
     bb = load_backbone()
     data = image_folder_features(DATA, bb, augment=recipe.views_needed, use_cache=not args.cold)
     features_s = time.perf_counter() - t0
-    new_files = (set(cache_dir().glob("*.npz")) if cache_dir().exists() else set()) - cached_before
+    new_files = cached_features() - cached_before
     source = "computed, no cache" if args.cold else ("computed and cached" if new_files else "read from the cache")
     n_views = 1 + (0 if data.views is None else len(data.views))
     features_rss = peak_rss_mb()

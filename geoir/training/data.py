@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from geoir.errors import DatasetError
+from geoir.training.progress import Progress
 
 log = logging.getLogger("geoir")
 
@@ -125,7 +125,7 @@ def image_folder_features(
     backbone,
     batch_size: int = 64,  # type: ignore[no-untyped-def]
     workers: int = 0,
-    progress: Callable[..., object] | None = None,
+    progress: Progress | None = None,
     use_cache: bool = True,
     augment: str = "none",
 ) -> FeatureSet:
@@ -159,7 +159,7 @@ def _view_features(
     view_of: tuple[int, int],
     batch_size: int,
     workers: int,
-    progress: Callable[..., object] | None,
+    progress: Progress | None,
     use_cache: bool,
 ) -> np.ndarray:
     view, n_views = view_of
@@ -209,7 +209,7 @@ def _encode_paths(
     backbone,
     batch_size: int,
     workers: int,  # type: ignore[no-untyped-def]
-    progress: Callable[..., object] | None,
+    progress: Progress | None,
     view: int = 0,
     label: str = "features",
 ) -> np.ndarray:
