@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 from rasterio.windows import Window
 
 from geoir.cli import cli
+from geoir.cli.info import _human_bytes
 from geoir.index.bundle import Bundle
 from tests.conftest import SCENES, MakeGeoTiff, needs_qgis, needs_shared_data, qgis_probe
 
@@ -432,6 +434,14 @@ def test_info_takes_the_bundle_as_its_argument(bundle2: Path, tmp_path: Path) ->
 def test_info_says_when_an_index_file_is_corrupt_or_stale(bundle2: Path) -> None:
     r = invoke("info", "--index", str(bundle2))
     assert "exact (flat), 13 vectors" in r.output
+    # Sizes in the unit that shows them (13 vectors of 256 floats are kB, not "0.01 MB").
+    assert re.search(r"float: exact \(flat\), 13 vectors, \d+\.\d kB", r.output), r.output
+    assert (_human_bytes(999), _human_bytes(2_345), _human_bytes(2_410_000), _human_bytes(3_000_000_000)) == (
+        "999 B",
+        "2.3 kB",
+        "2.41 MB",
+        "3.00 GB",
+    )
     assert json.loads(invoke("info", "--index", str(bundle2), "--json").output)["index"]["float"]["vectors"] == 13
     faiss_file = bundle2 / "float.faiss"
     data = faiss_file.read_bytes()

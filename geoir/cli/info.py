@@ -111,11 +111,19 @@ def info(ctx: click.Context, target: str | None, index_dir: str, model_file: str
         click.echo("model    none (not encoded)")
     for kind, d in data["index"].items():
         state = d.get("problem") or f"{d['vectors']} vectors"
-        click.echo(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {state}, {d['bytes'] / 1e6:.2f} MB")
-    click.echo(f"size     {data['bytes']['total'] / 1e6:.2f} MB on disk")
+        click.echo(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {state}, {_human_bytes(d['bytes'])}")
+    click.echo(f"size     {_human_bytes(data['bytes']['total'])} on disk")
     for s in data["scenes"]:
         flag = "" if s["encoded"] else "  (not encoded)"
         click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}")
+
+
+def _human_bytes(n: int) -> str:
+    """A byte count for people: '2.3 kB', '2.41 MB', '1.20 GB' (decimal units, as ``ls --si``)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{1 if unit == 'kB' else 2}f} {unit}"
+    return f"{n} B"
 
 
 def _target(ctx: click.Context, target: str, model_file: str | None) -> tuple[str, str | None]:
