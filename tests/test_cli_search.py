@@ -253,6 +253,23 @@ def test_point_query_and_merged_layer(bundle2: Path, tmp_path: Path) -> None:
         assert m.best_rank == members["rank"].min() and m.best_score == pytest.approx(members.score.max())
 
 
+def test_verbose_search_lists_the_ranking(bundle2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.gpkg"
+    args = ["search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), "-k", "4", *TEST_MODEL]
+    r = CliRunner().invoke(cli, ["-v", *args])
+    assert r.exit_code == 0, r.output
+    hits = gpd.read_file(out, layer="hits")
+    lines = [line.split() for line in r.output.splitlines() if line.lstrip()[:1].isdigit()]
+    assert [int(line[0]) for line in lines] == [1, 2, 3, 4]
+    assert [int(line[4]) for line in lines] == hits.tile_id.tolist()
+    for line, geom, scene in zip(lines, hits.geometry, hits.scene, strict=True):
+        lon, lat = map(float, line[5].split(","))
+        assert geom.contains(shapely.Point(lon, lat)) and line[6] == Path(scene).name
+    # Without -v only the one-line summary.
+    r = CliRunner().invoke(cli, [*args, "--overwrite"])
+    assert r.exit_code == 0 and not any(line.lstrip()[:1].isdigit() for line in r.output.splitlines())
+
+
 def test_examples_file_with_negative_column(bundle2: Path, tmp_path: Path) -> None:
     tiles = Bundle.open(bundle2).tiles()
     ex = tmp_path / "ex.gpkg"

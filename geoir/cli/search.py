@@ -109,7 +109,8 @@ def search(
     regions) and `query` (where the query is georeferenced), styled for QGIS. Image queries match tiles in
     any of their four quarter turns unless --no-rotations is given. --expand N searches twice, the second
     time with the first N hits averaged into the query: more tiles of the query's kind, but a crop's own
-    place comes first less often (docs/results.md), so it is for "more like this", not "where is this".
+    place comes first less often (docs/results.md), so it is for "more like this", not "where is this". -v also
+    lists the hits on stderr: rank, score, tile id, centre (lon,lat), scene.
 
     \b
     Examples:
@@ -117,6 +118,7 @@ def search(
       $ geoir search crop.tif -k 50 --bbox -75.8,37.5,-75.4,37.9 --out hits.gpkg
       $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq .features[0].properties
       $ geoir search query.png -k 100 --expand 5 --out hits.gpkg
+      $ geoir search -v tile:123456 -k 5 --out hits.gpkg
     """
     if not (queries or points or examples):
         raise click.UsageError("give a QUERY image or tile:ID, --point, or --examples")
@@ -181,3 +183,18 @@ def search(
             len(result.hits),
             f"; best tile {top.tile_id} (score {top.score:.3f}) in {Path(top.scene).name}" if top is not None else "",
         )
+    if log.isEnabledFor(logging.DEBUG) and len(result.hits):
+        import shapely
+
+        # -v: the ranking on the terminal (plain lines, not debug records), each hit's centre in lon/lat.
+        centres = shapely.centroid(result.hits.geometry.values)
+        for hit, c in zip(result.hits.itertuples(), centres, strict=True):
+            log.info(
+                "%4d  score %.3f  tile %-20s %.5f,%.5f  %s",
+                hit.rank,
+                hit.score,
+                hit.tile_id,
+                c.x,
+                c.y,
+                Path(hit.scene).name,
+            )
