@@ -93,6 +93,24 @@ def test_rerun_adds_nothing_and_new_scenes_append(make_geotiff: MakeGeoTiff, tmp
     assert b_tiles.total_bounds == pytest.approx([10.0, 45.0, 10.05, 45.05])
 
 
+def test_first_scene_without_tiles_leaves_a_sound_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # The first scene of a new bundle gives no tile (its one padded tile is over the nodata limit): the
+    # catalog's columns must still get their types from the schema, not from an empty first write.
+    small = make_geotiff("small.tif", shape=(3, 100, 70), seed=3)
+    a = make_geotiff("a.tif", seed=1, nodata=0)
+    index = tmp_path / "idx"
+    assert run("tile", str(small), str(a), "--index", str(index), "--max-nodata", "0.2").exit_code == 0
+    tiles = Bundle.open(index).tiles()
+    assert len(tiles) == 4 and tiles.scene_id.map(type).eq(str).all()
+    # Likewise a nodata column is numbers whether or not the first scene declares one.
+    nodata = gpd.read_file(index / "catalog.gpkg", layer="scenes")["nodata"]
+    assert nodata.dtype == np.float64 and nodata.isna().tolist() == [True, False] and nodata[1] == 0
+    # A re-run finds nothing to reconcile and keeps every tile.
+    r = CliRunner().invoke(cli, ["tile", str(small), str(a), "--index", str(index), "--no-encode"])
+    assert r.exit_code == 0 and "interrupted" not in r.output, r.output
+    assert len(Bundle.open(index).tiles()) == 4
+
+
 def test_overlap_stride_and_nodata_limit(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(dtype="uint16", nodata=0, nodata_block=True, shape=(3, 512, 512))
     r = run("tile", str(scene), "--index", str(tmp_path / "o"), "--overlap", "0.5", "--max-nodata", "0.2")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import shapely
 from pyogrio.errors import DataLayerError, DataSourceError
@@ -346,7 +347,9 @@ class Bundle:
         tiles_df = gpd.GeoDataFrame(
             {
                 "tile_id": np.array([t.id for t in tiles], dtype=np.int64),
-                "scene_id": [scene.id] * len(tiles),
+                # Typed even when empty: the first write of a new catalog sets each column's type from
+                # this frame, and an empty list would make scene_id a REAL column.
+                "scene_id": pd.Series([scene.id] * len(tiles), dtype=object),
                 "col_off": np.array([t.window.col_off for t in tiles], dtype=np.int32),
                 "row_off": np.array([t.window.row_off for t in tiles], dtype=np.int32),
                 "width": np.array([t.window.width for t in tiles], dtype=np.int32),
@@ -373,7 +376,7 @@ class Bundle:
                 "height": [scene.height],
                 "bands": [",".join(map(str, scene.bands))],
                 "dtype": [scene.dtype],
-                "nodata": [scene.nodata],
+                "nodata": pd.Series([scene.nodata], dtype="float64"),  # REAL, NULL when unset
                 "scaling": [json.dumps(scene.scaling.to_dict())],
                 "n_tiles": [len(tiles)],
                 "added": [_now()],
