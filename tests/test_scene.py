@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.control import GroundControlPoint
+from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.windows import Window
 
@@ -78,6 +80,64 @@ def test_nodata_block_masked(make_geotiff: MakeGeoTiff) -> None:
     assert valid.all()
     # Statistics ignore nodata: the low percentile is not dragged to 0.
     assert min(scene.scaling.low) > 100
+
+
+def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
+    """A small GeoTIFF in UTM 18N (10 m pixels) with ``data`` (bands, rows, cols) and extra profile keys."""
+    kw: dict = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0])
+    kw.update(dtype=data.dtype, crs="EPSG:32618", transform=Affine(10, 0, 500_000, 0, -10, 4_200_000))
+    kw.update(profile)
+    with rasterio.open(path, "w", **kw) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.parametrize("nodata", [float("nan"), None])
+def test_nan_pixels_are_invalid_and_left_out_of_the_stretch(tmp_path: Path, nodata: float | None) -> None:
+    # Band values 100..1000; the left half is NaN in every band (declared as nodata, or not), and band 1
+    # is NaN in the top rows of the right half too, where bands 2 and 3 are valid.
+    data = np.random.default_rng(0).uniform(100, 1000, (3, 128, 128)).astype(np.float32)
+    data[:, :, :64] = np.nan
+    data[0, :16, 64:] = np.nan
+    scene = open_scene(_write(tmp_path / "f.tif", data, nodata=nodata))
+    assert scene.mask_kind == "nan" and scene.scaling.low is not None and scene.scaling.high is not None
+    assert all(100 <= lo < 150 for lo in scene.scaling.low) and all(950 < hi <= 1000 for hi in scene.scaling.high)
+    rgb, valid = SceneReader(scene).read(Window(0, 0, 128, 128))
+    assert not valid[:, :64].any() and valid[:, 64:].all()
+    assert (rgb[:, :, :64] == 0).all() and 60 < rgb[:, 16:, 64:].mean() < 200
+    assert (rgb[0, :16, 64:] == 0).all() and rgb[1:, :16, 64:].mean() > 60
+
+
+def test_alpha_is_a_mask_not_a_colour(tmp_path: Path) -> None:
+    gray = np.full((64, 64), 100, np.uint8)
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :32] = 0
+    path = _write(tmp_path / "la.tif", np.stack([gray, alpha]), photometric="MINISBLACK", alpha="UNASSOCIATED")
+    with rasterio.open(path, "r+") as ds:
+        ds.colorinterp = [ColorInterp.gray, ColorInterp.alpha]
+    scene = open_scene(path)
+    assert scene.bands == (1, 1, 1) and scene.mask_kind == "mask"
+    rgb, valid = SceneReader(scene).read(Window(0, 0, 64, 64))
+    assert valid.mean() == 0.5 and (rgb[:, :, 32:] == 100).all() and (rgb[:, :, :32] == 0).all()
+
+
+def test_unplaceable_rasters_are_refused_with_their_fix(tmp_path: Path) -> None:
+    data = np.zeros((1, 32, 32), np.uint8)
+    palette = _write(tmp_path / "pal.tif", data, photometric="PALETTE")
+    with rasterio.open(palette, "r+") as ds:
+        ds.write_colormap(1, {0: (255, 0, 0, 255), 1: (0, 0, 255, 255)})
+    with pytest.raises(SceneError, match=r"palette .*gdal_translate -expand rgb pal.tif pal_rgb.tif"):
+        open_scene(palette)
+    local = _write(tmp_path / "local.tif", data, crs='LOCAL_CS["arbitrary",UNIT["metre",1]]')
+    with pytest.raises(SceneError, match=r"local CRS with no place on Earth.*gdal_edit.py -a_srs EPSG:XXXX local.tif"):
+        open_scene(local)
+    gcp = tmp_path / "gcp.tif"
+    gcps = [GroundControlPoint(r, c, 500_000 + 10 * c, 4_200_000 - 10 * r) for r, c in ((0, 0), (0, 31), (31, 0))]
+    with rasterio.open(gcp, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8") as dst:
+        dst.write(data)
+        dst.gcps = (gcps, CRS.from_epsg(32618))
+    with pytest.raises(SceneError, match=r"ground control points only.*gdalwarp -t_srs EPSG:XXXX gcp.tif"):
+        open_scene(gcp)
 
 
 def test_internal_mask_honoured(make_geotiff: MakeGeoTiff) -> None:
@@ -323,3 +383,22 @@ def test_statistics_read_uses_a_coarser_overview_as_it_is(
     assert scene.scaling.low is not None and scene.scaling.high is not None
     assert all(abs(lo - 80) < 40 for lo in scene.scaling.low)
     assert all(abs(hi - 3920) < 40 for hi in scene.scaling.high)
+
+
+def test_plain_image_queries_in_palette_and_gray_alpha(tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    from geoir.io.images import read_image
+
+    idx = np.zeros((40, 60), np.uint8)
+    idx[:, 30:] = 1
+    pal = PILImage.fromarray(idx, mode="P")
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    rgb = read_image(tmp_path / "pal.png").rgb
+    assert rgb.shape == (3, 40, 60)
+    assert (rgb[:, :, :30] == np.array([255, 0, 0])[:, None, None]).all()
+    assert (rgb[:, :, 30:] == np.array([0, 0, 255])[:, None, None]).all()
+    la = np.stack([np.full((40, 60), 90, np.uint8), np.full((40, 60), 255, np.uint8)], axis=-1)
+    PILImage.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    assert (read_image(tmp_path / "la.png").rgb == 90).all()

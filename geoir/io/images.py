@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import shapely
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -85,6 +86,13 @@ def _read(p: Path, scaling: Scaling | None) -> Image:
     with rasterio.open(p) as src:
         if src.dtypes[0] != "uint8":
             raise QueryError(f"{p} is {src.dtypes[0]} without georeferencing; save it as 8-bit PNG/JPEG or a GeoTIFF")
+        if src.colorinterp[0] == ColorInterp.palette:
+            # A colour-mapped image (a palette PNG or GIF): its pixels are indices into the colour map.
+            cmap = src.colormap(1)
+            lut = np.zeros((256, 3), dtype=np.uint8)
+            for i, rgba in cmap.items():
+                lut[i] = rgba[:3]
+            return Image(p, np.ascontiguousarray(lut[src.read(1, out_shape=shape)].transpose(2, 0, 1)))
         bands = [1, 1, 1] if src.count < 3 else [1, 2, 3]
         data = src.read(bands, out_shape=(3, *shape))
     return Image(p, data)

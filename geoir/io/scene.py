@@ -253,6 +253,11 @@ def open_scene(
     except RasterioIOError as exc:
         raise SceneError(f"{p} is not a raster GDAL can read ({exc}); pass a GeoTIFF, COG, JP2 or similar") from exc
     with src:
+        if src.crs is None and src.gcps[0]:
+            raise SceneError(
+                f"{p} is georeferenced by ground control points only; warp it to a map grid first "
+                f"(gdalwarp -t_srs EPSG:XXXX {p.name} {p.stem}_warped.tif)"
+            )
         if src.crs is None:
             # Say everything that is missing at once, so the suggested command is the whole fix.
             ullr = " -a_ullr ULX ULY LRX LRY" if src.transform.is_identity else ""
@@ -262,6 +267,12 @@ def open_scene(
             )
         if src.transform.is_identity:
             raise SceneError(f"{p} has a CRS but no geotransform; georeference it first")
+        if not (src.crs.is_projected or src.crs.is_geographic):
+            # A local (engineering) CRS has no place on Earth: footprints could not be put in lon/lat.
+            raise SceneError(
+                f"{p} has a local CRS with no place on Earth ({src.crs.to_wkt()[:40]}...); assign its real CRS "
+                f"first (gdal_edit.py -a_srs EPSG:XXXX {p.name})"
+            )
         chosen = _choose_bands(src, bands, p)
         nd = nodata if nodata is not None else src.nodata
         mask_kind = _mask_kind(src, chosen, nd)
@@ -317,8 +328,15 @@ def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path
         chosen = list(bands)
     else:
         ci = list(src.colorinterp)
+        if ColorInterp.palette in ci:
+            raise SceneError(
+                f"{path} is a palette (colour-mapped) raster; expand it to RGB first "
+                f"(gdal_translate -expand rgb {path.name} {path.stem}_rgb.tif)"
+            )
         rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
-        chosen = [ci.index(c) + 1 for c in rgb] if all(c in ci for c in rgb) else list(range(1, min(3, src.count) + 1))
+        # An alpha band is a mask (see _mask_kind), never a colour: gray + alpha is gray three times.
+        colour = [i + 1 for i, c in enumerate(ci) if c != ColorInterp.alpha] or [1]
+        chosen = [ci.index(c) + 1 for c in rgb] if all(c in ci for c in rgb) else colour[:3]
     while len(chosen) < 3:
         chosen.append(chosen[-1])
     if len(chosen) > 3:
@@ -328,7 +346,8 @@ def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path
 
 def _mask_kind(src: rasterio.DatasetReader, bands: tuple[int, ...], nodata: float | None) -> str:
     if nodata is not None:
-        return "nodata"
+        # NaN never equals itself: a NaN nodata value is found with isnan, not ==.
+        return "nan" if math.isnan(nodata) else "nodata"
     flags = src.mask_flag_enums[bands[0] - 1]
     if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
         return "mask"
@@ -373,6 +392,11 @@ def _percentile_scaling(
         # Percentiles depend only on the values, not their order: skip the copy when every pixel counts.
         band = raw[i] if small_int else data[i]
         v = band if all_valid else band[valid]
+        if v.dtype.kind == "f":
+            # A float band may be NaN (or infinite) where the other bands are valid: stretch on its finite values.
+            finite = np.isfinite(v)
+            if not finite.all():
+                v = v[finite]
         if v.size == 0:
             raise SceneError(f"{src.name} has no valid pixels in band {bands[i]}; check its nodata value")
         lo, hi = _int_percentiles(v, percentiles) if small_int else np.percentile(v, percentiles)
