@@ -270,6 +270,38 @@ def test_verbose_search_lists_the_ranking(bundle2: Path, tmp_path: Path) -> None
     assert r.exit_code == 0 and not any(line.lstrip()[:1].isdigit() for line in r.output.splitlines())
 
 
+def test_scene_across_the_antimeridian(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # 40 km of UTM 60N centred on 180 degrees at 52N (the Aleutians): footprints must not wrap the globe,
+    # and a point or box on either side of the line finds the tiles there.
+    x, y = 705_929.0, 5_765_288.0
+    scene = make_geotiff("am.tif", crs="EPSG:32660", bounds=(x - 20_000, y - 20_000, x + 20_000, y + 20_000))
+    index = tmp_path / "idx"
+    invoke("tile", str(scene), "--index", str(index), "--size", "128", *TILE_MODEL)
+    bundle = Bundle.open(index)
+    tiles = bundle.tiles()
+    widths = tiles.geometry.bounds.maxx - tiles.geometry.bounds.minx
+    assert len(tiles) == 16 and (widths < 0.2).all()
+    assert (bundle.scenes().geometry.bounds.maxx - bundle.scenes().geometry.bounds.minx < 0.7).all()
+    # Both sides of the line have tiles, and each tile is stored where most of it lies.
+    west_side = (shapely.get_x(shapely.centroid(tiles.geometry.values)) > 0).sum()
+    assert 0 < west_side < 16
+    # (-179.997, 52.15) lies only in a tile stored east of +180, (179.995, 51.86) only in one stored west
+    # of -180: each is found through its copy a turn away.
+    for lon, lat in ((-179.997, 52.15), (179.995, 51.86), (179.9, 52.0), (-179.9, 52.0)):
+        out = tmp_path / f"p{lon}.gpkg"
+        invoke("search", "--point", f"{lon},{lat}", "--index", str(index), "--out", str(out), *TEST_MODEL)
+        query = gpd.read_file(out, layer="query").geometry[0]
+        assert query.bounds[2] - query.bounds[0] < 0.2
+        assert any(query.contains(shapely.Point(lon + dx, lat)) for dx in (0, 360, -360))
+    out = tmp_path / "box.gpkg"
+    box = "-179.99,51.9,-179.8,52.1"
+    invoke("search", "--point", "179.9,52.0", "--bbox", box, "--index", str(index), "--out", str(out), *TEST_MODEL)
+    hits = gpd.read_file(out, layer="hits")
+    assert len(hits) >= 1 and set(hits.tile_id) <= set(
+        bundle.tiles_at(shapely.box(-179.99, 51.9, -179.8, 52.1)).tile_id
+    )
+
+
 def test_examples_file_with_negative_column(bundle2: Path, tmp_path: Path) -> None:
     tiles = Bundle.open(bundle2).tiles()
     ex = tmp_path / "ex.gpkg"

@@ -130,3 +130,21 @@ def test_bad_overlap(overlap: float) -> None:
 def test_overlap_to_stride() -> None:
     assert TilingParams.from_overlap(256, 0.5).stride == 128
     assert TilingParams.from_overlap(256, 0.0).stride == 256
+
+
+def test_footprints_across_the_antimeridian_stay_whole() -> None:
+    # A lon/lat grid from 179.5 to 180.5 degrees: windows keep continuous longitudes, each moved by a whole
+    # turn so its mean lies in [-180, 180); none wraps round the globe.
+    transform = Affine(0.005, 0, 179.5, 0, -0.005, 10.0)
+    windows = [Window(c, 0, 50, 50) for c in range(0, 200, 50)]
+    polys = footprints(transform, windows, CRS.from_epsg(4326))
+    bounds = [tuple(round(v, 6) for v in p.bounds) for p in polys]
+    assert bounds == [
+        (179.5, 9.75, 179.75, 10.0),
+        (179.75, 9.75, 180.0, 10.0),
+        (-180.0, 9.75, -179.75, 10.0),
+        (-179.75, 9.75, -179.5, 10.0),
+    ]
+    # A window across the line is kept whole, a little beyond +-180.
+    across = footprints(transform, [Window(75, 0, 50, 50)], CRS.from_epsg(4326))[0]
+    assert across.bounds[2] - across.bounds[0] == pytest.approx(0.25) and abs(across.bounds[0]) > 179

@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import pyogrio
 import shapely
+import shapely.affinity
 from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
@@ -47,6 +48,10 @@ from geoir.errors import BundleError, ModelError
 from geoir.io.files import atomic_write_text, ensure_writable_dir
 from geoir.io.scene import Scene
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
+
+#: How far beyond +-180 degrees a footprint across the antimeridian may reach (a tile of 256 px at 300 m
+#: is under a degree wide below 80 degrees of latitude); :meth:`Bundle.tiles_at` looks no further.
+_WRAP_MARGIN = 20.0
 
 if TYPE_CHECKING:
     from geoir.index.vectors import VectorIndex
@@ -313,6 +318,30 @@ class Bundle:
         where = "scene_id = '{}'".format(scene_id.replace("'", "''")) if scene_id else None
         df = pyogrio.read_dataframe(self.catalog_path, layer="tiles", where=where, bbox=bbox)
         return df[df["scene_id"].isin(committed)].reset_index(drop=True)
+
+    def tiles_at(
+        self,
+        geom: shapely.Geometry,
+        predicate: Callable[[gpd.GeoSeries, shapely.Geometry], Any] = gpd.GeoSeries.intersects,
+    ) -> gpd.GeoDataFrame:
+        """Committed tiles whose footprint meets a lon/lat geometry (``predicate(footprints, geom)``, default
+        intersects), across the antimeridian too.
+
+        Footprints across the antimeridian keep continuous longitudes (up to a tile beyond +-180, see
+        :func:`geoir.tiling.grid.footprints`), so ``geom`` is also tried a turn east and a turn west.
+        """
+        frames = []
+        for dx in (0.0, 360.0, -360.0):
+            g = shapely.affinity.translate(geom, xoff=dx) if dx else geom
+            west, _, east, _ = g.bounds
+            if dx and (west > 180 + _WRAP_MARGIN or east < -180 - _WRAP_MARGIN):
+                continue  # no footprint reaches that far beyond the line
+            df = self.tiles(bbox=tuple(g.bounds))  # type: ignore[arg-type]
+            frames.append(df[np.asarray(predicate(df.geometry, g), dtype=bool)])
+        if len(frames) == 1:
+            return frames[0].reset_index(drop=True)
+        df = pd.concat(frames, ignore_index=True)
+        return df[~df.tile_id.duplicated()].reset_index(drop=True)
 
     def n_tiles(self) -> int:
         return int(sum(r["n_tiles"] for r in self.scene_records()))

@@ -162,8 +162,7 @@ class Searcher:
     def add_point(self, parts: QueryParts, lon: float, lat: float, negative: bool = False) -> None:
         """The tile(s) whose footprint contains a lon/lat point."""
         pt = shapely.Point(lon, lat)
-        tiles = self.bundle.tiles(bbox=(lon, lat, lon, lat))
-        tiles = tiles[tiles.geometry.contains(pt)]
+        tiles = self.bundle.tiles_at(pt, gpd.GeoSeries.contains)
         if tiles.empty:
             raise QueryError(
                 f"no tile of {self.bundle.path} contains the point {lon:g},{lat:g} (lon,lat); check the order "
@@ -185,10 +184,8 @@ class Searcher:
         flags = _negative_flags(gdf["negative"], p) if "negative" in gdf.columns else [False] * len(gdf)
         gdf = gdf.to_crs("EPSG:4326")
         for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
-            tiles = self.bundle.tiles(bbox=tuple(geom.bounds))  # type: ignore[arg-type]
-            tiles = tiles[tiles.geometry.intersects(geom)]
-            if geom.geom_type == "Point":
-                tiles = tiles[tiles.geometry.contains(geom)]
+            point = geom.geom_type == "Point"
+            tiles = self.bundle.tiles_at(geom, gpd.GeoSeries.contains if point else gpd.GeoSeries.intersects)
             if tiles.empty:
                 raise QueryError(f"example {i} of {p} touches no tile of {self.bundle.path}")
             self.add_tiles(parts, tiles.tile_id.tolist(), f"{p.name}#{i}", negative)
@@ -211,10 +208,12 @@ class Searcher:
         """Tile ids passing the spatial and scene filters (None when there is no filter)."""
         if bbox is None and aoi is None and not scenes:
             return None
-        box = bbox if bbox is not None else (tuple(aoi.bounds) if aoi is not None else None)
-        tiles = self.bundle.tiles(bbox=box)  # type: ignore[arg-type]
+        tiles = self.bundle.tiles_at(shapely.box(*bbox)) if bbox is not None else None
         if aoi is not None:
-            tiles = tiles[tiles.geometry.intersects(aoi)]
+            in_aoi = self.bundle.tiles_at(aoi)
+            tiles = in_aoi if tiles is None else tiles[tiles.tile_id.isin(in_aoi.tile_id)]
+        if tiles is None:
+            tiles = self.bundle.tiles()
         if scenes:
             wanted = {self._resolve_scene(s) for s in scenes}
             tiles = tiles[tiles.scene_id.isin(wanted)]
@@ -271,8 +270,8 @@ class Searcher:
             excluded = set(parts.own_tiles)
             for geom, _, negative in parts.geometries:
                 if not negative:
-                    t = self.bundle.tiles(bbox=tuple(geom.bounds))  # type: ignore[arg-type]
-                    excluded.update(t[t.geometry.intersects(geom) & ~t.geometry.touches(geom)].tile_id.tolist())
+                    t = self.bundle.tiles_at(geom, lambda s, g: s.intersects(g) & ~s.touches(g))
+                    excluded.update(t.tile_id.tolist())
         if allowed is not None:
             allowed = np.setdiff1d(allowed, np.fromiter(excluded, np.int64, len(excluded)))
             if len(allowed) == 0:

@@ -205,4 +205,22 @@ def footprints(
         rings = np.stack([np.asarray(x).reshape(n, m), np.asarray(y).reshape(n, m)], axis=-1)
     if not np.isfinite(rings).all():
         raise TilingError(f"some tile corners cannot be reprojected from {src.name} to {dst.name}")
+    if dst.is_geographic:
+        rings = _continuous_longitudes(rings)
     return shapely.polygons(rings)
+
+
+def _continuous_longitudes(rings: np.ndarray) -> np.ndarray:
+    """Rings (n, m, 2) in lon/lat with no jump of 360 degrees between neighbouring vertices.
+
+    A window across the antimeridian reprojects to corners near +180 and -180; joined as they are, its
+    polygon would wrap round the globe. Each ring is unwrapped into continuous longitudes, then moved by
+    a whole turn so its mean longitude lies in [-180, 180): a ring across the line keeps coordinates up
+    to its own width beyond +-180, as polygons on a plate carree map must.
+    """
+    lon = rings[..., 0]
+    if (np.abs(np.diff(lon, axis=1)) <= 180).all() and (np.abs(lon) <= 180).all():
+        return rings
+    lon = np.unwrap(lon, period=360.0, axis=1)
+    lon -= 360.0 * np.floor((lon.mean(axis=1, keepdims=True) + 180.0) / 360.0)
+    return np.stack([lon, rings[..., 1]], axis=-1)
