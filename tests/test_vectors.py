@@ -379,6 +379,20 @@ def test_save_load_round_trip(tmp_path: Path, kind: str, factory: str | None) ->
     assert again.remove([10**9, ids[8]]) == 2
 
 
+@pytest.mark.parametrize(("kind", "factory"), [("float", "HNSW16"), ("binary", "BHNSW16")])
+def test_unfiltered_graph_search_returns_every_hit_asked_for(kind: str, factory: str) -> None:
+    # A graph search asked for (nearly) the whole index returns fewer hits than exist; geoir scans exactly.
+    rng = np.random.default_rng(5)
+    x = clustered(rng, 300, 32)
+    data = codes_of(x, 64) if kind == "binary" else x
+    index = VectorIndex(64 if kind == "binary" else 32, kind, factory)  # type: ignore[arg-type]
+    index.add(np.arange(300, dtype=np.int64), data)
+    for k in (300, 500):
+        dist, got = index.search(data[:5], k)
+        assert ((got >= 0).sum(axis=1) == 300).all() and (np.diff(dist[:, :300], axis=1) >= 0).all()
+        assert all(set(row[row >= 0]) == set(range(300)) for row in got)
+
+
 def test_save_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "v.faiss"
     first = VectorIndex(4)
@@ -388,6 +402,8 @@ def test_save_replaces_atomically(tmp_path: Path) -> None:
     second.add([1, 2], np.eye(4, dtype=np.float32)[:2])
     second.save(path)
     assert len(VectorIndex.load(path)) == 2
+    # Readable by others, like the bundle's other files (mkstemp alone would leave it 0600).
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_load_missing_and_corrupt_files(tmp_path: Path) -> None:

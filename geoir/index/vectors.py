@@ -386,7 +386,8 @@ class VectorIndex:
                 accepted too and treated as ``nq = 1``.
             k: Hits per query.
             allowed_ids: If given, only these tile ids can be returned (ids not in the index are ignored).
-                With at least ``k`` allowed ids present, every row has ``k`` hits: exact kinds and float
+                With at least ``k`` allowed ids present (or none given and at least ``k`` vectors), every row has
+                ``k`` hits: exact kinds and float
                 HNSW/IVF filter inside FAISS through an ID selector; approximate kinds scan the allowed subset
                 exactly when it is small (``EXACT_SUBSET_MAX``), when the kind takes no selector (binary IVF,
                 binary HNSW: post-filtered over-fetch first), or when the filtered search came back short.
@@ -408,8 +409,12 @@ class VectorIndex:
         if allowed_ids is None:
             if self.kind == "float" and self._exact:
                 return self._float_flat_search(q, k, None, len(self))
-            raw_d, raw_i = self._index.search(q, k)
-            return self._finish(raw_d, raw_i)
+            dist, ids = self._finish(*self._index.search(q, k))
+            # A graph (HNSW) search can return fewer than k hits when k nears the index size: scan exactly.
+            short = (ids >= 0).sum(axis=1) < min(k, len(self))
+            if short.any():
+                dist[short], ids[short] = self._subset_search(q[short], k, self.ids())
+            return dist, ids
         allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64).reshape(-1))
         allowed = allowed[self._members(allowed)]
         if len(allowed) == 0:
@@ -559,6 +564,8 @@ class VectorIndex:
             raise BundleError(
                 f"cannot write {target}: {err.strerror}; check the folder exists and is writable"
             ) from None
+        # mkstemp makes the file 0600; a bundle's files are 0644 like its manifest (others may search it).
+        os.fchmod(fd, 0o644)
         os.close(fd)
         try:
             if self.kind == "binary":

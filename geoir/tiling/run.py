@@ -221,6 +221,7 @@ def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid
     """Write a tile as a GeoTIFF (uint8 RGB as the model sees it, with its own transform, CRS and mask)."""
     out = chips_dir / chip_name(scene, tile)
     fd, tmp = tempfile.mkstemp(dir=chips_dir, prefix=".chip.", suffix=".tif")
+    os.fchmod(fd, 0o644)  # mkstemp makes it 0600; chips are for sharing
     os.close(fd)
     try:
         with rasterio.open(
