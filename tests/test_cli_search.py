@@ -340,6 +340,26 @@ def test_image_query_and_output_formats(bundle2: Path, tmp_path: Path, make_geot
     )
 
 
+def test_one_layer_formats_overwrite_their_side_files_and_fgb_needs_no_suffix(bundle2: Path, tmp_path: Path) -> None:
+    tid = int(Bundle.open(bundle2).tiles().tile_id[0])
+    png = tmp_path / "q.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png)
+    fgb = tmp_path / "h.fgb"
+    search = ["search", "--index", str(bundle2), "-k", "3", *TEST_MODEL]
+    invoke(*search, f"tile:{tid}", "--out", str(fgb))
+    assert (tmp_path / "h.query.fgb").exists() and (tmp_path / "h.hits_merged.fgb").exists()
+    # A plain image has no place: the earlier query's footprint must not stay beside the new hits.
+    invoke(*search, str(png), "--out", str(fgb), "--overwrite")
+    assert not (tmp_path / "h.query.fgb").exists() and (tmp_path / "h.hits_merged.fgb").exists()
+    # --format fgb with an --out without the suffix writes files (GDAL alone would make directories).
+    plain = tmp_path / "plain"
+    for _ in range(2):
+        invoke(*search, f"tile:{tid}", "--out", str(plain), "--format", "fgb", "--overwrite")
+        assert plain.is_file() and len(gpd.read_file(plain)) == 3
+        assert (tmp_path / "plain.query.fgb").is_file() and (tmp_path / "plain.hits_merged.fgb").is_file()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
 def test_rotated_query_finds_its_tile(bundle2: Path, tmp_path: Path) -> None:
     """A tile's pixels turned by 90 degrees find that tile at distance ~0 (best of the query's four turns);
     with --no-rotations the same query is matched only as given, at a clearly larger distance."""
@@ -385,6 +405,9 @@ def test_best_over_turns_keeps_each_tile_once() -> None:
         ([], 2, "give a QUERY"),
         (["--scene", "nope.tif", "--point", "10.01,45.01"], 1, "no scene 'nope.tif'"),
         (["--point", "10.01,45.01", "--expand", "-1"], 2, "--expand"),
+        (["tile:99999999999999999999"], 1, "tile 99999999999999999999 is not in"),
+        (["tile:-5"], 1, "tile -5 is not in"),
+        (["--point", "10.01,45.01", "--bbox", "10.0,45.0,10.011,45.011"], 1, "--include-query-overlap"),
     ],
 )
 def test_search_errors(bundle2: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
@@ -393,6 +416,90 @@ def test_search_errors(bundle2: Path, tmp_path: Path, args: list[str], code: int
     assert r.exit_code == code, r.output
     assert message in r.output and "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_empty_aoi_and_example_without_geometry_are_named(bundle2: Path, tmp_path: Path) -> None:
+    aoi = tmp_path / "aoi.gpkg"
+    gpd.GeoDataFrame({"name": []}, geometry=[], crs="EPSG:4326").to_file(aoi)
+    examples = tmp_path / "ex.gpkg"
+    gpd.GeoDataFrame(
+        {"negative": [False, False]}, geometry=[shapely.Point(10.01, 45.01), None], crs="EPSG:4326"
+    ).to_file(examples)
+    for args, message in (
+        (["--point", "10.01,45.01", "--aoi", str(aoi)], f"--aoi {aoi} has no geometries"),
+        (["--examples", str(examples)], f"example 1 of {examples} has no geometry"),
+    ):
+        out = tmp_path / "x.gpkg"
+        r = CliRunner().invoke(cli, ["search", *args, "--index", str(bundle2), "--out", str(out), *TEST_MODEL])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+        assert not out.exists()
+
+
+def test_scene_filter_names_one_scene_and_it_must_be_encoded(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # The same file name in two folders: --scene NAME is ambiguous, a path (relative too) or an id is not.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = make_geotiff("one/x.tif", seed=1)
+    two = make_geotiff("two/x.tif", seed=2, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
+    index = tmp_path / "idx"
+    invoke("tile", str(one), str(two), "--index", str(index), *TILE_MODEL)
+    bundle = Bundle.open(index)
+    two_id = next(r["id"] for r in bundle.scene_records() if r["path"] == str(two))
+    out = tmp_path / "h.gpkg"
+    lon, lat = shapely.centroid(bundle.tiles().geometry.values[0]).coords[0]
+    query = ["search", "--point", f"{lon},{lat}", "--index", str(index), "--out", str(out), *TEST_MODEL]
+    r = CliRunner().invoke(cli, [*query, "--scene", "x.tif"])
+    assert r.exit_code == 1 and "--scene 'x.tif' names 2 scenes" in r.output, r.output
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for name in ("two/x.tif", str(two), two_id):
+            r = CliRunner().invoke(cli, [*query, "--scene", name, "--overwrite"])
+            assert r.exit_code == 0, r.output
+            assert set(gpd.read_file(out, layer="hits").scene_id) == {two_id}
+    finally:
+        os.chdir(cwd)
+    # A scene tiled but not encoded yet: said so, not an empty result.
+    three = make_geotiff("three.tif", seed=3, bounds=(520_000.0, 4_000_000.0, 525_120.0, 4_005_120.0))
+    invoke("tile", str(three), "--index", str(index), "--no-encode")
+    r = CliRunner().invoke(cli, [*query, "--scene", "three.tif", "--overwrite"])
+    assert r.exit_code == 1 and "not encoded yet (three.tif)" in r.output and "geoir encode" in r.output, r.output
+
+
+def test_geotiff_query_is_read_with_its_scenes_bands(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # A scene tiled with --bands 3,1,2; a GeoTIFF cut from it (all 4 bands) must be read with the same bands
+    # and statistics as its tiles, so it finds its own tile at distance ~0.
+    scene = make_geotiff("s.tif", dtype="uint16", shape=(4, 512, 512), seed=4)
+    index = tmp_path / "idx"
+    invoke("tile", str(scene), "--index", str(index), "--bands", "3,1,2", *TILE_MODEL)
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(scene) as src:
+        window = Window(256, 0, 256, 256)
+        profile = src.profile | {"width": 256, "height": 256, "transform": src.window_transform(window)}
+        with rasterio.open(crop, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    out = tmp_path / "h.gpkg"
+    args = ["search", str(crop), "--index", str(index), "--out", str(out), "-k", "1", "--include-query-overlap"]
+    invoke(*args, "--no-rotations", *TEST_MODEL)
+    hit = gpd.read_file(out, layer="hits").iloc[0]
+    assert (hit.col_off, hit.row_off) == (256, 0) and hit["distance"] == pytest.approx(0, abs=1e-3)
+
+
+def test_query_overlap_leaves_out_its_place_not_its_neighbours(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # Two scenes of the same place, the second 1 m east of the first (another date, as reprojected): a tile
+    # of the first leaves out its twin (99.96% shared) but keeps the twin's neighbour (a 1 m strip, 0.04%).
+    a = make_geotiff("a.tif", seed=1)
+    b = make_geotiff("b.tif", seed=2, bounds=(500_001.0, 4_000_000.0, 505_121.0, 4_005_120.0))
+    index = tmp_path / "idx"
+    invoke("tile", str(a), str(b), "--index", str(index), *TILE_MODEL)
+    tiles = Bundle.open(index).tiles()
+    a_id = next(r["id"] for r in Bundle.open(index).scene_records() if r["path"] == str(a))
+    query = tiles[(tiles.scene_id == a_id) & (tiles.col_off == 0) & (tiles.row_off == 0)].tile_id.iloc[0]
+    out = tmp_path / "h.gpkg"
+    invoke("search", f"tile:{query}", "--index", str(index), "--out", str(out), "-k", "8", *TEST_MODEL)
+    hits = gpd.read_file(out, layer="hits")
+    b_hits = hits[hits.scene_id != a_id]
+    assert len(hits) == 6 and set(zip(b_hits.col_off, b_hits.row_off, strict=True)) == {(256, 0), (0, 256), (256, 256)}
 
 
 def test_corrupt_image_and_existing_output(bundle2: Path, tmp_path: Path) -> None:

@@ -39,7 +39,9 @@ class Image:
     scene: Scene | None = None
 
 
-def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> Image:
+def read_image(
+    path: str | os.PathLike[str], scaling: Scaling | None = None, bands: tuple[int, ...] | None = None
+) -> Image:
     """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced (see :func:`_read`)."""
     import warnings
 
@@ -47,7 +49,7 @@ def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            return _read(Path(path), scaling)
+            return _read(Path(path), scaling, bands)
         except RasterioIOError as exc:
             raise QueryError(
                 f"{path} cannot be read as an image ({gdal_reason(exc)}); the file is truncated or damaged: "
@@ -55,11 +57,11 @@ def read_image(path: str | os.PathLike[str], scaling: Scaling | None = None) -> 
             ) from exc
 
 
-def _read(p: Path, scaling: Scaling | None) -> Image:
+def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None) -> Image:
     """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced.
 
-    Georeferenced rasters are scaled like tiles: with ``scaling`` when given (the statistics of the
-    scene a query was cut from), else with their own percentile statistics. Plain images must be
+    Georeferenced rasters are read like tiles: with ``bands`` and ``scaling`` when given (those of the
+    scene a query was cut from), else with the default bands and their own percentile statistics. Plain images must be
     8-bit; one band is repeated, alpha is dropped.
 
     Raises:
@@ -76,7 +78,7 @@ def _read(p: Path, scaling: Scaling | None) -> Image:
         f = max(1.0, max(src.width, src.height) / MAX_READ_SIDE)
         shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
     if georeferenced:
-        scene = open_scene(p)
+        scene = open_scene(p, bands=bands)
         if scaling is not None:
             scene = replace(scene, scaling=scaling)
         with rasterio.open(p) as src:
@@ -93,6 +95,5 @@ def _read(p: Path, scaling: Scaling | None) -> Image:
             for i, rgba in cmap.items():
                 lut[i] = rgba[:3]
             return Image(p, np.ascontiguousarray(lut[src.read(1, out_shape=shape)].transpose(2, 0, 1)))
-        bands = [1, 1, 1] if src.count < 3 else [1, 2, 3]
-        data = src.read(bands, out_shape=(3, *shape))
+        data = src.read([1, 1, 1] if src.count < 3 else [1, 2, 3], out_shape=(3, *shape))
     return Image(p, data)

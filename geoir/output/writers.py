@@ -22,6 +22,8 @@ import pyogrio
 from geoir.errors import QueryError
 
 FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
+#: Layers that go beside the hits file (``NAME.LAYER.EXT``) in the one-layer formats.
+SIDE_LAYERS = ("hits_merged", "query")
 SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
 
 
@@ -69,10 +71,17 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
         return
     path = Path(out)
     targets = {"hits": path}
+    ext = path.suffix or f".{fmt}"
+    stale: list[Path] = []
     if fmt != "gpkg":
-        for name in layers:
-            if name != "hits":
-                targets[name] = path.with_name(f"{path.stem}.{name}{path.suffix}")
+        for name in dict.fromkeys([*layers, *SIDE_LAYERS]):
+            if name == "hits":
+                continue
+            side = path.with_name(f"{path.stem}.{name}{ext}")
+            if name in layers:
+                targets[name] = side
+            elif overwrite and side.exists():
+                stale.append(side)  # written by an earlier run that had this layer: it would mislead
     if not overwrite:
         existing = [p for p in targets.values() if p.exists()]
         if existing:
@@ -80,7 +89,7 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "gpkg":
-            _atomic(path, lambda tmp: _write_gpkg(layers, tmp))
+            _atomic(path, lambda tmp: _write_gpkg(layers, tmp), ".gpkg")
         else:
             # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
             options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
@@ -90,13 +99,18 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
                     lambda tmp, n=name: pyogrio.write_dataframe(
                         layers[n], tmp, layer=n, driver=FORMATS[fmt], layer_options=options
                     ),
+                    ext,
                 )
+            for side in stale:
+                side.unlink(missing_ok=True)
     except OSError as exc:
         raise QueryError(f"cannot write {path} ({exc.strerror}); pick a writable --out") from exc
 
 
-def _atomic(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+def _atomic(path: Path, write, ext: str) -> None:  # type: ignore[no-untyped-def]
+    # The temp name ends with the format's extension whatever ``path`` is called: GDAL's FlatGeobuf driver
+    # writes a directory of files to a path without ".fgb".
+    tmp = path.with_name(f".{path.name}.tmp{ext}")
     tmp.unlink(missing_ok=True)
     try:
         write(tmp)

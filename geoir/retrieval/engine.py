@@ -13,7 +13,7 @@ searched once per turn, and each tile keeps its best (smallest) distance over th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +29,11 @@ from geoir.errors import QueryError
 from geoir.index.bundle import Bundle
 from geoir.io.images import read_image
 from geoir.io.scene import Scaling
+
+#: Without --include-query-overlap, tiles sharing more than this fraction of their area with a georeferenced
+#: query are left out (its own place). Tiles that merely touch it, or overlap by a sliver (footprints of
+#: scenes of other dates, reprojected, differ by a metre or so), are neighbours and stay.
+QUERY_OVERLAP = 0.01
 
 log = logging.getLogger("geoir")
 
@@ -97,9 +102,9 @@ class Searcher:
     def add_image(self, parts: QueryParts, path: str | Path, negative: bool = False) -> None:
         """Encode an image file (a georeferenced one keeps its footprint and is scaled like its scene)."""
         image = read_image(path)
-        scaling = self._scene_scaling_for(image.footprint, image.scene) if image.footprint is not None else None
-        if scaling is not None:
-            image = read_image(path, scaling=scaling)
+        source = self._source_scene_for(image.footprint, image.scene) if image.footprint is not None else None
+        if source is not None:
+            image = read_image(path, scaling=Scaling.from_dict(source["scaling"]), bands=tuple(source["bands"]))
         self.add_pixels(parts, image.rgb, Path(path).name, negative, image.footprint)
 
     def add_pixels(
@@ -126,20 +131,23 @@ class Searcher:
         (parts.negatives if negative else parts.positives).append(enc)
         (parts.negative_turned if negative else parts.positive_turned).append(turned)
 
-    def _scene_scaling_for(self, footprint: shapely.Polygon, scene) -> Scaling | None:  # type: ignore[no-untyped-def]
-        # A GeoTIFF cut from an indexed scene is scaled with that scene's statistics, like its tiles.
+    def _source_scene_for(self, footprint: shapely.Polygon, scene) -> dict | None:  # type: ignore[no-untyped-def]
+        """The record of an indexed scene that a GeoTIFF query was cut from (same place, data type and band
+        count), if any: the query is then read with that scene's bands and statistics, like its tiles."""
         scenes = self.bundle.scenes()
         for _, row in scenes[scenes.geometry.contains(footprint.centroid)].iterrows():
             rec = self._records.get(row.scene_id)
             if rec and rec["dtype"] == scene.dtype and rec["count"] == scene.count:
-                return Scaling.from_dict(rec["scaling"])
+                return rec
         return None
 
     def add_tiles(self, parts: QueryParts, tile_ids: Sequence[int], label: str, negative: bool = False) -> None:
         """Use tiles of the bundle as query parts (their stored backbone features, re-encoded by the head)."""
-        ids = np.asarray(tile_ids, dtype=np.int64)
+        # Tile ids are 63-bit: a number outside int64 names no tile (and numpy would overflow on it).
+        missing = sorted(int(t) for t in tile_ids if not 0 <= int(t) < 2**63)
+        ids = np.asarray([] if missing else tile_ids, dtype=np.int64)
         tiles = self.tiles_by_id(ids)
-        missing = sorted(set(ids.tolist()) - set(tiles.tile_id.tolist()))
+        missing = missing or sorted(set(ids.tolist()) - set(tiles.tile_id.tolist()))
         if missing:
             raise QueryError(
                 f"tile {missing[0]} is not in {self.bundle.path}; take an id from the tile_id field of the `tiles` "
@@ -184,6 +192,8 @@ class Searcher:
         flags = _negative_flags(gdf["negative"], p) if "negative" in gdf.columns else [False] * len(gdf)
         gdf = gdf.to_crs("EPSG:4326")
         for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
+            if geom is None or geom.is_empty:
+                raise QueryError(f"example {i} of {p} has no geometry; give it a point or polygon, or delete it")
             point = geom.geom_type == "Point"
             tiles = self.bundle.tiles_at(geom, gpd.GeoSeries.contains if point else gpd.GeoSeries.intersects)
             if tiles.empty:
@@ -217,13 +227,33 @@ class Searcher:
         if scenes:
             wanted = {self._resolve_scene(s) for s in scenes}
             tiles = tiles[tiles.scene_id.isin(wanted)]
+        encoded = set(self.bundle.encoded_scene_ids())
+        if len(tiles) and not tiles.scene_id.isin(encoded).any():
+            names = sorted({Path(self._records[sid]["path"]).name for sid in set(tiles.scene_id)})
+            raise QueryError(
+                f"the tiles passing the filters are of scenes not encoded yet ({', '.join(names)}); "
+                f"run `geoir encode --index {self.bundle.path}` first"
+            )
         return tiles.tile_id.to_numpy(np.int64)
 
     def _resolve_scene(self, s: str) -> str:
-        for sid, rec in self._records.items():
-            if s in (sid, rec["path"], Path(rec["path"]).name, Path(rec["path"]).stem):
-                return sid
-        raise QueryError(f"no scene {s!r} in {self.bundle.path}; `geoir info --index {self.bundle.path}` lists them")
+        """The id of the one scene that ``s`` names: its id, path (absolute or relative), file name or stem."""
+        matches = [
+            sid
+            for sid, rec in self._records.items()
+            if s in (sid, rec["path"], Path(rec["path"]).name, Path(rec["path"]).stem)
+            or Path(s).resolve() == Path(rec["path"])
+        ]
+        if not matches:
+            raise QueryError(
+                f"no scene {s!r} in {self.bundle.path}; `geoir info --index {self.bundle.path}` lists them"
+            )
+        if len(matches) > 1:
+            raise QueryError(
+                f"--scene {s!r} names {len(matches)} scenes of {self.bundle.path} ({', '.join(sorted(matches))}); "
+                "pass their ids or paths"
+            )
+        return matches[0]
 
     def search(
         self,
@@ -270,12 +300,17 @@ class Searcher:
             excluded = set(parts.own_tiles)
             for geom, _, negative in parts.geometries:
                 if not negative:
-                    t = self.bundle.tiles_at(geom, lambda s, g: s.intersects(g) & ~s.touches(g))
+                    t = self.bundle.tiles_at(geom, _overlaps_more_than(QUERY_OVERLAP))
                     excluded.update(t.tile_id.tolist())
         if allowed is not None:
-            allowed = np.setdiff1d(allowed, np.fromiter(excluded, np.int64, len(excluded)))
             if len(allowed) == 0:
                 raise QueryError("no tile passes the filters (--bbox/--aoi/--scene); widen them")
+            allowed = np.setdiff1d(allowed, np.fromiter(excluded, np.int64, len(excluded)))
+            if len(allowed) == 0:
+                raise QueryError(
+                    "every tile passing the filters (--bbox/--aoi/--scene) is the query's own place; widen them, "
+                    "or pass --include-query-overlap to keep those tiles"
+                )
             fetch = k
         else:
             fetch = k + len(excluded)
@@ -397,7 +432,8 @@ def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:
 
 
 def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Dissolve overlapping (or touching) hit footprints into regions with best rank, best score, count."""
+    """Dissolve hit footprints that overlap or share an edge into regions with best rank, best score, count
+    (hits meeting only at a corner stay apart: the union of two such squares is two polygons)."""
     columns = ["region", "best_rank", "best_score", "count", "tile_ids", "geometry"]
     if hits.empty:
         return gpd.GeoDataFrame([], columns=columns, geometry="geometry", crs="EPSG:4326")
@@ -422,3 +458,17 @@ def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     out = out.sort_values("best_rank").reset_index(drop=True)
     out["region"] = np.arange(1, len(out) + 1)
     return out
+
+
+def _overlaps_more_than(fraction: float) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
+    """A predicate for :meth:`Bundle.tiles_at`: footprints sharing more than ``fraction`` of their area
+    with the geometry."""
+
+    def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
+        fp = footprints.values
+        hit = shapely.intersects(fp, geom) & ~shapely.touches(fp, geom)
+        shared = np.zeros(len(fp))
+        shared[hit] = shapely.area(shapely.intersection(fp[hit], geom)) / shapely.area(fp[hit])
+        return hit & (shared > fraction)
+
+    return predicate
