@@ -140,6 +140,39 @@ def test_trained_model_tiles_and_searches(image_folder: Path, tmp_path: Path, ma
     assert len(hits) == 4 and hits["distance"].to_numpy() == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("min_candidates", [1000, 1])
+def test_small_bundle_with_codes_is_ranked_exactly_by_the_float_embedding(
+    image_folder: Path, tmp_path: Path, make_geotiff: MakeGeoTiff, monkeypatch: pytest.MonkeyPatch, min_candidates: int
+) -> None:
+    # 64 tiles, k = 1: 20 Hamming candidates alone may miss the float embedding's best tile; with the floor of
+    # candidates every tile of a small bundle is re-ranked and the hit is the exact float nearest.
+    import geoir.retrieval.engine as engine
+
+    monkeypatch.setattr(engine, "MIN_CANDIDATES", min_candidates)
+    model = tmp_path / "m.pt"
+    args = ["--method", "combined", "--bits", "16", "--epochs", "2", "--out", str(model), *TEST_BACKBONE]
+    invoke("train", str(image_folder), *args)
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 2048, 2048), bounds=(500_000.0, 4_000_000.0, 520_480.0, 4_020_480.0))
+    invoke("tile", str(scene), "--index", str(index), "--model", str(model), "--workers", "0")
+    vec = Bundle.open(index).vectors()
+    assert len(vec["ids"]) == 64
+    rng = np.random.default_rng(0)
+    exact = []
+    for i in range(6):
+        png = tmp_path / f"q{i}.png"
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(png)
+        npz = tmp_path / f"q{i}.npz"
+        invoke("encode", str(png), "--model", str(model), "--out", str(npz))
+        emb = np.load(npz)["embedding"][0]
+        dist = np.linalg.norm(vec["embedding"].astype(np.float64) - emb, axis=1)
+        out = tmp_path / f"h{i}.gpkg"
+        invoke("search", str(png), "--index", str(index), "--out", str(out), "-k", "1", "--no-rotations")
+        hit = gpd.read_file(out, layer="hits").iloc[0]
+        exact.append(hit.tile_id == vec["ids"][np.argmin(dist)])
+    assert all(exact) if min_candidates == 1000 else not all(exact)
+
+
 def test_fuse_codes_model_tiles_with_its_own_width(
     image_folder: Path, tmp_path: Path, make_geotiff: MakeGeoTiff
 ) -> None:

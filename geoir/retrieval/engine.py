@@ -39,8 +39,11 @@ log = logging.getLogger("geoir")
 
 #: Weight of the negative examples' mean in the combined query.
 NEGATIVE_WEIGHT = 0.5
-#: Hamming candidates per hit before float re-ranking, for models with codes.
+#: Hamming candidates per hit before float re-ranking, for models with codes ...
 RERANK_FACTOR = 20
+#: ... and at least this many in all: re-ranking a thousand vectors costs about a millisecond, and a bundle of
+#: up to this many tiles is then ranked exactly by the float embedding whatever k is.
+MIN_CANDIDATES = 1000
 
 
 @dataclass
@@ -318,8 +321,9 @@ class Searcher:
         if "binary" in self.indexes and codes is not None:
             from geoir.index.vectors import hybrid_search
 
+            factor = max(RERANK_FACTOR, -(-MIN_CANDIDATES // fetch))
             dist, ids = hybrid_search(
-                self.indexes["binary"], codes, emb, fetch, float_index, factor=RERANK_FACTOR, allowed_ids=allowed
+                self.indexes["binary"], codes, emb, fetch, float_index, factor=factor, allowed_ids=allowed
             )
         else:
             dist, ids = float_index.search(emb, fetch, allowed)
