@@ -111,6 +111,27 @@ def test_first_scene_without_tiles_leaves_a_sound_catalog(make_geotiff: MakeGeoT
     assert len(Bundle.open(index).tiles()) == 4
 
 
+def test_a_changed_file_replaces_its_earlier_tiles(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff("s.tif", seed=1)
+    other = make_geotiff("o.tif", seed=3, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
+    index = tmp_path / "idx"
+    args = ["tile", str(scene), str(other), "--index", str(index), "--backbone", "test", "--device", "cpu"]
+    assert CliRunner().invoke(cli, ["-q", *args, "--workers", "0"]).exit_code == 0
+    old = {r["path"]: r["id"] for r in Bundle.open(index).scene_records()}[str(scene)]
+    make_geotiff("s.tif", seed=2)  # exported again, with other pixels, to the same path
+    r = CliRunner().invoke(cli, [*args, "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert f"changed since it was indexed: its 4 earlier tiles (scene {old}) are replaced" in r.output
+    assert "1 scene(s) added (1 replacing a changed file), 1 already indexed" in r.output
+    bundle = Bundle.open(index)
+    records = bundle.scene_records()
+    assert len(records) == 2 and old not in {r["id"] for r in records}
+    assert len(bundle.tiles()) == 8 == bundle.manifest["counts"]["tiles"] and old not in set(bundle.tiles().scene_id)
+    # Its vectors went with it, from the store and from the FAISS index saved at the end of the run.
+    assert not bundle.vectors_path(old).exists() and set(bundle.vectors()["ids"]) == set(bundle.tiles().tile_id)
+    assert sorted(Bundle.open(index).indexes()["float"].ids()) == sorted(bundle.tiles().tile_id)
+
+
 def test_overlap_stride_and_nodata_limit(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(dtype="uint16", nodata=0, nodata_block=True, shape=(3, 512, 512))
     r = run("tile", str(scene), "--index", str(tmp_path / "o"), "--overlap", "0.5", "--max-nodata", "0.2")

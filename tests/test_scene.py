@@ -201,6 +201,14 @@ def test_expand_inputs(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.jp2")])
     with pytest.raises(SceneError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.tif")])
+    # A folder leaves out hidden files and folders (a killed run's temp chips) and the folders excluded
+    # (chips written inside it).
+    (tmp_path / "chips").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for hidden in (".chip.x1.tif", "chips/a_0_0.tif", ".cache/c.tif"):
+        (tmp_path / hidden).write_bytes(a.read_bytes())
+    assert [p.name for p in expand_inputs([str(tmp_path)])] == ["a.tif", "b.tif", "a_0_0.tif"]
+    assert [p.name for p in expand_inputs([str(tmp_path)], exclude=[tmp_path / "chips"])] == ["a.tif", "b.tif"]
 
 
 def test_block_cache_holds_a_row_of_tiles(make_geotiff: MakeGeoTiff, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -125,7 +125,8 @@ def tile(
 
     SCENE is a raster file (GeoTIFF, COG, JP2, any GDAL format with a CRS), a glob, or a directory.
     Every kept tile is encoded by the model and indexed with FAISS. Scenes already in the bundle are
-    skipped; new ones are appended. The tiling options and the model are fixed when the bundle is
+    skipped; new ones are appended; a file indexed before whose content has changed replaces its earlier
+    tiles. The tiling options and the model are fixed when the bundle is
     created; later runs reuse them.
 
     \b
@@ -173,7 +174,8 @@ def tile(
         gsd=gsd if gsd is not None else base.gsd,
         max_nodata=max_nodata if max_nodata is not None else base.max_nodata,
     )
-    prepared = prepare_scenes(scenes, bands=bands, nodata=nodata)
+    # Chips written into a folder being tiled are not scenes for the next run.
+    prepared = prepare_scenes(scenes, bands=bands, nodata=nodata, exclude=[export_chips] if export_chips else [])
     if export_chips is not None:
         ensure_writable_dir(export_chips, "the chips directory")
     existing = Bundle.open(index) if (index / "manifest.json").exists() else None
@@ -243,9 +245,10 @@ def tile(
                 "or the scene mostly nodata? Use a smaller --size or a larger --max-nodata"
             )
         logging.getLogger("geoir").info(
-            "%s: %d scene(s) added, %d already indexed, %d tiles added; %d tiles in total",
+            "%s: %d scene(s) added%s, %d already indexed, %d tiles added; %d tiles in total",
             index,
             len(report.added_scenes),
+            f" ({len(report.replaced_scenes)} replacing a changed file)" if report.replaced_scenes else "",
             len(report.skipped_scenes),
             report.tiles_added,
             bundle.manifest["counts"]["tiles"],

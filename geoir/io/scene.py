@@ -727,8 +727,11 @@ def _inside_mask(native: Window, width: int, height: int, shape: tuple[int, int]
     return ((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :]
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str], exclude: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
     """Expand files, globs and directories into a sorted, de-duplicated list of raster paths.
+
+    A directory is searched recursively, leaving out hidden files and folders (a killed run's temp files
+    start with a dot) and the folders in ``exclude`` (e.g. where chips are written).
 
     Raises:
         SceneError: An input matches nothing.
@@ -739,7 +742,15 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in RASTER_SUFFIXES)
+            skip = [Path(e).resolve() for e in exclude]
+            found = sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file()
+                and q.suffix.lower() in RASTER_SUFFIXES
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+                and not any(q.resolve().is_relative_to(e) for e in skip)
+            )
             if not found:
                 raise SceneError(f"{p} contains no raster files ({', '.join(RASTER_SUFFIXES)})")
             out.extend(found)

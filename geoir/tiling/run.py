@@ -43,15 +43,21 @@ class TileReport:
 
     added_scenes: list[str] = field(default_factory=list)
     skipped_scenes: list[str] = field(default_factory=list)
+    #: Scenes removed because their file (same path) changed and was indexed again.
+    replaced_scenes: list[str] = field(default_factory=list)
     tiles_added: int = 0
     tiles_skipped_nodata: int = 0
 
 
 def prepare_scenes(
-    inputs: Sequence[str], bands: Sequence[int] | None = None, nodata: float | None = None
+    inputs: Sequence[str],
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    exclude: Sequence[str | os.PathLike[str]] = (),
 ) -> list[Scene]:
-    """Expand and open every input before anything is written, so bad input changes nothing."""
-    return [open_scene(p, bands=bands, nodata=nodata) for p in expand_inputs(inputs)]
+    """Expand (leaving out the folders in ``exclude``) and open every input before anything is written, so
+    bad input changes nothing."""
+    return [open_scene(p, bands=bands, nodata=nodata) for p in expand_inputs(inputs, exclude)]
 
 
 def tile_scenes(
@@ -65,7 +71,8 @@ def tile_scenes(
 ) -> TileReport:
     """Tile scenes into ``bundle`` (which the caller has locked), encoding them when a model is given.
 
-    Scenes already in the bundle are skipped. Each scene is committed on its own (vectors, then tiles,
+    Scenes already in the bundle are skipped; a file indexed before whose content changed is indexed again
+    and its earlier tiles removed. Each scene is committed on its own (vectors, then tiles,
     then the scene row, then the in-memory FAISS indexes), so an interrupted run keeps every finished
     scene; the index files are saved once, at the end (a killed run's are rebuilt from the vectors).
 
@@ -193,6 +200,12 @@ def commit_scene(
     )
     if enc is not None and len(ids):
         bundle.add_to_indexes(ids, enc.embedding, enc.codes)
+    # The same path with other content is the file changed since it was indexed: its old tiles describe
+    # pixels that are gone. They are removed once the new ones are committed, never before.
+    for old in [r["id"] for r in bundle.scene_records() if r["path"] == scene.path and r["id"] != scene.id]:
+        n = bundle.remove_scene(old)
+        report.replaced_scenes.append(old)
+        log.warning("%s changed since it was indexed: its %d earlier tiles (scene %s) are replaced", scene.path, n, old)
     report.added_scenes.append(scene.id)
     report.tiles_added += len(kept)
     report.tiles_skipped_nodata += len(source) - len(kept)
