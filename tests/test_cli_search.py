@@ -351,6 +351,10 @@ def test_one_layer_formats_overwrite_their_side_files_and_fgb_needs_no_suffix(bu
     # A plain image has no place: the earlier query's footprint must not stay beside the new hits.
     invoke(*search, str(png), "--out", str(fgb), "--overwrite")
     assert not (tmp_path / "h.query.fgb").exists() and (tmp_path / "h.hits_merged.fgb").exists()
+    # A side file in the way is found before any work, as the main file is.
+    fgb.unlink()
+    r = invoke(*search, str(png), "--out", str(fgb), code=1)
+    assert f"{tmp_path / 'h.hits_merged.fgb'} exists; pass --overwrite" in r.output and not fgb.exists()
     # --format fgb with an --out without the suffix writes files (GDAL alone would make directories).
     plain = tmp_path / "plain"
     for _ in range(2):

@@ -122,7 +122,7 @@ def search(
     """
     if not (queries or points or examples):
         raise click.UsageError("give a QUERY image or tile:ID, --point, or --examples")
-    from geoir.output.writers import format_conflict, suffix_format, write_layers
+    from geoir.output.writers import format_conflict, side_paths, suffix_format, write_layers
 
     conflict = format_conflict(out, fmt)
     if conflict:
@@ -138,6 +138,8 @@ def search(
     from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
     refuse_existing(out, overwrite)
+    for side in side_paths(out, fmt).values():
+        refuse_existing(side, overwrite)
     images = [q for q in (*queries, *negatives) if not q.startswith("tile:")]
     refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)

@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def format_conflict(out: str, fmt: str | None) -> str | None:
     )
 
 
+def side_paths(out: str, fmt: str, names: Iterable[str] = SIDE_LAYERS) -> dict[str, Path]:
+    """Files that the one-layer formats (GeoJSON, FlatGeobuf) write beside ``out``, one per side layer."""
+    if out == "-" or fmt == "gpkg":
+        return {}
+    path = Path(out)
+    return {name: path.with_name(f"{path.stem}.{name}{path.suffix or '.' + fmt}") for name in names}
+
+
 def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False) -> None:
     """Write named layers.
 
@@ -73,15 +82,11 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
     targets = {"hits": path}
     ext = path.suffix or f".{fmt}"
     stale: list[Path] = []
-    if fmt != "gpkg":
-        for name in dict.fromkeys([*layers, *SIDE_LAYERS]):
-            if name == "hits":
-                continue
-            side = path.with_name(f"{path.stem}.{name}{ext}")
-            if name in layers:
-                targets[name] = side
-            elif overwrite and side.exists():
-                stale.append(side)  # written by an earlier run that had this layer: it would mislead
+    for name, side in side_paths(out, fmt, dict.fromkeys([*layers, *SIDE_LAYERS])).items():
+        if name in layers and name != "hits":
+            targets[name] = side
+        elif name not in layers and overwrite and side.exists():
+            stale.append(side)  # written by an earlier run that had this layer: it would mislead
     if not overwrite:
         existing = [p for p in targets.values() if p.exists()]
         if existing:
