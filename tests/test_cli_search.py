@@ -621,6 +621,28 @@ def test_info_says_when_an_index_file_is_corrupt_or_stale(bundle2: Path) -> None
     assert len(Bundle.open(bundle2).indexes()["float"]) == 13
 
 
+def test_a_bundle_that_cannot_be_written_is_still_searched(
+    bundle2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shared read-only (root ignores chmod, so the write is made to fail): a stale index is rebuilt in memory.
+    from geoir.errors import BundleError
+    from geoir.index.vectors import VectorIndex
+
+    (bundle2 / "float.faiss").unlink()
+
+    def refuse(self: VectorIndex, path: object) -> None:
+        raise BundleError(f"cannot write {path}: Read-only file system; check the folder exists and is writable")
+
+    monkeypatch.setattr(VectorIndex, "save", refuse)
+    out = tmp_path / "h.gpkg"
+    r = CliRunner().invoke(
+        cli, ["search", "--point", "10.01,45.01", "--index", str(bundle2), "--out", str(out), *TEST_MODEL]
+    )
+    assert r.exit_code == 0, r.output
+    assert "Read-only file system" in r.output and "searching with the rebuilt index in memory" in r.output
+    assert len(gpd.read_file(out, layer="hits")) == 10 and not (bundle2 / "float.faiss").exists()
+
+
 def test_encode_images_command(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
     png = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(png)

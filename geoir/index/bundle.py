@@ -608,12 +608,18 @@ class Bundle:
             index = self._index(kind)
             if index is None or len(index) != expected:
                 log.info("%s index of %s disagrees with the catalog; rebuilding it from the vectors", kind, self.path)
-                index = self.rebuild_index(kind)
+                index = self.rebuild_index(kind, save=False)
+                try:
+                    self._save_index(kind, index)
+                except BundleError as exc:
+                    # A bundle others share read-only can still be searched: the rebuilt index serves from memory.
+                    log.warning("%s; searching with the rebuilt index in memory", exc)
+                    self._loaded[kind] = index
             out[kind] = index
         return out
 
-    def rebuild_index(self, kind: str) -> VectorIndex:
-        """Rebuild one FAISS index from the vector files of the committed scenes and save it."""
+    def rebuild_index(self, kind: str, save: bool = True) -> VectorIndex:
+        """Rebuild one FAISS index from the vector files of the committed scenes (and save it)."""
         self._pending.pop(kind, None)  # committed, so in the vector files
         index = self._new_index(kind)
         vec = self.vectors()
@@ -622,7 +628,8 @@ class Bundle:
             if not index.is_trained:
                 index.train(data)
             index.add(vec["ids"], data)
-        self._save_index(kind, index)
+        if save:
+            self._save_index(kind, index)
         return index
 
     def add_to_indexes(self, ids: np.ndarray, embedding: np.ndarray, codes: np.ndarray | None) -> None:
