@@ -132,6 +132,20 @@ def test_a_changed_file_replaces_its_earlier_tiles(make_geotiff: MakeGeoTiff, tm
     assert sorted(Bundle.open(index).indexes()["float"].ids()) == sorted(bundle.tiles().tile_id)
 
 
+def test_the_bundles_own_size_alone_keeps_its_stride(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    a = make_geotiff("a.tif", seed=1, shape=(3, 128, 128))
+    b = make_geotiff("b.tif", seed=2, shape=(3, 128, 128), bounds=(510_000.0, 4_000_000.0, 511_280.0, 4_001_280.0))
+    index = tmp_path / "idx"
+    assert run("tile", str(a), "--index", str(index), "--size", "64", "--overlap", "0.5").exit_code == 0
+    r = run("tile", str(b), "--index", str(index), "--size", "64")
+    assert r.exit_code == 0, r.output
+    tiles = Bundle.open(index).tiles()
+    assert len(tiles) == 18 and sorted(set(tiles.col_off)) == [0, 32, 64]
+    # Another size alone still means another grid, which the bundle refuses.
+    r = run("tile", str(b), "--index", str(index), "--size", "32")
+    assert r.exit_code == 1 and "was tiled with --size 64 --stride 32" in r.output
+
+
 def test_overlap_stride_and_nodata_limit(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(dtype="uint16", nodata=0, nodata_block=True, shape=(3, 512, 512))
     r = run("tile", str(scene), "--index", str(tmp_path / "o"), "--overlap", "0.5", "--max-nodata", "0.2")

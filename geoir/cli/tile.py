@@ -167,7 +167,8 @@ def tile(
     elif overlap is not None:
         stride_ = TilingParams.from_overlap(size_, overlap).stride
     else:
-        stride_ = size_ if size is not None else base.stride
+        # A new --size alone means tiles without overlap; the bundle's own size keeps its stride.
+        stride_ = size_ if size is not None and size != base.size else base.stride
     params = TilingParams(
         size=size_,
         stride=stride_,
