@@ -9,7 +9,7 @@ __all__ = ["__version__", "encode_images", "load_model", "search", "tile"]
 
 def __getattr__(name: str) -> object:
     # The API pulls in torch, FAISS and GDAL: import it on first use so `import geoir` (and `geoir --help`) stay fast.
-    if name in ("tile", "search", "encode_images", "load_model"):
+    if name in ("tile", "search", "encode_images", "load_model", "Hits", "Model"):
         from geoir import api
 
         return getattr(api, name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
-from geoir.errors import ModelError
+from geoir.errors import ModelError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
@@ -27,7 +27,7 @@ PathLike = str | os.PathLike[str]
 
 
 def tile(
-    scenes: Sequence[PathLike],
+    scenes: Sequence[PathLike] | PathLike,
     index: PathLike = DEFAULT_INDEX,
     params: TilingParams | None = None,
     model: Model | str | None = None,
@@ -41,7 +41,7 @@ def tile(
     """Tile, encode and index scenes into a bundle (``geoir tile``).
 
     Args:
-        scenes: Raster files, globs or directories.
+        scenes: Raster files, globs or directories (one of them, or a list).
         index: Bundle directory, created when missing.
         params: Tiling parameters of a new bundle (default 256 px, no overlap).
         model: A loaded model, a model file, ``"default"`` or ``"backbone"`` (default: the shipped model).
@@ -55,7 +55,9 @@ def tile(
             it to :func:`load_model` instead.
     """
     _check_tta(model, tta)
-    prepared = prepare_scenes([str(s) for s in scenes], bands=bands, nodata=nodata)
+    if tta and not encode:
+        raise ModelError("tta is a way of encoding; leave it out with encode=False")
+    prepared = prepare_scenes([str(s) for s in _paths(scenes)], bands=bands, nodata=nodata)
     existing = Bundle.open(index) if (Path(index) / "manifest.json").exists() else None
     encoder = None
     if encode:
@@ -67,7 +69,15 @@ def tile(
     with discard_if_unused(index):
         bundle = Bundle.open_or_create(index, params)
         with bundle.lock():
-            return tile_scenes(bundle, prepared, model=encoder, batch_size=batch_size, workers=workers)
+            report = tile_scenes(bundle, prepared, model=encoder, batch_size=batch_size, workers=workers)
+        if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:
+            # Nothing to search, and re-runs would skip the scenes: refused (and the new bundle removed).
+            p = bundle.params
+            raise TilingError(
+                f"no tile of {', '.join(Path(s.path).name for s in prepared)} passed the nodata limit (max_nodata "
+                f"{p.max_nodata:g}, tiles of {p.size} px): use a smaller tile size or a larger max_nodata"
+            )
+        return report
 
 
 def search(
@@ -75,7 +85,7 @@ def search(
     index: PathLike = DEFAULT_INDEX,
     k: int = 10,
     model: Model | str | None = None,
-    negatives: Sequence[PathLike | np.ndarray | int] = (),
+    negatives: PathLike | np.ndarray | int | Sequence[PathLike | np.ndarray | int] = (),
     bbox: tuple[float, float, float, float] | None = None,
     include_query_overlap: bool = False,
     rotations: bool = True,
@@ -103,8 +113,10 @@ def search(
         model = model_for_bundle(bundle.model, model)
     searcher = Searcher(bundle, model, rotations=rotations)
     parts = QueryParts()
-    items = [query] if isinstance(query, str | os.PathLike | np.ndarray | int) else list(query)
-    for negative, group in ((False, items), (True, list(negatives))):
+    single = str | os.PathLike | np.ndarray | int | np.integer
+    items = [query] if isinstance(query, single) else list(query)
+    negs = [negatives] if isinstance(negatives, single) else list(negatives)
+    for negative, group in ((False, items), (True, negs)):
         for i, q in enumerate(group):
             if isinstance(q, np.ndarray):
                 searcher.add_pixels(parts, q, f"array{i}", negative)
@@ -125,6 +137,11 @@ def encode_images(images: Sequence[PathLike], model: Model | str | None = None, 
     _check_tta(model, tta)
     m = model if isinstance(model, Model) else load_model(model, tta=bool(tta))
     return m.concat([m.encode_image(read_image(p).rgb) for p in images]).embedding
+
+
+def _paths(scenes: Sequence[PathLike] | PathLike) -> list[PathLike]:
+    """One path given alone is a list of one (a str is a sequence of characters, not of paths)."""
+    return [scenes] if isinstance(scenes, str | os.PathLike) else list(scenes)
 
 
 def _check_tta(model: Model | str | None, tta: bool | None) -> None:

@@ -35,6 +35,33 @@ def test_python_api_round_trip(make_geotiff: MakeGeoTiff, tmp_path: Path) -> Non
     assert from_file.tile_id.tolist() == hits.tile_id.tolist()
 
 
+def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    from geoir.errors import ModelError, QueryError, TilingError
+
+    model = load_model("backbone", backbone="test")
+    scene = make_geotiff(shape=(3, 512, 512))
+    index = tmp_path / "idx"
+    # One path, not in a list (a str is a sequence of characters): that one scene.
+    assert geoir.tile(str(scene), index=index, model=model).tiles_added == 4
+    tid = geoir.search(np.zeros((3, 64, 64), np.uint8), index=index, k=2, model=model).hits.tile_id.iloc[0]
+    assert isinstance(tid, np.integer)  # what a hits frame gives back is a query too
+    hits = geoir.search(tid, index=index, k=2, model=model, negatives=np.full((3, 64, 64), 255, np.uint8)).hits
+    assert len(hits) == 2 and tid not in hits.tile_id.tolist()
+    for kwargs, message in (({"k": 0}, "k must be a positive"), ({"bbox": (10, 0, 5, 1)}, "west < east")):
+        with pytest.raises(QueryError, match=message):
+            geoir.search(tid, index=index, model=model, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="tta is a way of encoding"):
+        geoir.tile(str(scene), index=tmp_path / "x", encode=False, tta=True)
+    # A run that gives no tile leaves no bundle behind, as `geoir tile` does.
+    small = make_geotiff("small.tif", shape=(3, 100, 100))
+    with pytest.raises(TilingError, match=r"no tile of small\.tif passed the nodata limit"):
+        geoir.tile([small], index=tmp_path / "empty", model=model)
+    assert not (tmp_path / "empty").exists()
+    assert geoir.Hits.__name__ == "Hits" and geoir.Model.__name__ == "Model"
+
+
 def test_lazy_api_attribute() -> None:
     assert callable(geoir.tile) and callable(geoir.search)
     with pytest.raises(AttributeError):

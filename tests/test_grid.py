@@ -114,7 +114,7 @@ def test_tile_ids_stable_and_distinct() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"size": 0}, "size"), ({"stride": 0}, "stride"), ({"gsd": -1.0}, "gsd"), ({"max_nodata": 1.5}, "max-nodata")],
+    [({"size": 0}, "size"), ({"stride": -1}, "stride"), ({"gsd": -1.0}, "gsd"), ({"max_nodata": 1.5}, "max-nodata")],
 )
 def test_bad_params(kwargs: dict, message: str) -> None:
     with pytest.raises(TilingError, match=message):
@@ -125,6 +125,11 @@ def test_bad_params(kwargs: dict, message: str) -> None:
 def test_bad_overlap(overlap: float) -> None:
     with pytest.raises(TilingError, match="overlap"):
         TilingParams.from_overlap(256, overlap)
+
+
+def test_stride_left_out_means_no_overlap() -> None:
+    assert TilingParams().stride == 256 and TilingParams(size=512).stride == 512
+    assert TilingParams(size=512, stride=128).stride == 128
 
 
 def test_overlap_to_stride() -> None:

@@ -144,6 +144,11 @@ def test_python_api_takes_tta_and_refuses_contradictions(make_geotiff: MakeGeoTi
     with pytest.raises(ModelError, match="encoded without tta"):
         geoir.tile([make_geotiff(name="b.tif", seed=6)], index=plain, model="backbone", tta=True)
     assert Bundle.open(plain).manifest["counts"]["scenes"] == 1
+    # A loaded model that contradicts the bundle's averaging is named as such, not as "another model".
+    with pytest.raises(ModelError, match=r"idx was encoded with tta .*encode with it too"):
+        geoir.tile([make_geotiff(name="c.tif", seed=7)], index=index, model=load_model("backbone", backbone="test"))
+    with pytest.raises(ModelError, match=r"idx was encoded with tta"):
+        geoir.search(np.zeros((3, 32, 32), np.uint8), index=index, model=load_model("backbone", backbone="test"))
     # Images: the averaged embedding is the same however the image is turned.
     rgb = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     pngs = [tmp_path / "a.png", tmp_path / "b.png"]

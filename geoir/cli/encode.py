@@ -35,7 +35,7 @@ log = logging.getLogger("geoir")
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write the vectors of IMAGE files here: .npy (embeddings) or .npz (paths, features, embeddings, codes).",
+    help="Write the vectors of IMAGE files here: .npy (embeddings) or .npz (keys paths, features, embedding, codes).",
 )
 @overwrite_option
 @model_options

@@ -191,7 +191,7 @@ def tile(
         refuse_tta_change(index, described, tta)
         encoder = resolve_model(model, backbone, weights, download, client_device, described, tta=tta or None)
         if existing is not None:
-            existing.check_model(encoder.fingerprint, encoder.meta.get("name"))
+            existing.check_model(encoder.fingerprint, encoder.meta.get("name"), encoder.backbone.tta)
     kinds = parse_index_kinds(index_kinds)
     if encoder is not None:
         # An approximate index trains on the tiles of the first scene that a bundle without tiles gets.

@@ -485,12 +485,19 @@ class Bundle:
                 self.manifest["index"] = {**self.manifest.get("index", {}), **index_kinds}
             self.write_manifest()
             return
-        self.check_model(description["fingerprint"], description.get("name"))
+        self.check_model(description["fingerprint"], description.get("name"), bool(description.get("backbone_tta")))
 
-    def check_model(self, fingerprint: str, name: str | None = None) -> None:
-        """Raise unless ``fingerprint`` is the bundle's model."""
+    def check_model(self, fingerprint: str, name: str | None = None, tta: bool | None = None) -> None:
+        """Raise unless ``fingerprint`` is the bundle's model (``tta``: whether it averages the 8 views)."""
         have = self.model
         if have is not None and have["fingerprint"] != fingerprint:
+            if tta is not None and bool(have.get("backbone_tta")) != tta:
+                # Test-time averaging is part of the fingerprint: say so rather than "another model".
+                mode = "with" if have.get("backbone_tta") else "without"
+                raise ModelError(
+                    f"{self.path} was encoded {mode} tta (each tile the mean of its 8 flips and quarter turns); "
+                    f"encode {mode} it too (--tta / tta=), or use another --index"
+                )
             if have.get("name") == name == "default":
                 # Both are geoir's shipped default, from two releases: the old one is not installed any more.
                 raise ModelError(
@@ -544,8 +551,8 @@ class Bundle:
                         parts.setdefault(k, []).append(z[k])
             except (OSError, ValueError) as exc:
                 raise BundleError(
-                    f"{self.vectors_path(sid)} is corrupt ({exc}); run `geoir encode --index "
-                    f"{self.path} --rebuild` to re-encode"
+                    f"{self.vectors_path(sid)} is corrupt ({exc}); delete it, then run `geoir encode --index "
+                    f"{self.path}` to encode that scene again"
                 ) from exc
         return {k: np.concatenate(v) for k, v in parts.items()}
 

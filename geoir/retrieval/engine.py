@@ -91,7 +91,7 @@ class Searcher:
         if bundle.model is None:
             # Tiles catalogued with --no-encode: encoding them is all that is missing.
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
-        bundle.check_model(model.fingerprint, model.meta.get("name"))
+        bundle.check_model(model.fingerprint, model.meta.get("name"), model.backbone.tta)
         self.bundle = bundle
         self.model = model
         # Averaged features (--tta) are the same for every turn of a query: one encoding is enough.
@@ -221,6 +221,10 @@ class Searcher:
         """Tile ids passing the spatial and scene filters (None when there is no filter)."""
         if bbox is None and aoi is None and not scenes:
             return None
+        if bbox is not None:
+            w, s, e, n = bbox
+            if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+                raise QueryError(f"bbox {tuple(bbox)}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
         tiles = self.bundle.tiles_at(shapely.box(*bbox)) if bbox is not None else None
         if aoi is not None:
             in_aoi = self.bundle.tiles_at(aoi)
@@ -276,6 +280,8 @@ class Searcher:
         """
         if not parts.positives:
             raise QueryError("give at least one positive query (an image, tile:ID, --point or --examples)")
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise QueryError(f"k must be a positive number of hits, got {k!r}")
         if expand < 0:
             raise QueryError(f"expand must be 0 (off) or a number of hits, got {expand}")
         if expand:

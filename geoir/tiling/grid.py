@@ -31,19 +31,21 @@ class TilingParams:
 
     Attributes:
         size: Tile width and height in grid pixels.
-        stride: Step between tile origins in grid pixels (``size`` means no overlap).
+        stride: Step between tile origins in grid pixels (``size`` means no overlap; left out or 0: ``size``).
         gsd: Target ground sample distance in metres, or None to keep each scene's native grid.
         max_nodata: Tiles with a larger fraction of invalid pixels are skipped.
     """
 
     size: int = 256
-    stride: int = 256
+    stride: int = 0
     gsd: float | None = None
     max_nodata: float = 0.5
 
     def __post_init__(self) -> None:
         if self.size <= 0:
             raise TilingError(f"tile size must be > 0 pixels, got {self.size}")
+        if self.stride == 0:
+            object.__setattr__(self, "stride", self.size)  # frozen: set once, here
         if not self.stride > 0:
             raise TilingError(f"stride must be > 0 pixels, got {self.stride}")
         if self.gsd is not None and not self.gsd > 0:
