@@ -756,3 +756,79 @@ def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_
     assert "both name what to describe" in r.output
     r = invoke("info", "backbone", code=2)
     assert "'backbone' is no model file" in r.output and "[BUNDLE|MODEL]" in r.output
+
+
+def test_data_set_images_must_be_8_bit_and_hidden_files_are_left_out(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "class0" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata
+    out = tmp_path / "m.pt"
+    invoke("train", str(image_folder), "--method", "srl", "--epochs", "1", "--out", str(out), *TEST_BACKBONE)
+    assert load_model(out).meta["data"]["samples"] == 48
+    # A 16-bit image would be clipped to white by an RGB conversion: refused, naming the file.
+    Image.fromarray(np.full((32, 32), 3000, np.uint16)).save(image_folder / "class1" / "deep.png")
+    r = CliRunner().invoke(
+        cli, ["train", str(image_folder), "--out", str(tmp_path / "n.pt"), "--epochs", "1", *TEST_BACKBONE]
+    )
+    assert r.exit_code == 1 and "deep.png has I;16 pixels, not 8-bit" in r.output, r.output
+
+
+def test_a_damaged_or_unwritable_feature_cache_is_worked_around(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bb = load_backbone("test")
+    first = image_folder_features(image_folder, bb)
+    (cached,) = cache_dir().iterdir()
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated
+    again = image_folder_features(image_folder, bb)
+    np.testing.assert_array_equal(again.features, first.features)
+    assert "is damaged" in caplog.text and np.load(cached)["features"].shape == first.features.shape
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    third = image_folder_features(image_folder, bb)
+    np.testing.assert_array_equal(third.features, first.features)
+    assert "cannot write the feature cache" in caplog.text
+
+
+def test_label_files_without_usable_labels_or_features_are_named(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 512, 512))
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", "--backbone", "test", "--workers", "0")
+    other = make_geotiff("o.tif", shape=(3, 512, 512), bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
+    invoke("tile", str(other), "--index", str(index), "--no-encode")
+    tiles = Bundle.open(index).tiles()
+    o_id = next(r["id"] for r in Bundle.open(index).scene_records() if r["path"] == str(other))
+    centres = tiles.geometry.representative_point()
+    csv = tmp_path / "t.csv"
+    csv.write_text("label,x\na,1\n")
+    nulls = tmp_path / "nulls.gpkg"
+    gpd.GeoDataFrame({"label": [None, None]}, geometry=centres.to_numpy()[:2], crs=tiles.crs).to_file(nulls)
+    unencoded = tmp_path / "unencoded.gpkg"
+    on_other = centres[tiles.scene_id == o_id].to_numpy()
+    gpd.GeoDataFrame({"label": ["a", "b", "a", "b"]}, geometry=on_other, crs=tiles.crs).to_file(unencoded)
+    for labels, message in (
+        (csv, "has no geometries"),
+        (nulls, "has no geometry with a `label`"),
+        (unencoded, "the 4 tiles under the labels of"),
+    ):
+        r = CliRunner().invoke(cli, ["train", str(labels), "--index", str(index), "--out", str(tmp_path / "m.pt")])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "m.pt").exists()
+
+
+def test_models_on_weights_from_a_file_are_described_and_evaluated_with_them(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    # Weights of the test backbone from a file (not the packaged ones): the model records them by fingerprint.
+    weights = tmp_path / "w.pth"
+    torch.save({k: v + 0.01 for k, v in load_backbone("test").model.state_dict().items()}, weights)
+    out = tmp_path / "m.pt"
+    args = ["--epochs", "1", "--backbone", "test", "--weights", str(weights), "--device", "cpu"]
+    invoke("train", str(image_folder), "--method", "srl", "--out", str(out), *args)
+    r = CliRunner().invoke(cli, ["info", "--model", str(out)])
+    assert r.exit_code == 1 and "--weights" in r.output
+    assert "fingerprint" in invoke("info", "--model", str(out), "--weights", str(weights)).output
+    report = tmp_path / "r.json"
+    eval_args = ["--protocol", "test", "--seeds", "0", "--json", str(report), "--weights", str(weights)]
+    invoke("eval", str(image_folder), "--model", str(out), *eval_args)
+    assert json.loads(report.read_text())
+    assert "--model FILE" not in invoke("train", "--help").output

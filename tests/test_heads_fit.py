@@ -92,6 +92,11 @@ def test_pca_whitening_init() -> None:
     np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(6), atol=1e-3)
     with pytest.raises(ModelError, match="dim <="):
         pca_whitening(x[:4], 6)
+    # N samples, centred, span N - 1 axes: dim = N is refused (its last axis would be noise times 1/sqrt(eps)).
+    with pytest.raises(ModelError, match="from 6 samples to 6 dimensions; use dim <= 5"):
+        pca_whitening(x[:6], 6)
+    w, _ = pca_whitening(x[:6], 5)
+    assert np.abs(w @ (x[6:] - x[:6].mean(0)).T).max() < 100
 
 
 def test_hash_codes_pm1_and_packed() -> None:

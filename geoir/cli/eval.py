@@ -17,6 +17,7 @@ from geoir.cli.options import (
     refuse_existing,
     tqdm_progress,
     verbosity_options,
+    weights_options,
 )
 
 log = logging.getLogger("geoir")
@@ -92,6 +93,7 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     "`geoir search --expand N` searches (0: off)."
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
+@weights_options
 @overwrite_option
 @click.pass_context
 @verbosity_options
@@ -108,6 +110,8 @@ def evaluate(
     tta: bool,
     expand: int,
     workers: int,
+    weights: str | None,
+    download: bool,
     overwrite: bool,
 ) -> None:
     """Evaluate a model's recipe on DATASET (a folder of class folders) under the papers' protocols.
@@ -143,7 +147,7 @@ def evaluate(
         refuse_existing(pr_curve, overwrite)
     if splits_dir is not None:
         _refuse_existing_splits(splits_dir, split_files(protocol, seeds, unseen_seeds), overwrite)
-    model = load_model(model_path or "default")
+    model = load_model(model_path or "default", weights=weights, download=download)
     if model.head is None or "recipe" not in model.meta:
         raise click.ClickException(
             f"{model_path or 'the default model'} has no training recipe to evaluate; "

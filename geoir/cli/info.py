@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from geoir.cli.options import index_option, verbosity_options
+from geoir.cli.options import index_option, verbosity_options, weights_options
 
 log = logging.getLogger("geoir")
 
@@ -31,9 +31,18 @@ def _size(path: Path) -> int:
     "backbone, head, recipe, training data, held-out split and validation figures.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@weights_options
 @verbosity_options
 @click.pass_context
-def info(ctx: click.Context, target: str | None, index_dir: str, model_file: str | None, as_json: bool) -> None:
+def info(
+    ctx: click.Context,
+    target: str | None,
+    index_dir: str,
+    model_file: str | None,
+    as_json: bool,
+    weights: str | None,
+    download: bool,
+) -> None:
     """Print a bundle's counts, scenes, model, index kinds and sizes, or what a model file records.
 
     The bundle or model may be named as the argument: a model file (.pt) or 'default' is described as
@@ -50,7 +59,7 @@ def info(ctx: click.Context, target: str | None, index_dir: str, model_file: str
     if target is not None:
         index_dir, model_file = _target(ctx, target, model_file)
     if model_file is not None:
-        _model_info(model_file, as_json)
+        _model_info(model_file, as_json, weights, download)
         return
     from geoir.index.bundle import INDEX_FILES, Bundle
 
@@ -145,7 +154,7 @@ def _target(ctx: click.Context, target: str, model_file: str | None) -> tuple[st
     return target, None
 
 
-def _model_info(model_file: str, as_json: bool) -> None:
+def _model_info(model_file: str, as_json: bool, weights: str | None = None, download: bool = False) -> None:
     """What a model file records: :meth:`Model.describe` and its metadata (recipe, data, split, history)."""
     from geoir.encoding.model import load_model
 
@@ -155,7 +164,8 @@ def _model_info(model_file: str, as_json: bool) -> None:
         )
     if model_file != "default" and not Path(model_file).exists():
         raise click.ClickException(f"model file {model_file} not found; pass a file from `geoir train`, or 'default'")
-    model = load_model(model_file)
+    # A model on a backbone whose weights are not packaged loads with the --weights it was trained with.
+    model = load_model(model_file, weights=weights, download=download)
     desc, meta = model.describe(), model.meta
     if as_json:
         click.echo(json.dumps({"model": desc, "meta": meta}, indent=2, default=str))

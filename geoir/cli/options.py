@@ -56,8 +56,8 @@ class SeedsType(IntListType):
     what, example = "seeds", "0,1,2"
 
     def problem(self, values: tuple[int, ...]) -> str | None:
-        ok = all(s >= 0 for s in values) and len(set(values)) == len(values)
-        return None if ok else "give each seed once, as a whole number >= 0"
+        ok = all(0 <= s < 2**32 for s in values) and len(set(values)) == len(values)
+        return None if ok else "give each seed once, as a whole number in [0, 2^32)"
 
 
 class FractionType(click.ParamType):
@@ -199,6 +199,48 @@ def model_options(f: F) -> F:
             metavar="NAME",
             help="timm backbone name with --model backbone [default: tf_efficientnet_lite0].",
         ),
+        *_weights_option_list(),
+        device_option("Where the model runs (cuda uses bf16 and channels-last)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def backbone_options(f: F) -> F:
+    """``--backbone``, ``--weights``, ``--download``, ``--device``: the backbone a head is trained on."""
+    options = [
+        click.option(
+            "--backbone",
+            default=None,
+            metavar="NAME",
+            help="timm backbone to train on [default: tf_efficientnet_lite0; with --index, the bundle's].",
+        ),
+        *_weights_option_list(),
+        device_option("Where the backbone runs (cuda uses bf16 and channels-last)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def device_option(help: str) -> Callable[[F], F]:
+    """``--device auto|cpu|cuda``."""
+    return click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help=help
+    )
+
+
+def weights_options(f: F) -> F:
+    """``--weights`` and ``--download``: where a backbone's pretrained weights come from (a model file on a
+    backbone whose weights are not packaged loads with them)."""
+    for option in reversed(_weights_option_list()):
+        f = option(f)
+    return f
+
+
+def _weights_option_list() -> list[Callable[[F], F]]:
+    return [
         click.option(
             "--weights",
             type=click.Path(dir_okay=False, path_type=str),
@@ -206,17 +248,7 @@ def model_options(f: F) -> F:
             help="Local backbone weights file (state dict or timm checkpoint).",
         ),
         click.option("--download", is_flag=True, help="Allow timm to download pretrained backbone weights."),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
-            help="Where the model runs (cuda uses bf16 and channels-last).",
-        ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 def batch_options(f: F) -> F:

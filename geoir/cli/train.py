@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from geoir.cli.options import (
-    model_options,
+    backbone_options,
     overwrite_option,
     progress_enabled,
     refuse_existing,
@@ -69,7 +69,9 @@ def _features(
     bundle = Bundle.open(index_dir)
     if bundle.model is None:
         raise click.ClickException(f"{index_dir} is not encoded; run `geoir encode --index {index_dir}` first")
-    bb = load_model("backbone", backbone=bundle.model["backbone"], weights=weights, device=device).backbone
+    bb = load_model(
+        "backbone", backbone=bundle.model["backbone"], weights=weights, download=download, device=device
+    ).backbone
     if bb.fingerprint != bundle.model["backbone_fingerprint"]:
         raise click.ClickException(f"{index_dir} was encoded with other {bb.name} weights; pass its --weights")
     return bb, bundle_features(dataset, bundle)
@@ -155,7 +157,11 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     "image folder (dihedral-codes with the retention gate off), none for labelled tiles of a bundle.",
 )
 @click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the splits and the training."
+    "--seed",
+    type=click.IntRange(min=0, max=2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the splits and the training.",
 )
 @click.option(
     "--test-fraction",
@@ -170,7 +176,7 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
 @overwrite_option
-@model_options
+@backbone_options
 @click.pass_context
 @verbosity_options
 def train(
@@ -192,7 +198,6 @@ def train(
     out: Path,
     workers: int,
     overwrite: bool,
-    model: str | None,
     backbone: str | None,
     weights: str | None,
     download: bool,
@@ -217,8 +222,6 @@ def train(
     from geoir.training.protocols import stratified_split
     from geoir.training.recipes import Recipe, history_summary
 
-    if model is not None:
-        raise click.UsageError("--model does not apply to train; pick the backbone with --backbone/--weights")
     if out.suffix.lower() != ".pt":
         raise click.BadParameter(f"{out}: a model file is written as .pt; use e.g. {out.stem}.pt", param_hint="--out")
     if not dataset.is_dir() and dataset.suffix.lower() in _image_file_suffixes():

@@ -12,9 +12,11 @@ Two kinds of data set:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,9 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     paths: list[Path] = []
     labels: list[int] = []
     for i, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         if not files:
             raise DatasetError(f"class folder {root / c} has no images ({', '.join(IMAGE_SUFFIXES)})")
         paths += files
@@ -166,17 +170,33 @@ def _view_features(
     # View 0 keeps the cache name it had before views existed.
     cached = cache_dir() / (f"{key}.npz" if view == 0 else f"{key}.view{view}.npz")
     if use_cache and cached.exists():
-        with np.load(cached) as z:
+        try:
+            with np.load(cached) as z:
+                feats = z["features"]
+            if feats.shape[0] != len(paths):
+                raise ValueError(f"{feats.shape[0]} rows for {len(paths)} images")
             log.info("features of %s (view %d) read from the cache %s", root, view, cached)
-            return z["features"]
+            return feats
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            log.warning("the feature cache %s is damaged (%s); computing the features again", cached, exc)
     label = "features" if n_views == 1 else f"features, view {view + 1}/{n_views}"
     feats = _encode_paths(paths, backbone, batch_size, workers, progress, view, label)
     if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.stem}.tmp.npz")
-        np.savez(tmp, features=feats)
-        os.replace(tmp, cached)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, features=feats)
+            os.replace(tmp, cached)
+        except OSError as exc:
+            # The features are computed: a cache that cannot be written costs the next run, not this one.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("cannot write the feature cache %s (%s); set XDG_CACHE_HOME to a writable folder", cached, exc)
     return feats
+
+
+#: PIL modes of 8-bit images, which convert("RGB") maps faithfully.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
 class _ImageFiles:
@@ -195,6 +215,12 @@ class _ImageFiles:
 
         try:
             with Image.open(self.paths[i]) as im:
+                if im.mode not in _EIGHT_BIT_MODES:
+                    # PIL would clip 16-bit and float pixels to 255 in convert("RGB"): a white image.
+                    raise DatasetError(
+                        f"{self.paths[i]} has {im.mode} pixels, not 8-bit; save the images of the data set as 8-bit "
+                        "PNG or JPEG (stretched as you want them seen)"
+                    )
                 rgb = im.convert("RGB")
                 if rgb.size != (self.size, self.size):
                     # Bilinear to a common size so images batch; the backbone then resizes to its input.
@@ -249,6 +275,8 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
         gdf = gpd.read_file(p)
     except Exception as exc:  # pyogrio raises several types for unreadable files
         raise DatasetError(f"cannot read {p} ({exc}); pass a GeoPackage or GeoJSON of labelled geometries") from exc
+    if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry.name not in gdf.columns:
+        raise DatasetError(f"{p} has no geometries; pass a GeoPackage or GeoJSON of labelled points or polygons")
     if label_column not in gdf.columns:
         raise DatasetError(f"{p} has no `{label_column}` column; add one with each geometry's class")
     if gdf.crs is None:
@@ -256,6 +284,9 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
     if bundle.model is None:
         raise DatasetError(f"{bundle.path} is not encoded; run `geoir encode --index {bundle.path}` first")
     gdf = gdf.to_crs("EPSG:4326").dropna(subset=[label_column])
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if gdf.empty:
+        raise DatasetError(f"{p} has no geometry with a `{label_column}`; label some points or polygons")
     tiles = bundle.tiles(bbox=tuple(gdf.total_bounds))
     joined = gpd.sjoin(tiles[["tile_id", "geometry"]], gdf[[label_column, "geometry"]], predicate="intersects")
     per_tile = joined.groupby("tile_id")[label_column].agg(lambda s: sorted(set(map(str, s))))
@@ -265,6 +296,20 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
     vec = bundle.vectors()
     pos = {int(t): i for i, t in enumerate(vec["ids"])}
     ids = [int(t) for t in per_tile.index if int(t) in pos]
+    if len(ids) < len(per_tile):
+        # Tiles of scenes tiled with --no-encode have no features yet.
+        unencoded = len(per_tile) - len(ids)
+        if not ids:
+            raise DatasetError(
+                f"the {unencoded} tiles under the labels of {p} are not encoded yet; "
+                f"run `geoir encode --index {bundle.path}` first"
+            )
+        log.warning(
+            "%d of the %d labelled tiles are not encoded yet and are left out; `geoir encode --index %s` encodes them",
+            unencoded,
+            len(per_tile),
+            bundle.path,
+        )
     classes = sorted(set(per_tile.loc[ids]))
     labels = np.array([classes.index(per_tile.loc[t]) for t in ids], dtype=np.int64)
     feats = vec["features"][[pos[t] for t in ids]].astype(np.float32)

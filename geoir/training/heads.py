@@ -43,17 +43,19 @@ def pca_whitening(features: np.ndarray, dim: int, eps: float = 1e-6) -> tuple[np
 
     Args:
         features: N x D training features.
-        dim: Output dimension (<= min(N, D)).
+        dim: Output dimension (<= min(N - 1, D): centred, N samples span at most N - 1 axes).
         eps: Added to the eigenvalues before the inverse square root.
 
     Returns:
         ``W`` (dim x D) and ``b`` (dim), float32.
     """
     x = np.asarray(features, dtype=np.float64)
-    if dim > min(x.shape):
+    # Centred, N samples span at most N - 1 axes: an N-th would have (near) zero variance and be blown up by
+    # 1 / sqrt(eps) into the largest axis of every new embedding.
+    most = min(x.shape[0] - 1, x.shape[1])
+    if dim > most:
         raise ModelError(
-            f"cannot whiten {x.shape[1]}-d features from {x.shape[0]} samples to {dim} dimensions; "
-            f"use dim <= {min(x.shape)}"
+            f"cannot whiten {x.shape[1]}-d features from {x.shape[0]} samples to {dim} dimensions; use dim <= {most}"
         )
     mean = x.mean(0)
     xc = x - mean
