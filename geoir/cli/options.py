@@ -184,41 +184,43 @@ def tqdm_progress(enabled: bool) -> Callable[..., Any]:
 
 def model_options(f: F) -> F:
     """``--model``, ``--backbone``, ``--weights``, ``--download``, ``--device``: which encoder, and where."""
-    options = [
-        click.option(
-            "--model",
-            "model",
-            default=None,
-            metavar="FILE|default|backbone",
-            help="Model file from `geoir train`; 'default' (the shipped model) or 'backbone' (no head). "
-            "[default: the bundle's model, else 'default']",
+    model = click.option(
+        "--model",
+        "model",
+        default=None,
+        metavar="FILE|default|backbone",
+        help="Model file from `geoir train`; 'default' (the shipped model) or 'backbone' (no head). "
+        "[default: the bundle's model, else 'default']",
+    )
+    return _apply(
+        f,
+        model,
+        *_backbone_option_list(
+            "timm backbone name with --model backbone [default: tf_efficientnet_lite0].", "the model"
         ),
-        click.option(
-            "--backbone",
-            default=None,
-            metavar="NAME",
-            help="timm backbone name with --model backbone [default: tf_efficientnet_lite0].",
-        ),
-        *_weights_option_list(),
-        device_option("Where the model runs (cuda uses bf16 and channels-last)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    )
 
 
 def backbone_options(f: F) -> F:
     """``--backbone``, ``--weights``, ``--download``, ``--device``: the backbone a head is trained on."""
-    options = [
-        click.option(
-            "--backbone",
-            default=None,
-            metavar="NAME",
-            help="timm backbone to train on [default: tf_efficientnet_lite0; with --index, the bundle's].",
+    return _apply(
+        f,
+        *_backbone_option_list(
+            "timm backbone to train on [default: tf_efficientnet_lite0; with --index, the bundle's].", "the backbone"
         ),
+    )
+
+
+def _backbone_option_list(backbone_help: str, runs: str) -> list[Callable[[F], F]]:
+    return [
+        click.option("--backbone", default=None, metavar="NAME", help=backbone_help),
         *_weights_option_list(),
-        device_option("Where the backbone runs (cuda uses bf16 and channels-last)."),
+        device_option(f"Where {runs} runs (cuda uses bf16 and channels-last)."),
     ]
+
+
+def _apply(f: F, *options: Callable[[F], F]) -> F:
+    """Decorate ``f`` with ``options``, listed in --help in the order given."""
     for option in reversed(options):
         f = option(f)
     return f
@@ -234,9 +236,7 @@ def device_option(help: str) -> Callable[[F], F]:
 def weights_options(f: F) -> F:
     """``--weights`` and ``--download``: where a backbone's pretrained weights come from (a model file on a
     backbone whose weights are not packaged loads with them)."""
-    for option in reversed(_weights_option_list()):
-        f = option(f)
-    return f
+    return _apply(f, *_weights_option_list())
 
 
 def _weights_option_list() -> list[Callable[[F], F]]:
