@@ -44,7 +44,8 @@ RERANK_FACTOR = 20
 #: ... and at least this many in all, so a bundle of up to this many tiles is ranked exactly by the float
 #: embedding whatever k is. Re-ranking 1,000 embeddings of 2,048 floats took about 8 ms per query turn on
 #: 2 CPU cores (33 ms for an image query's four turns, against 1 ms for the 20 candidates of k = 1;
-#: hybrid_search over 20,000 random vectors), about a quarter of what encoding those four turns takes there.
+#: hybrid_search over 20,000 random vectors), a third of the 96 ms the default model took to encode those four
+#: turns of a 256 px image there.
 MIN_CANDIDATES = 1000
 
 
