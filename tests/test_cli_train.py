@@ -253,6 +253,9 @@ def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     r = json.loads(report.read_text())
     seen = r["protocols"]["seen"]
     assert set(seen) == {"backbone float", "srl float"}
+    # Class indices of the per-class figures are named.
+    assert r["class_names"] == ["class0", "class1", "class2", "class3"]
+    assert set(seen["srl float"]["runs"][0]["per_class_ap"]) == {"0", "1", "2", "3"}
     for summary in seen.values():
         assert len(summary["runs"]) == 2 and 0 <= summary["mAP_mean"] <= 1
     # The means are printed too, one row per variant, as the report holds them.

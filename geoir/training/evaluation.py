@@ -191,6 +191,8 @@ def run_protocols(
         "model": model.meta.get("name"),
         "recipe": recipe.to_dict(),
         "data": data.summary(),
+        # Per-class figures and unseen class lists give class indices: these are their names, in order.
+        "class_names": list(data.classes),
         "ties": "broken by ascending database index",
         "tta": tta,
         "expand": expand,
