@@ -835,3 +835,11 @@ def test_models_on_weights_from_a_file_are_described_and_evaluated_with_them(
     invoke("eval", str(image_folder), "--model", str(out), *eval_args)
     assert json.loads(report.read_text())
     assert "--model FILE" not in invoke("train", "--help").output
+    # The test backbone's alias names the backbone the model records; another backbone is refused.
+    enc = tmp_path / "e.npz"
+    png = next((image_folder / "class0").iterdir())
+    invoke("encode", str(png), "--model", str(out), "--backbone", "test", "--weights", str(weights), "--out", str(enc))
+    r = CliRunner().invoke(
+        cli, ["encode", str(png), "--model", str(out), "--backbone", "resnet18", "--out", str(enc) + ".npy"]
+    )
+    assert r.exit_code == 1 and "trained on backbone test_efficientnet, not resnet18" in r.output

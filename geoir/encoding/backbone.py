@@ -41,6 +41,7 @@ __all__ = [
     "TEST_BACKBONE",
     "Backbone",
     "Preprocess",
+    "canonical_backbone_name",
     "load_backbone",
     "load_weights_file",
     "match_state_dict",
@@ -605,7 +606,7 @@ def load_backbone(
     """
     import timm
 
-    name = TEST_BACKBONE if name == _TEST_ALIAS else name
+    name = canonical_backbone_name(name)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*PART*') lists them"
@@ -715,3 +716,8 @@ def _fingerprint(name: str, model: nn.Module, preprocess: Preprocess, taps: tupl
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
+
+
+def canonical_backbone_name(name: str) -> str:
+    """The timm name a backbone name stands for (``"test"`` is an alias of :data:`TEST_BACKBONE`)."""
+    return TEST_BACKBONE if name == _TEST_ALIAS else name

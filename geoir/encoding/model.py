@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, load_backbone, torch_load
+from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, canonical_backbone_name, load_backbone, torch_load
 from geoir.errors import ModelError, unreadable_file_reason
 
 MODEL_FORMAT = "geoir-model"
@@ -260,7 +260,7 @@ def load_model(
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path} is not a geoir model file; pass a file written by `geoir train`")
     spec = payload["backbone"]
-    if backbone is not None and backbone != spec["name"]:
+    if backbone is not None and canonical_backbone_name(backbone) != spec["name"]:
         raise ModelError(f"{path} was trained on backbone {spec['name']}, not {backbone}; drop --backbone")
     # Model files written before taps existed used the pooled features alone.
     taps = tuple(spec.get("taps", ()))
