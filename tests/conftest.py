@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,17 +108,23 @@ needs_qgis = pytest.mark.skipif(
 
 
 def qgis_probe(gpkg: Path, *layers: str) -> dict:
-    """Open layers of a GeoPackage in real QGIS (headless) and return what it reports."""
-    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": "/tmp/runtime-qgis"}
-    env.pop("PYTHONPATH", None)
-    os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
-    r = subprocess.run(
-        [QGIS_PYTHON, str(HERE / "qgis_probe.py"), str(gpkg), *layers],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    """Open layers of a GeoPackage in real QGIS (headless) and return what it reports.
+
+    QGIS runs with its own TMPDIR and XDG_RUNTIME_DIR, removed afterwards: Qt leaves
+    ``qt_temp-*`` folders behind in whatever temporary folder it is given.
+    """
+    with tempfile.TemporaryDirectory(prefix="geoir-qgis-") as scratch:
+        runtime = Path(scratch) / "runtime"
+        runtime.mkdir(mode=0o700)
+        env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(runtime), "TMPDIR": scratch}
+        env.pop("PYTHONPATH", None)
+        r = subprocess.run(
+            [QGIS_PYTHON, str(HERE / "qgis_probe.py"), str(gpkg), *layers],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
