@@ -218,3 +218,42 @@ def test_index_kind_too_large_for_the_first_scene_is_refused_up_front(
     # A kind the first scene can train is accepted.
     ok = geoir("tile", str(scene), "--index", str(index), "--index-kind", "IVF2,Flat", "--workers", "0", *BACKBONE)
     assert ok.exit_code == 0, ok.output
+
+
+def test_a_failed_encode_leaves_no_output_folder_and_a_good_one_makes_it(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    out = tmp_path / "new" / "sub" / "v.npy"
+    r = geoir("encode", str(truncated(make_geotiff, tmp_path)), "--out", str(out), *BACKBONE)
+    assert_clean_error(r, 1, "cut.tif")
+    assert not (tmp_path / "new").exists()  # the output's folders are made by the writer, not the checks
+    r = geoir("encode", str(make_geotiff()), "--out", str(out), *BACKBONE)
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["v.npy"]
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = geoir("encode", str(make_geotiff()), "--out", str(blocker / "sub" / "v.npy"), *BACKBONE)
+    assert_clean_error(r, 1, "cannot write the folder of v.npy", f"{blocker} is not a folder")
+
+
+def test_atomic_target_removes_its_temp_file_and_the_folders_it_made(tmp_path: Path) -> None:
+    from geoir.io.files import atomic_target, atomic_write_text
+
+    (tmp_path / "a").mkdir()
+    target = tmp_path / "a" / "b" / "c" / "out.json"
+    with pytest.raises(KeyboardInterrupt), atomic_target(target) as tmp:
+        assert tmp.suffix == ".json" and tmp.parent == target.parent and tmp.parent.is_dir()
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert list((tmp_path / "a").iterdir()) == []  # b/ and b/c/ were made here, and removed; a/ was not
+    atomic_write_text(target, "{}")
+    assert target.read_text() == "{}" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+    assert target.stat().st_mode & 0o777 == 0o644
+    # An existing file is replaced whole, or not at all.
+    with pytest.raises(RuntimeError), atomic_target(target) as tmp:
+        tmp.write_text("{partial")
+        raise RuntimeError
+    assert target.read_text() == "{}" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]

@@ -23,6 +23,7 @@ from geoir.cli.options import (
     tta_option,
     verbosity_options,
 )
+from geoir.io.files import atomic_target
 
 log = logging.getLogger("geoir")
 
@@ -123,17 +124,16 @@ def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, p
         bar.close()
     enc = model.concat(parts)
     emb = enc.embedding
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    if out.suffix == ".npy":
-        np.save(tmp, emb)
-    else:
-        arrays: dict[str, Any] = {
-            "paths": np.array([str(p) for p in images]),
-            "embedding": emb,
-            "features": enc.features,
-        }
-        if enc.codes is not None:
-            arrays["codes"] = enc.codes
-        np.savez(tmp, **arrays)
-    tmp.replace(out)
+    with atomic_target(out) as tmp:
+        if out.suffix == ".npy":
+            np.save(tmp, emb)
+        else:
+            arrays: dict[str, Any] = {
+                "paths": np.array([str(p) for p in images]),
+                "embedding": emb,
+                "features": enc.features,
+            }
+            if enc.codes is not None:
+                arrays["codes"] = enc.codes
+            np.savez(tmp, **arrays)
     log.info("%s: %d vectors of %d dimensions", out, *emb.shape)

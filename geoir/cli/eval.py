@@ -19,6 +19,7 @@ from geoir.cli.options import (
     verbosity_options,
     weights_options,
 )
+from geoir.io.files import atomic_write_text
 
 log = logging.getLogger("geoir")
 
@@ -177,9 +178,7 @@ def evaluate(
         expand=expand,
         progress=tqdm_progress(progress_enabled(ctx)),
     )
-    tmp = json_out.with_name(f".{json_out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float))
-    tmp.replace(json_out)
+    atomic_write_text(json_out, json.dumps(report, indent=1, default=float))
     if pr_curve is not None:
         write_pr_curve(report, pr_curve)
     log.info("%s written", json_out)

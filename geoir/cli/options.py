@@ -117,9 +117,10 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
     p = Path(path)
     if p.exists() and not overwrite:
         raise click.ClickException(f"{path} exists; pass --overwrite to replace it")
-    from geoir.io.files import ensure_writable_dir
+    from geoir.io.files import check_writable_target
 
-    ensure_writable_dir(p.parent, f"the folder of {p.name},")
+    # Nothing is created here: the writer creates missing folders and removes them again if it fails.
+    check_writable_target(p, f"the folder of {p.name},")
 
 
 def refuse_missing_images(paths: tuple[str, ...] | list[str], hint: str = "") -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, canonical_backbone_name, load_backbone, torch_load
 from geoir.errors import ModelError, unreadable_file_reason
+from geoir.io.files import atomic_write_bytes
 
 MODEL_FORMAT = "geoir-model"
 MODEL_FORMAT_VERSION = 1
@@ -183,12 +184,9 @@ class Model:
             "meta": self.meta,
             "fingerprint": self.fingerprint,
         }
-        p = Path(path)
         buf = io.BytesIO()
         torch.save(payload, buf)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, p)
+        atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def pack_codes(u: np.ndarray) -> np.ndarray:

@@ -4,26 +4,86 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from geoir.errors import GeoirError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory, fsync, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
+    """Yield a fresh temp path beside ``path`` to write; rename it onto ``path`` when the block succeeds.
+
+    The temp name ends with ``ext`` (default: ``path``'s own suffix), since writers such as ``np.save``
+    and GDAL's drivers pick their behaviour from it; it does not exist when the block starts. Folders
+    missing above ``path`` are created first, and on failure (or interruption) the temp file and every
+    folder created here are removed again, so a failed write leaves nothing behind. The file is 0644.
+    """
+    path = Path(path)
+    created: list[Path] = []
+    missing = []
+    d = path.parent
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}")
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+                created.append(m)
+            except FileExistsError:
+                pass
+        yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        for m in reversed(created):
+            with contextlib.suppress(OSError):
+                m.rmdir()
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory, fsync, then a rename."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory, fsync, then a rename."""
+    atomic_write_bytes(path, text.encode())
+
+
+def check_writable_target(path: Path, what: str, error: type[GeoirError] = GeoirError) -> None:
+    """Check that ``path`` could be written, creating nothing (the writer creates missing folders).
+
+    Raises:
+        error: The nearest existing folder above ``path`` is a file or cannot be written; the message
+            names ``what`` and the path.
+    """
+    parent = Path(os.path.abspath(path)).parent
+    d = parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise error(f"cannot write {what} {parent} ({d} is not a folder); pick a writable directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only_fs(d) else "permission denied"
+        raise error(f"cannot write {what} {parent} ({reason} at {d}); pick a writable directory")
+
+
+def _read_only_fs(d: Path) -> bool:
+    try:
+        return bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def ensure_writable_dir(path: Path, what: str, error: type[GeoirError] = GeoirError) -> None:

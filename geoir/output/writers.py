@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import sqlite3
 import sys
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ import geopandas as gpd
 import pyogrio
 
 from geoir.errors import QueryError
+from geoir.io.files import atomic_target
 
 FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
 #: Layers that go beside the hits file (``NAME.LAYER.EXT``) in the one-layer formats.
@@ -92,7 +92,6 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
         if existing:
             raise QueryError(f"{existing[0]} exists; pass --overwrite to replace it")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "gpkg":
             _atomic(path, lambda tmp: _write_gpkg(layers, tmp), ".gpkg")
         else:
@@ -115,14 +114,8 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
 def _atomic(path: Path, write, ext: str) -> None:  # type: ignore[no-untyped-def]
     # The temp name ends with the format's extension whatever ``path`` is called: GDAL's FlatGeobuf driver
     # writes a directory of files to a path without ".fgb".
-    tmp = path.with_name(f".{path.name}.tmp{ext}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_target(path, ext) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_gpkg(layers: dict[str, gpd.GeoDataFrame], path: Path) -> None:

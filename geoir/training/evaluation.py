@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from geoir.errors import DatasetError
-from geoir.io.files import atomic_write_text
+from geoir.io.files import atomic_target, atomic_write_text
 from geoir.training.data import FeatureSet
 from geoir.training.progress import Bar, Progress
 from geoir.training.protocols import (
@@ -337,6 +337,5 @@ def write_pr_curve(report: dict[str, Any], out: Path, size: tuple[int, int] = (6
         pts = [(m + r * (w - 1.5 * m), h - m - p * (h - 1.5 * m)) for r, p in zip(rec, prec, strict=True)]
         d.line(pts, fill=colors[i % len(colors)], width=2)
         d.text((m + 10, m // 2 + 8 + 14 * i), name, fill=colors[i % len(colors)])
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(out)
+    with atomic_target(out, ".png") as tmp:
+        img.save(tmp)
