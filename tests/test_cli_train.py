@@ -542,6 +542,8 @@ def test_eval_refuses_to_replace_curves_and_splits_without_overwrite(
     r = refused(*args, "--splits-dir", str(splits), code=1)
     assert "seen_seed3.json" in r.output and "--overwrite" in r.output and "--splits-dir" in r.output
     assert sorted(p.name for p in splits.iterdir()) == ["seen_seed3.json"] and not report.exists()
+    r = refused(*args, "--splits-dir", str(png / "splits"), code=1)
+    assert f"cannot write split files under {png / 'splits'} ({png} is not a folder)" in r.output
     # Split files of other seeds or protocols are no conflict; with --overwrite the old ones are replaced.
     invoke(*args, "--splits-dir", str(splits), "--pr-curve", str(png), "--overwrite")
     assert json.loads((splits / "seen_seed3.json").read_text())["seed"] == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import click
@@ -19,7 +18,7 @@ from geoir.cli.options import (
     verbosity_options,
     weights_options,
 )
-from geoir.io.files import atomic_write_text
+from geoir.io.files import atomic_write_text, check_writable_target
 
 log = logging.getLogger("geoir")
 
@@ -32,14 +31,8 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
         raise click.ClickException(
             f"{splits_dir} already holds {shown}; pass --overwrite to replace them, or another --splits-dir"
         )
-    # The folder is made only when the split files are written, at the end: check the nearest existing one.
-    parent = splits_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise click.ClickException(f"{parent} is a file, so --splits-dir {splits_dir} cannot be made; pick a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise click.ClickException(f"cannot write split files under {parent}; pick a writable --splits-dir")
+    # The folder is made only when the split files are written, at the end.
+    check_writable_target(splits_dir / "x", "split files under")
 
 
 @click.command(name="eval", short_help="Evaluate a model on a labelled data set (mAP, P@k, ANMRR).")
