@@ -393,8 +393,16 @@ def test_best_over_turns_keeps_each_tile_once() -> None:
 
     dist = np.array([[0.5, 0.7, 0.9], [0.2, 0.5, np.inf]], dtype=np.float32)
     ids = np.array([[3, 1, 2], [1, 4, -1]])
-    d, i = _best_over_turns(dist, ids)
-    assert i.tolist() == [1, 3, 4, 2] and d.tolist() == pytest.approx([0.2, 0.5, 0.5, 0.9])
+    d, i, h = _best_over_turns(dist, ids)
+    assert i.tolist() == [1, 3, 4, 2] and d.tolist() == pytest.approx([0.2, 0.5, 0.5, 0.9]) and h is None
+    # With Hamming distances: a tile keeps its best turn by distance, or by Hamming distance first.
+    ham = np.array([[1, 5, 2], [4, 0, -1]])
+    d, i, h = _best_over_turns(dist, ids, ham)
+    assert i.tolist() == [1, 3, 4, 2] and h.tolist() == [4, 1, 0, 2]
+    d, i, h = _best_over_turns(dist, ids, ham, hamming_first=True)
+    assert (
+        i.tolist() == [4, 3, 2, 1] and h.tolist() == [0, 1, 2, 4] and d.tolist() == pytest.approx([0.5, 0.5, 0.9, 0.2])
+    )
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,45 @@ def test_trained_model_tiles_and_searches(image_folder: Path, tmp_path: Path, ma
     assert len(hits) == 4 and hits["distance"].to_numpy() == pytest.approx(want, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["dgssh", "combined"])
+def test_hash_only_models_rank_by_their_codes(
+    image_folder: Path, tmp_path: Path, make_geotiff: MakeGeoTiff, method: str
+) -> None:
+    # A DGSSH head was trained to rank by Hamming distance; its float vector is the backbone's, which must not
+    # override the codes (it only breaks their ties). A combined head ranks by its trained float embedding.
+    model = tmp_path / "m.pt"
+    invoke(
+        "train",
+        str(image_folder),
+        "--method",
+        method,
+        "--bits",
+        "16",
+        "--epochs",
+        "2",
+        "--out",
+        str(model),
+        *TEST_BACKBONE,
+    )
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 2048, 2048), bounds=(500_000.0, 4_000_000.0, 520_480.0, 4_020_480.0))
+    invoke("tile", str(scene), "--index", str(index), "--model", str(model), "--workers", "0")
+    vec = Bundle.open(index).vectors()
+    bits = np.unpackbits(vec["codes"], axis=1).astype(int)
+    emb = vec["embedding"].astype(np.float64)
+    for tid in vec["ids"][:3]:
+        out = tmp_path / f"h{tid}.gpkg"
+        invoke("search", f"tile:{tid}", "--index", str(index), "--out", str(out), "-k", "20", "--include-query-overlap")
+        hits = gpd.read_file(out, layer="hits")
+        row = int(np.flatnonzero(vec["ids"] == tid)[0])
+        ham = (bits != bits[row]).sum(axis=1)
+        dist = np.linalg.norm(emb - emb[row], axis=1)
+        key = np.lexsort((vec["ids"], dist, ham)) if method == "dgssh" else np.lexsort((vec["ids"], dist))
+        assert hits.tile_id.tolist() == vec["ids"][key][:20].tolist()
+        assert hits.hamming.tolist() == ham[key][:20].tolist()
+        assert hits["distance"].to_numpy() == pytest.approx(dist[key][:20], abs=1e-3)
+
+
 @pytest.mark.parametrize("min_candidates", [1000, 1])
 def test_small_bundle_with_codes_is_ranked_exactly_by_the_float_embedding(
     image_folder: Path, tmp_path: Path, make_geotiff: MakeGeoTiff, monkeypatch: pytest.MonkeyPatch, min_candidates: int

@@ -447,17 +447,30 @@ def test_hybrid_reranks_candidates_exactly(source: str) -> None:
     qc = codes_of(q, 32)
     k, factor = 10, 8
     allowed = ids[::2]
+    bits = np.unpackbits(codes, axis=1)
     for filt in (None, allowed):
-        dist, got = hybrid_search(binary, qc, q, k, rerank, factor=factor, allowed_ids=filt)
+        dist, got, ham = hybrid_search(binary, qc, q, k, rerank, factor=factor, allowed_ids=filt)
+        by_codes, by_codes_ids, by_codes_ham = hybrid_search(
+            binary, qc, q, k, rerank, factor=factor, allowed_ids=filt, order="hamming"
+        )
         _, cand = binary.search(qc, k * factor, filt)
         order = np.argsort(ids)
         for row in range(len(q)):
             c = cand[row][cand[row] >= 0]
-            cd = cosine_distance(q[row : row + 1], x[order][np.searchsorted(ids[order], c)])[0]
+            rows = order[np.searchsorted(ids[order], c)]
+            cd = cosine_distance(q[row : row + 1], x[rows])[0]
+            ch = (bits[rows] != np.unpackbits(qc[row])).sum(axis=1)
             truth = c[np.lexsort((c, cd))][:k]
             np.testing.assert_array_equal(np.sort(got[row]), np.sort(truth))
             assert_close(dist[row], np.sort(cd)[:k])
             assert filt is None or np.isin(got[row], filt).all()
+            np.testing.assert_array_equal(ham[row], ch[np.lexsort((c, cd))][:k])
+            # Ranked by the codes: Hamming distance first, the float distance breaking its ties.
+            best = np.lexsort((c, cd, ch))[:k]
+            np.testing.assert_array_equal(by_codes_ids[row], c[best])
+            np.testing.assert_array_equal(by_codes_ham[row], ch[best])
+            assert_close(by_codes[row], cd[best])
+            assert (np.diff(by_codes_ham[row]) >= 0).all() and not (np.diff(ham[row]) >= 0).all()
 
 
 def test_hybrid_rejects_mismatched_inputs() -> None:

@@ -798,12 +798,15 @@ def hybrid_search(
     rerank: VectorSource,
     factor: int = 10,
     allowed_ids: np.ndarray | Sequence[int] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    order: str = "float",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hamming candidates from ``codes_index``, re-ranked by exact float distance from ``rerank``.
 
     Each query takes its ``k * factor`` nearest codes (honouring ``allowed_ids``), then orders those
     candidates by the float metric of ``rerank`` (a float :class:`VectorIndex` or an :class:`ArrayStore`),
-    ties by ascending id, and keeps ``k``.
+    ties by ascending id, and keeps ``k``. With ``order="hamming"`` the candidates are ordered by Hamming
+    distance first and the float distance only breaks its ties (for codes trained to rank on their own,
+    whose float vectors are not the trained ones).
 
     Args:
         codes_index: A binary :class:`VectorIndex`.
@@ -813,9 +816,12 @@ def hybrid_search(
         rerank: Source of the tiles' float vectors.
         factor: Candidates per hit; larger recovers more of the float ranking at more cost.
         allowed_ids: Optional filter, as in :meth:`VectorIndex.search`.
+        order: ``float`` (the float distance ranks) or ``hamming`` (the Hamming distance ranks, the float
+            distance breaks ties).
 
     Returns:
-        ``(distances, ids)`` as in :meth:`VectorIndex.search`, with distances in ``rerank``'s float metric.
+        ``(distances, ids, hamming)``: as in :meth:`VectorIndex.search`, with distances in ``rerank``'s float
+        metric, and the hits' Hamming distances (-1 where there is no hit).
 
     Raises:
         QueryError: Mismatched queries.
@@ -825,16 +831,20 @@ def hybrid_search(
         raise QueryError("hybrid_search takes candidates from a binary index; codes_index holds floats")
     if factor < 1:
         raise QueryError(f"factor must be at least 1, got {factor}")
+    if order not in ("float", "hamming"):
+        raise QueryError(f"order must be 'float' or 'hamming', got {order!r}")
     qv = np.asarray(query_vectors, dtype=np.float32)
     qv = qv[None, :] if qv.ndim == 1 else qv
-    _, cand = codes_index.search(query_codes, k * factor, allowed_ids)
+    cand_ham, cand = codes_index.search(query_codes, k * factor, allowed_ids)
     if len(qv) != len(cand):
         raise QueryError(f"got {len(cand)} query codes but {len(qv)} query vectors; pass one of each")
     if rerank.metric == "cosine":
         qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
     out_d = np.full((len(cand), k), np.inf, dtype=np.float32)
     out_i = np.full((len(cand), k), -1, dtype=np.int64)
-    for row, (q, ids) in enumerate(zip(qv, cand, strict=True)):
+    out_h = np.full((len(cand), k), -1, dtype=np.int64)
+    for row, (q, ids, ham) in enumerate(zip(qv, cand, cand_ham, strict=True)):
+        ham = ham[ids >= 0].astype(np.int64)
         ids = ids[ids >= 0]
         if len(ids) == 0:
             continue
@@ -846,6 +856,7 @@ def hybrid_search(
                 "in the bundle and search again (they are rebuilt from the stored vectors)"
             ) from None
         dist = np.sqrt(np.maximum(((x - q) ** 2).sum(axis=1), 0.0)).astype(np.float32)
-        order = np.lexsort((ids, dist))[:k]
-        out_d[row, : len(order)], out_i[row, : len(order)] = dist[order], ids[order]
-    return out_d, out_i
+        keys = (ids, dist) if order == "float" else (ids, dist, ham)
+        best = np.lexsort(keys)[:k]
+        out_d[row, : len(best)], out_i[row, : len(best)], out_h[row, : len(best)] = dist[best], ids[best], ham[best]
+    return out_d, out_i, out_h

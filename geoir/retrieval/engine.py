@@ -298,14 +298,22 @@ class Searcher:
                 )
                 log.info("query expanded with the first %d hits", len(first))
                 log.debug("tiles added to the query: %s", first.tolist())
-        dist, ids = self._search_ids(parts, k, allowed, include_query_overlap)
+        dist, ids, ham = self._search_ids(parts, k, allowed, include_query_overlap)
         scores = self.indexes["float"].scores(dist)
-        return Hits(self._hits_frame(ids, dist, scores, " + ".join(parts.labels)), _query_frame(parts))
+        return Hits(self._hits_frame(ids, dist, scores, ham, " + ".join(parts.labels)), _query_frame(parts))
+
+    @property
+    def ranks_by_codes(self) -> bool:
+        """Whether hits are ranked by Hamming distance: a hash-only model (``dgssh``, ``plain``), whose codes
+        are what it was trained to rank with; its float vector is the backbone's and only breaks ties. Models
+        with a trained float embedding rank by it, the codes proposing the candidates."""
+        return self.model.kind in ("hash", "plain") and "binary" in self.indexes
 
     def _search_ids(
         self, parts: QueryParts, k: int, allowed: np.ndarray | None, include_query_overlap: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Distances and ids of the top ``k`` tiles for the combined query (filters and exclusions applied)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Distances, ids and Hamming distances (None without codes) of the top ``k`` tiles for the combined
+        query (filters and exclusions applied)."""
         emb, codes = self._combine(parts)
         excluded: set[int] = set()
         if not include_query_overlap:
@@ -327,18 +335,21 @@ class Searcher:
         else:
             fetch = k + len(excluded)
         float_index = self.indexes["float"]
+        ham: np.ndarray | None
         if "binary" in self.indexes and codes is not None:
             from geoir.index.vectors import hybrid_search
 
             factor = max(RERANK_FACTOR, -(-MIN_CANDIDATES // fetch))
-            dist, ids = hybrid_search(
-                self.indexes["binary"], codes, emb, fetch, float_index, factor=factor, allowed_ids=allowed
+            order = "hamming" if self.ranks_by_codes else "float"
+            dist, ids, turn_ham = hybrid_search(
+                self.indexes["binary"], codes, emb, fetch, float_index, factor=factor, allowed_ids=allowed, order=order
             )
+            dist, ids, ham = _best_over_turns(dist, ids, turn_ham, hamming_first=self.ranks_by_codes)
         else:
             dist, ids = float_index.search(emb, fetch, allowed)
-        dist, ids = _best_over_turns(dist, ids)
+            dist, ids, ham = _best_over_turns(dist, ids)
         keep = (ids >= 0) & ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
-        return dist[keep][:k], ids[keep][:k]
+        return dist[keep][:k], ids[keep][:k], None if ham is None else ham[keep][:k]
 
     def _combine(self, parts: QueryParts) -> tuple[np.ndarray, np.ndarray | None]:
         """One query vector per turn: each turn averages the parts' vectors of that turn (``views`` rows)."""
@@ -364,10 +375,15 @@ class Searcher:
             codes = pack_codes(u)
         return emb.astype(np.float32), codes
 
-    def _hits_frame(self, ids: np.ndarray, dist: np.ndarray, scores: np.ndarray, query: str) -> gpd.GeoDataFrame:
+    def _hits_frame(
+        self, ids: np.ndarray, dist: np.ndarray, scores: np.ndarray, ham: np.ndarray | None, query: str
+    ) -> gpd.GeoDataFrame:
         tiles = self.tiles_by_id(ids).set_index("tile_id")
         rows = []
-        for rank, (tid, d, sc) in enumerate(zip(ids.tolist(), dist.tolist(), scores.tolist(), strict=True), start=1):
+        hams = [None] * len(ids) if ham is None else ham.tolist()
+        for rank, (tid, d, sc, h) in enumerate(
+            zip(ids.tolist(), dist.tolist(), scores.tolist(), hams, strict=True), start=1
+        ):
             t = tiles.loc[tid]
             rec = self._records[t.scene_id]
             rows.append(
@@ -375,6 +391,7 @@ class Searcher:
                     "rank": rank,
                     "score": float(sc),
                     "distance": float(d),
+                    "hamming": h,
                     "tile_id": int(tid),
                     "scene_id": t.scene_id,
                     "scene": rec["path"],
@@ -390,6 +407,7 @@ class Searcher:
             "rank",
             "score",
             "distance",
+            "hamming",
             "tile_id",
             "scene_id",
             "scene",
@@ -427,16 +445,20 @@ def _negative_flags(column: pd.Series, path: Path) -> list[bool]:
     return flags
 
 
-def _best_over_turns(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-turn results ``(turns, k)``: each tile keeps its smallest distance; ordered by distance, then id."""
+def _best_over_turns(
+    dist: np.ndarray, ids: np.ndarray, ham: np.ndarray | None = None, hamming_first: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Merge per-turn results ``(turns, k)``: each tile keeps its best turn, by distance then id (by Hamming
+    distance, then distance, then id with ``hamming_first``); ``ham`` (Hamming distances, or None) follows."""
     d, i = dist.ravel(), ids.ravel()
     ok = i >= 0
     d, i = d[ok], i[ok]
-    order = np.lexsort((i, d))
+    h = None if ham is None else ham.ravel()[ok]
+    order = np.lexsort((i, d, h) if hamming_first and h is not None else (i, d))
     d, i = d[order], i[order]
     _, first = np.unique(i, return_index=True)
     first = np.sort(first)
-    return d[first], i[first]
+    return d[first], i[first], None if h is None else h[order][first]
 
 
 def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:
