@@ -110,6 +110,38 @@ def test_search_matches_brute_force(bundle2: Path, tmp_path: Path) -> None:
     assert hits["distance"].to_numpy() == pytest.approx(d[order], abs=1e-4)
 
 
+def test_every_query_part_counts_once_however_many_tiles_it_covers(bundle2: Path, tmp_path: Path) -> None:
+    bundle = Bundle.open(bundle2)
+    vec, tiles = bundle.vectors(), bundle.tiles()
+    emb, ids = vec["embedding"].astype(np.float64), vec["ids"]
+    row = {int(t): i for i, t in enumerate(ids)}
+    # One example: small discs at the centres of five tiles of scene a (a multipolygon over 5+ tiles).
+    a = tiles[tiles.scene_id == tiles.scene_id.iloc[0]]
+    geom = shapely.MultiPolygon([shapely.centroid(g).buffer(1e-5) for g in a.geometry.iloc[:5]])
+    examples = tmp_path / "ex.gpkg"
+    gpd.GeoDataFrame(geometry=[geom], crs="EPSG:4326").to_file(examples)
+    under = [row[int(t)] for t in bundle.tiles_at(geom, gpd.GeoSeries.intersects).tile_id]
+    assert len(under) >= 5
+    q = 7
+    hits = _hits(
+        bundle2,
+        tmp_path / "h.gpkg",
+        f"tile:{int(ids[q])}",
+        "--examples",
+        str(examples),
+        "-k",
+        "5",
+        "--include-query-overlap",
+    )
+    # The mean of the two parts (the tile, and the mean of the example's tiles), not of all their tiles.
+    want = emb[q] + emb[under].mean(0)
+    want /= np.linalg.norm(want)
+    d = np.linalg.norm(emb - want, axis=1)
+    order = np.lexsort((ids, d))[:5]
+    assert hits.tile_id.tolist() == ids[order].tolist()
+    assert hits["distance"].to_numpy() == pytest.approx(d[order], abs=1e-4)
+
+
 def _hits(bundle: Path, out: Path, *args: str) -> gpd.GeoDataFrame:
     invoke("search", *args, "--index", str(bundle), "--out", str(out), "--overwrite", *TEST_MODEL)
     return gpd.read_file(out, layer="hits")

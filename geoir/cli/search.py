@@ -104,8 +104,9 @@ def search(
     """Find the tiles of the bundle that look most like QUERY.
 
     QUERY is an image file (PNG, JPEG, GeoTIFF of any size) or tile:ID. Several queries (and --point,
-    --examples) are averaged; --negative examples push the results away. Writes the layers `hits`
-    (tile footprints with rank, score, distance), `hits_merged` (overlapping hits dissolved into
+    --examples) are averaged, each counting once however many tiles it covers (an example polygon
+    counts as the mean of its tiles); --negative examples push the results away. Writes the layers `hits`
+    (tile footprints with rank, score, distance, hamming), `hits_merged` (overlapping hits dissolved into
     regions) and `query` (where the query is georeferenced), styled for QGIS. Image queries match tiles in
     any of their four quarter turns unless --no-rotations is given. --expand N searches twice, the second
     time with the first N hits averaged into the query: more tiles of the query's kind, but a crop's own

@@ -290,10 +290,13 @@ class Searcher:
         if expand:
             first = self._search_ids(parts, expand, allowed, include_query_overlap)[1]
             if len(first):
+                # Each hit is a part of its own: the query becomes the mean of its parts and those tiles.
+                enc = self._encode_tiles(first, self.tiles_by_id(first))
+                hits = [_row(enc, i) for i in range(len(first))]
                 parts = replace(
                     parts,
-                    positives=[*parts.positives, self._encode_tiles(first, self.tiles_by_id(first))],
-                    positive_turned=[*parts.positive_turned, False],
+                    positives=[*parts.positives, *hits],
+                    positive_turned=[*parts.positive_turned, *[False] * len(hits)],
                     labels=[*parts.labels, f"first {len(first)} hits"],
                 )
                 log.info("query expanded with the first %d hits", len(first))
@@ -352,15 +355,20 @@ class Searcher:
         return dist[keep][:k], ids[keep][:k], None if ham is None else ham[keep][:k]
 
     def _combine(self, parts: QueryParts) -> tuple[np.ndarray, np.ndarray | None]:
-        """One query vector per turn: each turn averages the parts' vectors of that turn (``views`` rows)."""
+        """One query vector per turn: each turn averages the parts' vectors of that turn (``views`` rows).
+
+        Every part counts once: an image (its vector of that turn), a ``tile:ID`` or a point (the mean of its
+        tiles), an example geometry (the mean of the tiles under it), however many tiles it covers.
+        """
 
         def mean(encs: list[Encoded], turned: list[bool], attr: str) -> np.ndarray:
             per_turn = []
             for v in range(parts.views):
-                rows = [
-                    getattr(e, attr)[v : v + 1] if t else getattr(e, attr) for e, t in zip(encs, turned, strict=True)
+                part_means = [
+                    getattr(e, attr)[v] if t else getattr(e, attr).mean(axis=0)
+                    for e, t in zip(encs, turned, strict=True)
                 ]
-                per_turn.append(np.concatenate(rows).mean(axis=0))
+                per_turn.append(np.mean(part_means, axis=0))
             return np.stack(per_turn)
 
         emb = mean(parts.positives, parts.positive_turned, "embedding")
@@ -443,6 +451,15 @@ def _negative_flags(column: pd.Series, path: Path) -> list[bool]:
                 "(any case), or leave it empty for a positive example"
             )
     return flags
+
+
+def _row(enc: Encoded, i: int) -> Encoded:
+    """Row ``i`` of ``enc`` as an encoding of its own."""
+
+    def take(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[i : i + 1]
+
+    return Encoded(enc.features[i : i + 1], enc.embedding[i : i + 1], take(enc.codes), take(enc.u))
 
 
 def _best_over_turns(
