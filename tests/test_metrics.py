@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import warnings
 
 import numpy as np
 import pytest
@@ -195,6 +195,16 @@ def test_curves_and_per_class() -> None:
     curve = precision_recall_curve(rel, cutoffs=[1, 2, 3])
     assert curve["precision"] == pytest.approx([0.5, 0.5, 2 / 3])
     assert curve["recall"] == pytest.approx([0.25, 0.5, 1.0])
+    # A query without a relevant item (its class is not in the database): precision counts it as 0, recall
+    # (undefined for it) and AP leave it out, as mAP does; a class of such queries has no AP, and no warning.
+    rel3 = np.vstack([rel, [False, False, False]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pc = per_class_ap(rel3, np.array([3, 5, 7]))
+        curve = precision_recall_curve(rel3, cutoffs=[1, 2, 3])
+    assert pc[3] == pytest.approx((1 + 2 / 3) / 2) and np.isnan(pc[7])
+    assert curve["recall"] == pytest.approx([0.25, 0.5, 1.0])
+    assert curve["precision"] == pytest.approx([1 / 3, 1 / 3, 4 / 9])
 
 
 def test_evaluate_with_curves_is_json_able() -> None:
@@ -207,11 +217,12 @@ def test_evaluate_with_curves_is_json_able() -> None:
     assert set(out["per_class_ap"]) == {0, 1, 2}
 
 
-def test_fast_enough_for_ucmerced_size() -> None:
+def test_packed_and_signed_codes_rank_alike_at_ucmerced_size() -> None:
+    # Speed is measured by benchmarks/train_time.py, not here; this pins that both code layouts agree.
     rng = np.random.default_rng(0)
     codes = np.where(rng.normal(size=(2100, 64)) >= 0, 1, -1).astype(np.int8)
     y = np.repeat(np.arange(21), 100)
-    t0 = time.perf_counter()
-    evaluate_retrieval(codes, codes, y, y, metric="hamming", self_index=np.arange(2100))
-    evaluate_retrieval(np.packbits(codes > 0, axis=1), np.packbits(codes > 0, axis=1), y, y, metric="hamming")
-    assert time.perf_counter() - t0 < 15
+    packed = np.packbits(codes > 0, axis=1)
+    a = evaluate_retrieval(codes, codes, y, y, metric="hamming", self_index=np.arange(2100))
+    b = evaluate_retrieval(packed, packed, y, y, metric="hamming", self_index=np.arange(2100))
+    assert a == b and a["n_queries"] == 2100

@@ -112,7 +112,9 @@ def evaluate(
 
     For each split the recipe recorded in the model is trained again on that split's training part,
     so no score comes from images the head saw; the backbone alone is scored under the same splits.
-    mAP is over the full ranking with ties broken by database index; also mAP@k, P@k and ANMRR.
+    mAP is over the full ranking with ties broken by database index; also mAP@k (DGSSH's: divided by
+    the relevant items in the top k, so it rewards their order, not their number; P@k counts them),
+    P@k and ANMRR.
     The report also records, per split, what validation chose for the head re-trained on it (best
     epochs, retention angle or gate, code weight); the means over the seeds are printed as a table.
 

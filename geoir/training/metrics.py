@@ -218,14 +218,22 @@ def anmrr(rel: np.ndarray, n_ground_truth: np.ndarray | None = None) -> float:
 
 
 def per_class_ap(rel: np.ndarray, query_labels: np.ndarray) -> dict[int, float]:
-    """Mean AP of the queries of each class, keyed by label."""
+    """Mean AP of the queries of each class that have a relevant item, keyed by label (NaN for a class whose
+    queries have none, as :func:`mean_average_precision`)."""
     ap = average_precision(rel)
     labels = np.asarray(query_labels)
-    return {int(c): float(np.nanmean(ap[labels == c])) for c in np.unique(labels)}
+    out = {}
+    for c in np.unique(labels):
+        a = ap[labels == c]
+        out[int(c)] = float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+    return out
 
 
 def precision_recall_curve(rel: np.ndarray, cutoffs: Sequence[int] | None = None) -> dict[str, list[float]]:
     """Mean precision and recall over queries at rank cutoffs (default: 50 cutoffs spread over the ranking).
+
+    Precision averages every query (as :func:`precision_at_k`); recall, undefined for a query without a
+    relevant item, averages the queries that have one (as :func:`mean_average_precision`).
 
     Returns:
         ``{"k": [...], "precision": [...], "recall": [...]}``, one point per cutoff.
@@ -236,11 +244,13 @@ def precision_recall_curve(rel: np.ndarray, cutoffs: Sequence[int] | None = None
         cutoffs = sorted({int(c) for c in np.unique(np.linspace(1, n, 50).round().astype(int))})
     ks = np.asarray(cutoffs, dtype=np.int64)
     hits = np.cumsum(rel, axis=1)[:, ks - 1]
-    n_rel = np.maximum(rel.sum(1), 1)[:, None]
+    n_rel = rel.sum(1)
+    has = n_rel > 0
+    recall = (hits[has] / n_rel[has, None]).mean(0) if has.any() else np.full(len(ks), np.nan)
     return {
         "k": [int(x) for x in ks],
         "precision": (hits / ks[None, :]).mean(0).tolist(),
-        "recall": (hits / n_rel).mean(0).tolist(),
+        "recall": recall.tolist(),
     }
 
 
