@@ -445,6 +445,61 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
     assert all(item.startswith("tile:") for item in meta["split"]["test_items"])
 
 
+def test_eval_scores_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 2048, 2048), bounds=(500_000.0, 4_000_000.0, 520_480.0, 4_020_480.0))
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", *TEST_BACKBONE, "--workers", "0")
+    tiles = Bundle.open(index).tiles()
+    assert len(tiles) == 64
+    # Four classes of 16 tiles: the scene's bands of two tile rows, labelled by points inside the tiles.
+    centres = tiles.geometry.representative_point()
+    band = np.argsort(np.argsort(-centres.y.to_numpy())) // 16
+    labels = gpd.GeoDataFrame({"label": [f"band{b}" for b in band]}, geometry=centres.to_numpy(), crs=tiles.crs)
+    gpkg = tmp_path / "labels.gpkg"
+    labels.to_file(gpkg)
+    model = tmp_path / "m.pt"
+    invoke(
+        "train",
+        str(gpkg),
+        "--index",
+        str(index),
+        "--method",
+        "srl",
+        "--epochs",
+        "2",
+        "--out",
+        str(model),
+        "--device",
+        "cpu",
+    )
+    report, splits = tmp_path / "r.json", tmp_path / "splits"
+    args = ["eval", str(gpkg), "--index", str(index), "--model", str(model), "--json", str(report)]
+    # The default protocols include unseen, which needs 17 classes: named, with the way out.
+    r = refused(*args, code=1)
+    assert "has 4 classes" in r.output and "--protocol seen" in r.output and not report.exists()
+    invoke(*args, "--protocol", "seen", "--seeds", "0,1", "--splits-dir", str(splits))
+    doc = json.loads(report.read_text())
+    assert doc["data"]["items_sha256"] == load_model(model).meta["data"]["items_sha256"]  # the tiles it trained on
+    assert doc["data"]["samples"] == 64 and doc["class_names"] == ["band0", "band1", "band2", "band3"]
+    seen = doc["protocols"]["seen"]
+    assert {"backbone float", "srl float"} <= set(seen) and all(len(v["runs"]) == 2 for v in seen.values())
+    assert all(0 < run["mAP"] <= 1 for v in seen.values() for run in v["runs"])
+    split = json.loads((splits / "seen_seed0.json").read_text())
+    assert all(item.startswith("tile:") for item in split["test_paths"]) and len(split["test"]) == 4 * 3
+    # Pixels are not in a bundle: --tta is refused, and so is a model whose recipe trains on flipped views.
+    r = refused(*args, "--protocol", "seen", "--tta", "--overwrite", code=2)
+    assert "--tta" in r.output and "features" in r.output
+    r = refused(
+        "eval", str(gpkg), "--index", str(index), "--protocol", "seen", "--json", str(report), "--overwrite", code=1
+    )
+    assert "the default model trains with --augment dihedral" in r.output and f"geoir train {gpkg}" in r.output
+    # A folder of class folders takes no --index; a vector file needs one.
+    r = refused("eval", str(tmp_path / "splits"), "--index", str(index), "--json", str(report), code=2)
+    assert "leave --index out" in r.output
+    r = refused("eval", str(gpkg), "--model", str(model), "--json", str(report), code=2)
+    assert "pass the --index" in r.output
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 

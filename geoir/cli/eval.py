@@ -36,7 +36,7 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
 
 
 @click.command(name="eval", short_help="Evaluate a model on a labelled data set (mAP, P@k, ANMRR).")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--model",
     "model_path",
@@ -87,6 +87,13 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     "`geoir search --expand N` searches (0: off)."
 )
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image reader processes.")
+@click.option(
+    "--index",
+    "index_dir",
+    default=None,
+    help="Bundle whose tiles a vector DATASET labels (its stored features are scored; for a model whose "
+    "recipe trains without views, e.g. one trained on those labels).",
+)
 @weights_options
 @overwrite_option
 @click.pass_context
@@ -104,11 +111,15 @@ def evaluate(
     tta: bool,
     expand: int,
     workers: int,
+    index_dir: str | None,
     weights: str | None,
     download: bool,
     overwrite: bool,
 ) -> None:
-    """Evaluate a model's recipe on DATASET (a folder of class folders) under the papers' protocols.
+    """Evaluate a model's recipe on DATASET under the papers' protocols.
+
+    DATASET is a folder of class folders (like UC Merced), or a vector file of labelled geometries with
+    --index, whose tiles' stored features are scored (as `geoir train` takes them).
 
     For each split the recipe recorded in the model is trained again on that split's training part,
     so no score comes from images the head saw; the backbone alone is scored under the same splits.
@@ -125,12 +136,20 @@ def evaluate(
       $ geoir eval ucmerced/ --protocol test --protocol reference --json papers.json
       $ geoir eval ucmerced/ --tta --json report_tta.json
       $ geoir eval ucmerced/ --expand 5 --json report_expand5.json
+      $ geoir eval labels.gpkg --index geoir-index --model mine.pt --protocol seen --json mine.json
     """
+    from geoir.cli.train import check_dataset_kind
     from geoir.encoding.model import load_model
     from geoir.training.data import image_folder_features, list_image_folder
     from geoir.training.evaluation import check_protocols, run_protocols, split_files, summary_table, write_pr_curve
 
     # Every output and every protocol is checked before the model is trained once.
+    check_dataset_kind(dataset, index_dir)
+    if index_dir is not None and tta:
+        raise click.UsageError(
+            "--tta averages the 8 flips and quarter turns of every sample's pixels, and a bundle keeps only its "
+            "tiles' features; leave --tta out"
+        )
     if pr_curve is not None and pr_curve.suffix.lower() != ".png":
         raise click.BadParameter(f"{pr_curve}: the curves are drawn as a PNG; use a .png file", param_hint="--pr-curve")
     if pr_curve is not None and "seen" not in protocol:
@@ -151,16 +170,21 @@ def evaluate(
         )
     from geoir.training.recipes import Recipe
 
-    _, labels, classes = list_image_folder(dataset)
-    check_protocols(labels, classes, protocol, source=str(dataset))
-    data = image_folder_features(
-        dataset,
-        model.backbone,
-        workers=workers,
-        progress=tqdm_progress(progress_enabled(ctx)),
-        # Test-time averaging needs every view, even for a recipe that trains on none.
-        augment="dihedral" if tta else Recipe.from_dict(model.meta["recipe"]).views_needed,
-    )
+    recipe = Recipe.from_dict(model.meta["recipe"])
+    if index_dir is not None:
+        data = _bundle_data(dataset, index_dir, model, recipe, model_path or "the default model")
+        check_protocols(data.labels, data.classes, protocol, source=str(dataset))
+    else:
+        _, labels, classes = list_image_folder(dataset)
+        check_protocols(labels, classes, protocol, source=str(dataset))
+        data = image_folder_features(
+            dataset,
+            model.backbone,
+            workers=workers,
+            progress=tqdm_progress(progress_enabled(ctx)),
+            # Test-time averaging needs every view, even for a recipe that trains on none.
+            augment="dihedral" if tta else recipe.views_needed,
+        )
     report = run_protocols(
         model,
         data,
@@ -178,3 +202,25 @@ def evaluate(
         write_pr_curve(report, pr_curve)
     log.info("%s written", json_out)
     click.echo(summary_table(report))
+
+
+def _bundle_data(dataset: Path, index_dir: str, model, recipe, name: str):  # type: ignore[no-untyped-def]
+    """The labelled tiles of a bundle, as features of the model's backbone (checked before any training)."""
+    from geoir.index.bundle import Bundle
+    from geoir.training.data import bundle_features
+
+    if recipe.views_needed != "none":
+        raise click.ClickException(
+            f"{name} trains with --augment {recipe.augment}, on the 8 flips and quarter turns of every sample's "
+            f"pixels, and {index_dir} keeps only its tiles' features; evaluate a model trained on these labels "
+            f"(`geoir train {dataset} --index {index_dir} --out MODEL`), whose recipe needs none"
+        )
+    bundle = Bundle.open(index_dir)
+    data = bundle_features(dataset, bundle)
+    if data.backbone_fingerprint != model.backbone.fingerprint:
+        raise click.ClickException(
+            f"{index_dir} was encoded with another backbone ({(bundle.model or {}).get('backbone')}, fingerprint "
+            f"{data.backbone_fingerprint[:12]}) than {name} ({model.backbone.name}, "
+            f"{model.backbone.fingerprint[:12]}); evaluate a model trained on that bundle's features"
+        )
+    return data

@@ -29,6 +29,20 @@ DATASET_KINDS = (
 )
 
 
+def check_dataset_kind(dataset: Path, index_dir: str | None) -> None:
+    """A folder of class folders goes without --index; a vector file of labelled geometries needs one."""
+    if dataset.is_dir() and index_dir is not None:
+        raise click.UsageError(
+            f"{dataset} is a folder of class folders, whose images are encoded as they are; --index is for a "
+            "vector file of labelled geometries over a bundle's tiles: leave --index out"
+        )
+    if not dataset.is_dir() and index_dir is None:
+        raise click.UsageError(
+            f"{dataset} is not a folder, so it is read as a vector file of labelled geometries: pass the --index "
+            "bundle whose tiles it labels"
+        )
+
+
 def _features(
     ctx: click.Context,
     dataset: Path,
@@ -44,23 +58,15 @@ def _features(
     from geoir.encoding.backbone import DEFAULT_BACKBONE, load_backbone
     from geoir.training.data import bundle_features, image_folder_features
 
+    check_dataset_kind(dataset, index_dir)
     if dataset.is_dir():
-        if index_dir is not None:
-            raise click.UsageError(
-                f"{dataset} is a folder of class folders, whose images are encoded as they are; --index is for a "
-                "vector file of labelled geometries over a bundle's tiles: leave --index out"
-            )
         bb = load_backbone(backbone_name or DEFAULT_BACKBONE, weights=weights, download=download, device=device)
         progress = tqdm_progress(progress_enabled(ctx))
         return bb, image_folder_features(dataset, bb, workers=workers, progress=progress, augment=augment)
     from geoir.encoding.model import load_model
     from geoir.index.bundle import Bundle
 
-    if index_dir is None:
-        raise click.UsageError(
-            f"{dataset} is not a folder, so it is read as a vector file of labelled geometries: pass the --index "
-            "bundle whose tiles it labels"
-        )
+    assert index_dir is not None
     if augment != "none":
         raise click.UsageError(
             f"--augment {augment} needs the pixels of every sample, and a bundle stores only its tiles' "
