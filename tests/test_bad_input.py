@@ -257,3 +257,35 @@ def test_atomic_target_removes_its_temp_file_and_the_folders_it_made(tmp_path: P
         tmp.write_text("{partial")
         raise RuntimeError
     assert target.read_text() == "{}" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_a_failed_api_tile_never_empties_a_folder_that_is_not_a_bundle(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    import geoir
+
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "thesis.txt").write_text("important")
+    (precious / "sub" / "data.csv").write_text("x")
+    with pytest.raises(BundleError, match="exists and is not a geoir bundle"):
+        geoir.tile([str(make_geotiff())], index=precious, encode=False)
+    assert (precious / "thesis.txt").read_text() == "important" and (precious / "sub" / "data.csv").exists()
+
+
+def test_a_failed_run_leaves_a_bundle_another_process_created_meanwhile(tmp_path: Path) -> None:
+    import contextvars
+
+    new = tmp_path / "new"
+    with pytest.raises(GeoirError), discard_if_unused(new):
+        # Another run creates the bundle first (outside this block's context, as another process would) ...
+        contextvars.Context().run(Bundle.open_or_create, new, None)
+        # ... this run opens it rather than writing a manifest over it, then fails.
+        Bundle.open_or_create(new, None)
+        raise GeoirError("this run failed")
+    assert (new / "manifest.json").exists()
+    # Of two creators, exactly one writes the manifest.
+    late = Bundle(new, {**json.loads((new / "manifest.json").read_text()), "created": "later"})
+    assert late._create_manifest() is False
+    assert json.loads((new / "manifest.json").read_text())["created"] != "later"
+    assert sorted(p.name for p in new.iterdir()) == ["manifest.json"]

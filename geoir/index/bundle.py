@@ -23,6 +23,7 @@ since each write costs the whole index. An index whose ids disagree with the com
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import errno
 import fcntl
@@ -80,19 +81,26 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
     A run that fails (bad input, an unreadable scene, Ctrl-C) before committing a tile to a new bundle
     would otherwise leave a manifest behind that fixes its model and index kinds for the next run. A
     bundle that already existed, or one that holds committed tiles, is kept: every committed scene is
-    whole. A directory that existed (empty) before is emptied, not removed.
+    whole. A directory that existed (empty) before is emptied, not removed. Only a bundle this block itself
+    created is touched: a folder that held anything else, or a bundle another process created meanwhile
+    (two runs starting on one new --index), is left alone.
     """
     p = Path(path)
     if (p / MANIFEST).exists():
         yield
         return
     existed = p.is_dir()
+    if existed and any(p.iterdir()):
+        yield  # not a bundle, and not empty: creating one there is refused, and nothing of it is ours
+        return
+    created: set[str] = set()
+    token = _CREATED_HERE.set(created)
     try:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
             tiles = json.loads((p / MANIFEST).read_text())["counts"]["tiles"] if (p / MANIFEST).exists() else 0
-            if tiles == 0 and p.is_dir():
+            if tiles == 0 and p.is_dir() and str(p.resolve()) in created:
                 if existed:
                     for child in p.iterdir():
                         if child.is_dir():
@@ -103,6 +111,12 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
                     shutil.rmtree(p)
                 log.debug("removed the unused new bundle %s", p)
         raise
+    finally:
+        _CREATED_HERE.reset(token)
+
+
+#: Bundles created (their manifest written) inside the innermost :func:`discard_if_unused` block.
+_CREATED_HERE: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("geoir_created_here", default=None)
 
 
 class Bundle:
@@ -188,8 +202,26 @@ class Bundle:
             "counts": {"scenes": 0, "tiles": 0},
         }
         bundle = cls(p, manifest)
-        bundle.write_manifest()
+        if not bundle._create_manifest():
+            return cls.open_or_create(p, params)  # another process created it first: use theirs
+        created = _CREATED_HERE.get()
+        if created is not None:
+            created.add(str(p.resolve()))
         return bundle
+
+    def _create_manifest(self) -> bool:
+        """Write the manifest of a new bundle unless one appeared meanwhile (False then): a hard link onto the
+        name fails if it exists, so of two processes creating one bundle exactly one creates it."""
+        target = self.path / MANIFEST
+        tmp = self.path / f".{MANIFEST}.{os.getpid()}.new"
+        try:
+            atomic_write_text(tmp, json.dumps(self.manifest, indent=2) + "\n")
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
     @staticmethod
     def check_new_location(path: str | os.PathLike[str]) -> None:
