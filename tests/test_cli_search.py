@@ -951,3 +951,57 @@ def test_corrupt_index_file_message_gives_a_working_fix(bundle2: Path, tmp_path:
     faiss_file.unlink()  # the fix the message gives
     invoke(*args[: -len(TEST_MODEL)], *TEST_MODEL)
     assert len(gpd.read_file(out, layer="hits")) == 10 and faiss_file.exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # `timeout`, `kill` and batch schedulers send SIGTERM: the run stops with 143 and leaves a whole bundle.
+    scenes = [make_geotiff(f"s{i}.tif", seed=30 + i, shape=(3, 2048, 2048)) for i in range(6)]
+    index = tmp_path / "idx"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "geoir.cli", "tile", *map(str, scenes), "--index", str(index), *TILE_MODEL]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        manifest = index / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text())["counts"]["scenes"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    bundle = Bundle.open(index)
+    assert 1 <= bundle.manifest["counts"]["scenes"] < 6
+    assert bundle.manifest["counts"]["tiles"] == len(bundle.tiles())
+    assert [p.name for p in index.iterdir() if p.name.startswith(".")] == [".lock"]
+
+
+def test_a_writer_corrects_counts_and_removes_temp_files_a_killed_run_left(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    index = tmp_path / "idx"
+    scene = make_geotiff()
+    invoke("tile", str(scene), "--index", str(index), *TILE_MODEL)
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["counts"] == {"scenes": 1, "tiles": 4}
+    # A run killed after its commit but before the manifest's update; temp files of a dead and a live process.
+    manifest["counts"] = {"scenes": 0, "tiles": 0}
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = index / f".manifest.json.{dead.stdout.strip()}.0a1b2c3d.tmp.json"
+    live = index / f".float.faiss.{os.getpid()}.k2j4h5g6.tmp"
+    stale.write_text("{half")
+    live.write_bytes(b"being saved")
+    invoke("tile", str(scene), "--index", str(index), *TILE_MODEL)  # the scene is there: skipped
+    assert Bundle.open(index).manifest["counts"] == {"scenes": 1, "tiles": 4}
+    assert not stale.exists() and live.exists()
+    out = tmp_path / "h.gpkg"
+    invoke(
+        "search",
+        f"tile:{int(Bundle.open(index).tiles().tile_id[0])}",
+        "--index",
+        str(index),
+        "--out",
+        str(out),
+        *TEST_MODEL,
+    )

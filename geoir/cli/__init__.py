@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -99,4 +100,21 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     set_verbosity(ctx, verbose - quiet)
 
 
-main = cli
+def _exit_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP (``timeout``, ``kill``, a batch scheduler, a closed terminal) into an exit that
+    unwinds like Ctrl-C does, so a new bundle without tiles, temp files and half-made outputs are removed
+    (exit status 128 + the signal's number, as the shell reports a killed process). Signals a parent set to
+    be ignored (``nohup``) stay ignored."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, stop)
+
+
+def main() -> None:
+    """The ``geoir`` console script."""
+    _exit_on_termination()
+    cli()

@@ -115,6 +115,29 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
         _CREATED_HERE.reset(token)
 
 
+def _left_by_a_dead_process(name: str) -> bool:
+    """Whether a dot-file of a bundle's folder is a temp file whose writer is no longer running.
+
+    Temp names carry their writer's pid (``.manifest.json.PID.XXXX.tmp.json``, ``.float.faiss.PID.XXXX.tmp``,
+    ``.manifest.json.PID.new``); the catalog's temp file is written by the lock holder alone."""
+    if name == ".catalog.tmp.gpkg":
+        return True
+    if ".tmp" not in name and not name.endswith(".new"):
+        return False
+    pids = [int(t) for t in name.split(".") if t.isdigit() and 0 < int(t) < 2**22]
+    if not pids:
+        return False
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except OSError:  # alive, another user's
+            return False
+        return False
+    return True
+
+
 #: Bundles created (their manifest written) inside the innermost :func:`discard_if_unused` block.
 _CREATED_HERE: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("geoir_created_here", default=None)
 
@@ -379,18 +402,42 @@ class Bundle:
         return int(sum(r["n_tiles"] for r in self.scene_records()))
 
     def reconcile(self) -> int:
-        """Delete tiles and vector files whose scene was never committed (a killed run); returns tiles removed."""
+        """Delete what a killed run left: tiles and vector files whose scene was never committed, and temp files;
+        set the manifest's counts from the catalog (a run killed between a commit and the manifest's update
+        leaves them behind it). Call with the write lock held. Returns the tiles removed."""
         removed = 0
+        counts = {"scenes": 0, "tiles": 0}
         if self.catalog_path.exists():
             with contextlib.closing(self._connect()) as con, con:
                 cur = con.execute("DELETE FROM tiles WHERE scene_id NOT IN (SELECT scene_id FROM scenes)")
                 removed = cur.rowcount
+                counts = {
+                    "scenes": con.execute("SELECT COUNT(*) FROM scenes").fetchone()[0],
+                    "tiles": con.execute("SELECT COUNT(*) FROM tiles").fetchone()[0],
+                }
+        if counts != self.manifest["counts"]:
+            log.warning(
+                "%s: the manifest counted %d tiles in %d scenes, the catalog holds %d in %d (a run was killed); "
+                "counts corrected",
+                self.path,
+                self.manifest["counts"]["tiles"],
+                self.manifest["counts"]["scenes"],
+                counts["tiles"],
+                counts["scenes"],
+            )
+            self.manifest["counts"] = counts
+            self.write_manifest()
         committed = self.scene_ids()
         vdir = self.path / VECTORS
         if vdir.exists():
             for f in vdir.iterdir():
                 if f.name.startswith(".") or (f.suffix == ".npz" and f.stem not in committed):
                     f.unlink(missing_ok=True)
+        # Temp files of the manifest, catalog and indexes (written beside them, renamed when whole) whose
+        # process is gone: a search may be saving a rebuilt index under a temp name right now.
+        for f in self.path.glob(".*"):
+            if f.is_file() and _left_by_a_dead_process(f.name):
+                f.unlink(missing_ok=True)
         return removed
 
     def add_scene(

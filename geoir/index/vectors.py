@@ -559,7 +559,7 @@ class VectorIndex:
         """
         target = Path(path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
         except OSError as err:
             raise BundleError(
                 f"cannot write {target}: {err.strerror}; check the folder exists and is writable"
