@@ -1005,3 +1005,28 @@ def test_a_writer_corrects_counts_and_removes_temp_files_a_killed_run_left(
         str(out),
         *TEST_MODEL,
     )
+
+
+@pytest.mark.parametrize("fmt", ["fgb", "geojson", "gpkg"])
+def test_an_output_gdal_wrote_short_is_refused_and_leaves_nothing(
+    bundle2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    # A full disk that GDAL's drivers do not report (FlatGeobuf): the file is read back before it is renamed.
+    import geoir.output.writers as writers
+
+    real = writers.pyogrio.write_dataframe
+
+    def short(df, path, **kw):  # type: ignore[no-untyped-def]
+        real(df, path, **kw)
+        if kw.get("layer") == "hits_merged" or fmt == "gpkg":
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(writers.pyogrio, "write_dataframe", short)
+    out = tmp_path / "res" / f"h.{fmt}"
+    tid = int(Bundle.open(bundle2).tiles().tile_id[0])
+    r = CliRunner().invoke(
+        cli, ["-q", "search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), *TEST_MODEL]
+    )
+    assert r.exit_code == 1 and "is the disk full?" in r.output, r.output
+    assert not out.parent.exists()  # neither the hits nor a side layer, nor the folder made for them

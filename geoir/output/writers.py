@@ -92,30 +92,39 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
         if existing:
             raise QueryError(f"{existing[0]} exists; pass --overwrite to replace it")
     try:
-        if fmt == "gpkg":
-            _atomic(path, lambda tmp: _write_gpkg(layers, tmp), ".gpkg")
-        else:
-            # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
-            options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
-            for name, target in targets.items():
-                _atomic(
-                    target,
-                    lambda tmp, n=name: pyogrio.write_dataframe(
-                        layers[n], tmp, layer=n, driver=FORMATS[fmt], layer_options=options
-                    ),
-                    ext,
-                )
-            for side in stale:
-                side.unlink(missing_ok=True)
+        # Every file is written and read back under a temp name before any is renamed, so a failure (a full
+        # disk, which GDAL's FlatGeobuf and GeoJSON drivers do not always report) leaves no file, and no
+        # result set with some of its layers. The temp name ends with the format's extension whatever
+        # ``path`` is called: GDAL's FlatGeobuf driver writes a directory of files to a path without ".fgb".
+        with contextlib.ExitStack() as stack:
+            if fmt == "gpkg":
+                tmp = stack.enter_context(atomic_target(path, ".gpkg"))
+                _write_gpkg(layers, tmp)
+                _check_written(tmp, layers)
+            else:
+                # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
+                options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
+                for name, target in targets.items():
+                    tmp = stack.enter_context(atomic_target(target, ext))
+                    pyogrio.write_dataframe(layers[name], tmp, layer=name, driver=FORMATS[fmt], layer_options=options)
+                    _check_written(tmp, {name: layers[name]})
+        for side in stale:
+            side.unlink(missing_ok=True)
     except OSError as exc:
         raise QueryError(f"cannot write {path} ({exc.strerror}); pick a writable --out") from exc
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FeatureError) as exc:
+        raise QueryError(f"cannot write {path} ({exc}); is the disk full? pick another --out") from exc
 
 
-def _atomic(path: Path, write, ext: str) -> None:  # type: ignore[no-untyped-def]
-    # The temp name ends with the format's extension whatever ``path`` is called: GDAL's FlatGeobuf driver
-    # writes a directory of files to a path without ".fgb".
-    with atomic_target(path, ext) as tmp:
-        write(tmp)
+def _check_written(path: Path, layers: dict[str, gpd.GeoDataFrame]) -> None:
+    """Read a written file back: every layer there with all its features (GDAL may not report a full disk)."""
+    for name, df in layers.items():
+        try:
+            got = pyogrio.read_dataframe(path, layer=name, columns=[])
+        except Exception as exc:  # any reading error means the file is not whole
+            raise pyogrio.errors.DataSourceError(f"written file unreadable: {exc}") from exc
+        if len(got) != len(df):
+            raise pyogrio.errors.DataSourceError(f"layer {name} holds {len(got)} of its {len(df)} features")
 
 
 def _write_gpkg(layers: dict[str, gpd.GeoDataFrame], path: Path) -> None:
