@@ -153,3 +153,27 @@ def test_footprints_across_the_antimeridian_stay_whole() -> None:
     # A window across the line is kept whole, a little beyond +-180.
     across = footprints(transform, [Window(75, 0, 50, 50)], CRS.from_epsg(4326))[0]
     assert across.bounds[2] - across.bounds[0] == pytest.approx(0.25) and abs(across.bounds[0]) > 179
+
+
+def test_to_lonlat_keeps_straight_projected_edges_where_they_were_drawn() -> None:
+    import geopandas as gpd
+    from pyproj import Transformer
+
+    from geoir.tiling.grid import to_lonlat
+
+    # A 200 km wide rectangle in CONUS Albers at about 47°N: its north edge's midpoint, reprojected alone,
+    # is where the edge truly runs; vertices alone put the edge 139 m off there.
+    x0, y0, x1, y1 = -100_000.0, 2_600_000.0, 100_000.0, 2_650_000.0
+    gdf = gpd.GeoDataFrame(geometry=[shapely.box(x0, y0, x1, y1)], crs="EPSG:5070")
+    mid_lon, mid_lat = Transformer.from_crs(5070, 4326, always_xy=True).transform(0.0, y1)
+    to_utm = Transformer.from_crs(4326, 32614, always_xy=True)
+    truth = shapely.Point(to_utm.transform(mid_lon, mid_lat))
+
+    def miss(geom: shapely.Polygon) -> float:
+        ring = shapely.transform(geom.exterior, lambda xy: np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1])))
+        return float(ring.distance(truth))
+
+    assert miss(to_lonlat(gdf).geometry[0]) < 1.0 and miss(gdf.to_crs(4326).geometry[0]) > 100.0
+    # Lon/lat layers are only reprojected (nothing to bend).
+    ll = gpd.GeoDataFrame(geometry=[shapely.box(10, 45, 11, 46)], crs="EPSG:4326")
+    assert to_lonlat(ll).geometry[0].equals(ll.geometry[0])

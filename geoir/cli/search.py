@@ -173,7 +173,9 @@ def search(
             raise click.ClickException(f"--aoi {aoi} has no CRS; set one in the file")
         if not (aoi_df.geometry.notna() & ~aoi_df.geometry.is_empty).any():
             raise click.ClickException(f"--aoi {aoi} has no geometries; draw the area of interest in it")
-        aoi_geom = shapely.union_all(aoi_df.to_crs("EPSG:4326").geometry.values)
+        from geoir.tiling.grid import to_lonlat
+
+        aoi_geom = shapely.union_all(to_lonlat(aoi_df).geometry.values)
     allowed = searcher.allowed_ids(bbox=bbox, aoi=aoi_geom, scenes=scenes)
     result = searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap, expand=expand)
     layers = {"hits": result.hits, "hits_merged": merge_hits(result.hits)}

@@ -29,6 +29,7 @@ from geoir.errors import QueryError
 from geoir.index.bundle import Bundle
 from geoir.io.images import read_image
 from geoir.io.scene import Scaling
+from geoir.tiling.grid import to_lonlat
 
 #: Without --include-query-overlap, tiles sharing more than this fraction of their area with a georeferenced
 #: query are left out (its own place). Tiles that merely touch it, or overlap by a sliver (footprints of
@@ -196,7 +197,7 @@ class Searcher:
         if gdf.crs is None:
             raise QueryError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
         flags = _negative_flags(gdf["negative"], p) if "negative" in gdf.columns else [False] * len(gdf)
-        gdf = gdf.to_crs("EPSG:4326")
+        gdf = to_lonlat(gdf)
         for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
             if geom is None or geom.is_empty:
                 raise QueryError(f"example {i} of {p} has no geometry; give it a point or polygon, or delete it")

@@ -283,7 +283,9 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
         raise DatasetError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
     if bundle.model is None:
         raise DatasetError(f"{bundle.path} is not encoded; run `geoir encode --index {bundle.path}` first")
-    gdf = gdf.to_crs("EPSG:4326").dropna(subset=[label_column])
+    from geoir.tiling.grid import to_lonlat
+
+    gdf = to_lonlat(gdf).dropna(subset=[label_column])
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
     if gdf.empty:
         raise DatasetError(f"{p} has no geometry with a `{label_column}`; label some points or polygons")
