@@ -1030,3 +1030,18 @@ def test_an_output_gdal_wrote_short_is_refused_and_leaves_nothing(
     )
     assert r.exit_code == 1 and "is the disk full?" in r.output, r.output
     assert not out.parent.exists()  # neither the hits nor a side layer, nor the folder made for them
+
+
+def test_hits_carry_their_id_as_text_and_a_short_result_says_why(bundle2: Path, tmp_path: Path) -> None:
+    tid = int(Bundle.open(bundle2).tiles().tile_id[0])
+    out = tmp_path / "h.geojson"
+    r = CliRunner().invoke(
+        cli, ["search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), "-k", "500", *TEST_MODEL]
+    )
+    assert r.exit_code == 0, r.output
+    hits = gpd.read_file(out)
+    assert (hits.tile == "tile:" + hits.tile_id.astype(str)).all() and len(hits) < 500
+    assert f"{len(hits)} of the 500 hits asked for" in r.output and "--include-query-overlap" in r.output
+    assert f"beside it: {tmp_path / 'h.hits_merged.geojson'}" in r.output
+    # The text id is a query as it is.
+    invoke("search", hits.tile[0], "--index", str(bundle2), "--out", str(tmp_path / "again.gpkg"), *TEST_MODEL)

@@ -144,6 +144,9 @@ def test_the_bundles_own_size_alone_keeps_its_stride(make_geotiff: MakeGeoTiff, 
     # Another size alone still means another grid, which the bundle refuses.
     r = run("tile", str(b), "--index", str(index), "--size", "32")
     assert r.exit_code == 1 and "was tiled with --size 64 --stride 32" in r.output
+    # A --gsd the bundle was not tiled with is named as the difference.
+    r = run("tile", str(b), "--index", str(index), "--size", "64", "--gsd", "10")
+    assert r.exit_code == 1 and "(each scene's own resolution: no --gsd)" in r.output
 
 
 def test_overlap_stride_and_nodata_limit(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -104,20 +104,20 @@ def search(
     """Find the tiles of the bundle that look most like QUERY.
 
     QUERY is an image file (PNG, JPEG, GeoTIFF of any size) or tile:ID. Several queries (and --point,
-    --examples) are averaged, each counting once however many tiles it covers (an example polygon
-    counts as the mean of its tiles); --negative examples push the results away. Writes the layers `hits`
-    (tile footprints with rank, score, distance, hamming), `hits_merged` (overlapping hits dissolved into
-    regions) and `query` (where the query is georeferenced), styled for QGIS. Image queries match tiles in
-    any of their four quarter turns unless --no-rotations is given. --expand N searches twice, the second
-    time with the first N hits averaged into the query: more tiles of the query's kind, but a crop's own
-    place comes first less often (docs/results.md), so it is for "more like this", not "where is this". -v also
-    lists the hits on stderr: rank, score, tile id, centre (lon,lat), scene.
+    --examples) are averaged, each counting once however many tiles it covers (an example polygon counts as
+    the mean of its tiles); --negative examples push the results away. Writes the layers `hits` (tile
+    footprints with rank, score, distance, hamming), `hits_merged` (hits that overlap or share an edge
+    dissolved into regions) and `query` (where the query is georeferenced), styled for QGIS in a GeoPackage.
+    Image queries match tiles in any of their four quarter turns unless --no-rotations is given. --expand N
+    searches twice, the second time with the first N hits averaged into the query: more tiles of the query's
+    kind, but a crop's own place comes first less often (docs/results.md), so it is for "more like this", not
+    "where is this". -v also lists the hits on stderr: rank, score, tile id, centre (lon,lat), scene.
 
     \b
     Examples:
       $ geoir search query.png --out hits.gpkg
       $ geoir search crop.tif -k 50 --bbox -75.8,37.5,-75.4,37.9 --out hits.gpkg
-      $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq .features[0].properties
+      $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq -r .features[0].properties.tile
       $ geoir search query.png -k 100 --expand 5 --out hits.gpkg
       $ geoir search -v tile:123456 -k 5 --out hits.gpkg
     """
@@ -189,6 +189,20 @@ def search(
             out,
             len(result.hits),
             f"; best tile {top.tile_id} (score {top.score:.3f}) in {Path(top.scene).name}" if top is not None else "",
+        )
+        from geoir.output.writers import side_paths
+
+        sides = [p for name, p in side_paths(out, fmt, layers).items() if name != "hits"]
+        if sides:
+            log.info("%s holds the hits; beside it: %s", out, ", ".join(str(p) for p in sides))
+    if len(result.hits) < k:
+        log.info(
+            "%d of the %d hits asked for: no more tiles pass the filters%s",
+            len(result.hits),
+            k,
+            ""
+            if include_query_overlap
+            else " and the query-overlap rule (--include-query-overlap keeps the tiles of the query's own place)",
         )
     if log.isEnabledFor(logging.DEBUG) and len(result.hits):
         import shapely

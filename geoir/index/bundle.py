@@ -809,5 +809,5 @@ def tile_footprint_native(
 
 
 def _describe(p: TilingParams) -> str:
-    gsd = f" --gsd {p.gsd:g}" if p.gsd else ""
+    gsd = f" --gsd {p.gsd:g}" if p.gsd else " (each scene's own resolution: no --gsd)"
     return f"--size {p.size} --stride {p.stride}{gsd} --max-nodata {p.max_nodata:g}"

@@ -402,6 +402,9 @@ class Searcher:
                     "distance": float(d),
                     "hamming": h,
                     "tile_id": int(tid),
+                    # The id as text, ready to pass as a query: JSON readers that hold numbers as doubles
+                    # (jq, JavaScript) round 63-bit ids.
+                    "tile": f"tile:{int(tid)}",
                     "scene_id": t.scene_id,
                     "scene": rec["path"],
                     "col_off": int(t.col_off),
@@ -418,6 +421,7 @@ class Searcher:
             "distance",
             "hamming",
             "tile_id",
+            "tile",
             "scene_id",
             "scene",
             "col_off",
