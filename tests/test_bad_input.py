@@ -289,3 +289,32 @@ def test_a_failed_run_leaves_a_bundle_another_process_created_meanwhile(tmp_path
     assert late._create_manifest() is False
     assert json.loads((new / "manifest.json").read_text())["created"] != "later"
     assert sorted(p.name for p in new.iterdir()) == ["manifest.json"]
+
+
+def test_a_bundle_that_cannot_be_written_is_named_by_writers(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    index = tmp_path / "idx"
+    scene = make_geotiff()
+    assert geoir("tile", str(scene), "--index", str(index), *BACKBONE).exit_code == 0
+    # A catalog opened read-only (a bundle shared by another user, as root cannot be refused by chmod here).
+    monkeypatch.setattr(Bundle, "_connect", lambda self: sqlite3.connect(f"file:{self.catalog_path}?mode=ro", uri=True))
+    r = geoir("remove", scene.name, "--index", str(index))
+    assert_clean_error(r, 1, "cannot write", "catalog.gpkg", "needs write access to the bundle")
+    r = geoir("tile", str(make_geotiff("b.tif", seed=3)), "--index", str(index), *BACKBONE)
+    assert_clean_error(r, 1, "needs write access to the bundle")
+
+
+def test_a_damaged_vector_file_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    (npz,) = (index / "vectors").glob("*.npz")
+    npz.write_bytes(npz.read_bytes()[:200])
+    (index / "float.faiss").unlink()  # rebuilt from the vector files, which are read
+    r = geoir("search", "--point", "0,0", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    tid = int(Bundle.open(index).tiles().tile_id[0])
+    r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
+    assert_clean_error(r, 1, f"{npz} is corrupt", "geoir encode --index")

@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,7 +288,13 @@ class Bundle:
         Index changes not yet saved (see :meth:`add_to_indexes`) are saved before the lock is released,
         also when the block raised: what was committed until then stays searchable without a rebuild.
         """
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BundleError(
+                f"cannot write {self.path} ({exc.strerror}); adding or removing scenes needs write access to the "
+                "bundle (searching does not): ask its owner, or copy it"
+            ) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -309,6 +316,20 @@ class Bundle:
     # ---------------------------------------------------------------- catalog
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.catalog_path, timeout=30)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A transaction on the catalog that changes it; a catalog that cannot be written is named."""
+        try:
+            with contextlib.closing(self._connect()) as con, con:
+                yield con
+        except sqlite3.OperationalError as exc:
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise BundleError(
+                    f"cannot write {self.catalog_path} ({exc}); adding or removing scenes needs write access to the "
+                    "bundle (searching does not): ask its owner, or copy it"
+                ) from exc
+            raise
 
     def _check_catalog(self) -> None:
         # A writer killed mid-transaction leaves a hot rollback journal beside the catalog. SQLite rolls
@@ -408,7 +429,7 @@ class Bundle:
         removed = 0
         counts = {"scenes": 0, "tiles": 0}
         if self.catalog_path.exists():
-            with contextlib.closing(self._connect()) as con, con:
+            with self._writing() as con:
                 cur = con.execute("DELETE FROM tiles WHERE scene_id NOT IN (SELECT scene_id FROM scenes)")
                 removed = cur.rowcount
                 counts = {
@@ -628,7 +649,7 @@ class Bundle:
                 with np.load(self.vectors_path(sid)) as z:
                     for k in z.files:
                         parts.setdefault(k, []).append(z[k])
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
                 raise BundleError(
                     f"{self.vectors_path(sid)} is corrupt ({exc}); delete it, then run `geoir encode --index "
                     f"{self.path}` to encode that scene again"
@@ -763,7 +784,7 @@ class Bundle:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
         if scene_id not in self.scene_ids():
             raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info --index {self.path}` lists them")
-        with contextlib.closing(self._connect()) as con, con:
+        with self._writing() as con:
             ids = [r[0] for r in con.execute("SELECT tile_id FROM tiles WHERE scene_id = ?", (scene_id,))]
             # Scene row first: from that instant its tiles are invisible, whatever happens next.
             con.execute("DELETE FROM scenes WHERE scene_id = ?", (scene_id,))
