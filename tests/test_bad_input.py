@@ -318,3 +318,13 @@ def test_a_damaged_vector_file_is_named(make_geotiff: MakeGeoTiff, tmp_path: Pat
     tid = int(Bundle.open(index).tiles().tile_id[0])
     r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
     assert_clean_error(r, 1, f"{npz} is corrupt", "geoir encode --index")
+
+
+@pytest.mark.parametrize("value", ["300", "-1", "nan", "2.5"])
+def test_a_nodata_value_the_pixels_cannot_hold_is_refused_up_front(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, value: str
+) -> None:
+    index = tmp_path / "idx"
+    r = geoir("tile", str(make_geotiff()), "--index", str(index), "--nodata", value, *BACKBONE)
+    assert_clean_error(r, 1, f"--nodata {float(value):g} is not a uint8 value", "from 0 to 255")
+    assert not index.exists()

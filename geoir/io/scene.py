@@ -274,9 +274,11 @@ def open_scene(
                 f"first (gdal_edit.py -a_srs EPSG:XXXX {p.name})"
             )
         chosen = _choose_bands(src, bands, p)
+        dtype = src.dtypes[chosen[0] - 1]
+        if nodata is not None:
+            _check_nodata_fits(nodata, dtype, p)
         nd = nodata if nodata is not None else src.nodata
         mask_kind = _mask_kind(src, chosen, nd)
-        dtype = src.dtypes[chosen[0] - 1]
         scaling = Scaling()
         if dtype != "uint8":
             try:
@@ -303,6 +305,20 @@ def open_scene(
             scaling=scaling,
             mask_kind=mask_kind,
         )
+
+
+def _check_nodata_fits(nodata: float, dtype: str, path: Path) -> None:
+    """Refuse a --nodata value no pixel of ``dtype`` can hold (it would match nothing, or fail to fill)."""
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        if not (math.isfinite(nodata) and nodata == int(nodata) and info.min <= nodata <= info.max):
+            raise SceneError(
+                f"--nodata {nodata:g} is not a {dtype} value, the type of {path.name}'s pixels; give a whole number "
+                f"from {info.min} to {info.max}"
+            )
+    elif np.issubdtype(dt, np.floating) and math.isfinite(nodata) and abs(nodata) > np.finfo(dt).max:
+        raise SceneError(f"--nodata {nodata:g} is beyond the {dtype} range of {path.name}'s pixels; give a value in it")
 
 
 def native_gsd(crs: CRS, transform: Affine, height: int) -> float:
