@@ -328,3 +328,26 @@ def test_a_nodata_value_the_pixels_cannot_hold_is_refused_up_front(
     r = geoir("tile", str(make_geotiff()), "--index", str(index), "--nodata", value, *BACKBONE)
     assert_clean_error(r, 1, f"--nodata {float(value):g} is not a uint8 value", "from 0 to 255")
     assert not index.exists()
+
+
+def test_output_names_near_and_over_the_length_limit(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff()
+    near = tmp_path / ("v" * 240 + ".npy")  # a valid name: its temp name must still fit
+    r = geoir("encode", str(scene), "--out", str(near), *BACKBONE)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".npy") == [near.name]
+    r = geoir("encode", str(scene), "--out", str(tmp_path / ("v" * 300 + ".npy")), *BACKBONE)
+    assert_clean_error(r, 1, "File name too long", "pick another name")
+
+
+def test_a_refused_run_makes_no_chips_folder_and_chips_may_go_inside_a_new_bundle(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    scene, chips = make_geotiff(), tmp_path / "chips"
+    r = geoir("tile", str(scene), "--index", str(tmp_path / "a"), "--export-chips", str(chips),
+              "--index-kind", "IVF99999,Flat", *BACKBONE)  # fmt: skip
+    assert r.exit_code == 2 and not chips.exists() and not (tmp_path / "a").exists()
+    index = tmp_path / "b"
+    r = geoir("tile", str(scene), "--index", str(index), "--export-chips", str(index / "chips"), *BACKBONE)
+    assert r.exit_code == 0, r.output
+    assert len(list((index / "chips").glob("*.tif"))) == 4

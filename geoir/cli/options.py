@@ -115,7 +115,11 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
     if str(path) == "-":
         return
     p = Path(path)
-    if p.exists() and not overwrite:
+    try:
+        exists = p.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise click.ClickException(f"{path}: {exc.strerror}; pick another name") from exc
+    if exists and not overwrite:
         raise click.ClickException(f"{path} exists; pass --overwrite to replace it")
     from geoir.io.files import check_writable_target
 

@@ -138,7 +138,7 @@ def tile(
       $ geoir tile scene.tif --index tta-index --tta --device cuda
     """
     from geoir.index.bundle import Bundle, discard_if_unused
-    from geoir.io.files import ensure_writable_dir
+    from geoir.io.files import check_writable_target
     from geoir.tiling.grid import TilingParams
     from geoir.tiling.run import prepare_scenes, tile_scenes
     from geoir.tiling.tiler import TileSource
@@ -178,7 +178,8 @@ def tile(
     # Chips written into a folder being tiled are not scenes for the next run.
     prepared = prepare_scenes(scenes, bands=bands, nodata=nodata, exclude=[export_chips] if export_chips else [])
     if export_chips is not None:
-        ensure_writable_dir(export_chips, "the chips directory")
+        # Checked now, made once every check has passed (a refused run leaves no chips folder behind).
+        check_writable_target(Path(export_chips) / "chip.tif", "the chips directory")
     existing = Bundle.open(index) if (index / "manifest.json").exists() else None
     if existing is None:
         Bundle.check_new_location(index)
@@ -228,6 +229,8 @@ def tile(
                     batch_size=batch_size,
                 )
         else:
+            if export_chips is not None:
+                Path(export_chips).mkdir(parents=True, exist_ok=True)
             with bundle.lock():
                 report = tile_scenes(
                     bundle,

@@ -27,7 +27,10 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
     while not d.exists() and d != d.parent:
         missing.append(d)
         d = d.parent
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}")
+    tail = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}"
+    # A name near the 255-byte limit leaves no room for the temp name's tail: shorten its own part.
+    room = 255 - len(tail.encode()) - 1
+    tmp = path.with_name("." + path.name.encode()[:room].decode(errors="ignore") + tail)
     try:
         for m in reversed(missing):
             try:
