@@ -351,3 +351,17 @@ def test_a_refused_run_makes_no_chips_folder_and_chips_may_go_inside_a_new_bundl
     r = geoir("tile", str(scene), "--index", str(index), "--export-chips", str(index / "chips"), *BACKBONE)
     assert r.exit_code == 0, r.output
     assert len(list((index / "chips").glob("*.tif"))) == 4
+
+
+def test_a_truncated_png_query_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "q.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(png)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(png.read_bytes()[:3000])  # GDAL would read the missing rows as zeros, silently
+    out = tmp_path / "v.npy"
+    assert geoir("encode", str(png), "--out", str(out), *BACKBONE).exit_code == 0
+    r = geoir("encode", str(cut), "--out", str(tmp_path / "w.npy"), *BACKBONE)
+    assert_clean_error(r, 1, "cut.png cannot be read as an image", "truncated or damaged")

@@ -57,6 +57,20 @@ def read_image(
             ) from exc
 
 
+def _check_whole_png(p: Path) -> None:
+    """GDAL's PNG driver reads a truncated file's missing rows as zeros without an error; PIL's chunk check
+    (no decoding) finds the file cut short."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(p) as im:
+            im.verify()
+    except Exception as exc:  # PIL raises OSError or SyntaxError for a damaged file
+        raise QueryError(
+            f"{p} cannot be read as an image (truncated or damaged: {exc}); copy or export it again"
+        ) from exc
+
+
 def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None) -> Image:
     """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced.
 
@@ -77,6 +91,9 @@ def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None
         georeferenced = src.crs is not None and not src.transform.is_identity
         f = max(1.0, max(src.width, src.height) / MAX_READ_SIDE)
         shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+        driver = src.driver
+    if driver == "PNG":
+        _check_whole_png(p)
     if georeferenced:
         scene = open_scene(p, bands=bands)
         if scaling is not None:
