@@ -365,3 +365,24 @@ def test_a_truncated_png_query_is_refused(tmp_path: Path) -> None:
     assert geoir("encode", str(png), "--out", str(out), *BACKBONE).exit_code == 0
     r = geoir("encode", str(cut), "--out", str(tmp_path / "w.npy"), *BACKBONE)
     assert_clean_error(r, 1, "cut.png cannot be read as an image", "truncated or damaged")
+
+
+def test_encode_refuses_a_scene_whose_file_changed_since_it_was_tiled(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    a = src / "a.tif"
+    shutil.copy(make_geotiff("x.tif", seed=1), a)
+    index = tmp_path / "idx"
+    assert geoir("tile", str(a), "--index", str(index), "--no-encode").exit_code == 0
+    shutil.copy(make_geotiff("y.tif", seed=2), a)  # other pixels under the same name
+    r = geoir("encode", "--index", str(index), *BACKBONE)
+    assert_clean_error(r, 1, f"{a} changed since it was tiled", f"geoir tile {a} --index {index}")
+    assert Bundle.open(index).encoded_scene_ids() == []
+    # The way out the message gives: the changed file replaces its old tiles, and is encoded.
+    assert geoir("tile", str(a), "--index", str(index), *BACKBONE).exit_code == 0
+    bundle = Bundle.open(index)
+    assert len(bundle.scene_ids()) == 1 and len(bundle.encoded_scene_ids()) == 1

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model
+from geoir.errors import SceneError
 from geoir.index.bundle import Bundle
-from geoir.io.scene import Scene
+from geoir.io.scene import Scene, content_fingerprint
 from geoir.tiling.run import ProgressFactory, read_and_encode
 from geoir.tiling.tiler import TileSource
 
@@ -28,6 +29,12 @@ def encode_bundle(
         if rec["id"] in done:
             continue
         scene = Scene.from_record(rec)
+        if Path(scene.path).exists() and content_fingerprint(scene.path) != scene.fingerprint:
+            # Its tiles' footprints and ids are those of the file as it was: other pixels must not fill them.
+            raise SceneError(
+                f"{scene.path} changed since it was tiled into {bundle.path} (scene {scene.id}); run "
+                f"`geoir tile {scene.path} --index {bundle.path}` to index it again (its old tiles are replaced)"
+            )
         source = TileSource(scene, bundle.params)
         tiles = bundle.tiles(scene_id=scene.id)
         wanted = {int(t) for t in tiles.tile_id}
