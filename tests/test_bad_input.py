@@ -386,3 +386,12 @@ def test_encode_refuses_a_scene_whose_file_changed_since_it_was_tiled(
     assert geoir("tile", str(a), "--index", str(index), *BACKBONE).exit_code == 0
     bundle = Bundle.open(index)
     assert len(bundle.scene_ids()) == 1 and len(bundle.encoded_scene_ids()) == 1
+
+
+def test_grids_too_large_are_refused_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene, index = make_geotiff(), tmp_path / "idx"
+    r = geoir("tile", str(scene), "--index", str(index), "--gsd", "0.001", *BACKBONE)
+    assert_clean_error(r, 1, "would be", "at most 5,000,000 per scene", "--gsd")
+    r = geoir("tile", str(scene), "--index", str(index), "--size", "100000", *BACKBONE)
+    assert_clean_error(r, 1, "tile size must be 1 to 8192 pixels, got 100000")
+    assert not index.exists()

@@ -141,7 +141,7 @@ def tile(
     from geoir.io.files import check_writable_target
     from geoir.tiling.grid import TilingParams
     from geoir.tiling.run import prepare_scenes, tile_scenes
-    from geoir.tiling.tiler import TileSource
+    from geoir.tiling.tiler import TileSource, check_grid
 
     if overlap is not None and stride is not None:
         raise click.UsageError("give --overlap or --stride, not both")
@@ -177,6 +177,8 @@ def tile(
     )
     # Chips written into a folder being tiled are not scenes for the next run.
     prepared = prepare_scenes(scenes, bands=bands, nodata=nodata, exclude=[export_chips] if export_chips else [])
+    for scene in prepared:
+        check_grid(scene, params)  # before a model is loaded or a tile listed
     if export_chips is not None:
         # Checked now, made once every check has passed (a refused run leaves no chips folder behind).
         check_writable_target(Path(export_chips) / "chip.tif", "the chips directory")

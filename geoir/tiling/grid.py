@@ -23,6 +23,12 @@ from geoir.errors import TilingError
 #: Points inserted along each footprint edge before reprojection, so that curved edges in EPSG:4326
 #: (e.g. from a UTM grid at high latitude) are followed rather than cut by straight chords.
 DENSIFY_POINTS = 8
+#: The largest tile side accepted: the backbone sees 224 px, so larger tiles only cost memory (a batch of 64
+#: tiles of 8192 px is 13 GB of pixels).
+MAX_TILE_SIZE = 8192
+#: The most tiles one scene may give (their list alone takes about 1 GB; a 10 m scene of 100,000 km² at
+#: 256 px tiles gives 150,000).
+MAX_TILES_PER_SCENE = 5_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +48,11 @@ class TilingParams:
     max_nodata: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.size <= 0:
-            raise TilingError(f"tile size must be > 0 pixels, got {self.size}")
+        if not 0 < self.size <= MAX_TILE_SIZE:
+            raise TilingError(
+                f"tile size must be 1 to {MAX_TILE_SIZE} pixels, got {self.size} (the backbone sees 224 px: for tiles "
+                "that cover more ground, give a coarser --gsd)"
+            )
         if self.stride == 0:
             object.__setattr__(self, "stride", self.size)  # frozen: set once, here
         if not self.stride > 0:

@@ -13,8 +13,9 @@ import numpy as np
 import shapely
 from rasterio.enums import Resampling
 
+from geoir.errors import TilingError
 from geoir.io.scene import Scene, SceneReader
-from geoir.tiling.grid import Tile, TilingParams, footprints, make_tiles
+from geoir.tiling.grid import MAX_TILES_PER_SCENE, Tile, TilingParams, footprints, make_tiles, tile_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,23 @@ class TileRead:
     rgb: np.ndarray
     valid: np.ndarray
     nodata_fraction: float
+
+
+def check_grid(scene: Scene, params: TilingParams) -> None:
+    """Refuse a grid of more than :data:`MAX_TILES_PER_SCENE` tiles before any is made (creates nothing).
+
+    Raises:
+        TilingError: The scene's grid at ``params`` would give too many tiles (a --gsd far finer than the
+            scene's, or a tiny --size or --stride).
+    """
+    _, width, height = scene.grid(params.gsd)
+    n = tile_count(width, height, params.size, params.stride)
+    if n > MAX_TILES_PER_SCENE:
+        at = f" at --gsd {params.gsd:g} (the scene's own is {scene.native_gsd:.3g} m)" if params.gsd else ""
+        raise TilingError(
+            f"{scene.path}: tiles of {params.size} px every {params.stride} px{at} would be {n:,}; at most "
+            f"{MAX_TILES_PER_SCENE:,} per scene: give a larger --size, --stride or --gsd"
+        )
 
 
 class TileSource:
@@ -40,6 +58,7 @@ class TileSource:
         self.scene = scene
         self.params = params
         self.grid_transform, self.grid_width, self.grid_height = scene.grid(params.gsd)
+        check_grid(scene, params)
         self.tiles: list[Tile] = list(
             make_tiles(
                 scene.id, scene.fingerprint, self.grid_transform, self.grid_width, self.grid_height, scene.crs, params
