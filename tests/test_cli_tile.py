@@ -358,3 +358,29 @@ def test_writer_killed_inside_a_catalog_transaction(make_geotiff: MakeGeoTiff, t
     assert len(tiles) == 4 and set(tiles.scene_id) != {"orphan"}  # the half-done append was rolled back
     assert run("tile", str(make_geotiff("b.tif", seed=2)), "--index", str(index)).exit_code == 0
     assert len(Bundle.open(index).tiles()) == 8
+
+
+def test_a_rerun_finishes_an_interrupted_replacement_and_names_other_bands(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import geoir.tiling.run as tiling_run
+
+    x, index = tmp_path / "x.tif", tmp_path / "idx"
+    shutil.copy(make_geotiff("a.tif", seed=1), x)
+    assert run("tile", str(x), "--index", str(index)).exit_code == 0
+    old = Bundle.open(index).scene_ids()
+    shutil.copy(make_geotiff("b.tif", seed=2), x)
+    # A run killed after committing the changed file, before removing its old scene: both are there.
+    with monkeypatch.context() as m:
+        m.setattr(tiling_run, "_remove_earlier_versions", lambda *a: None)
+        assert run("tile", str(x), "--index", str(index)).exit_code == 0
+    assert len(Bundle.open(index).scene_ids()) == 2
+    r = run("tile", str(x), "--index", str(index))
+    assert r.exit_code == 0 and "changed since it was indexed" in r.output
+    assert Bundle.open(index).scene_ids().isdisjoint(old) and len(Bundle.open(index).scene_ids()) == 1
+    # Asked for other bands, a scene already there is skipped, and the message says how to re-tile it.
+    r = run("tile", str(x), "--index", str(index), "--bands", "3,2,1")
+    assert r.exit_code == 0, r.output
+    assert "with --bands 1,2,3" in r.output and f"geoir remove x.tif --index {index}" in r.output

@@ -93,10 +93,14 @@ def tile_scenes(
         bundle.bind_model(model.describe())
     have = bundle.scene_ids()
     params = bundle.params
+    records = {r["id"]: r for r in bundle.scene_records()}
     for scene in scenes:
         if scene.id in have:
             log.info("%s is already in %s; skipped", scene.path, bundle.path)
             report.skipped_scenes.append(scene.id)
+            _warn_if_read_otherwise(records.get(scene.id), scene, bundle)
+            # A run killed between committing a changed file and removing its old scene left both.
+            _remove_earlier_versions(bundle, scene, report)
             continue
         source = TileSource(scene, params)
         bar = progress(len(source), Path(scene.path).name) if progress else None
@@ -200,12 +204,7 @@ def commit_scene(
     )
     if enc is not None and len(ids):
         bundle.add_to_indexes(ids, enc.embedding, enc.codes)
-    # The same path with other content is the file changed since it was indexed: its old tiles describe
-    # pixels that are gone. They are removed once the new ones are committed, never before.
-    for old in [r["id"] for r in bundle.scene_records() if r["path"] == scene.path and r["id"] != scene.id]:
-        n = bundle.remove_scene(old)
-        report.replaced_scenes.append(old)
-        log.warning("%s changed since it was indexed: its %d earlier tiles (scene %s) are replaced", scene.path, n, old)
+    _remove_earlier_versions(bundle, scene, report)
     report.added_scenes.append(scene.id)
     report.tiles_added += len(kept)
     report.tiles_skipped_nodata += len(source) - len(kept)
@@ -262,3 +261,31 @@ def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid
 
 def on_cuda(model: Model | None) -> bool:
     return model is not None and model.backbone.device.type == "cuda"
+
+
+def _remove_earlier_versions(bundle: Bundle, scene: Scene, report: TileReport) -> None:
+    """Remove the scenes of ``scene``'s path with other content: the file changed since they were indexed,
+    so their tiles describe pixels that are gone. Called once ``scene`` is committed, never before."""
+    for old in [r["id"] for r in bundle.scene_records() if r["path"] == scene.path and r["id"] != scene.id]:
+        n = bundle.remove_scene(old)
+        report.replaced_scenes.append(old)
+        log.warning("%s changed since it was indexed: its %d earlier tiles (scene %s) are replaced", scene.path, n, old)
+
+
+def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -> None:  # type: ignore[type-arg]
+    """A scene skipped as already there keeps the bands and nodata it was tiled with: say so when asked otherwise."""
+    if record is None:
+        return
+    asked = {"bands": ",".join(map(str, scene.bands)), "nodata": scene.nodata}
+    had = {"bands": ",".join(map(str, record["bands"])), "nodata": record["nodata"]}
+    differ = [k for k in asked if asked[k] != had[k] and not (asked[k] != asked[k] and had[k] != had[k])]  # NaN
+    if differ:
+        log.warning(
+            "%s was tiled into %s with %s; it is kept so: `geoir remove %s --index %s`, then tile it again, to use %s",
+            scene.path,
+            bundle.path,
+            ", ".join(f"--{k} {had[k]}" for k in differ),
+            Path(scene.path).name,
+            bundle.path,
+            ", ".join(f"--{k} {asked[k]}" for k in differ),
+        )
