@@ -37,6 +37,9 @@ def main(argv):
             _msg, ok = lyr.loadDefaultStyle()
             info["default_style_loaded"] = bool(ok)
             info["renderer_after_style"] = lyr.renderer().type() if lyr.renderer() else None
+            if info["renderer_after_style"] == "singleSymbol":
+                fill = lyr.renderer().symbol().symbolLayer(0)
+                info["fill_brush"] = int(fill.brushStyle()) if hasattr(fill, "brushStyle") else None
             loaded.append(lyr)
         out[name] = info
     print(json.dumps(out))

@@ -852,6 +852,8 @@ def test_hits_open_styled_in_qgis(bundle2: Path, tmp_path: Path) -> None:
     assert info["hits"]["renderer"] == "graduatedSymbol" and info["hits"]["labels"]
     assert info["hits_merged"]["valid"] and info["hits_merged"]["renderer"] == "graduatedSymbol"
     assert info["query"]["valid"] and info["query"]["count"] == 1
+    # The query's outline only: QGIS's default random fill would hide the imagery under it.
+    assert info["query"]["default_style_loaded"] and info["query"]["fill_brush"] == 0
 
 
 def _fails(args: list[str], code: int) -> str:

@@ -139,7 +139,8 @@ def _write_gpkg(layers: dict[str, gpd.GeoDataFrame], path: Path) -> None:
             append=i > 0,
             dataset_options={"VERSION": "1.2"} if i == 0 else None,
         )
-    styles = {"hits": hits_style("rank"), "hits_merged": hits_style("best_rank")}
+    query = (resources.files("geoir") / "output" / "styles" / "query.qml").read_text()
+    styles = {"hits": hits_style("rank"), "hits_merged": hits_style("best_rank"), "query": query}
     with contextlib.closing(sqlite3.connect(path)) as con, con:
         add_styles(con, {k: v for k, v in styles.items() if k in layers})
 
