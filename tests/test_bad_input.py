@@ -395,3 +395,20 @@ def test_grids_too_large_are_refused_before_any_work(make_geotiff: MakeGeoTiff, 
     r = geoir("tile", str(scene), "--index", str(index), "--size", "100000", *BACKBONE)
     assert_clean_error(r, 1, "tile size must be 1 to 8192 pixels, got 100000")
     assert not index.exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: {"format": m["format"], "format_version": 1},
+        lambda m: {**m, "tiling": {**m["tiling"], "size": "big"}},
+        lambda m: {**m, "counts": {"scenes": 1}},
+    ],
+)
+def test_a_manifest_missing_what_readers_need_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), "--no-encode").exit_code == 0
+    mf = index / "manifest.json"
+    mf.write_text(json.dumps(edit(json.loads(mf.read_text()))))
+    for args in (["info", str(index)], ["search", "--point", "0,0", "--index", str(index), "--out", "h.gpkg"]):
+        assert_clean_error(geoir(*args), 1, f"{mf} is corrupt", "restore it")

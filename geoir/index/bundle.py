@@ -46,7 +46,7 @@ import shapely.affinity
 from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
-from geoir.errors import BundleError, ModelError
+from geoir.errors import BundleError, GeoirError, ModelError
 from geoir.io.files import atomic_write_text, ensure_writable_dir
 from geoir.io.scene import Scene
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
@@ -114,6 +114,21 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
         raise
     finally:
         _CREATED_HERE.reset(token)
+
+
+def _check_manifest(manifest: dict[str, Any], mf: Path) -> None:
+    """Refuse a manifest without the entries every reader relies on (an edited or foreign file)."""
+    try:
+        TilingParams(**manifest["tiling"])
+        counts = manifest["counts"]
+        if not all(isinstance(counts[k], int) and counts[k] >= 0 for k in ("scenes", "tiles")):
+            raise ValueError("counts")
+        if not isinstance(manifest.get("model"), dict | None) or not isinstance(manifest.get("index", {}), dict):
+            raise ValueError("model")
+    except (KeyError, TypeError, ValueError, GeoirError) as exc:
+        raise BundleError(
+            f"{mf} is corrupt (bad or missing {exc}); restore it from a backup or re-create the bundle"
+        ) from exc
 
 
 def _left_by_a_dead_process(name: str) -> bool:
@@ -184,6 +199,7 @@ class Bundle:
             raise BundleError(f"{mf} is not a geoir bundle manifest; pass the directory `geoir tile` created")
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise BundleError(f"{p} was written by a newer geoir (format {manifest['format_version']}); upgrade geoir")
+        _check_manifest(manifest, mf)
         bundle = cls(p, manifest)
         if bundle.catalog_path.exists():
             bundle._check_catalog()
