@@ -4,6 +4,7 @@ code, no traceback, and nothing half-written."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -412,3 +413,18 @@ def test_a_manifest_missing_what_readers_need_is_named(make_geotiff: MakeGeoTiff
     mf.write_text(json.dumps(edit(json.loads(mf.read_text()))))
     for args in (["info", str(index)], ["search", "--point", "0,0", "--index", str(index), "--out", "h.gpkg"]):
         assert_clean_error(geoir(*args), 1, f"{mf} is corrupt", "restore it")
+
+
+def test_two_bands_are_refused_when_asked_for_and_named_when_a_raster_has_two(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    two = make_geotiff("two.tif", shape=(2, 256, 256))
+    caplog.set_level("WARNING", logger="geoir")
+    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
+    try:
+        scene = open_scene(two)
+    finally:
+        logging.getLogger("geoir").removeHandler(caplog.handler)
+    assert scene.bands == (1, 2, 2) and "has 2 colour bands; they are read as 1,2,2" in caplog.text
+    r = geoir("tile", str(make_geotiff()), "--index", str(tmp_path / "i"), "--bands", "1,2", "--no-encode")
+    assert_clean_error(r, 1, "--bands 1,2: give 3 bands", "--bands 1,2,2")

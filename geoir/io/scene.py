@@ -342,6 +342,11 @@ def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path
         if bad:
             raise SceneError(f"{path} has {src.count} band(s); band {bad[0]} is out of range (use 1..{src.count})")
         chosen = list(bands)
+        if len(chosen) == 2:
+            raise SceneError(
+                f"--bands {','.join(map(str, bands))}: give 3 bands (red, green, blue) or 1 (repeated as gray); to "
+                f"repeat one of two, name it twice (--bands {bands[0]},{bands[1]},{bands[1]})"
+            )
     else:
         ci = list(src.colorinterp)
         if ColorInterp.palette in ci:
@@ -353,6 +358,14 @@ def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path
         # An alpha band is a mask (see _mask_kind), never a colour: gray + alpha is gray three times.
         colour = [i + 1 for i, c in enumerate(ci) if c != ColorInterp.alpha] or [1]
         chosen = [ci.index(c) + 1 for c in rgb] if all(c in ci for c in rgb) else colour[:3]
+        if len(chosen) == 2:
+            log.warning(
+                "%s has 2 colour bands; they are read as %d,%d,%d (red, green, blue): pass --bands to choose",
+                path,
+                chosen[0],
+                chosen[1],
+                chosen[1],
+            )
     while len(chosen) < 3:
         chosen.append(chosen[-1])
     if len(chosen) > 3:
