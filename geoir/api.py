@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
-from geoir.errors import ModelError, TilingError
+from geoir.errors import ModelError, QueryError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
@@ -57,7 +57,14 @@ def tile(
     _check_tta(model, tta)
     if tta and not encode:
         raise ModelError("tta is a way of encoding; leave it out with encode=False")
-    prepared = prepare_scenes([str(s) for s in _paths(scenes)], bands=bands, nodata=nodata)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise TilingError(f"batch_size must be a positive number of tiles, got {batch_size!r}")
+    if not isinstance(workers, int) or workers < 0:
+        raise TilingError(f"workers must be 0 (read in this process) or a number of processes, got {workers!r}")
+    paths = _paths(scenes)
+    if not paths:
+        raise TilingError("no scenes given; pass raster files, globs or folders")
+    prepared = prepare_scenes([str(s) for s in paths], bands=bands, nodata=nodata)
     existing = Bundle.open(index) if (Path(index) / "manifest.json").exists() else None
     encoder = None
     if encode:
@@ -108,6 +115,8 @@ def search(
     Returns:
         :class:`~geoir.retrieval.engine.Hits` with GeoDataFrames ``hits`` and ``query`` (EPSG:4326).
     """
+    if query is None:
+        raise QueryError("no query given; pass an image file, a uint8 RGB array (3, H, W) or a tile id")
     bundle = Bundle.open(index)
     if not isinstance(model, Model):
         model = model_for_bundle(bundle.model, model)
@@ -128,7 +137,9 @@ def search(
     return searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap, expand=expand)
 
 
-def encode_images(images: Sequence[PathLike], model: Model | str | None = None, tta: bool | None = None) -> np.ndarray:
+def encode_images(
+    images: Sequence[PathLike] | PathLike, model: Model | str | None = None, tta: bool | None = None
+) -> np.ndarray:
     """Embeddings of image files, one row each (``geoir encode IMAGE... --out``); ``tta``: each image as the
     mean features of its 8 flips and quarter turns (``geoir encode --tta``), for a loaded ``model`` given to
     :func:`load_model` instead."""
@@ -136,7 +147,7 @@ def encode_images(images: Sequence[PathLike], model: Model | str | None = None, 
 
     _check_tta(model, tta)
     m = model if isinstance(model, Model) else load_model(model, tta=bool(tta))
-    return m.concat([m.encode_image(read_image(p).rgb) for p in images]).embedding
+    return m.concat([m.encode_image(read_image(p).rgb) for p in _paths(images)]).embedding
 
 
 def _paths(scenes: Sequence[PathLike] | PathLike) -> list[PathLike]:

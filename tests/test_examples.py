@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import geoir
 from geoir.encoding.model import load_model
@@ -60,6 +61,28 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
         geoir.tile([small], index=tmp_path / "empty", model=model)
     assert not (tmp_path / "empty").exists()
     assert geoir.Hits.__name__ == "Hits" and geoir.Model.__name__ == "Model"
+    # Arguments of the wrong shape are named, as GeoirErrors, before any work.
+    bad_search = (
+        ({"query": None}, "no query given"),
+        ({"query": np.zeros((64, 64), np.uint8)}, r"uint8 RGB of shape \(3, H, W\), got uint8 \(64, 64\)"),
+        ({"query": np.zeros((3, 0, 0), np.uint8)}, "uint8 RGB of shape"),
+        ({"query": np.zeros((3, 8, 8), np.float32)}, "got float32"),
+        ({"query": tid, "bbox": (1, 2, 3)}, "give 4 numbers"),
+    )
+    for kwargs, message in bad_search:
+        with pytest.raises(QueryError, match=message):
+            geoir.search(index=index, model=model, **kwargs)  # type: ignore[arg-type]
+    for kwargs, message in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"workers": -1}, "workers"),
+        ({"scenes": []}, "no scenes"),
+    ):
+        with pytest.raises(TilingError, match=message):
+            geoir.tile(**{"scenes": str(scene), **kwargs}, index=tmp_path / "y", model=model)  # type: ignore[arg-type]
+    assert not (tmp_path / "y").exists()
+    png = tmp_path / "q.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
+    assert geoir.encode_images(str(png), model=model).shape[0] == 1  # one path alone, not its characters
 
 
 def test_lazy_api_attribute() -> None:

@@ -123,6 +123,18 @@ class Searcher:
         footprint: shapely.Geometry | None = None,
     ) -> None:
         """Encode a uint8 RGB array ``(3, H, W)`` (already scaled to 0-255) as a query part."""
+        if not (
+            isinstance(rgb, np.ndarray)
+            and rgb.dtype == np.uint8
+            and rgb.ndim == 3
+            and rgb.shape[0] == 3
+            and min(rgb.shape[1:]) > 0
+        ):
+            shape = getattr(rgb, "shape", None)
+            raise QueryError(
+                f"an array query must be uint8 RGB of shape (3, H, W), got {getattr(rgb, 'dtype', type(rgb).__name__)} "
+                f"{shape}; scale it to 0-255 and put the bands first"
+            )
         turns = [np.rot90(rgb, k, axes=(1, 2)) for k in range(4)] if self.rotations else [rgb]
         if len(turns) > 1 and rgb.shape[1] == rgb.shape[2]:
             enc = self.model.encode(torch.from_numpy(np.ascontiguousarray(np.stack(turns))))
@@ -226,6 +238,8 @@ class Searcher:
         if bbox is None and aoi is None and not scenes:
             return None
         if bbox is not None:
+            if len(bbox) != 4:
+                raise QueryError(f"bbox {tuple(bbox)}: give 4 numbers, (west, south, east, north) in degrees")
             w, s, e, n = bbox
             if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
                 raise QueryError(f"bbox {tuple(bbox)}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
