@@ -384,3 +384,23 @@ def test_a_rerun_finishes_an_interrupted_replacement_and_names_other_bands(
     r = run("tile", str(x), "--index", str(index), "--bands", "3,2,1")
     assert r.exit_code == 0, r.output
     assert "with --bands 1,2,3" in r.output and f"geoir remove x.tif --index {index}" in r.output
+
+
+def test_a_moved_scene_is_followed_by_a_rerun(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    import shutil
+
+    (tmp_path / "m1").mkdir()
+    shutil.copy(make_geotiff("a.tif"), tmp_path / "m1" / "s.tif")
+    index = tmp_path / "idx"
+    assert run("tile", str(tmp_path / "m1" / "s.tif"), "--index", str(index)).exit_code == 0
+    (tmp_path / "m1").rename(tmp_path / "m2")
+    moved = tmp_path / "m2" / "s.tif"
+    r = CliRunner().invoke(cli, ["-q", "encode", "--index", str(index), "--backbone", "test", "--workers", "0"])
+    assert r.exit_code == 1 and "moved" in r.output
+    r = CliRunner().invoke(cli, ["tile", str(moved), "--index", str(index), "--no-encode"])
+    assert r.exit_code == 0 and "its path is updated" in r.output, r.output
+    (record,) = Bundle.open(index).scene_records()
+    assert record["path"] == str(moved) and record["n_tiles"] == 4
+    r = CliRunner().invoke(cli, ["-q", "encode", "--index", str(index), "--backbone", "test", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert len(Bundle.open(index).encoded_scene_ids()) == 1

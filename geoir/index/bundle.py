@@ -383,6 +383,23 @@ class Bundle:
     def scene_ids(self) -> set[str]:
         return {r["id"] for r in self.scene_records()}
 
+    def move_scene(self, scene_id: str, path: str) -> None:
+        """Record that a committed scene's file now lies at ``path`` (its content, id and tiles unchanged)."""
+        with self._writing() as con:
+            # The GeoPackage's R-tree triggers name GDAL's SQL functions; they only run when a row's fid
+            # changes, which this update never does, but SQLite needs them to exist to prepare it.
+            def unused(*_: object) -> None:
+                raise sqlite3.OperationalError("a scene's fid changed")
+
+            for fn in ("ST_IsEmpty", "ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
+                con.create_function(fn, 1, unused)
+            (record,) = con.execute("SELECT record FROM scenes WHERE scene_id = ?", (scene_id,)).fetchone()
+            d = json.loads(record)
+            d["path"] = str(path)
+            con.execute(
+                "UPDATE scenes SET path = ?, record = ? WHERE scene_id = ?", (str(path), json.dumps(d), scene_id)
+            )
+
     def scene(self, scene_id: str) -> Scene:
         """The committed scene with this id.
 

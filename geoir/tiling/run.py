@@ -96,7 +96,14 @@ def tile_scenes(
     records = {r["id"]: r for r in bundle.scene_records()}
     for scene in scenes:
         if scene.id in have:
-            log.info("%s is already in %s; skipped", scene.path, bundle.path)
+            old_path = (records.get(scene.id) or {}).get("path", scene.path)
+            if old_path != scene.path and not Path(old_path).exists():
+                # The file was moved or renamed (same content): follow it, so encode, --scene and hits find it.
+                bundle.move_scene(scene.id, scene.path)
+                log.info("%s is already in %s, as %s, which is gone: its path is updated", scene.path, bundle.path,
+                         old_path)  # fmt: skip
+            else:
+                log.info("%s is already in %s; skipped", scene.path, bundle.path)
             report.skipped_scenes.append(scene.id)
             _warn_if_read_otherwise(records.get(scene.id), scene, bundle)
             # A run killed between committing a changed file and removing its old scene left both.
