@@ -529,8 +529,9 @@ class SceneReader:
                     self._src = rasterio.open(self.scene.path)
             except RasterioIOError as exc:
                 raise SceneError(
-                    f"{self.scene.path} can no longer be read ({exc}); was it moved? Put it back, or take the scene "
-                    f"out of the bundle with `geoir remove {Path(self.scene.path).name} --index INDEX`"
+                    f"{self.scene.path} can no longer be read ({exc}); was it moved? Tile it where it is now (`geoir "
+                    f"tile NEW_PATH --index INDEX` updates its path), or take it out of the bundle (`geoir remove "
+                    f"{Path(self.scene.path).name} --index INDEX`)"
                 ) from exc
             self._fill_inside = _fill_changes_pixels(self._src, self.scene)
             self._cache_fitted = False
