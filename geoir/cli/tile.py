@@ -79,7 +79,8 @@ from geoir.errors import GeoirError
     multiple=True,
     metavar="FACTORY",
     help="FAISS factory string for a new bundle, e.g. HNSW32 or IVF1024,PQ32 (floats), BIVF256 or BHNSW32 "
-    "(binary codes) [default: exact flat search]. Repeatable.",
+    "(binary codes) [default: exact flat search]. IVF and PQ kinds train on the tiles of the bundle's first "
+    "scene, which needs enough of them (e.g. 1024 for IVF1024). Repeatable.",
 )
 @click.option(
     "--scheduler",
