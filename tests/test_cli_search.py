@@ -529,6 +529,43 @@ def test_geotiff_query_is_read_with_its_scenes_bands(make_geotiff: MakeGeoTiff, 
     assert (hit.col_off, hit.row_off) == (256, 0) and hit["distance"] == pytest.approx(0, abs=1e-3)
 
 
+def test_geotiff_query_of_one_date_is_scaled_like_that_date(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # One place at two dates, the second darker and offset (0.6 x + 300): a crop of the second date must be
+    # read with the second date's statistics, so it finds its own tile at distance ~0.
+    a = make_geotiff("a.tif", dtype="uint16", seed=4)
+    b = tmp_path / "b.tif"
+    with rasterio.open(a) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(b, "w", **profile) as dst:
+        dst.write((data * 0.6 + 300).astype("uint16"))
+    index = tmp_path / "idx"
+    invoke("tile", str(a), str(b), "--index", str(index), *TILE_MODEL)
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(b) as src:
+        window = Window(256, 0, 256, 256)
+        with rasterio.open(
+            crop, "w", **(profile | {"width": 256, "height": 256, "transform": src.window_transform(window)})
+        ) as dst:
+            dst.write(src.read(window=window))
+    out = tmp_path / "h.gpkg"
+    invoke(
+        "search",
+        str(crop),
+        "--index",
+        str(index),
+        "--out",
+        str(out),
+        "-k",
+        "1",
+        "--include-query-overlap",
+        "--no-rotations",
+        *TEST_MODEL,
+    )
+    hit = gpd.read_file(out, layer="hits").iloc[0]
+    assert hit.scene == str(b) and (hit.col_off, hit.row_off) == (256, 0)
+    assert hit["distance"] == pytest.approx(0, abs=1e-3)
+
+
 def test_query_overlap_leaves_out_its_place_not_its_neighbours(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     # Two scenes of the same place, the second 1 m east of the first (another date, as reprojected): a tile
     # of the first leaves out its twin (99.96% shared) but keeps the twin's neighbour (a 1 m strip, 0.04%).

@@ -13,6 +13,7 @@ searched once per turn, and each tile keeps its best (smallest) distance over th
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from geoir.encoding.model import Encoded, Model, pack_codes
 from geoir.errors import QueryError
 from geoir.index.bundle import Bundle
 from geoir.io.images import read_image
-from geoir.io.scene import Scaling
+from geoir.io.scene import Scaling, open_scene
 from geoir.tiling.grid import to_lonlat
 
 #: Without --include-query-overlap, tiles sharing more than this fraction of their area with a georeferenced
@@ -152,13 +153,29 @@ class Searcher:
 
     def _source_scene_for(self, footprint: shapely.Polygon, scene) -> dict | None:  # type: ignore[no-untyped-def]
         """The record of an indexed scene that a GeoTIFF query was cut from (same place, data type and band
-        count), if any: the query is then read with that scene's bands and statistics, like its tiles."""
+        count), if any: the query is then read with that scene's bands and statistics, like its tiles.
+
+        Of several such scenes (one place at several dates), the one whose statistics the query's own pixels
+        are closest to: a crop of one date has that date's radiometry, not another's.
+        """
         scenes = self.bundle.scenes()
+        candidates = []
         for _, row in scenes[scenes.geometry.contains(footprint.centroid)].iterrows():
             rec = self._records.get(row.scene_id)
             if rec and rec["dtype"] == scene.dtype and rec["count"] == scene.count:
-                return rec
-        return None
+                candidates.append(rec)
+        if len(candidates) <= 1 or scene.dtype == "uint8":
+            return candidates[0] if candidates else None
+
+        def mismatch(rec: dict) -> float:  # type: ignore[type-arg]
+            theirs = Scaling.from_dict(rec["scaling"])
+            ours = open_scene(scene.path, bands=tuple(rec["bands"])).scaling
+            if theirs.low is None or ours.low is None or theirs.high is None or ours.high is None:
+                return math.inf
+            lo, hi, qlo, qhi = (np.asarray(v, dtype=np.float64) for v in (theirs.low, theirs.high, ours.low, ours.high))
+            return float(np.mean((np.abs(lo - qlo) + np.abs(hi - qhi)) / np.maximum(hi - lo, 1e-9)))
+
+        return min(candidates, key=mismatch)
 
     def add_tiles(self, parts: QueryParts, tile_ids: Sequence[int], label: str, negative: bool = False) -> None:
         """Use tiles of the bundle as query parts (their stored backbone features, re-encoded by the head)."""
