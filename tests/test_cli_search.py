@@ -738,22 +738,26 @@ def test_encode_images_command(tmp_path: Path, make_geotiff: MakeGeoTiff) -> Non
     assert r.exit_code == 1 and "gone.png: no such image" in r.output and not other.exists()
 
 
-def test_sigkill_mid_tile_leaves_valid_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
-    scenes = [make_geotiff(f"s{i}.tif", seed=10 + i, shape=(3, 2048, 2048)) for i in range(6)]
-    index = tmp_path / "idx"
+def _signal_after_first_scene(scenes: list[Path], index: Path, sig: int) -> subprocess.Popen:
+    """Run `geoir tile` on ``scenes`` in a process and send it ``sig`` once the first scene is committed and
+    the second is under way."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "geoir.cli", "tile", *map(str, scenes), "--index", str(index), *TILE_MODEL]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # Kill once the first scene is committed and the second is under way.
     deadline = time.time() + 120
+    manifest = index / "manifest.json"
     while time.time() < deadline:
-        if (index / "manifest.json").exists() and json.loads((index / "manifest.json").read_text())["counts"][
-            "scenes"
-        ] >= 1:
+        if manifest.exists() and json.loads(manifest.read_text())["counts"]["scenes"] >= 1:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    return proc
+
+
+def test_sigkill_mid_tile_leaves_valid_bundle(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scenes = [make_geotiff(f"s{i}.tif", seed=10 + i, shape=(3, 2048, 2048)) for i in range(6)]
+    index = tmp_path / "idx"
+    _signal_after_first_scene(scenes, index, signal.SIGKILL).wait()
     bundle = Bundle.open(index)
     n_done = len(bundle.scene_records())
     assert 1 <= n_done < 6
@@ -996,16 +1000,7 @@ def test_sigterm_unwinds_like_ctrl_c(make_geotiff: MakeGeoTiff, tmp_path: Path) 
     # `timeout`, `kill` and batch schedulers send SIGTERM: the run stops with 143 and leaves a whole bundle.
     scenes = [make_geotiff(f"s{i}.tif", seed=30 + i, shape=(3, 2048, 2048)) for i in range(6)]
     index = tmp_path / "idx"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "geoir.cli", "tile", *map(str, scenes), "--index", str(index), *TILE_MODEL]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        manifest = index / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["counts"]["scenes"] >= 1:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc = _signal_after_first_scene(scenes, index, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "Traceback" not in err

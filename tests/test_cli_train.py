@@ -147,19 +147,8 @@ def test_hash_only_models_rank_by_their_codes(
     # A DGSSH head was trained to rank by Hamming distance; its float vector is the backbone's, which must not
     # override the codes (it only breaks their ties). A combined head ranks by its trained float embedding.
     model = tmp_path / "m.pt"
-    invoke(
-        "train",
-        str(image_folder),
-        "--method",
-        method,
-        "--bits",
-        "16",
-        "--epochs",
-        "2",
-        "--out",
-        str(model),
-        *TEST_BACKBONE,
-    )
+    args = ["--method", method, "--bits", "16", "--epochs", "2", "--out", str(model), *TEST_BACKBONE]
+    invoke("train", str(image_folder), *args)
     index = tmp_path / "idx"
     scene = make_geotiff(shape=(3, 2048, 2048), bounds=(500_000.0, 4_000_000.0, 520_480.0, 4_020_480.0))
     invoke("tile", str(scene), "--index", str(index), "--model", str(model), "--workers", "0")
@@ -408,18 +397,27 @@ def test_model_records_its_data_by_name_and_digest_not_by_path(image_folder: Pat
     )
 
 
-def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+def labelled_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff, side: int, per_class: int) -> tuple[Path, Path]:
+    """A bundle of the test backbone's features over one scene of ``side`` px (256 px tiles), and a GeoPackage
+    labelling every tile by a point inside it: bands of ``per_class`` tiles from north to south, one class
+    each. Returns (bundle, labels)."""
     index = tmp_path / "idx"
-    scene = make_geotiff(shape=(3, 1024, 1024))
-    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", "--backbone", "test", "--workers", "0")
+    m = side * 10.0  # 10 m pixels
+    scene = make_geotiff(shape=(3, side, side), bounds=(500_000.0, 4_000_000.0, 500_000.0 + m, 4_000_000.0 + m))
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", *TEST_BACKBONE, "--workers", "0")
     tiles = Bundle.open(index).tiles()
-    assert len(tiles) == 16
-    # Label each tile by its row: a point inside every tile, two classes.
+    assert len(tiles) == (side // 256) ** 2
     centres = tiles.geometry.representative_point()
-    rows = np.argsort(np.argsort(-centres.y.to_numpy())) // 8
-    labels = gpd.GeoDataFrame({"label": [f"row{r}" for r in rows]}, geometry=centres.to_numpy(), crs=tiles.crs)
+    band = np.argsort(np.argsort(-centres.y.to_numpy())) // per_class
+    labels = gpd.GeoDataFrame({"label": [f"band{b}" for b in band]}, geometry=centres.to_numpy(), crs=tiles.crs)
     gpkg = tmp_path / "labels.gpkg"
     labels.to_file(gpkg)
+    return index, gpkg
+
+
+def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    # 16 tiles, two classes of 8 (the scene's northern and southern halves).
+    index, gpkg = labelled_bundle(tmp_path, make_geotiff, 1024, 8)
     out = tmp_path / "m.pt"
     r = CliRunner().invoke(
         cli, ["train", str(gpkg), "--index", str(index), "--augment", "dihedral", "--out", str(out), "--device", "cpu"]
@@ -446,17 +444,8 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
 
 
 def test_eval_scores_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
-    index = tmp_path / "idx"
-    scene = make_geotiff(shape=(3, 2048, 2048), bounds=(500_000.0, 4_000_000.0, 520_480.0, 4_020_480.0))
-    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", *TEST_BACKBONE, "--workers", "0")
-    tiles = Bundle.open(index).tiles()
-    assert len(tiles) == 64
-    # Four classes of 16 tiles: the scene's bands of two tile rows, labelled by points inside the tiles.
-    centres = tiles.geometry.representative_point()
-    band = np.argsort(np.argsort(-centres.y.to_numpy())) // 16
-    labels = gpd.GeoDataFrame({"label": [f"band{b}" for b in band]}, geometry=centres.to_numpy(), crs=tiles.crs)
-    gpkg = tmp_path / "labels.gpkg"
-    labels.to_file(gpkg)
+    # 64 tiles, four classes of 16 (bands of two tile rows).
+    index, gpkg = labelled_bundle(tmp_path, make_geotiff, 2048, 16)
     model = tmp_path / "m.pt"
     invoke(
         "train",
