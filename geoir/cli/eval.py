@@ -18,7 +18,7 @@ from geoir.cli.options import (
     verbosity_options,
     weights_options,
 )
-from geoir.io.files import atomic_write_text, check_writable_target
+from geoir.io.files import atomic_write_text, check_writable_folder
 
 log = logging.getLogger("geoir")
 
@@ -32,7 +32,7 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
             f"{splits_dir} already holds {shown}; pass --overwrite to replace them, or another --splits-dir"
         )
     # The folder is made only when the split files are written, at the end.
-    check_writable_target(splits_dir / "x", "split files under")
+    check_writable_folder(splits_dir, "split files under")
 
 
 @click.command(name="eval", short_help="Evaluate a model on a labelled data set (mAP, P@k, ANMRR).")

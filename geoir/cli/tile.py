@@ -139,7 +139,7 @@ def tile(
       $ geoir tile scene.tif --index tta-index --tta --device cuda
     """
     from geoir.index.bundle import Bundle, discard_if_unused
-    from geoir.io.files import check_writable_target
+    from geoir.io.files import check_writable_folder
     from geoir.tiling.grid import TilingParams
     from geoir.tiling.run import prepare_scenes, tile_scenes
     from geoir.tiling.tiler import TileSource, check_grid
@@ -182,7 +182,7 @@ def tile(
         check_grid(scene, params)  # before a model is loaded or a tile listed
     if export_chips is not None:
         # Checked now, made once every check has passed (a refused run leaves no chips folder behind).
-        check_writable_target(Path(export_chips) / "chip.tif", "the chips directory")
+        check_writable_folder(export_chips, "the chips directory")
     existing = Bundle.open(index) if (index / "manifest.json").exists() else None
     if existing is None:
         Bundle.check_new_location(index)

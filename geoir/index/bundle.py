@@ -47,7 +47,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
 from geoir.errors import BundleError, GeoirError, ModelError
-from geoir.io.files import atomic_write_text, ensure_writable_dir
+from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir
 from geoir.io.scene import Scene
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
 
@@ -275,13 +275,7 @@ class Bundle:
             return
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise BundleError(f"{p} exists and is not a geoir bundle; pass an empty or new --index directory")
-        parent = p
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise BundleError(
-                f"cannot write the index directory {p} ({parent} is not a writable directory); pick a writable --index"
-            )
+        check_writable_folder(p, "the index directory", BundleError)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -65,21 +65,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def check_writable_target(path: Path, what: str, error: type[GeoirError] = GeoirError) -> None:
-    """Check that ``path`` could be written, creating nothing (the writer creates missing folders).
+    """Check that the file ``path`` could be written, creating nothing (the writer creates missing folders).
 
     Raises:
-        error: The nearest existing folder above ``path`` is a file or cannot be written; the message
-            names ``what`` and the path.
+        error: See :func:`check_writable_folder` (for ``path``'s folder).
     """
-    parent = Path(os.path.abspath(path)).parent
-    d = parent
+    check_writable_folder(Path(os.path.abspath(path)).parent, what, error)
+
+
+def check_writable_folder(folder: Path, what: str, error: type[GeoirError] = GeoirError) -> None:
+    """Check that files could be written in ``folder``, creating nothing (it may not exist yet).
+
+    Raises:
+        error: The nearest existing folder at or above ``folder`` is a file or cannot be written; the
+            message names ``what`` and the folder.
+    """
+    folder = Path(os.path.abspath(folder))
+    d = folder
     while not d.exists() and d != d.parent:
         d = d.parent
     if not d.is_dir():
-        raise error(f"cannot write {what} {parent} ({d} is not a folder); pick a writable directory")
+        raise error(f"cannot write {what} {folder} ({d} is not a folder); pick a writable directory")
     if not os.access(d, os.W_OK | os.X_OK):
         reason = "read-only file system" if _read_only_fs(d) else "permission denied"
-        raise error(f"cannot write {what} {parent} ({reason} at {d}); pick a writable directory")
+        raise error(f"cannot write {what} {folder} ({reason} at {d}); pick a writable directory")
 
 
 def _read_only_fs(d: Path) -> bool:

@@ -167,9 +167,14 @@ class Searcher:
         if len(candidates) <= 1 or scene.dtype == "uint8":
             return candidates[0] if candidates else None
 
+        own: dict[tuple[int, ...], Scaling] = {}  # the query's statistics, once per band choice
+
         def mismatch(rec: dict) -> float:  # type: ignore[type-arg]
             theirs = Scaling.from_dict(rec["scaling"])
-            ours = open_scene(scene.path, bands=tuple(rec["bands"])).scaling
+            bands = tuple(rec["bands"])
+            if bands not in own:
+                own[bands] = open_scene(scene.path, bands=bands).scaling
+            ours = own[bands]
             if theirs.low is None or ours.low is None or theirs.high is None or ours.high is None:
                 return math.inf
             lo, hi, qlo, qhi = (np.asarray(v, dtype=np.float64) for v in (theirs.low, theirs.high, ours.low, ours.high))
