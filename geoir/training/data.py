@@ -12,7 +12,6 @@ Two kinds of data set:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from geoir.errors import DatasetError
+from geoir.io.files import atomic_target
 from geoir.training.progress import Progress
 
 log = logging.getLogger("geoir")
@@ -182,15 +182,11 @@ def _view_features(
     label = "features" if n_views == 1 else f"features, view {view + 1}/{n_views}"
     feats = _encode_paths(paths, backbone, batch_size, workers, progress, view, label)
     if use_cache:
-        tmp = cached.with_name(f".{cached.stem}.tmp.npz")
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, features=feats)
-            os.replace(tmp, cached)
+            with atomic_target(cached) as tmp:
+                np.savez(tmp, features=feats)
         except OSError as exc:
             # The features are computed: a cache that cannot be written costs the next run, not this one.
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             log.warning("cannot write the feature cache %s (%s); set XDG_CACHE_HOME to a writable folder", cached, exc)
     return feats
 
