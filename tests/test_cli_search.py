@@ -59,6 +59,16 @@ def test_tile_encodes_and_indexes(bundle2: Path) -> None:
     assert sorted(index.ids().tolist()) == sorted(tiles.tile_id.tolist())
 
 
+def test_verbose_tile_names_the_model_and_the_encode_rate(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    scene = make_geotiff(shape=(3, 300, 300))
+    r = CliRunner().invoke(cli, ["tile", "-v", str(scene), "--index", str(tmp_path / "i"), *TILE_MODEL])
+    assert r.exit_code == 0, r.output
+    for said in ("model backbone (", "backbone test_efficientnet, 256-d embedding, no code", "on cpu"):
+        assert said in r.output, (said, r.output)
+    assert re.search(r"4 tiles read and encoded in [\d.]+ s \([\d.]+ tiles/s; batch size 64, reader processes 0\)",
+                     r.output), r.output  # fmt: skip
+
+
 def test_tile_search_returns_itself_first(bundle2: Path, tmp_path: Path) -> None:
     tiles = Bundle.open(bundle2).tiles()
     tid = int(tiles.tile_id[3])

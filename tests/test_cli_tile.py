@@ -314,6 +314,11 @@ def test_quiet_and_verbose_after_the_command_name(make_geotiff: MakeGeoTiff, tmp
         assert (text.strip() == "") == quiet, (args, text)
     verbose = output("tile", "-v", str(scene), "--index", str(tmp_path / "c"), "--no-encode")
     assert summary in verbose
+    # -v says how the scene was read and cut, and how long it took; the default run does not.
+    details = ("EPSG:32618, 300 x 300 px of uint8", "grid 300 x 300 px (native), 4 tiles of 256 px every 256 px",
+               "4 tiles read in")  # fmt: skip
+    for line in details:
+        assert line in verbose and line not in loud, (line, verbose)
 
 
 @needs_qgis

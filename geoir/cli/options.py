@@ -305,9 +305,21 @@ def resolve_model(
     averaging (``tta``) follows the bundle unless given."""
     from geoir.encoding.model import model_for_bundle
 
-    return model_for_bundle(
+    loaded = model_for_bundle(
         bundle_model, model, backbone=backbone, weights=weights, download=download, device=device, tta=tta
     )
+    d = loaded.describe()
+    logging.getLogger("geoir").debug(
+        "model %s (%s): backbone %s, %s-d embedding, %s, test-time averaging %s, on %s",
+        d["name"] or "(none)",
+        d["fingerprint"][:12],
+        d["backbone"],
+        d["embedding_dim"],
+        f"{d['bits']}-bit code" if d["bits"] else "no code",
+        "on" if d["backbone_tta"] else "off",
+        loaded.backbone.device,
+    )
+    return loaded
 
 
 class BBoxType(click.ParamType):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ def tile_scenes(
             _remove_earlier_versions(bundle, scene, report)
             continue
         source = TileSource(scene, params)
+        _describe(source)
         bar = progress(len(source), Path(scene.path).name) if progress else None
         chips = None
         if chips_dir is not None:
@@ -122,7 +124,19 @@ def tile_scenes(
                     valid = np.ones(batch.rgb.shape[2:], bool) if full else source.read(i).valid
                     write_chip(chips_dir, scene, source.tiles[i], batch.rgb[j], valid)
 
+        started = time.perf_counter()
         idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=chips)
+        took = time.perf_counter() - started
+        log.debug(
+            "%s: %d tiles %s in %.1f s (%.1f tiles/s; batch size %d, reader processes %d)",
+            Path(scene.path).name,
+            len(source),
+            "read and encoded" if model is not None else "read",
+            took,
+            len(source) / max(took, 1e-9),
+            batch_size,
+            workers,
+        )
         commit_scene(bundle, source, idx, fracs, enc, report)
         have.add(scene.id)
     bundle.flush_indexes()
@@ -264,6 +278,43 @@ def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def _describe(source: TileSource) -> None:
+    """With -v: how a scene is read (CRS, size, bands, scaling, mask) and the grid it is cut into."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    scene, params = source.scene, source.params
+    stretch = (
+        "none (uint8)"
+        if scene.scaling.identity
+        else ", ".join(
+            f"{lo:g}..{hi:g}" for lo, hi in zip(scene.scaling.low or (), scene.scaling.high or (), strict=True)
+        )
+    )
+    log.debug(
+        "%s: %s, %d x %d px of %s at %.3g m, bands %s, stretch %s, invalid pixels by %s, nodata %s",
+        Path(scene.path).name,
+        scene.crs.to_string(),
+        scene.width,
+        scene.height,
+        scene.dtype,
+        scene.native_gsd,
+        ",".join(map(str, scene.bands)),
+        stretch,
+        scene.mask_kind,
+        scene.nodata,
+    )
+    log.debug(
+        "%s: grid %d x %d px (%s), %d tiles of %d px every %d px",
+        Path(scene.path).name,
+        source.grid_width,
+        source.grid_height,
+        "native" if params.gsd is None else f"resampled to {params.gsd:g} m",
+        len(source),
+        params.size,
+        params.stride,
+    )
 
 
 def on_cuda(model: Model | None) -> bool:
