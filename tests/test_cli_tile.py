@@ -202,6 +202,19 @@ def test_export_chips(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     assert {int(f.stem.rsplit("_", 1)[1]) for f in files} == set(tiles.tile_id)
 
 
+def test_export_chips_refuses_names_too_long_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # "_r512_c512_" + 19 digits + ".tif" is 34 bytes: a 221-byte stem fits at most; one over is refused up front.
+    fits = make_geotiff("é" * 110 + "a.tif", shape=(3, 512, 512))
+    over = make_geotiff("é" * 110 + "ab.tif", shape=(3, 512, 512))
+    chips, index = tmp_path / "chips", tmp_path / "i"
+    r = CliRunner().invoke(cli, ["-q", "tile", str(fits), str(over), "--index", str(index), "--no-encode",
+                                 "--export-chips", str(chips)])  # fmt: skip
+    assert r.exit_code == 1 and "chip names would be up to 256 bytes" in r.output and "1 bytes shorter" in r.output
+    assert not chips.exists() and not index.exists()
+    assert run("tile", str(fits), "--index", str(index), "--export-chips", str(chips)).exit_code == 0
+    assert len(list(chips.glob("*.tif"))) == 4
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

@@ -141,7 +141,7 @@ def tile(
     from geoir.index.bundle import Bundle, discard_if_unused
     from geoir.io.files import check_writable_folder
     from geoir.tiling.grid import TilingParams
-    from geoir.tiling.run import prepare_scenes, tile_scenes
+    from geoir.tiling.run import check_chip_names, prepare_scenes, tile_scenes
     from geoir.tiling.tiler import TileSource, check_grid
 
     if overlap is not None and stride is not None:
@@ -183,6 +183,8 @@ def tile(
     if export_chips is not None:
         # Checked now, made once every check has passed (a refused run leaves no chips folder behind).
         check_writable_folder(export_chips, "the chips directory")
+        for scene in prepared:
+            check_chip_names(scene, params)
     existing = Bundle.open(index) if (index / "manifest.json").exists() else None
     if existing is None:
         Bundle.check_new_location(index)

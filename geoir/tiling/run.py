@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import rasterio
 
+from geoir.errors import TilingError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene, expand_inputs, open_scene
-from geoir.tiling.grid import Tile
+from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
 
 if TYPE_CHECKING:
@@ -248,6 +249,22 @@ def commit_scene(
 def chip_name(scene: Scene, tile: Tile) -> str:
     """File name of a chip: scene file stem, grid row/col offsets, tile id."""
     return f"{Path(scene.path).stem}_r{int(tile.window.row_off)}_c{int(tile.window.col_off)}_{tile.id}.tif"
+
+
+#: File systems' limit on a file name, in bytes (ext4, XFS, APFS, NTFS's 255 UTF-16 units hold at least this).
+NAME_MAX = 255
+
+
+def check_chip_names(scene: Scene, params: TilingParams) -> None:
+    """Refuse, before any work, a scene whose longest chip name (:func:`chip_name`) would not fit a file name."""
+    _, width, height = scene.grid(params.gsd)
+    longest = f"{Path(scene.path).stem}_r{height}_c{width}_{2**63 - 1}.tif"
+    over = len(longest.encode()) - NAME_MAX
+    if over > 0:
+        raise TilingError(
+            f"{scene.path}: its chip names would be up to {len(longest.encode())} bytes, over the {NAME_MAX}-byte "
+            f"limit on a file name; rename the scene file {over} bytes shorter, or leave out --export-chips"
+        )
 
 
 def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid: np.ndarray) -> Path:
