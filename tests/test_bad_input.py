@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -258,6 +263,33 @@ def test_atomic_target_removes_its_temp_file_and_the_folders_it_made(tmp_path: P
         tmp.write_text("{partial")
         raise RuntimeError
     assert target.read_text() == "{}" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write_of_its_target(tmp_path: Path) -> None:
+    from geoir.io.files import atomic_write_text
+
+    target = tmp_path / "hits.gpkg"
+    # A real SIGKILL in the middle of a write: its temp file stays behind.
+    killed = (
+        "import os, signal, sys\nfrom pathlib import Path\nfrom geoir.io.files import atomic_target\n"
+        "with atomic_target(Path(sys.argv[1])) as tmp:\n    tmp.write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    for _ in range(2):
+        assert subprocess.run([sys.executable, "-c", killed, str(target)]).returncode == -signal.SIGKILL
+    left = sorted(tmp_path.glob(".hits.gpkg.*.tmp.gpkg"))
+    assert len(left) == 2
+    old = time.time() - 120
+    os.utime(left[0], (old, old))
+    # Another target's, one of a running writer (this one) and the recent one (maybe a writer on another machine
+    # sharing the folder, whose pid means nothing here) are kept.
+    other = tmp_path / f".hits.gpkg.x.{os.getpid()}.0123abcd.tmp.gpkg"
+    mine = tmp_path / f".hits.gpkg.{os.getpid()}.0123abcd.tmp.gpkg"
+    for f in (other, mine):
+        f.write_text("")
+        os.utime(f, (old, old))
+    atomic_write_text(target, "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, left[1].name, other.name, mine.name])
 
 
 def test_a_failed_api_tile_never_empties_a_folder_that_is_not_a_bundle(

@@ -47,7 +47,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
 from geoir.errors import BundleError, GeoirError, ModelError
-from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir
+from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir, pid_is_running
 from geoir.io.scene import Scene
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
 
@@ -143,15 +143,7 @@ def _left_by_a_dead_process(name: str) -> bool:
     pids = [int(t) for t in name.split(".") if t.isdigit() and 0 < int(t) < 2**22]
     if not pids:
         return False
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        except OSError:  # alive, another user's
-            return False
-        return False
-    return True
+    return not any(pid_is_running(pid) for pid in pids)
 
 
 #: Bundles created (their manifest written) inside the innermost :func:`discard_if_unused` block.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +32,10 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
     tail = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}"
     # A name near the 255-byte limit leaves no room for the temp name's tail: shorten its own part.
     room = 255 - len(tail.encode()) - 1
-    tmp = path.with_name("." + path.name.encode()[:room].decode(errors="ignore") + tail)
+    stem = "." + path.name.encode()[:room].decode(errors="ignore")
+    tmp = path.with_name(stem + tail)
+    if not missing:
+        _remove_stale_temps(path.parent, stem)
     try:
         for m in reversed(missing):
             try:
@@ -49,6 +54,43 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 m.rmdir()
         raise
+
+
+#: A temp file untouched this long, whose writer's pid is not running here, is a killed run's left-over.
+STALE_AFTER_S = 60.0
+
+
+def pid_is_running(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (another user's counts; a number no pid can be, too)."""
+    if not 0 < pid < 2**22:  # Linux's largest pid_max
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path, stem: str) -> None:
+    """Remove the temp files of earlier writes of the same target (``STEM.PID.XXXXXXXX.tmp*``) left by a killed
+    process (SIGKILL, power loss): its pid no longer runs and the file has not changed for a minute. The age
+    check spares a writer on another machine sharing the folder, whose pid means nothing here."""
+    pattern = re.compile(re.escape(stem) + r"\.(\d+)\.[0-9a-f]{8}\.tmp")
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(stem)]
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m is None or pid_is_running(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            f = folder / name
+            if f.is_file() and now - f.stat().st_mtime > STALE_AFTER_S:
+                f.unlink()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
