@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
-from geoir.errors import ModelError, QueryError, TilingError
+from geoir.errors import ModelError, QueryError, SceneError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
@@ -37,6 +37,7 @@ def tile(
     batch_size: int = 64,
     workers: int = 0,
     tta: bool | None = None,
+    skip_unreadable: bool = False,
 ) -> TileReport:
     """Tile, encode and index scenes into a bundle (``geoir tile``).
 
@@ -53,6 +54,8 @@ def tile(
         tta: Encode every tile as the mean features of its 8 flips and quarter turns (``geoir tile
             --tta``); None: as the bundle was encoded (off for a new one). For a loaded ``model``, give
             it to :func:`load_model` instead.
+        skip_unreadable: Leave out, with a warning, files that cannot be read (not a raster, no CRS, damaged
+            pixels) and tile the rest; the report's ``unreadable`` lists them. Default: the first one raises.
     """
     _check_tta(model, tta)
     if tta and not encode:
@@ -64,7 +67,10 @@ def tile(
     paths = _paths(scenes)
     if not paths:
         raise TilingError("no scenes given; pass raster files, globs or folders")
-    prepared = prepare_scenes([str(s) for s in paths], bands=bands, nodata=nodata)
+    unreadable: list[tuple[str, str]] = []
+    prepared = prepare_scenes(
+        [str(s) for s in paths], bands=bands, nodata=nodata, unreadable=unreadable if skip_unreadable else None
+    )
     existing = Bundle.open(index) if (Path(index) / "manifest.json").exists() else None
     encoder = None
     if encode:
@@ -76,7 +82,13 @@ def tile(
     with discard_if_unused(index):
         bundle = Bundle.open_or_create(index, params)
         with bundle.lock():
-            report = tile_scenes(bundle, prepared, model=encoder, batch_size=batch_size, workers=workers)
+            report = tile_scenes(
+                bundle, prepared, model=encoder, batch_size=batch_size, workers=workers, skip_unreadable=skip_unreadable
+            )
+        report.unreadable[:0] = unreadable
+        if report.unreadable and not report.added_scenes and not report.skipped_scenes:
+            reasons = "; ".join(reason for _, reason in report.unreadable)
+            raise SceneError(f"none of the {len(report.unreadable)} file(s) given could be read: {reasons}")
         if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:
             # Nothing to search, and re-runs would skip the scenes: refused (and the new bundle removed).
             p = bundle.params

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from geoir.encoding.model import Encoded
-from geoir.errors import GeoirError
+from geoir.errors import GeoirError, SceneError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene
 from geoir.tiling.grid import TilingParams
-from geoir.tiling.run import ProgressFactory, TileReport, commit_scene
+from geoir.tiling.run import ProgressFactory, TileReport, commit_scene, skip_unreadable_file
 from geoir.tiling.tiler import TileSource
 
 log = logging.getLogger("geoir")
@@ -207,6 +208,7 @@ def encode_block(
     source = TileSource(Scene.from_record(record), TilingParams(**params))
     model = spec.load() if spec is not None else None
     idx, fracs, parts = [], [], []
+    failed: GeoirError | None = None
     try:
         for b0 in range(start, stop, batch_size):
             reads = [source[i] for i in range(b0, min(b0 + batch_size, stop))]
@@ -218,8 +220,14 @@ def encode_block(
                 if model is not None:
                     rgb = np.stack([r for (r, _), k in zip(reads, keep, strict=True) if k])
                     parts.append(model.encode(torch.from_numpy(rgb)))
+    except GeoirError as exc:
+        failed = exc
     finally:
         source.close()
+    if failed is not None:
+        # Sent to the client as is: its cause (a rasterio CPLE error) cannot be unpickled there, which turned
+        # a damaged file's one-line message into a generic Exception with its repr.
+        raise type(failed)(str(failed))
     out = {
         "indexes": np.concatenate(idx) if idx else np.empty(0, np.int64),
         "fracs": np.concatenate(fracs) if fracs else np.empty(0),
@@ -247,6 +255,7 @@ def tile_scenes_distributed(
     block_tiles: int = BLOCK_TILES,
     retries: int = 3,
     batch_size: int = 64,
+    skip_unreadable: bool = False,
 ) -> TileReport:
     """Like :func:`geoir.tiling.run.tile_scenes`, with blocks of tiles encoded on a Dask cluster.
 
@@ -269,6 +278,7 @@ def tile_scenes_distributed(
             todo.append((scene, TileSource(scene, params)))
             have.add(scene.id)
     futures = {}
+    run = uuid.uuid4().hex[:8]
     for k, (scene, source) in enumerate(todo):
         record = scene.to_record()
         for start in range(0, len(source), block_tiles):
@@ -283,17 +293,38 @@ def tile_scenes_distributed(
                 batch_size,
                 retries=retries,
                 pure=False,
-                key=f"geoir-{scene.id}-{start}-{stop}",
+                # Unique per run: a run just after a failed one on the same scheduler must not get its
+                # cancelled futures back (Dask reuses a key still known to the scheduler).
+                key=f"geoir-{scene.id}-{start}-{stop}-{run}",
             )
             futures[f] = (k, start, stop)
     total = sum(len(src) for _, src in todo)
     bar = progress(total, f"{len(todo)} scene(s) on the cluster") if progress and todo else None
     done: dict[int, list[tuple[int, dict[str, np.ndarray]]]] = {k: [] for k in range(len(todo))}
     blocks_left = {k: -(-len(src) // block_tiles) for k, (_, src) in enumerate(todo)}
+    failed: set[int] = set()
+    read = dict.fromkeys(range(len(todo)), 0)
     try:
         for fut in as_completed(futures):
             k, start, stop = futures[fut]
-            done[k].append((start, fut.result()))
+            if k in failed:
+                continue
+            try:
+                done[k].append((start, fut.result()))
+            except SceneError as exc:
+                if not skip_unreadable:
+                    raise
+                # A damaged file: leave the scene out, and drop its other blocks.
+                failed.add(k)
+                done.pop(k, None)
+                for other, (j, _, _) in futures.items():
+                    if j == k and other is not fut:
+                        other.cancel()
+                skip_unreadable_file(report.unreadable, todo[k][0].path, exc)
+                if bar is not None:
+                    bar.update(len(todo[k][1]) - read[k])  # the rest of the scene's tiles count as done
+                continue
+            read[k] += stop - start
             if bar is not None:
                 bar.update(stop - start)
             blocks_left[k] -= 1

@@ -94,6 +94,17 @@ def make_geotiff(tmp_path: Path) -> MakeGeoTiff:
     return make
 
 
+def truncated(make_geotiff: MakeGeoTiff, tmp_path: Path, name: str = "cut.tif") -> Path:
+    """A GeoTIFF whose header is whole but whose pixel data stop half-way (an interrupted copy): its first
+    256-px row of tiles reads, the second does not."""
+    full = make_geotiff(f"full-{name}", shape=(3, 512, 512), tiled=False)
+    data = full.read_bytes()
+    full.unlink()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) * 7 // 10])
+    return cut
+
+
 def qgis_available() -> bool:
     if not Path(QGIS_PYTHON).exists():
         return False

@@ -20,7 +20,7 @@ from geoir.cli import cli
 from geoir.errors import BundleError, GeoirError, SceneError, user_message
 from geoir.index.bundle import Bundle, discard_if_unused
 from geoir.io.scene import open_scene
-from tests.conftest import MakeGeoTiff
+from tests.conftest import MakeGeoTiff, truncated
 
 BACKBONE = ["--model", "backbone", "--backbone", "test", "--device", "cpu"]
 
@@ -38,15 +38,6 @@ def assert_clean_error(r: Result, code: int, *needles: str) -> None:
         assert needle in r.output, r.output
 
 
-def truncated(make_geotiff: MakeGeoTiff, tmp_path: Path) -> Path:
-    """A GeoTIFF whose header is whole but whose pixel data stop half-way (an interrupted copy)."""
-    full = make_geotiff(shape=(3, 512, 512), tiled=False)
-    data = full.read_bytes()
-    cut = tmp_path / "cut.tif"
-    cut.write_bytes(data[: len(data) // 2])
-    return cut
-
-
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_truncated_scene_fails_cleanly_and_leaves_no_bundle(
     make_geotiff: MakeGeoTiff, tmp_path: Path, workers: str
@@ -58,6 +49,51 @@ def test_truncated_scene_fails_cleanly_and_leaves_no_bundle(
     assert_clean_error(r, 1, str(cut), "truncated or damaged")
     assert "DataLoader" not in r.output
     assert not index.exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_skip_unreadable_leaves_bad_files_out_and_tiles_the_rest(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, workers: str
+) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    good = make_geotiff("archive/a_good.tif", shape=(3, 512, 512))
+    cut = truncated(make_geotiff, archive, "b_cut.tif")  # fails on its second row of tiles, chips of its first made
+    (archive / "c_notes.tif").write_text("not a raster")
+    index, chips = tmp_path / "idx", tmp_path / "chips"
+    args = ["tile", str(archive), "--index", str(index), "--workers", workers, "--batch-size", "1", *BACKBONE]
+    # Without the flag the first unreadable file stops the run before any work.
+    assert_clean_error(geoir(*args, "--export-chips", str(chips)), 1, "c_notes.tif is not a raster")
+    assert not index.exists() and not chips.exists()
+    r = CliRunner().invoke(cli, [*args, "--export-chips", str(chips), "--skip-unreadable"])
+    assert r.exit_code == 0, r.output
+    assert "skipped: " in r.output and f"{cut}: the pixels at" in r.output and "c_notes.tif is not a raster" in r.output
+    assert "1 scene(s) added" in r.output and "2 unreadable file(s) left out: c_notes.tif, b_cut.tif" in r.output
+    bundle = Bundle.open(index)
+    assert [s["path"] for s in bundle.scene_records()] == [str(good)]
+    assert len(bundle.tiles()) == 4 and len(bundle.vectors()["ids"]) == 4
+    assert sorted(p.name[:6] for p in chips.iterdir()) == ["a_good"] * 4  # none of b_cut's first row is left
+
+
+def test_skip_unreadable_with_nothing_readable_fails_and_leaves_nothing(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    import geoir as api
+
+    cut = truncated(make_geotiff, tmp_path)
+    notes = tmp_path / "notes.tif"
+    notes.write_text("not a raster")
+    index, chips = tmp_path / "idx", tmp_path / "out" / "chips"
+    for files in ([notes], [cut, notes]):
+        r = geoir("tile", *map(str, files), "--index", str(index), "--skip-unreadable", "--workers", "0",
+                  "--batch-size", "1", "--export-chips", str(chips), *BACKBONE)  # fmt: skip
+        assert_clean_error(r, 1, f"none of the {len(files)} file(s) given could be read")
+        assert not index.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(SceneError, match="none of the 2 file"):
+        api.tile([cut, notes], index=index, model=api.load_model("backbone", backbone="test"), skip_unreadable=True)
+    assert not index.exists()
+    report = api.tile([cut, notes, make_geotiff()], index=index, encode=False, skip_unreadable=True)
+    assert [Path(p).name for p, _ in report.unreadable] == ["notes.tif", "cut.tif"] and len(report.added_scenes) == 1
 
 
 def test_failed_run_empties_a_given_empty_directory_and_keeps_it(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

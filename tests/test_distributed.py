@@ -24,11 +24,12 @@ from geoir.distributed import (
     worker_device,
 )
 from geoir.encoding.model import load_model
+from geoir.errors import SceneError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import open_scene
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.run import tile_scenes
-from tests.conftest import MakeGeoTiff
+from tests.conftest import MakeGeoTiff, truncated
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,32 @@ def test_worker_killed_mid_run(client, scenes, tmp_path: Path) -> None:  # type:
     assert sorted(bundle.indexes()["float"].ids().tolist()) == sorted(single.tiles().tile_id.tolist())
     # The worker died while most blocks were still to do, and the client saw every block come back.
     assert state["done"] == 64 + 36
+
+
+def test_a_damaged_scene_stops_the_run_or_is_left_out(client, make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = load_model("backbone", backbone="test")
+    scenes = [open_scene(truncated(make_geotiff, tmp_path)), open_scene(make_geotiff("good.tif", shape=(3, 512, 512)))]
+    bundle = Bundle.open_or_create(tmp_path / "stop", TilingParams(size=128, stride=128))
+    with bundle.lock(), pytest.raises(SceneError, match="truncated or damaged"):
+        tile_scenes_distributed(bundle, scenes, client, model=model, spec=spec_for(model), block_tiles=4)
+    bundle = Bundle.open_or_create(tmp_path / "skip", TilingParams(size=128, stride=128))
+    done = []
+
+    class Count:
+        def update(self, n: int) -> None:
+            done.append(n)
+
+        def close(self) -> None:
+            pass
+
+    with bundle.lock():
+        report = tile_scenes_distributed(bundle, scenes, client, model=model, spec=spec_for(model), block_tiles=4,
+                                         progress=lambda total, label: Count(), skip_unreadable=True)  # fmt: skip
+    assert [p for p, _ in report.unreadable] == [scenes[0].path] and "truncated or damaged" in report.unreadable[0][1]
+    bundle = Bundle.open(tmp_path / "skip")
+    assert [r["path"] for r in bundle.scene_records()] == [scenes[1].path] and len(bundle.tiles()) == 16
+    assert sorted(bundle.indexes()["float"].ids().tolist()) == sorted(bundle.tiles().tile_id.tolist())
+    assert sum(done) == 32  # the bar reaches its end: the damaged scene's blocks count as done
 
 
 def test_spec_checks_fingerprint() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import re
@@ -68,6 +69,12 @@ from geoir.errors import GeoirError
 @model_options
 @batch_options
 @click.option("--no-encode", is_flag=True, help="Only cut and catalog tiles; `geoir encode` can encode them later.")
+@click.option(
+    "--skip-unreadable",
+    is_flag=True,
+    help="Leave out, with a warning, files that cannot be read (not a raster, no CRS, damaged pixels, bands "
+    "out of range) and tile the rest, exiting 0; without it the first such file stops the run.",
+)
 @tta_option(
     "Encode every tile as the mean features of its 8 flips and quarter turns: better search by kind of "
     "place, worse for the same place at another date (docs/results.md), 8 backbone passes per tile. "
@@ -117,6 +124,7 @@ def tile(
     batch_size: int,
     workers: int | None,
     no_encode: bool,
+    skip_unreadable: bool,
     tta: bool,
     index_kinds: tuple[str, ...],
     scheduler: str | None,
@@ -137,9 +145,10 @@ def tile(
       $ geoir tile s2.tif --bands 1,2,3 --gsd 10 --export-chips chips/
       $ geoir tile big/*.tif --index-kind BHNSW32 --device cuda --batch-size 256
       $ geoir tile scene.tif --index tta-index --tta --device cuda
+      $ geoir tile archive/ --skip-unreadable
     """
     from geoir.index.bundle import Bundle, discard_if_unused
-    from geoir.io.files import check_writable_folder
+    from geoir.io.files import check_writable_folder, made_folder
     from geoir.tiling.grid import TilingParams
     from geoir.tiling.run import check_chip_names, prepare_scenes, tile_scenes
     from geoir.tiling.tiler import TileSource, check_grid
@@ -177,7 +186,19 @@ def tile(
         max_nodata=max_nodata if max_nodata is not None else base.max_nodata,
     )
     # Chips written into a folder being tiled are not scenes for the next run.
-    prepared = prepare_scenes(scenes, bands=bands, nodata=nodata, exclude=[export_chips] if export_chips else [])
+    unreadable: list[tuple[str, str]] = []
+    prepared = prepare_scenes(
+        scenes,
+        bands=bands,
+        nodata=nodata,
+        exclude=[export_chips] if export_chips else [],
+        unreadable=unreadable if skip_unreadable else None,
+    )
+    if not prepared:
+        raise click.ClickException(
+            f"none of the {len(unreadable)} file(s) given could be read (the warnings above say why); "
+            "fix or replace them"
+        )
     for scene in prepared:
         check_grid(scene, params)  # before a model is loaded or a tile listed
     if export_chips is not None:
@@ -207,8 +228,11 @@ def tile(
             first = next((s for s in prepared if s.id not in have), None)
             trains_on = (first, len(TileSource(first, params))) if first is not None else None
         check_index_kinds(kinds, encoder, trains_on)
-    with discard_if_unused(index):
+    with discard_if_unused(index), contextlib.ExitStack() as stack:
         bundle = Bundle.open_or_create(index, params)
+        if export_chips is not None:
+            # Made after the bundle (it may go inside it); removed again if the run fails before its first chip.
+            stack.enter_context(made_folder(export_chips))
         if kinds and bundle.model is None:
             bundle.manifest["index"] = {**bundle.manifest.get("index", {}), **kinds}
         elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
@@ -232,10 +256,9 @@ def tile(
                     spec=spec,
                     progress=tqdm_progress(progress_enabled(ctx)),
                     batch_size=batch_size,
+                    skip_unreadable=skip_unreadable,
                 )
         else:
-            if export_chips is not None:
-                Path(export_chips).mkdir(parents=True, exist_ok=True)
             with bundle.lock():
                 report = tile_scenes(
                     bundle,
@@ -245,7 +268,14 @@ def tile(
                     progress=tqdm_progress(progress_enabled(ctx)),
                     batch_size=batch_size,
                     workers=default_workers() if workers is None else workers,
+                    skip_unreadable=skip_unreadable,
                 )
+        report.unreadable[:0] = unreadable
+        if report.unreadable and not report.added_scenes and not report.skipped_scenes:
+            raise click.ClickException(
+                f"none of the {len(report.unreadable)} file(s) given could be read (the warnings above say why); "
+                "fix or replace them"
+            )
         if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:
             # Nothing to search: refuse rather than leave an empty bundle that re-runs would skip over.
             raise click.ClickException(
@@ -254,13 +284,17 @@ def tile(
                 "or the scene mostly nodata? Use a smaller --size or a larger --max-nodata"
             )
         logging.getLogger("geoir").info(
-            "%s: %d scene(s) added%s, %d already indexed, %d tiles added; %d tiles in total",
+            "%s: %d scene(s) added%s, %d already indexed, %d tiles added; %d tiles in total%s",
             index,
             len(report.added_scenes),
             f" ({len(report.replaced_scenes)} replacing a changed file)" if report.replaced_scenes else "",
             len(report.skipped_scenes),
             report.tiles_added,
             bundle.manifest["counts"]["tiles"],
+            f"; {len(report.unreadable)} unreadable file(s) left out: "
+            + ", ".join(Path(p).name for p, _ in report.unreadable)
+            if report.unreadable
+            else "",
         )
 
 

@@ -23,19 +23,36 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
     folder created here are removed again, so a failed write leaves nothing behind. The file is 0644.
     """
     path = Path(path)
-    created: list[Path] = []
-    missing = []
-    d = path.parent
-    while not d.exists() and d != d.parent:
-        missing.append(d)
-        d = d.parent
     tail = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}"
     # A name near the 255-byte limit leaves no room for the temp name's tail: shorten its own part.
     room = 255 - len(tail.encode()) - 1
     stem = "." + path.name.encode()[:room].decode(errors="ignore")
     tmp = path.with_name(stem + tail)
-    if not missing:
+    if path.parent.is_dir():
         _remove_stale_temps(path.parent, stem)
+    with made_folder(path.parent):
+        try:
+            yield tmp
+            if tmp.is_file():
+                os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def made_folder(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` and the folders missing above it; if the block fails (or is interrupted), remove
+    again those created here that are still empty."""
+    folder = Path(folder)
+    missing = []
+    d = folder
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    created: list[Path] = []
     try:
         for m in reversed(missing):
             try:
@@ -43,13 +60,8 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
                 created.append(m)
             except FileExistsError:
                 pass
-        yield tmp
-        if tmp.is_file():
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        yield folder
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         for m in reversed(created):
             with contextlib.suppress(OSError):
                 m.rmdir()

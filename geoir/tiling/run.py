@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import rasterio
 
-from geoir.errors import TilingError
+from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene, expand_inputs, open_scene
 from geoir.tiling.grid import Tile, TilingParams
@@ -49,6 +49,8 @@ class TileReport:
     replaced_scenes: list[str] = field(default_factory=list)
     tiles_added: int = 0
     tiles_skipped_nodata: int = 0
+    #: Files left out as unreadable (``skip_unreadable``): their paths and why.
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def prepare_scenes(
@@ -56,10 +58,31 @@ def prepare_scenes(
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
     exclude: Sequence[str | os.PathLike[str]] = (),
+    unreadable: list[tuple[str, str]] | None = None,
 ) -> list[Scene]:
     """Expand (leaving out the folders in ``exclude``) and open every input before anything is written, so
-    bad input changes nothing."""
-    return [open_scene(p, bands=bands, nodata=nodata) for p in expand_inputs(inputs, exclude)]
+    bad input changes nothing.
+
+    Args:
+        unreadable: When given, a file that cannot be opened as a scene (not a raster, no CRS, bands out of
+            range...) is left out with a warning and listed here as (path, reason), instead of stopping.
+    """
+    scenes = []
+    for p in expand_inputs(inputs, exclude):
+        try:
+            scenes.append(open_scene(p, bands=bands, nodata=nodata))
+        except SceneError as exc:
+            if unreadable is None:
+                raise
+            skip_unreadable_file(unreadable, str(p), exc)
+    return scenes
+
+
+def skip_unreadable_file(unreadable: list[tuple[str, str]], path: str, exc: BaseException) -> None:
+    """Record and warn about a file left out as unreadable."""
+    reason = user_message(exc)
+    unreadable.append((path, reason))
+    log.warning("skipped: %s", reason)
 
 
 def tile_scenes(
@@ -70,6 +93,7 @@ def tile_scenes(
     progress: ProgressFactory | None = None,
     batch_size: int = 64,
     workers: int = 0,
+    skip_unreadable: bool = False,
 ) -> TileReport:
     """Tile scenes into ``bundle`` (which the caller has locked), encoding them when a model is given.
 
@@ -86,6 +110,9 @@ def tile_scenes(
         progress: Makes a progress bar for each scene (none when None).
         batch_size: Tiles per batch.
         workers: Reader processes feeding the model (0: read in this process).
+        skip_unreadable: A scene whose pixels cannot be read (a damaged file) is left out with a warning,
+            its chips removed, and listed in the report's ``unreadable``; without it, the run stops there
+            (keeping the scenes committed before it).
     """
     report = TileReport()
     removed = bundle.reconcile()
@@ -115,18 +142,33 @@ def tile_scenes(
         _describe(source)
         bar = progress(len(source), Path(scene.path).name) if progress else None
         chips = None
+        written: list[Path] = []
         if chips_dir is not None:
 
-            def chips(batch: Batch, keep: np.ndarray, scene: Scene = scene, source: TileSource = source) -> None:
+            def chips(
+                batch: Batch,
+                keep: np.ndarray,
+                scene: Scene = scene,
+                source: TileSource = source,
+                written: list = written,
+            ) -> None:
                 for j in np.flatnonzero(keep):
                     i = int(batch.indexes[j])
                     # Batches carry no masks; the few partly valid tiles are re-read for theirs.
                     full = batch.nodata_fraction[j] == 0
                     valid = np.ones(batch.rgb.shape[2:], bool) if full else source.read(i).valid
-                    write_chip(chips_dir, scene, source.tiles[i], batch.rgb[j], valid)
+                    written.append(write_chip(chips_dir, scene, source.tiles[i], batch.rgb[j], valid))
 
         started = time.perf_counter()
-        idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=chips)
+        try:
+            idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=chips)
+        except SceneError as exc:
+            if not skip_unreadable:
+                raise
+            for chip in written:  # a scene left out leaves no chips either
+                chip.unlink(missing_ok=True)
+            skip_unreadable_file(report.unreadable, scene.path, exc)
+            continue
         took = time.perf_counter() - started
         log.debug(
             "%s: %d tiles %s in %.1f s (%.1f tiles/s; batch size %d, reader processes %d)",
