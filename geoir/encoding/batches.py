@@ -79,10 +79,11 @@ def iter_batches(
 
     # The parent must not hold an open GDAL handle that forked workers would share.
     source.close()
+    threads = torch.get_num_threads()
     if pin_memory:
         # Feeding a GPU, this process needs few CPU threads; idle OpenMP threads spin-wait and would
-        # take cores from the reader processes.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        # take cores from the reader processes. Restored below: the caller's process keeps its own.
+        torch.set_num_threads(max(1, min(threads, 2)))
     # _Indexed is a map-style data set (__len__/__getitem__), which DataLoader takes as is.
     loader: DataLoader = DataLoader(
         _Indexed(source),  # type: ignore[arg-type]
@@ -94,5 +95,8 @@ def iter_batches(
         persistent_workers=False,
         pin_memory=pin_memory,
     )
-    for indexes, rgb, frac in loader:
-        yield Batch(indexes, rgb.numpy(), frac)
+    try:
+        for indexes, rgb, frac in loader:
+            yield Batch(indexes, rgb.numpy(), frac)
+    finally:
+        torch.set_num_threads(threads)
