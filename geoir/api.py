@@ -86,7 +86,7 @@ def tile(
                 bundle, prepared, model=encoder, batch_size=batch_size, workers=workers, skip_unreadable=skip_unreadable
             )
         report.unreadable[:0] = unreadable
-        if report.unreadable and not report.added_scenes and not report.skipped_scenes:
+        if report.unreadable and not (report.added_scenes or report.skipped_scenes or report.encoded_scenes):
             reasons = "; ".join(reason for _, reason in report.unreadable)
             raise SceneError(f"none of the {len(report.unreadable)} file(s) given could be read: {reasons}")
         if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:

@@ -268,11 +268,18 @@ def tile_scenes_distributed(
     if model is not None:
         bundle.bind_model(model.describe())
     have = bundle.scene_ids()
+    encoded = set(bundle.encoded_scene_ids())
     params = bundle.params
     todo = []
     for scene in scenes:
         if scene.id in have:
             log.info("%s is already in %s; skipped", scene.path, bundle.path)
+            if model is not None and scene.id not in encoded:
+                log.warning(
+                    "%s was catalogued without vectors; `geoir encode --index %s` encodes it (on this machine)",
+                    scene.path,
+                    bundle.path,
+                )
             report.skipped_scenes.append(scene.id)
         else:
             todo.append((scene, TileSource(scene, params)))

@@ -665,6 +665,30 @@ def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) 
     assert len(bundle.indexes()["float"]) == 13 == bundle.n_tiles()
 
 
+def test_tile_with_a_model_encodes_what_a_no_encode_run_catalogued(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    import geoir as api
+
+    a, b = make_geotiff("a.tif", seed=1), make_geotiff("b.tif", seed=2)
+    index = tmp_path / "idx"
+    invoke("tile", str(a), str(b), "--index", str(index), "--no-encode")
+    # The same command with a model encodes the catalogued scene it names (it said "skipped" and did nothing).
+    r = CliRunner().invoke(cli, ["tile", str(a), "--index", str(index), *TILE_MODEL])
+    assert r.exit_code == 0, r.output
+    assert "a.tif: 4 tiles encoded" in r.output and "1 catalogued earlier encoded, 0 already indexed" in r.output
+    bundle = Bundle.open(index)
+    a_id = next(r["id"] for r in bundle.scene_records() if r["path"] == str(a))
+    assert bundle.encoded_scene_ids() == [a_id] and len(bundle.indexes()["float"]) == 4
+    # Its vectors are those of a run that encoded from the start.
+    invoke("tile", str(a), "--index", str(tmp_path / "direct"), *TILE_MODEL)
+    direct = Bundle.open(tmp_path / "direct").vectors()
+    got = bundle.vectors()
+    assert got["ids"].tolist() == direct["ids"].tolist() and np.abs(got["embedding"] - direct["embedding"]).max() < 1e-5
+    # So does the Python API; a second run has nothing left to encode.
+    report = api.tile([a, b], index=index, model=api.load_model("backbone", backbone="test"))
+    assert len(report.encoded_scenes) == 1 and len(report.skipped_scenes) == 1
+    assert len(Bundle.open(index).indexes()["float"]) == 8 and Bundle.open(index).n_tiles() == 8
+
+
 def test_info_takes_the_bundle_as_its_argument(bundle2: Path, tmp_path: Path) -> None:
     by_option = invoke("info", "--index", str(bundle2), "--json").output
     assert invoke("info", str(bundle2), "--json").output == by_option

@@ -68,7 +68,11 @@ from geoir.errors import GeoirError
 )
 @model_options
 @batch_options
-@click.option("--no-encode", is_flag=True, help="Only cut and catalog tiles; `geoir encode` can encode them later.")
+@click.option(
+    "--no-encode",
+    is_flag=True,
+    help="Only cut and catalog tiles; `geoir encode`, or `geoir tile` on the same scenes, encodes them later.",
+)
 @click.option(
     "--skip-unreadable",
     is_flag=True,
@@ -271,7 +275,7 @@ def tile(
                     skip_unreadable=skip_unreadable,
                 )
         report.unreadable[:0] = unreadable
-        if report.unreadable and not report.added_scenes and not report.skipped_scenes:
+        if report.unreadable and not (report.added_scenes or report.skipped_scenes or report.encoded_scenes):
             raise click.ClickException(
                 f"none of the {len(report.unreadable)} file(s) given could be read (the warnings above say why); "
                 "fix or replace them"
@@ -284,10 +288,11 @@ def tile(
                 "or the scene mostly nodata? Use a smaller --size or a larger --max-nodata"
             )
         logging.getLogger("geoir").info(
-            "%s: %d scene(s) added%s, %d already indexed, %d tiles added; %d tiles in total%s",
+            "%s: %d scene(s) added%s, %s%d already indexed, %d tiles added; %d tiles in total%s",
             index,
             len(report.added_scenes),
             f" ({len(report.replaced_scenes)} replacing a changed file)" if report.replaced_scenes else "",
+            f"{len(report.encoded_scenes)} catalogued earlier encoded, " if report.encoded_scenes else "",
             len(report.skipped_scenes),
             report.tiles_added,
             bundle.manifest["counts"]["tiles"],

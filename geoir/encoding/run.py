@@ -26,28 +26,40 @@ def encode_bundle(
     done = set(bundle.encoded_scene_ids())
     total = 0
     for rec in bundle.scene_records():
-        if rec["id"] in done:
-            continue
-        scene = Scene.from_record(rec)
-        if Path(scene.path).exists() and content_fingerprint(scene.path) != scene.fingerprint:
-            # Its tiles' footprints and ids are those of the file as it was: other pixels must not fill them.
-            raise SceneError(
-                f"{scene.path} changed since it was tiled into {bundle.path} (scene {scene.id}); run "
-                f"`geoir tile {scene.path} --index {bundle.path}` to index it again (its old tiles are replaced)"
-            )
-        source = TileSource(scene, bundle.params)
-        tiles = bundle.tiles(scene_id=scene.id)
-        wanted = {int(t) for t in tiles.tile_id}
-        # Only the tiles the catalog kept are encoded; the grid is rebuilt from the stored scene record.
-        keep = np.array([t.id in wanted for t in source.tiles])
-        bar = progress(len(source), Path(scene.path).name) if progress else None
-        idx, _, enc = read_and_encode(source, model, batch_size, workers, bar, select=keep)
-        if enc is None or not len(idx):
-            continue
-        all_ids = np.array([source.tiles[i].id for i in idx], np.int64)
-        bundle.write_vectors(scene.id, all_ids, enc.features, enc.embedding, enc.codes)
-        bundle.add_to_indexes(all_ids, enc.embedding, enc.codes)
-        total += len(all_ids)
-        log.info("%s: %d tiles encoded", Path(scene.path).name, len(all_ids))
+        if rec["id"] not in done:
+            total += encode_catalogued_scene(bundle, rec, model, batch_size, workers, progress)
     bundle.flush_indexes()
     return total
+
+
+def encode_catalogued_scene(
+    bundle: Bundle,
+    rec: dict,  # type: ignore[type-arg]
+    model: Model,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: ProgressFactory | None = None,
+) -> int:
+    """Encode the catalogued tiles of one committed scene without vectors (``rec``, its catalog record) into
+    the in-memory indexes (the caller flushes them); returns the number of tiles encoded."""
+    scene = Scene.from_record(rec)
+    if Path(scene.path).exists() and content_fingerprint(scene.path) != scene.fingerprint:
+        # Its tiles' footprints and ids are those of the file as it was: other pixels must not fill them.
+        raise SceneError(
+            f"{scene.path} changed since it was tiled into {bundle.path} (scene {scene.id}); run "
+            f"`geoir tile {scene.path} --index {bundle.path}` to index it again (its old tiles are replaced)"
+        )
+    source = TileSource(scene, bundle.params)
+    tiles = bundle.tiles(scene_id=scene.id)
+    wanted = {int(t) for t in tiles.tile_id}
+    # Only the tiles the catalog kept are encoded; the grid is rebuilt from the stored scene record.
+    keep = np.array([t.id in wanted for t in source.tiles])
+    bar = progress(len(source), Path(scene.path).name) if progress else None
+    idx, _, enc = read_and_encode(source, model, batch_size, workers, bar, select=keep)
+    if enc is None or not len(idx):
+        return 0
+    all_ids = np.array([source.tiles[i].id for i in idx], np.int64)
+    bundle.write_vectors(scene.id, all_ids, enc.features, enc.embedding, enc.codes)
+    bundle.add_to_indexes(all_ids, enc.embedding, enc.codes)
+    log.info("%s: %d tiles encoded", Path(scene.path).name, len(all_ids))
+    return len(all_ids)

@@ -49,6 +49,8 @@ class TileReport:
     replaced_scenes: list[str] = field(default_factory=list)
     tiles_added: int = 0
     tiles_skipped_nodata: int = 0
+    #: Scenes catalogued before without vectors (``--no-encode``), encoded by this run.
+    encoded_scenes: list[str] = field(default_factory=list)
     #: Files left out as unreadable (``skip_unreadable``): their paths and why.
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
@@ -121,6 +123,7 @@ def tile_scenes(
     if model is not None:
         bundle.bind_model(model.describe())
     have = bundle.scene_ids()
+    encoded = set(bundle.encoded_scene_ids()) if model is not None else set()
     params = bundle.params
     records = {r["id"]: r for r in bundle.scene_records()}
     for scene in scenes:
@@ -131,10 +134,19 @@ def tile_scenes(
                 bundle.move_scene(scene.id, scene.path)
                 log.info("%s is already in %s, as %s, which is gone: its path is updated", scene.path, bundle.path,
                          old_path)  # fmt: skip
-            else:
+            elif model is None or scene.id in encoded:
                 log.info("%s is already in %s; skipped", scene.path, bundle.path)
-            report.skipped_scenes.append(scene.id)
             _warn_if_read_otherwise(records.get(scene.id), scene, bundle)
+            if model is not None and scene.id not in encoded and scene.id in records:
+                # Catalogued by a run without a model (--no-encode): a run with one encodes it now, as stored.
+                from geoir.encoding.run import encode_catalogued_scene
+
+                rec = {**records[scene.id], "path": scene.path}
+                encode_catalogued_scene(bundle, rec, model, batch_size, workers, progress)
+                report.encoded_scenes.append(scene.id)
+                encoded.add(scene.id)
+            else:
+                report.skipped_scenes.append(scene.id)
             # A run killed between committing a changed file and removing its old scene left both.
             _remove_earlier_versions(bundle, scene, report)
             continue
