@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
-from geoir.errors import ModelError, QueryError, SceneError, TilingError
+from geoir.errors import GeoirError, ModelError, QueryError, SceneError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
@@ -60,10 +60,14 @@ def tile(
     _check_tta(model, tta)
     if tta and not encode:
         raise ModelError("tta is a way of encoding; leave it out with encode=False")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size < 1:
         raise TilingError(f"batch_size must be a positive number of tiles, got {batch_size!r}")
-    if not isinstance(workers, int) or workers < 0:
+    if not isinstance(workers, int | np.integer) or isinstance(workers, bool) or workers < 0:
         raise TilingError(f"workers must be 0 (read in this process) or a number of processes, got {workers!r}")
+    batch_size, workers = int(batch_size), int(workers)
+    if params is not None and not isinstance(params, TilingParams):
+        raise TilingError(f"params must be a TilingParams, e.g. TilingParams(size=256, gsd=1.0), got {params!r:.60}")
+    index = _path_arg(index, "index")
     paths = _paths(scenes)
     if not paths:
         raise TilingError("no scenes given; pass raster files, globs or folders")
@@ -128,21 +132,20 @@ def search(
         :class:`~geoir.retrieval.engine.Hits` with GeoDataFrames ``hits`` and ``query`` (EPSG:4326).
     """
     if query is None:
-        raise QueryError("no query given; pass an image file, a uint8 RGB array (3, H, W) or a tile id")
-    bundle = Bundle.open(index)
+        raise QueryError(f"no query given; {_QUERY_KINDS}")
+    items = _query_items(query, "query")
+    negs = [] if negatives is None else _query_items(negatives, "negatives")
+    bundle = Bundle.open(_path_arg(index, "index"))
     if not isinstance(model, Model):
         model = model_for_bundle(bundle.model, model)
     searcher = Searcher(bundle, model, rotations=rotations)
     parts = QueryParts()
-    single = str | os.PathLike | np.ndarray | int | np.integer
-    items = [query] if isinstance(query, single) else list(query)
-    negs = [negatives] if isinstance(negatives, single) else list(negatives)
     for negative, group in ((False, items), (True, negs)):
         for i, q in enumerate(group):
             if isinstance(q, np.ndarray):
                 searcher.add_pixels(parts, q, f"array{i}", negative)
-            elif isinstance(q, int | np.integer):
-                searcher.add_tiles(parts, [int(q)], f"tile:{q}", negative)
+            elif isinstance(q, int):
+                searcher.add_tiles(parts, [q], f"tile:{q}", negative)
             else:
                 searcher.add_image(parts, Path(q), negative)
     allowed = searcher.allowed_ids(bbox=bbox)
@@ -162,9 +165,58 @@ def encode_images(
     return m.concat([m.encode_image(read_image(p).rgb) for p in _paths(images)]).embedding
 
 
+_QUERY_KINDS = "pass an image file, a uint8 RGB array (3, H, W), a tile id (or 'tile:ID'), or a list of them"
+
+
+def _query_items(value: object, name: str) -> list[str | os.PathLike | np.ndarray | int]:
+    """Query parts as a list of paths, pixel arrays and tile ids (ints): a ``tile:ID`` string or an integer
+    array of ids (``hits.tile_id.to_numpy()``) gives ids; anything else is refused by name."""
+    single = (str, os.PathLike, np.ndarray, int, np.integer)
+    if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
+        values: list = value.tolist()  # tile ids, e.g. hits.tile_id.to_numpy()
+    elif isinstance(value, single) and not isinstance(value, bool):
+        values = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        values = list(value)
+    else:
+        raise QueryError(f"{name} {value!r:.60} is not a query; {_QUERY_KINDS}")
+    out: list[str | os.PathLike | np.ndarray | int] = []
+    for v in values:
+        if isinstance(v, int | np.integer) and not isinstance(v, bool):
+            out.append(int(v))
+        elif isinstance(v, str) and v.startswith("tile:"):
+            try:
+                out.append(int(v[5:]))
+            except ValueError:
+                raise QueryError(f"{name} {v!r}: a tile id is tile:NUMBER, e.g. tile:4511202077337075870") from None
+        elif isinstance(v, str | os.PathLike | np.ndarray):
+            out.append(v)
+        else:
+            raise QueryError(f"{name} holds {v!r:.60}, which is not a query; {_QUERY_KINDS}")
+    if not out and name == "query":
+        raise QueryError(f"no query given; {_QUERY_KINDS}")
+    return out
+
+
+def _path_arg(value: object, name: str) -> PathLike:
+    """A path argument (str or os.PathLike), or a GeoirError naming it."""
+    if not isinstance(value, str | os.PathLike):
+        raise GeoirError(f"{name} must be a path (str or pathlib.Path), got {value!r:.60}")
+    return value
+
+
 def _paths(scenes: Sequence[PathLike] | PathLike) -> list[PathLike]:
-    """One path given alone is a list of one (a str is a sequence of characters, not of paths)."""
-    return [scenes] if isinstance(scenes, str | os.PathLike) else list(scenes)
+    """One path given alone is a list of one (a str is a sequence of characters, not of paths); anything
+    but paths is refused by name."""
+    if isinstance(scenes, str | os.PathLike):
+        return [scenes]
+    if not isinstance(scenes, Iterable) or isinstance(scenes, bytes):
+        raise GeoirError(f"expected a path or a list of paths (str or pathlib.Path), got {scenes!r:.60}")
+    out = list(scenes)
+    for p in out:
+        if not isinstance(p, str | os.PathLike):
+            raise GeoirError(f"expected paths (str or pathlib.Path), got {p!r:.60} in {scenes!r:.60}")
+    return out
 
 
 def _check_tta(model: Model | str | None, tta: bool | None) -> None:

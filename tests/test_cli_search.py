@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,6 +94,34 @@ def test_tile_search_returns_itself_first(bundle2: Path, tmp_path: Path) -> None
     out2 = tmp_path / "hits2.gpkg"
     invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out2), "-k", "5", *TEST_MODEL)
     assert tid not in gpd.read_file(out2, layer="hits").tile_id.tolist()
+
+
+def test_hits_fields_have_one_type_whatever_the_result(
+    bundle2: Path, make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    import geoir as api
+
+    def field_types(gpkg: Path) -> dict[str, str]:
+        with sqlite3.connect(gpkg) as con:
+            return {row[1]: row[2] for row in con.execute("PRAGMA table_info(hits)")}
+
+    tid = int(Bundle.open(bundle2).tiles().tile_id[3])
+    full, empty = tmp_path / "full.gpkg", tmp_path / "empty.gpkg"
+    invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(full), *TEST_MODEL)
+    # A bundle of one tile searched with that tile: nothing but the query's own place, so no hit.
+    one = tmp_path / "one"
+    invoke("tile", str(make_geotiff("one.tif", shape=(3, 256, 256))), "--index", str(one), *TILE_MODEL)
+    own = int(Bundle.open(one).tiles().tile_id[0])
+    invoke("search", f"tile:{own}", "--index", str(one), "--out", str(empty), *TEST_MODEL)
+    assert len(gpd.read_file(empty, layer="hits")) == 0
+    expected = {"rank": "INTEGER", "score": "REAL", "distance": "REAL", "hamming": "INTEGER", "tile_id": "INTEGER",
+                "tile": "TEXT", "col_off": "INTEGER", "height": "INTEGER", "query": "TEXT"}  # fmt: skip
+    for gpkg in (full, empty):
+        types = field_types(gpkg)
+        assert {k: types[k] for k in expected} == expected, (gpkg.name, types)
+    # The model has no codes: hamming is null, in a typed column.
+    hits = api.search(tid, index=bundle2, model=api.load_model("backbone", backbone="test")).hits
+    assert str(hits.hamming.dtype) == "Int64" and hits.hamming.isna().all() and hits["rank"].dtype == np.int64
 
 
 def test_search_matches_brute_force(bundle2: Path, tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ def test_python_api_round_trip(make_geotiff: MakeGeoTiff, tmp_path: Path) -> Non
 def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
     make_geotiff: MakeGeoTiff, tmp_path: Path
 ) -> None:
-    from geoir.errors import ModelError, QueryError, TilingError
+    from geoir.errors import GeoirError, ModelError, QueryError, TilingError
+    from geoir.tiling.grid import TilingParams
 
     model = load_model("backbone", backbone="test")
     scene = make_geotiff(shape=(3, 512, 512))
@@ -69,17 +70,48 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
         ({"query": np.zeros((3, 8, 8), np.float32)}, "got float32"),
         ({"query": tid, "bbox": (1, 2, 3)}, "give 4 numbers"),
     )
+    bad_search += (
+        ({"query": 3.5}, "3.5 is not a query"),
+        ({"query": b"q.png"}, "is not a query"),
+        ({"query": "tile:abc"}, "a tile id is tile:NUMBER"),
+        ({"query": tid, "negatives": [None]}, "negatives holds None"),
+        ({"query": tid, "expand": None}, "expand must be 0"),
+        ({"query": tid, "expand": 2.5}, "expand must be 0"),
+        ({"query": tid, "k": True}, "k must be a positive"),
+    )
     for kwargs, message in bad_search:
         with pytest.raises(QueryError, match=message):
             geoir.search(index=index, model=model, **kwargs)  # type: ignore[arg-type]
-    for kwargs, message in (
-        ({"batch_size": 0}, "batch_size"),
-        ({"workers": -1}, "workers"),
-        ({"scenes": []}, "no scenes"),
+    # What a hits frame holds is a query as is: its tile field ("tile:ID"), its ids as an array; a huge k is
+    # as many hits as there are tiles.
+    ids = hits.tile_id.to_numpy()
+    by_array = geoir.search(ids, index=index, k=10**12, model=model, include_query_overlap=True).hits
+    assert len(by_array) == 4 and set(ids) <= set(by_array.tile_id)
+    by_text = geoir.search(list(hits.tile), index=index, k=10**12, model=model, include_query_overlap=True).hits
+    assert by_text.tile_id.tolist() == by_array.tile_id.tolist()
+    assert len(geoir.search(tid, index=index, negatives=None, model=model).hits) == 3  # None: no negatives
+    for kwargs, message, error in (
+        ({"batch_size": 0}, "batch_size", TilingError),
+        ({"workers": -1}, "workers", TilingError),
+        ({"scenes": []}, "no scenes", TilingError),
+        ({"scenes": None}, "expected a path or a list of paths", GeoirError),
+        ({"scenes": [str(scene), 7]}, "expected paths", GeoirError),
+        ({"index": None}, "index must be a path", GeoirError),
+        ({"params": {"size": 128}}, "params must be a TilingParams", TilingError),
+        ({"bands": (1.0, 2.0, 3.0)}, "give 1-based band numbers", TilingError),
+        ({"bands": "1,2,3"}, "not a sequence of band numbers", TilingError),
+        ({"model": 123}, "model must be a model file", ModelError),
     ):
-        with pytest.raises(TilingError, match=message):
-            geoir.tile(**{"scenes": str(scene), **kwargs}, index=tmp_path / "y", model=model)  # type: ignore[arg-type]
+        with pytest.raises(error, match=message):
+            geoir.tile(**{"scenes": str(scene), "index": tmp_path / "y", "model": model, **kwargs})  # type: ignore[arg-type]
     assert not (tmp_path / "y").exists()
+    for kwargs, message in ({"size": 128.5}, "size must be a whole"), ({"gsd": "1"}, "gsd must be a number"):
+        with pytest.raises(TilingError, match=message):
+            TilingParams(**kwargs)  # type: ignore[arg-type]
+    # numpy numbers are numbers: bands, batch sizes and tile sizes.
+    report = geoir.tile(scene, index=tmp_path / "np", model=model, bands=np.array([3, 2, 1]), batch_size=np.int64(2),
+                        params=TilingParams(size=np.int64(256)))  # fmt: skip
+    assert report.tiles_added == 4
     png = tmp_path / "q.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
     assert geoir.encode_images(str(png), model=model).shape[0] == 1  # one path alone, not its characters

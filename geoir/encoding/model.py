@@ -232,6 +232,8 @@ def load_model(
         ModelError: The file is missing or not a geoir model, or its backbone does not match.
     """
     path: Path | None
+    if model is not None and not isinstance(model, str | os.PathLike):
+        raise ModelError(f"model must be a model file, 'default' or 'backbone', got {model!r:.60}")
     if model is None or str(model) == DEFAULT_MODEL:
         path = default_model_path()
     elif str(model) == "backbone":

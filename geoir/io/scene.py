@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-from geoir.errors import SceneError
+from geoir.errors import SceneError, TilingError
 
 log = logging.getLogger("geoir")
 
@@ -238,6 +239,7 @@ def open_scene(
     Raises:
         SceneError: The file is missing, not a raster, has no CRS, or a band is out of range.
     """
+    bands = band_numbers(bands)
     p = Path(path)
     if not p.exists():
         raise SceneError(f"{p}: no such file; check the path")
@@ -334,6 +336,23 @@ def native_gsd(crs: CRS, transform: Affine, height: int) -> float:
         return (sx * math.cos(math.radians(lat)) + sy) / 2 * _METERS_PER_DEGREE
     factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
     return (sx + sy) / 2 * factor
+
+
+def band_numbers(bands: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``bands`` as a tuple of Python ints (numpy integers too), checked for type only; None stays None.
+
+    Raises:
+        TilingError: ``bands`` is not a sequence of whole numbers (the range is checked per file).
+    """
+    if bands is None:
+        return None
+    example = "give 1-based band numbers for red, green, blue, e.g. (4, 3, 2), or one band (1,)"
+    if isinstance(bands, (str, bytes)) or not isinstance(bands, Iterable):
+        raise TilingError(f"bands {bands!r} is not a sequence of band numbers; {example}")
+    out = tuple(bands)
+    if not out or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in out):
+        raise TilingError(f"bands {bands!r}: {example}")
+    return tuple(int(b) for b in out)
 
 
 def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path: Path) -> tuple[int, ...]:

@@ -320,10 +320,12 @@ class Searcher:
         """
         if not parts.positives:
             raise QueryError("give at least one positive query (an image, tile:ID, --point or --examples)")
-        if not isinstance(k, int | np.integer) or k < 1:
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise QueryError(f"k must be a positive number of hits, got {k!r}")
-        if expand < 0:
-            raise QueryError(f"expand must be 0 (off) or a number of hits, got {expand}")
+        if not isinstance(expand, int | np.integer) or isinstance(expand, bool) or expand < 0:
+            raise QueryError(f"expand must be 0 (off) or a whole number of hits, got {expand!r}")
+        # No more hits than tiles: a huge k must not size the search's arrays.
+        k, expand = min(int(k), max(1, self.bundle.n_tiles())), min(int(expand), max(1, self.bundle.n_tiles()))
         if expand:
             first = self._search_ids(parts, expand, allowed, include_query_overlap)[1]
             if len(first):
@@ -467,8 +469,28 @@ class Searcher:
             "query",
             "geometry",
         ]
-        return gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+        frame = gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+        # Typed whatever the rows: an empty result, or a model without codes (hamming all null), must give
+        # the same field types (INTEGER, REAL) in a GeoPackage as any other.
+        return frame.astype(HIT_DTYPES)
 
+
+#: Column types of a hits frame (``hamming`` is null for a model without hash codes).
+HIT_DTYPES = {
+    "rank": "int64",
+    "score": "float64",
+    "distance": "float64",
+    "hamming": "Int64",
+    "tile_id": "int64",
+    "tile": "object",
+    "scene_id": "object",
+    "scene": "object",
+    "col_off": "int64",
+    "row_off": "int64",
+    "width": "int64",
+    "height": "int64",
+    "query": "object",
+}
 
 #: Values of an examples file's ``negative`` column (case-insensitive); empty or null marks a positive.
 NEGATIVE_VALUES = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "": False}

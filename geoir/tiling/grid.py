@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,25 @@ class TilingParams:
     max_nodata: float = 0.5
 
     def __post_init__(self) -> None:
+        # Types first (the Python API passes anything): whole pixels (numpy's too, made Python ints), real numbers.
+        def whole(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise TilingError(f"{name} must be a whole number of pixels, got {v!r}")
+            object.__setattr__(self, name, int(v))
+
+        def real(name: str, optional: bool) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise TilingError(f"{name} must be a number{' or None' if optional else ''}, got {v!r}")
+            # Kept as given (not made a float): gsd enters the tile ids as text, and 10 and 10.0 differ there.
+
+        whole("size")
+        whole("stride")
+        real("gsd", optional=True)
+        real("max_nodata", optional=False)
         if not 0 < self.size <= MAX_TILE_SIZE:
             raise TilingError(
                 f"tile size must be 1 to {MAX_TILE_SIZE} pixels, got {self.size} (the backbone sees 224 px: for tiles "

@@ -16,7 +16,7 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
-from geoir.io.scene import Scene, expand_inputs, open_scene
+from geoir.io.scene import Scene, band_numbers, expand_inputs, open_scene
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
 
@@ -69,6 +69,7 @@ def prepare_scenes(
         unreadable: When given, a file that cannot be opened as a scene (not a raster, no CRS, bands out of
             range...) is left out with a warning and listed here as (path, reason), instead of stopping.
     """
+    bands = band_numbers(bands)  # a bad type is the caller's, not a file's: never skipped as unreadable
     scenes = []
     for p in expand_inputs(inputs, exclude):
         try:
