@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "encode_images", "load_model", "search", "tile"]
+__all__ = ["Hits", "Model", "__version__", "encode_images", "load_model", "search", "tile"]
 
 
 def __getattr__(name: str) -> object:
@@ -14,3 +14,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(api, name)
     raise AttributeError(f"module 'geoir' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

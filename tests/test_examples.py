@@ -121,6 +121,7 @@ def test_lazy_api_attribute() -> None:
     assert callable(geoir.tile) and callable(geoir.search)
     with pytest.raises(AttributeError):
         geoir.nope  # noqa: B018
+    assert {"Hits", "Model", "tile", "search"} <= set(dir(geoir)) and "Hits" in geoir.__all__
 
 
 def test_demo_rebuilds_its_own_index_when_another_release_built_it(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
