@@ -202,7 +202,8 @@ class ModelSpec:
 def encode_block(
     record: dict[str, Any], params: dict[str, Any], start: int, stop: int, spec: ModelSpec | None, batch_size: int = 64
 ) -> dict[str, np.ndarray]:
-    """One task: read tiles ``start:stop`` of a scene, keep the valid ones, encode them."""
+    """One task: read tiles ``start:stop`` of a scene, keep the valid ones, encode them. A GeoirError (a damaged
+    file) comes back as ``{"error": message, "error_type": class name}``, raised by the client."""
     import torch
 
     source = TileSource(Scene.from_record(record), TilingParams(**params))
@@ -225,9 +226,10 @@ def encode_block(
     finally:
         source.close()
     if failed is not None:
-        # Sent to the client as is: its cause (a rasterio CPLE error) cannot be unpickled there, which turned
-        # a damaged file's one-line message into a generic Exception with its repr.
-        raise type(failed)(str(failed))
+        # Returned, not raised: a damaged file stays damaged, so Dask must not retry the block (nor log a
+        # "Compute Failed" dump per try), and the client raises it as the one-line error it is (raised here,
+        # its rasterio cause could not be unpickled there, leaving a generic Exception with its repr).
+        return {"error": np.array(str(failed)), "error_type": np.array(type(failed).__name__)}
     out = {
         "indexes": np.concatenate(idx) if idx else np.empty(0, np.int64),
         "fracs": np.concatenate(fracs) if fracs else np.empty(0),
@@ -238,6 +240,18 @@ def encode_block(
         if parts[0].codes is not None:
             out["codes"] = np.concatenate([p.codes for p in parts])
     return out
+
+
+def _raise_if_failed(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A block's result, or the GeoirError its worker met (see :func:`encode_block`)."""
+    if "error" in result:
+        import geoir.errors
+
+        kind = getattr(geoir.errors, str(result["error_type"]), GeoirError)
+        if not (isinstance(kind, type) and issubclass(kind, GeoirError)):
+            kind = GeoirError
+        raise kind(str(result["error"]))
+    return result
 
 
 def _merge(parts: list[dict[str, np.ndarray]], model) -> Encoded:  # type: ignore[no-untyped-def]
@@ -317,7 +331,7 @@ def tile_scenes_distributed(
             if k in failed:
                 continue
             try:
-                done[k].append((start, fut.result()))
+                done[k].append((start, _raise_if_failed(fut.result())))
             except SceneError as exc:
                 if not skip_unreadable:
                     raise
