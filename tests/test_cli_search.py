@@ -264,6 +264,41 @@ def test_filters_bbox_scene_aoi(bundle2: Path, tmp_path: Path) -> None:
     assert set(hits.tile_id) == set(expected.tile_id)
 
 
+def test_areas_select_the_tiles_they_share_ground_with_and_points_on_edges_their_tiles(
+    bundle2: Path, tmp_path: Path
+) -> None:
+    # b.tif is lon/lat, 10.0-10.05 E, 45.0-45.05 N, in 4 tiles of 0.025 degrees: edges on round numbers.
+    bundle = Bundle.open(bundle2)
+    tiles = bundle.tiles()
+    b_id = next(r["id"] for r in bundle.scene_records() if r["path"].endswith("b.tif"))
+    a_tile = int(tiles[tiles.scene_id != b_id].tile_id.iloc[0])
+    nw = tiles[(tiles.scene_id == b_id) & (tiles.col_off == 0) & (tiles.row_off == 0)]
+    out = tmp_path / "f.gpkg"
+
+    def hits(*args: str) -> set[int]:
+        invoke("search", f"tile:{a_tile}", "--index", str(bundle2), "--out", str(out), "-k", "13", "--overwrite",
+               *args, *TEST_MODEL)  # fmt: skip
+        return set(gpd.read_file(out, layer="hits").tile_id)
+
+    # A bbox that is exactly one tile, or an AOI that is its footprint: that tile, not the 3 that touch it.
+    assert hits("--bbox", "10.0,45.025,10.025,45.05") == set(nw.tile_id)
+    aoi = tmp_path / "aoi.gpkg"
+    nw[["geometry"]].to_file(aoi)
+    assert hits("--aoi", str(aoi)) == set(nw.tile_id)
+    # An AOI sharing only the scene's west edge line selects nothing (it touches, it holds no ground of it).
+    gpd.GeoDataFrame(geometry=[shapely.box(9.9, 45.0, 10.0, 45.05)], crs="EPSG:4326").to_file(aoi)
+    r = invoke("search", f"tile:{a_tile}", "--index", str(bundle2), "--aoi", str(aoi), "--out", str(out),
+               "--overwrite", *TEST_MODEL, code=1)  # fmt: skip
+    assert "no tile passes the filters" in r.output
+    # A small AOI inside one tile selects that tile.
+    gpd.GeoDataFrame(geometry=[shapely.box(10.001, 45.041, 10.002, 45.042)], crs="EPSG:4326").to_file(aoi)
+    assert hits("--aoi", str(aoi)) == set(nw.tile_id)
+    # A point on the edge two tiles share, or on the scene's north edge, is a query (it was refused).
+    for point in ("10.025,45.04", "10.01,45.05"):
+        invoke("search", "--point", point, "--index", str(bundle2), "--out", str(out), "--overwrite", *TEST_MODEL)
+        assert len(gpd.read_file(out, layer="query")) >= 1
+
+
 def test_negative_moves_results(bundle2: Path, tmp_path: Path) -> None:
     vec = Bundle.open(bundle2).vectors()
     ids = vec["ids"]

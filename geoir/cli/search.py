@@ -40,7 +40,13 @@ log = logging.getLogger("geoir")
     help="Output format [default: from the --out suffix].",
 )
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
-@click.option("--point", "points", type=LonLatType(), multiple=True, help="Query with the tile(s) under LON,LAT.")
+@click.option(
+    "--point",
+    "points",
+    type=LonLatType(),
+    multiple=True,
+    help="Query with the tile(s) under LON,LAT (on an edge: the tiles on both sides).",
+)
 @click.option(
     "--examples",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -55,12 +61,17 @@ log = logging.getLogger("geoir")
     metavar="QUERY",
     help="A negative example (image or tile:ID): results move away from it. Repeatable.",
 )
-@click.option("--bbox", type=BBoxType(), default=None, help="Only tiles intersecting this lon/lat box.")
+@click.option(
+    "--bbox",
+    type=BBoxType(),
+    default=None,
+    help="Only tiles sharing ground with this lon/lat box (not those that only touch it).",
+)
 @click.option(
     "--aoi",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Only tiles intersecting the geometries of this vector file.",
+    help="Only tiles sharing ground with the geometries of this vector file (not those that only touch them).",
 )
 @click.option("--scene", "scenes", multiple=True, help="Only tiles of this scene (id, path or file name). Repeatable.")
 @click.option(

@@ -211,7 +211,8 @@ class Searcher:
     def add_point(self, parts: QueryParts, lon: float, lat: float, negative: bool = False) -> None:
         """The tile(s) whose footprint contains a lon/lat point."""
         pt = shapely.Point(lon, lat)
-        tiles = self.bundle.tiles_at(pt, gpd.GeoSeries.contains)
+        # On a tile's edge (a round coordinate where tiles or scenes meet) the point is in both: not in neither.
+        tiles = self.bundle.tiles_at(pt, gpd.GeoSeries.intersects)
         if tiles.empty:
             raise QueryError(
                 f"no tile of {self.bundle.path} contains the point {lon:g},{lat:g} (lon,lat); check the order "
@@ -235,8 +236,7 @@ class Searcher:
         for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
             if geom is None or geom.is_empty:
                 raise QueryError(f"example {i} of {p} has no geometry; give it a point or polygon, or delete it")
-            point = geom.geom_type == "Point"
-            tiles = self.bundle.tiles_at(geom, gpd.GeoSeries.contains if point else gpd.GeoSeries.intersects)
+            tiles = self.bundle.tiles_at(geom, sharing_area())
             if tiles.empty:
                 raise QueryError(f"example {i} of {p} touches no tile of {self.bundle.path}")
             self.add_tiles(parts, tiles.tile_id.tolist(), f"{p.name}#{i}", negative)
@@ -265,9 +265,9 @@ class Searcher:
             w, s, e, n = bbox
             if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
                 raise QueryError(f"bbox {tuple(bbox)}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
-        tiles = self.bundle.tiles_at(shapely.box(*bbox)) if bbox is not None else None
+        tiles = self.bundle.tiles_at(shapely.box(*bbox), sharing_area()) if bbox is not None else None
         if aoi is not None:
-            in_aoi = self.bundle.tiles_at(aoi)
+            in_aoi = self.bundle.tiles_at(aoi, sharing_area())
             tiles = in_aoi if tiles is None else tiles[tiles.tile_id.isin(in_aoi.tile_id)]
         if tiles is None:
             tiles = self.bundle.tiles()
@@ -573,6 +573,29 @@ def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     out = out.sort_values("best_rank").reset_index(drop=True)
     out["region"] = np.arange(1, len(out) + 1)
     return out
+
+
+#: Below this share of the smaller area, a tile and an area only touch: the sliver that densified edges
+#: reprojected apart leave between a tile and an area drawn on its neighbour's edge.
+TOUCH_TOLERANCE = 1e-3
+
+
+def sharing_area(tolerance: float = TOUCH_TOLERANCE) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
+    """A predicate for :meth:`Bundle.tiles_at`: footprints that share area with a polygon (more than
+    ``tolerance`` of the smaller of the two), not those that only touch it; a point or line selects the
+    footprints it meets, its edges included."""
+
+    def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
+        fp = footprints.values
+        hit = np.asarray(shapely.intersects(fp, geom), dtype=bool)
+        if shapely.area(geom) == 0 or not hit.any():
+            return hit
+        shared = shapely.area(shapely.intersection(fp[hit], geom))
+        smaller = np.minimum(shapely.area(fp[hit]), shapely.area(geom))
+        hit[hit] = shared > tolerance * smaller
+        return hit
+
+    return predicate
 
 
 def _overlaps_more_than(fraction: float) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
