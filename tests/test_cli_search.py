@@ -299,6 +299,18 @@ def test_areas_select_the_tiles_they_share_ground_with_and_points_on_edges_their
         assert len(gpd.read_file(out, layer="query")) >= 1
 
 
+def test_output_rings_run_counter_clockwise_as_geojson_requires(bundle2: Path, tmp_path: Path) -> None:
+    tid = int(Bundle.open(bundle2).tiles().tile_id[3])
+    out = tmp_path / "h.geojson"
+    invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), "-k", "6", *TEST_MODEL)
+    stdout = invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", "-", "-k", "6", *TEST_MODEL).output
+    collections = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("h*.geojson"))] + [json.loads(stdout)]
+    assert len(collections) == 4  # hits, hits_merged, query, stdout
+    rings = [shapely.geometry.shape(f["geometry"]) for c in collections for f in c["features"]]
+    polygons = [p for g in rings for p in getattr(g, "geoms", [g]) if p.geom_type == "Polygon"]
+    assert len(polygons) >= 13 and all(p.exterior.is_ccw for p in polygons)  # RFC 7946 section 3.1.6
+
+
 def test_negative_moves_results(bundle2: Path, tmp_path: Path) -> None:
     vec = Bundle.open(bundle2).vectors()
     ids = vec["ids"]

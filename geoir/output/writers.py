@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import pyogrio
+import shapely
 
 from geoir.errors import QueryError
 from geoir.io.files import atomic_target
@@ -63,6 +65,15 @@ def side_paths(out: str, fmt: str, names: Iterable[str] = SIDE_LAYERS) -> dict[s
     return {name: path.with_name(f"{path.stem}.{name}{path.suffix or '.' + fmt}") for name in names}
 
 
+def _counter_clockwise(df: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """A copy of ``df`` with polygon exterior rings counter-clockwise and holes clockwise."""
+    out = df.copy()
+    out[out.geometry.name] = gpd.GeoSeries(
+        shapely.orient_polygons(np.asarray(df.geometry.values), exterior_cw=False), index=df.index, crs=df.crs
+    )
+    return out
+
+
 def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False) -> None:
     """Write named layers.
 
@@ -73,6 +84,9 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
     Raises:
         QueryError: The output exists and ``overwrite`` is false, or cannot be written.
     """
+    # Exterior rings counter-clockwise, holes clockwise, in every format: RFC 7946 requires it of GeoJSON,
+    # and the catalog's rings run clockwise or not with the raster's orientation (south-up flips them).
+    layers = {name: _counter_clockwise(df) for name, df in layers.items()}
     if out == "-":
         if fmt != "geojson":
             raise QueryError("only GeoJSON can go to stdout (--out -); drop --format or write to a file")
