@@ -293,6 +293,10 @@ def test_areas_select_the_tiles_they_share_ground_with_and_points_on_edges_their
     # A small AOI inside one tile selects that tile.
     gpd.GeoDataFrame(geometry=[shapely.box(10.001, 45.041, 10.002, 45.042)], crs="EPSG:4326").to_file(aoi)
     assert hits("--aoi", str(aoi)) == set(nw.tile_id)
+    # A self-crossing (bow-tie) AOI, as drawn by hand, is read as the two triangles it means.
+    bow = shapely.Polygon([(10.0, 45.0), (10.05, 45.05), (10.05, 45.0), (10.0, 45.05)])
+    gpd.GeoDataFrame(geometry=[bow], crs="EPSG:4326").to_file(aoi)
+    assert hits("--aoi", str(aoi)) == set(tiles[tiles.scene_id == b_id].tile_id)
     # A point on the edge two tiles share, or on the scene's north edge, is a query (it was refused).
     for point in ("10.025,45.04", "10.01,45.05"):
         invoke("search", "--point", point, "--index", str(bundle2), "--out", str(out), "--overwrite", *TEST_MODEL)
@@ -309,6 +313,27 @@ def test_output_rings_run_counter_clockwise_as_geojson_requires(bundle2: Path, t
     rings = [shapely.geometry.shape(f["geometry"]) for c in collections for f in c["features"]]
     polygons = [p for g in rings for p in getattr(g, "geoms", [g]) if p.geom_type == "Polygon"]
     assert len(polygons) >= 13 and all(p.exterior.is_ccw for p in polygons)  # RFC 7946 section 3.1.6
+
+
+def test_an_aoi_drawn_across_the_antimeridian_selects_the_tiles_there(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    # 40 km of UTM 60S over Fiji's 180th meridian (179.80 E to 179.82 W), and a scene half a world away.
+    fiji = make_geotiff("fiji.tif", crs="EPSG:32760", bounds=(800_000.0, 8_200_000.0, 840_000.0, 8_240_000.0))
+    far = make_geotiff("far.tif", crs="EPSG:4326", bounds=(0.0, -16.2, 0.4, -15.8), seed=3)
+    index = tmp_path / "idx"
+    invoke("tile", str(fiji), str(far), "--index", str(index), *TILE_MODEL)
+    tiles = Bundle.open(index).tiles()
+    fiji_id = next(r["id"] for r in Bundle.open(index).scene_records() if r["path"] == str(fiji))
+    aoi = tmp_path / "aoi.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(801_000, 8_201_000, 839_000, 8_239_000)], crs="EPSG:32760").to_file(aoi)
+    out = tmp_path / "h.gpkg"
+    far_tile = int(tiles[tiles.scene_id != fiji_id].tile_id.iloc[0])
+    invoke("search", f"tile:{far_tile}", "--index", str(index), "--aoi", str(aoi), "--out", str(out), "-k", "20",
+           *TEST_MODEL)  # fmt: skip
+    hits = gpd.read_file(out, layer="hits")
+    # The AOI was a band round the globe in lon/lat, and took in the far scene too.
+    assert len(hits) == 4 and set(hits.scene_id) == {fiji_id}
 
 
 def test_negative_moves_results(bundle2: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -586,7 +587,7 @@ def sharing_area(tolerance: float = TOUCH_TOLERANCE) -> Callable[[gpd.GeoSeries,
     footprints it meets, its edges included."""
 
     def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
-        fp = footprints.values
+        fp, geom = _valid(footprints.values), _valid(geom)
         hit = np.asarray(shapely.intersects(fp, geom), dtype=bool)
         if shapely.area(geom) == 0 or not hit.any():
             return hit
@@ -598,12 +599,25 @@ def sharing_area(tolerance: float = TOUCH_TOLERANCE) -> Callable[[gpd.GeoSeries,
     return predicate
 
 
+def _valid(geoms: Any) -> Any:
+    """Geometries GEOS can intersect: a user's self-crossing polygon, or a footprint round a pole, made valid
+    (GEOS raises a TopologyException on them otherwise)."""
+    valid = shapely.is_valid(geoms)
+    if np.all(valid):
+        return geoms
+    if isinstance(geoms, shapely.Geometry):
+        return shapely.make_valid(geoms)
+    out = np.array(geoms, dtype=object)
+    out[~valid] = shapely.make_valid(out[~valid])
+    return out
+
+
 def _overlaps_more_than(fraction: float) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
     """A predicate for :meth:`Bundle.tiles_at`: footprints sharing more than ``fraction`` of their area
     with the geometry."""
 
     def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
-        fp = footprints.values
+        fp, geom = _valid(footprints.values), _valid(geom)
         hit = shapely.intersects(fp, geom) & ~shapely.touches(fp, geom)
         shared = np.zeros(len(fp))
         shared[hit] = shapely.area(shapely.intersection(fp[hit], geom)) / shapely.area(fp[hit])

@@ -252,8 +252,12 @@ def _continuous_longitudes(rings: np.ndarray) -> np.ndarray:
     lon = rings[..., 0]
     if (np.abs(np.diff(lon, axis=1)) <= 180).all() and (np.abs(lon) <= 180).all():
         return rings
+    closed = lon[:, 0] == lon[:, -1]
     lon = np.unwrap(lon, period=360.0, axis=1)
     lon -= 360.0 * np.floor((lon.mean(axis=1, keepdims=True) + 180.0) / 360.0)
+    # unwrap sums its steps: a closed ring's last vertex may miss its first by 1e-13, a sliver of an edge
+    # that reads as a self-intersection.
+    lon[closed, -1] = lon[closed, 0]
     return np.stack([lon, rings[..., 1]], axis=-1)
 
 
@@ -270,9 +274,38 @@ def to_lonlat(gdf):  # type: ignore[no-untyped-def]
     pieces of at most 1/:data:`DENSIFY_PARTS` of the layer's extent first (lon/lat layers are kept as
     they are, their edges already straight in lon/lat).
     """
-    if gdf.crs is not None and not gdf.crs.is_geographic and len(gdf):
+    projected = gdf.crs is not None and not gdf.crs.is_geographic and len(gdf)
+    if projected:
         minx, miny, maxx, maxy = gdf.total_bounds
         step = max(maxx - minx, maxy - miny) / DENSIFY_PARTS
         if np.isfinite(step) and step > 0:
             gdf = gdf.set_geometry(gdf.geometry.segmentize(step))
-    return gdf.to_crs("EPSG:4326")
+    out = gdf.to_crs("EPSG:4326")
+    if projected:
+        # An area drawn across the antimeridian (in UTM 60, say) comes back with vertices near +180 and -180:
+        # kept so, its polygon would be a band round the globe. Its longitudes are made continuous, as the
+        # tiles' footprints are.
+        out = out.set_geometry(out.geometry.map(_continuous_geometry))
+    return out
+
+
+def _continuous_geometry(g: shapely.Geometry | None) -> shapely.Geometry | None:
+    """A lon/lat polygon (or multipolygon) whose rings jump 360 degrees, with continuous longitudes: each ring
+    unwrapped, the shell moved by a whole turn to a mean longitude in [-180, 180), its holes next to it."""
+    if g is None or g.is_empty:
+        return g
+    if g.geom_type == "MultiPolygon":
+        return shapely.MultiPolygon([_continuous_geometry(p) for p in g.geoms])
+    if g.geom_type != "Polygon":
+        return g
+    rings = [np.asarray(g.exterior.coords), *(np.asarray(r.coords) for r in g.interiors)]
+    if all((np.abs(np.diff(r[:, 0])) <= 180).all() for r in rings):
+        return g
+    out: list[np.ndarray] = []
+    for i, r in enumerate(rings):
+        lon = np.unwrap(r[:, 0], period=360.0)
+        centre = lon.mean() if i == 0 else lon.mean() - out[0][:, 0].mean()
+        lon = lon - 360.0 * np.floor((centre + 180.0) / 360.0)
+        lon[-1] = lon[0]  # closed exactly: unwrap's sums may miss by 1e-13, which reads as a self-intersection
+        out.append(np.column_stack([lon, r[:, 1]]))
+    return shapely.Polygon(out[0], out[1:])
