@@ -185,6 +185,27 @@ def test_gsd_gives_same_ground_size(make_geotiff: MakeGeoTiff, tmp_path: Path) -
     assert bundle.n_tiles() == 8
 
 
+def test_gsd_measures_mercator_pixels_on_the_ground(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # Web Mercator at 60 N: a 1 m grid cell is 0.5 m of ground (scale 1/cos 60 = 2). --gsd 2 is 4 cells.
+    import pyproj
+
+    x, y = pyproj.Transformer.from_crs(4326, 3857, always_xy=True).transform(10.0, 60.0)
+    scene = make_geotiff(
+        "merc.tif", crs="EPSG:3857", bounds=(x - 512, y - 512, x + 512, y + 512), shape=(3, 1024, 1024)
+    )
+    index = tmp_path / "m"
+    assert run("tile", str(scene), "--index", str(index), "--gsd", "2").exit_code == 0
+    (rec,) = Bundle.open(index).scene_records()
+    assert rec["native_gsd"] == pytest.approx(0.5, rel=1e-3)
+    assert rec["grid_width"] == 256  # 1024 cells of 0.5 m at 2 m (it was 512: pixels of 1 m on the ground)
+    # The true size of a grid pixel on the ground, measured independently at the scene's centre.
+    geod = pyproj.Geod(ellps="WGS84")
+    to_ll = pyproj.Transformer.from_crs(3857, 4326, always_xy=True)
+    step = Affine(*rec["grid_transform"]).a
+    (lon0, lon1), (lat0, lat1) = to_ll.transform([x, x + step], [y, y])
+    assert geod.inv(lon0, lat0, lon1, lat1)[2] == pytest.approx(2.0, rel=5e-3)
+
+
 def test_export_chips(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(shape=(3, 512, 512))
     chips = tmp_path / "chips"

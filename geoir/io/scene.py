@@ -303,7 +303,7 @@ def open_scene(
             dtype=dtype,
             nodata=None if nd is None else float(nd),
             bands=chosen,
-            native_gsd=native_gsd(src.crs, src.transform, src.height),
+            native_gsd=native_gsd(src.crs, src.transform, src.height, src.width),
             scaling=scaling,
             mask_kind=mask_kind,
         )
@@ -323,11 +323,14 @@ def _check_nodata_fits(nodata: float, dtype: str, path: Path) -> None:
         raise SceneError(f"--nodata {nodata:g} is beyond the {dtype} range of {path.name}'s pixels; give a value in it")
 
 
-def native_gsd(crs: CRS, transform: Affine, height: int) -> float:
+def native_gsd(crs: CRS, transform: Affine, height: int, width: int | None = None) -> float:
     """Ground sample distance of a pixel grid in metres (mean of the two pixel axes).
 
     For geographic CRSs the degree is converted at the grid's centre latitude, which is the best a
-    single number can say for a scene in degrees.
+    single number can say for a scene in degrees. A Mercator grid's metres are divided by the projection's
+    scale at the grid's centre (1/cos(latitude): 2 at 60 degrees), so that its pixels are measured on the
+    ground as other grids' are; other projections' scale is within a fraction of a percent of 1 (UTM's at
+    most 0.1%), and their grid units are taken as ground metres.
     """
     sx = math.hypot(transform.a, transform.d)
     sy = math.hypot(transform.b, transform.e)
@@ -335,7 +338,22 @@ def native_gsd(crs: CRS, transform: Affine, height: int) -> float:
         lat = transform.f + transform.e * height / 2
         return (sx * math.cos(math.radians(lat)) + sy) / 2 * _METERS_PER_DEGREE
     factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
-    return (sx + sy) / 2 * factor
+    return (sx + sy) / 2 * factor / _mercator_scale(crs, transform, height, width)
+
+
+def _mercator_scale(crs: CRS, transform: Affine, height: int, width: int | None) -> float:
+    """The scale of a (normal, not transverse) Mercator grid at its centre; 1 for any other CRS."""
+    from pyproj import CRS as ProjCRS
+    from pyproj import Proj, Transformer
+
+    proj = ProjCRS.from_user_input(crs.to_wkt())
+    method = (proj.coordinate_operation.method_name if proj.coordinate_operation else "").lower()
+    if "mercator" not in method or "transverse" in method:
+        return 1.0
+    x, y = transform * ((width or 1) / 2, height / 2)
+    lon, lat = Transformer.from_crs(proj, proj.geodetic_crs, always_xy=True).transform(x, y)
+    scale = Proj(proj).get_factors(lon, lat).parallel_scale
+    return float(scale) if math.isfinite(scale) and scale > 0 else 1.0
 
 
 def band_numbers(bands: Sequence[int] | None) -> tuple[int, ...] | None:
