@@ -163,7 +163,7 @@ def tile_scenes(
                 keep: np.ndarray,
                 scene: Scene = scene,
                 source: TileSource = source,
-                written: list = written,
+                written: list[Path] = written,
             ) -> None:
                 for j in np.flatnonzero(keep):
                     i = int(batch.indexes[j])
