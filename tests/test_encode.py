@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ def test_same_vectors_whatever_batch_size_and_workers(test_model: Model, make_ge
     assert np.abs(e1 - e7).max() < 1e-5 and np.abs(e1 - ew).max() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:.*pin_memory:UserWarning")  # without a GPU torch pins nothing, and says so
 def test_feeding_a_gpu_leaves_the_callers_torch_threads_as_they_were(make_geotiff: MakeGeoTiff) -> None:
     # Reader processes feeding a GPU (pin_memory) take the process down to 2 torch threads while they run; a
     # notebook's later CPU work must get its threads back, after a whole scene and after one stopped early.
@@ -48,14 +48,12 @@ def test_feeding_a_gpu_leaves_the_callers_torch_threads_as_they_were(make_geotif
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "pin_memory", UserWarning)  # without a GPU torch pins nothing
-            batches = iter_batches(source, 1, workers=1, pin_memory=True)
-            next(batches)
-            assert torch.get_num_threads() == 2
-            batches.close()
-            assert torch.get_num_threads() == 3
-            assert len(list(iter_batches(source, 2, workers=1, pin_memory=True))) == 2
+        batches = iter_batches(source, 1, workers=1, pin_memory=True)
+        next(batches)
+        assert torch.get_num_threads() == 2
+        batches.close()
+        assert torch.get_num_threads() == 3
+        assert len(list(iter_batches(source, 2, workers=1, pin_memory=True))) == 2
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
