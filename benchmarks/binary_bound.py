@@ -32,14 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_eval_ucmerced import DATA, compute_features, load_labels  # noqa: E402
+from train_eval_ucmerced import DATA, compute_features, l2_normalize, load_labels  # noqa: E402
 
 from geoir.training.metrics import evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import unseen_class_split  # noqa: E402
-
-
-def _normalize(f: np.ndarray) -> np.ndarray:
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
 def itq(train: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"UC Merced not found at {DATA}; this benchmark needs ../shared/data/ucmerced")
     t0 = time.perf_counter()
     y, paths = load_labels()
-    x = _normalize(compute_features(paths, args.cache))
+    x = l2_normalize(compute_features(paths, args.cache))
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         split = unseen_class_split(y, 15, seed)

@@ -31,17 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_eval_ucmerced import DATA, compute_features, load_labels  # noqa: E402
+from train_eval_ucmerced import DATA, compute_features, l2_normalize, load_labels  # noqa: E402
 
 from geoir.index.vectors import ArrayStore, VectorIndex, hybrid_search  # noqa: E402
 from geoir.retrieval.engine import MIN_CANDIDATES, RERANK_FACTOR  # noqa: E402
 from geoir.training.fit import train_dgssh  # noqa: E402
 from geoir.training.metrics import average_precision, evaluate_retrieval  # noqa: E402
 from geoir.training.protocols import stratified_split  # noqa: E402
-
-
-def _normalize(f: np.ndarray) -> np.ndarray:
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
 def _scores(ranked: np.ndarray, y_db: np.ndarray, y_q: np.ndarray) -> dict[str, float]:
@@ -71,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = np.arange(len(split.train), dtype=np.int64)
         codes = VectorIndex(args.bits, "binary")
         codes.add(ids, head.packed_codes(x[split.train]))
-        floats = ArrayStore(ids, _normalize(x[split.train]))
-        qc, qf = head.packed_codes(x[split.test]), _normalize(x[split.test])
+        floats = ArrayStore(ids, l2_normalize(x[split.train]))
+        qc, qf = head.packed_codes(x[split.test]), l2_normalize(x[split.test])
         n = len(ids)
         factor = max(RERANK_FACTOR, -(-MIN_CANDIDATES // n))
         row: dict[str, Any] = {"seed": seed}
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for order in ("hamming", "float"):
             ranked = hybrid_search(codes, qc, qf, n, floats, factor=factor, order=order)[1]
             row[f"search, order={order}"] = _scores(ranked, ydb, yq)
-        backbone = evaluate_retrieval(qf, _normalize(x[split.train]), yq, ydb)
+        backbone = evaluate_retrieval(qf, l2_normalize(x[split.train]), yq, ydb)
         row["backbone float"] = {"P@10": backbone["P@10"], "mAP": backbone["mAP"]}
         runs.append(row)
         print(json.dumps(row), flush=True)

@@ -118,6 +118,11 @@ def identity(f: np.ndarray) -> np.ndarray:
     return f
 
 
+def l2_normalize(f: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
 def run_seen(
     x: np.ndarray,
     y: np.ndarray,

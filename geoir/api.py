@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from geoir.encoding.model import Model, load_model, model_for_bundle
-from geoir.errors import GeoirError, ModelError, QueryError, SceneError, TilingError
+from geoir.errors import GeoirError, ModelError, QueryError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
 from geoir.retrieval.engine import Hits, QueryParts, Searcher
 from geoir.tiling.grid import TilingParams
-from geoir.tiling.run import TileReport, prepare_scenes, tile_scenes
+from geoir.tiling.run import TileReport, nothing_readable, prepare_scenes, tile_scenes
 
 __all__ = ["Hits", "Model", "encode_images", "load_model", "search", "tile"]
 
@@ -75,6 +75,8 @@ def tile(
     prepared = prepare_scenes(
         [str(s) for s in paths], bands=bands, nodata=nodata, unreadable=unreadable if skip_unreadable else None
     )
+    if not prepared and unreadable:
+        raise nothing_readable(unreadable)
     existing = Bundle.open(index) if (Path(index) / "manifest.json").exists() else None
     encoder = None
     if encode:
@@ -91,8 +93,7 @@ def tile(
             )
         report.unreadable[:0] = unreadable
         if report.unreadable and not (report.added_scenes or report.skipped_scenes or report.encoded_scenes):
-            reasons = "; ".join(reason for _, reason in report.unreadable)
-            raise SceneError(f"none of the {len(report.unreadable)} file(s) given could be read: {reasons}")
+            raise nothing_readable(report.unreadable)
         if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:
             # Nothing to search, and re-runs would skip the scenes: refused (and the new bundle removed).
             p = bundle.params

@@ -177,3 +177,11 @@ def test_to_lonlat_keeps_straight_projected_edges_where_they_were_drawn() -> Non
     # Lon/lat layers are only reprojected (nothing to bend).
     ll = gpd.GeoDataFrame(geometry=[shapely.box(10, 45, 11, 46)], crs="EPSG:4326")
     assert to_lonlat(ll).geometry[0].equals(ll.geometry[0])
+    # An area with a hole drawn across the antimeridian in UTM 60S: one valid polygon 0.38 degrees wide, its
+    # hole inside it (not a band round the globe, nor a hole a turn away).
+    ring = shapely.box(800_000, 8_200_000, 840_000, 8_240_000).difference(
+        shapely.box(810_000, 8_210_000, 830_000, 8_230_000)
+    )
+    fiji = to_lonlat(gpd.GeoDataFrame(geometry=[ring], crs="EPSG:32760")).geometry[0]
+    assert fiji.is_valid and fiji.bounds[2] - fiji.bounds[0] == pytest.approx(0.379, abs=1e-3)
+    assert shapely.Polygon(fiji.exterior).contains(shapely.Polygon(fiji.interiors[0]))

@@ -154,7 +154,7 @@ def tile(
     from geoir.index.bundle import Bundle, discard_if_unused
     from geoir.io.files import check_writable_folder, made_folder
     from geoir.tiling.grid import TilingParams
-    from geoir.tiling.run import check_chip_names, prepare_scenes, tile_scenes
+    from geoir.tiling.run import check_chip_names, nothing_readable, prepare_scenes, tile_scenes
     from geoir.tiling.tiler import TileSource, check_grid
 
     if overlap is not None and stride is not None:
@@ -198,11 +198,8 @@ def tile(
         exclude=[export_chips] if export_chips else [],
         unreadable=unreadable if skip_unreadable else None,
     )
-    if not prepared:
-        raise click.ClickException(
-            f"none of the {len(unreadable)} file(s) given could be read (the warnings above say why); "
-            "fix or replace them"
-        )
+    if not prepared and unreadable:
+        raise nothing_readable(unreadable)
     for scene in prepared:
         check_grid(scene, params)  # before a model is loaded or a tile listed
     if export_chips is not None:
@@ -276,10 +273,7 @@ def tile(
                 )
         report.unreadable[:0] = unreadable
         if report.unreadable and not (report.added_scenes or report.skipped_scenes or report.encoded_scenes):
-            raise click.ClickException(
-                f"none of the {len(report.unreadable)} file(s) given could be read (the warnings above say why); "
-                "fix or replace them"
-            )
+            raise nothing_readable(report.unreadable)
         if bundle.manifest["counts"]["tiles"] == 0 and report.added_scenes:
             # Nothing to search: refuse rather than leave an empty bundle that re-runs would skip over.
             raise click.ClickException(

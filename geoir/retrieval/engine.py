@@ -326,7 +326,8 @@ class Searcher:
         if not isinstance(expand, int | np.integer) or isinstance(expand, bool) or expand < 0:
             raise QueryError(f"expand must be 0 (off) or a whole number of hits, got {expand!r}")
         # No more hits than tiles: a huge k must not size the search's arrays.
-        k, expand = min(int(k), max(1, self.bundle.n_tiles())), min(int(expand), max(1, self.bundle.n_tiles()))
+        most = max(1, self.bundle.n_tiles())
+        k, expand = min(int(k), most), min(int(expand), most)
         if expand:
             first = self._search_ids(parts, expand, allowed, include_query_overlap)[1]
             if len(first):
@@ -363,7 +364,7 @@ class Searcher:
             excluded = set(parts.own_tiles)
             for geom, _, negative in parts.geometries:
                 if not negative:
-                    t = self.bundle.tiles_at(geom, _overlaps_more_than(QUERY_OVERLAP))
+                    t = self.bundle.tiles_at(geom, sharing_area(QUERY_OVERLAP, of="tile"))
                     excluded.update(t.tile_id.tolist())
         if allowed is not None:
             if len(allowed) == 0:
@@ -581,10 +582,12 @@ def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 TOUCH_TOLERANCE = 1e-3
 
 
-def sharing_area(tolerance: float = TOUCH_TOLERANCE) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
-    """A predicate for :meth:`Bundle.tiles_at`: footprints that share area with a polygon (more than
-    ``tolerance`` of the smaller of the two), not those that only touch it; a point or line selects the
-    footprints it meets, its edges included."""
+def sharing_area(
+    fraction: float = TOUCH_TOLERANCE, of: str = "smaller"
+) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
+    """A predicate for :meth:`Bundle.tiles_at`: footprints that share more than ``fraction`` of an area with
+    a polygon, not those that only touch it: of the smaller of the two (``of="smaller"``), or of the tile's
+    own (``of="tile"``). A point or line selects the footprints it meets, its edges included."""
 
     def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
         fp, geom = _valid(footprints.values), _valid(geom)
@@ -592,8 +595,10 @@ def sharing_area(tolerance: float = TOUCH_TOLERANCE) -> Callable[[gpd.GeoSeries,
         if shapely.area(geom) == 0 or not hit.any():
             return hit
         shared = shapely.area(shapely.intersection(fp[hit], geom))
-        smaller = np.minimum(shapely.area(fp[hit]), shapely.area(geom))
-        hit[hit] = shared > tolerance * smaller
+        base = shapely.area(fp[hit])
+        if of == "smaller":
+            base = np.minimum(base, shapely.area(geom))
+        hit[hit] = shared > fraction * base
         return hit
 
     return predicate
@@ -610,17 +615,3 @@ def _valid(geoms: Any) -> Any:
     out = np.array(geoms, dtype=object)
     out[~valid] = shapely.make_valid(out[~valid])
     return out
-
-
-def _overlaps_more_than(fraction: float) -> Callable[[gpd.GeoSeries, shapely.Geometry], np.ndarray]:
-    """A predicate for :meth:`Bundle.tiles_at`: footprints sharing more than ``fraction`` of their area
-    with the geometry."""
-
-    def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
-        fp, geom = _valid(footprints.values), _valid(geom)
-        hit = shapely.intersects(fp, geom) & ~shapely.touches(fp, geom)
-        shared = np.zeros(len(fp))
-        shared[hit] = shapely.area(shapely.intersection(fp[hit], geom)) / shapely.area(fp[hit])
-        return hit & (shared > fraction)
-
-    return predicate

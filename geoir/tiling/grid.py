@@ -290,8 +290,8 @@ def to_lonlat(gdf):  # type: ignore[no-untyped-def]
 
 
 def _continuous_geometry(g: shapely.Geometry | None) -> shapely.Geometry | None:
-    """A lon/lat polygon (or multipolygon) whose rings jump 360 degrees, with continuous longitudes: each ring
-    unwrapped, the shell moved by a whole turn to a mean longitude in [-180, 180), its holes next to it."""
+    """A lon/lat polygon (or multipolygon) whose rings jump 360 degrees, with continuous longitudes as
+    footprints get them (:func:`_continuous_longitudes`), its holes next to its shell."""
     if g is None or g.is_empty:
         return g
     if g.geom_type == "MultiPolygon":
@@ -301,11 +301,7 @@ def _continuous_geometry(g: shapely.Geometry | None) -> shapely.Geometry | None:
     rings = [np.asarray(g.exterior.coords), *(np.asarray(r.coords) for r in g.interiors)]
     if all((np.abs(np.diff(r[:, 0])) <= 180).all() for r in rings):
         return g
-    out: list[np.ndarray] = []
-    for i, r in enumerate(rings):
-        lon = np.unwrap(r[:, 0], period=360.0)
-        centre = lon.mean() if i == 0 else lon.mean() - out[0][:, 0].mean()
-        lon = lon - 360.0 * np.floor((centre + 180.0) / 360.0)
-        lon[-1] = lon[0]  # closed exactly: unwrap's sums may miss by 1e-13, which reads as a self-intersection
-        out.append(np.column_stack([lon, r[:, 1]]))
-    return shapely.Polygon(out[0], out[1:])
+    shell, *holes = (_continuous_longitudes(r[None])[0] for r in rings)
+    for h in holes:  # each next to its shell, not a turn away
+        h[:, 0] += 360.0 * np.round((shell[:, 0].mean() - h[:, 0].mean()) / 360.0)
+    return shapely.Polygon(shell, holes)

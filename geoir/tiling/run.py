@@ -81,6 +81,14 @@ def prepare_scenes(
     return scenes
 
 
+def nothing_readable(unreadable: list[tuple[str, str]]) -> SceneError:
+    """The error of a run whose every file was left out as unreadable."""
+    return SceneError(
+        f"none of the {len(unreadable)} file(s) given could be read ({unreadable[0][1]}"
+        f"{'; and others, in the warnings above' if len(unreadable) > 1 else ''}); fix or replace them"
+    )
+
+
 def skip_unreadable_file(unreadable: list[tuple[str, str]], path: str, exc: BaseException) -> None:
     """Record and warn about a file left out as unreadable."""
     reason = user_message(exc)
