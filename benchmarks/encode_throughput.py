@@ -139,7 +139,8 @@ def main() -> None:
             f"## Encoding throughput on {name}{' with --tta' if args.tta else ''}: pipeline vs bare backbone forward",
             "",
             f"`python benchmarks/encode_throughput.py --device {args.device} --batch-size {args.batch_size} "
-            f"--workers {args.workers} --side {args.side}{' --tta' if args.tta else ''}` on {machine()}; "
+            f"--workers {args.workers} --side {args.side}{' --tta' if args.tta else ''}"
+            f"{f' --section {args.section}' if args.section else ''}` on {machine()}; "
             f"torch {torch.__version__}.",
             *(
                 [
