@@ -8,7 +8,7 @@ geoir tile "$a" --index "$index"                       # tile, encode, index
 geoir tile "$a" "$b" --index "$index"                  # re-run: a is skipped, b appended
 geoir info --index "$index"
 
-# Query with a tile of the bundle (its id from the catalog), then with a point, as GeoJSON on stdout.
+# Query with a point (a catalog tile's centre), as GeoJSON on stdout; then with its best hit as tile:ID.
 tile_id=$(geoir search --index "$index" --point "$(python3 - "$index" <<'PY'
 import sys, geopandas as gpd
 t = gpd.read_file(f"{sys.argv[1]}/catalog.gpkg", layer="tiles")

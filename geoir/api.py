@@ -45,7 +45,7 @@ def tile(
         scenes: Raster files, globs or directories (one of them, or a list).
         index: Bundle directory, created when missing.
         params: Tiling parameters of a new bundle (default 256 px, no overlap).
-        model: A loaded model, a model file, ``"default"`` or ``"backbone"`` (default: the shipped model).
+        model: A loaded model, a model file, ``"default"`` or ``"backbone"`` (default: the bundle's model, else the shipped model).
         encode: False to only cut and catalog the tiles.
         bands: 1-based bands for red, green, blue.
         nodata: Nodata value overriding the files'.
@@ -123,7 +123,8 @@ def search(
         k: Number of hits.
         model: The bundle's model (loaded from its manifest's name when None).
         negatives: Examples the results should move away from.
-        bbox: Only tiles intersecting ``(west, south, east, north)`` in degrees.
+        bbox: Only tiles sharing ground with ``(west, south, east, north)`` in degrees (not those that only
+            touch it).
         include_query_overlap: Keep tiles overlapping a georeferenced query.
         rotations: Match image queries in any of their four quarter turns (False: only as given).
         expand: Query expansion (``geoir search --expand``): search again with the first ``expand`` hits

@@ -30,7 +30,9 @@ log = logging.getLogger("geoir")
     "-o",
     required=True,
     metavar="FILE|-",
-    help="Output file (.gpkg, .geojson, .fgb) or - for GeoJSON on stdout.",
+    help="Output file (.gpkg, .geojson, .fgb) or - for GeoJSON on stdout. GeoJSON and FlatGeobuf hold one "
+    "layer each: the hits go to FILE, the other layers beside it (NAME.hits_merged.EXT, NAME.query.EXT); "
+    "- writes the hits only.",
 )
 @click.option(
     "--format",
