@@ -45,7 +45,8 @@ def tile(
         scenes: Raster files, globs or directories (one of them, or a list).
         index: Bundle directory, created when missing.
         params: Tiling parameters of a new bundle (default 256 px, no overlap).
-        model: A loaded model, a model file, ``"default"`` or ``"backbone"`` (default: the bundle's model, else the shipped model).
+        model: A loaded model, a model file, ``"default"`` or ``"backbone"`` (default: the bundle's model,
+            else the shipped model).
         encode: False to only cut and catalog the tiles.
         bands: 1-based bands for red, green, blue.
         nodata: Nodata value overriding the files'.

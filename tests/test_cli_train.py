@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import pytest
+import shapely
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -17,7 +19,7 @@ from geoir.encoding.backbone import load_backbone
 from geoir.encoding.model import load_model
 from geoir.errors import DatasetError
 from geoir.index.bundle import Bundle
-from geoir.training.data import cache_dir, dihedral, image_folder_features
+from geoir.training.data import bundle_features, cache_dir, dihedral, image_folder_features
 from geoir.training.recipes import Recipe
 from tests.conftest import MakeGeoTiff
 
@@ -487,6 +489,106 @@ def test_eval_scores_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: Ma
     assert "leave --index out" in r.output
     r = refused("eval", str(gpkg), "--model", str(model), "--json", str(report), code=2)
     assert "pass the --index" in r.output
+
+
+def _features_of(index: Path, labels: Path) -> dict[str, str]:
+    """{tile item: class} that training on ``labels`` over ``index`` uses."""
+    data = bundle_features(labels, Bundle.open(index))
+    return {item: data.classes[c] for item, c in zip(data.items, data.labels, strict=True)}
+
+
+def test_label_polygons_label_the_tiles_they_cover_not_those_they_touch(
+    tmp_path: Path, make_geotiff: MakeGeoTiff
+) -> None:
+    # Tile outlines copied from the catalog, labelled by band (as one labels them in QGIS): each polygon
+    # touches up to 8 neighbouring tiles, which must neither take its label nor become ambiguous.
+    index, _ = labelled_bundle(tmp_path, make_geotiff, 1024, 8)
+    tiles = Bundle.open(index).tiles()
+    y = tiles.geometry.representative_point().y.to_numpy()
+    north = y > np.median(y)
+    outlines = gpd.GeoDataFrame(
+        {"label": np.where(north, "north", "south")}, geometry=tiles.geometry.to_numpy(), crs=tiles.crs
+    )
+    gpkg = tmp_path / "outlines.gpkg"
+    outlines.to_file(gpkg)
+    expected = {f"tile:{t}": c for t, c in zip(tiles.tile_id, outlines.label, strict=True)}
+    assert _features_of(index, gpkg) == expected
+    # One outline alone labels its own tile, also drawn in the scene's CRS (UTM), where it is a rectangle.
+    one = outlines.iloc[[5]].to_crs("EPSG:32631")
+    one.to_file(tmp_path / "one.gpkg")
+    assert _features_of(index, tmp_path / "one.gpkg") == {f"tile:{tiles.tile_id[5]}": outlines.label[5]}
+
+
+def test_labels_are_cleaned_and_every_left_out_label_is_counted(
+    tmp_path: Path, make_geotiff: MakeGeoTiff, caplog: pytest.LogCaptureFixture
+) -> None:
+    index, _ = labelled_bundle(tmp_path, make_geotiff, 1024, 8)
+    tiles = Bundle.open(index).tiles()
+    centres = list(tiles.geometry.representative_point())
+    # 16 tiles: 6 'a' (two with spaces), 5 'b', an empty, a blank, a missing and two 'B' (a case variant).
+    text = ["a", "a ", " a", "a", "a", "a", "b", "b", "b", "b", "b", "", "   ", None, "B", "B"]
+    # Beyond them: a point on no tile (its class has no tile left), and a second label, 'b', on tile 0
+    # (now under two labels: ambiguous, left out).
+    far = shapely.Point(-60.0, -30.0)
+    gdf = gpd.GeoDataFrame({"label": [*text, "desert", "b"]}, geometry=[*centres, far, centres[0]], crs=tiles.crs)
+    gpkg = tmp_path / "labels.gpkg"
+    gdf.to_file(gpkg)
+    caplog.set_level("WARNING", logger="geoir")
+    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
+    try:
+        got = _features_of(index, gpkg)
+    finally:
+        logging.getLogger("geoir").removeHandler(caplog.handler)
+    assert sorted(set(got.values())) == ["B", "a", "b"]
+    ids = list(tiles.tile_id)
+    assert f"tile:{ids[0]}" not in got and all(got[f"tile:{ids[i]}"] == "a" for i in range(1, 6))
+    assert not {f"tile:{ids[i]}" for i in (11, 12, 13)} & set(got) and len(got) == 12
+    log = caplog.text
+    assert "3 geometries of" in log and "have no label: left out" in log
+    assert "labels 'B' and 'b' of" in log and "differ only in case" in log
+    assert "1 of the 15 labelled geometries of" in log and "cover no tile" in log
+    assert "1 tile under geometries of different labels left out" in log
+    assert "class 'desert' has no tile left and is not trained" in log
+    # Whole numbers with a gap in the column (read as floats) keep their names: '1', not '1.0'.
+    numbers = gpd.GeoDataFrame({"label": [1.0] * 8 + [2.0] * 7 + [np.nan]}, geometry=centres, crs=tiles.crs)
+    numbers.to_file(tmp_path / "numbers.gpkg")
+    assert sorted(set(_features_of(index, tmp_path / "numbers.gpkg").values())) == ["1", "2"]
+
+
+def test_a_label_file_of_several_layers_is_read_by_the_layer_named(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    index, gpkg = labelled_bundle(tmp_path, make_geotiff, 1024, 8)
+    tiles = Bundle.open(index).tiles()
+    multi = tmp_path / "multi.gpkg"
+    gpd.read_file(gpkg).iloc[:4].to_file(multi, layer="draft")
+    gpd.read_file(gpkg).to_file(multi, layer="final")
+    out = tmp_path / "m.pt"
+    args = ["--index", str(index), "--method", "srl", "--epochs", "1", "--out", str(out), "--device", "cpu"]
+    r = refused("train", str(multi), *args, code=1)
+    assert f"{multi} has 2 layers (draft, final); name the one to use as {multi}:LAYER" in r.output
+    assert not out.exists()
+    r = refused("train", f"{multi}:other", *args, code=1)
+    assert "has no layer 'other'; its layers are draft, final" in r.output
+    invoke("train", f"{multi}:final", *args)
+    data = load_model(out).meta["data"]
+    assert data["samples"] == 16 and data["dataset"] == "multi.gpkg:final"
+    r = refused("train", f"{tmp_path / 'missing.gpkg'}:final", *args, "--overwrite", code=2)
+    assert "missing.gpkg:final does not exist" in r.output
+    # Search reads --examples and --aoi the same way.
+    hits = tmp_path / "h.gpkg"
+    search = ["search", "--index", str(index), "--out", str(hits), *TEST_BACKBONE]
+    r = refused(*search, "--examples", str(multi), code=1)
+    assert "examples file" in r.output and "has 2 layers" in r.output and not hits.exists()
+    r = refused(*search, f"tile:{tiles.tile_id[0]}", "--aoi", str(multi), code=1)
+    assert "--aoi" in r.output and "has 2 layers" in r.output and not hits.exists()
+    invoke(*search, "--examples", f"{multi}:draft", "--aoi", f"{multi}:final", "-k", "3")
+    assert len(gpd.read_file(hits, layer="hits")) == 3
+
+
+def test_a_missing_label_column_names_the_columns_there(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    index, gpkg = labelled_bundle(tmp_path, make_geotiff, 512, 2)
+    gpd.read_file(gpkg).rename(columns={"label": "Label"}).to_file(tmp_path / "cap.gpkg")
+    with pytest.raises(DatasetError, match=r"no `label` column \(its columns: Label\); rename `Label` to `label`"):
+        bundle_features(tmp_path / "cap.gpkg", Bundle.open(index))
 
 
 # ----------------------------------------------------------------------------------------------- bad input

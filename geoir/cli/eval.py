@@ -19,6 +19,7 @@ from geoir.cli.options import (
     weights_options,
 )
 from geoir.io.files import atomic_write_text, check_writable_folder
+from geoir.io.vectors import VectorPathType
 
 log = logging.getLogger("geoir")
 
@@ -36,7 +37,7 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
 
 
 @click.command(name="eval", short_help="Evaluate a model on a labelled data set (mAP, P@k, ANMRR).")
-@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.argument("dataset", type=VectorPathType())
 @click.option(
     "--model",
     "model_path",
@@ -119,7 +120,8 @@ def evaluate(
     """Evaluate a model's recipe on DATASET under the papers' protocols.
 
     DATASET is a folder of class folders (like UC Merced), or a vector file of labelled geometries with
-    --index, whose tiles' stored features are scored (as `geoir train` takes them).
+    --index (FILE:LAYER for one layer of several), whose tiles' stored features are scored (as
+    `geoir train` takes them).
 
     For each split the recipe recorded in the model is trained again on that split's training part,
     so no score comes from images the head saw; the backbone alone is scored under the same splits.

@@ -18,6 +18,7 @@ from geoir.cli.options import (
     refuse_missing_images,
     verbosity_options,
 )
+from geoir.io.vectors import VectorPathType
 
 log = logging.getLogger("geoir")
 
@@ -51,10 +52,10 @@ log = logging.getLogger("geoir")
 )
 @click.option(
     "--examples",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=VectorPathType(),
     default=None,
-    help="Vector file of example points/polygons; a `negative` column (true/false, yes/no, 1/0; empty: "
-    "positive) marks negatives.",
+    help="Vector file (FILE or FILE:LAYER) of example points/polygons; a `negative` column (true/false, "
+    "yes/no, 1/0; empty: positive) marks negatives.",
 )
 @click.option(
     "--negative",
@@ -71,9 +72,10 @@ log = logging.getLogger("geoir")
 )
 @click.option(
     "--aoi",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=VectorPathType(),
     default=None,
-    help="Only tiles sharing ground with the geometries of this vector file (not those that only touch them).",
+    help="Only tiles sharing ground with the geometries of this vector file (FILE or FILE:LAYER; not those "
+    "that only touch them).",
 )
 @click.option("--scene", "scenes", multiple=True, help="Only tiles of this scene (id, path or file name). Repeatable.")
 @click.option(
@@ -175,15 +177,12 @@ def search(
         searcher.add_examples(parts, examples)
     aoi_geom = None
     if aoi is not None:
-        import geopandas as gpd
         import shapely
 
-        try:
-            aoi_df = gpd.read_file(aoi)
-        except Exception as exc:
-            raise click.ClickException(f"cannot read --aoi {aoi} ({exc}); pass a GeoPackage or GeoJSON") from exc
-        if aoi_df.crs is None:
-            raise click.ClickException(f"--aoi {aoi} has no CRS; set one in the file")
+        from geoir.errors import QueryError
+        from geoir.io.vectors import read_vectors
+
+        aoi_df = read_vectors(aoi, "--aoi", QueryError, "pass a GeoPackage or GeoJSON")
         if not (aoi_df.geometry.notna() & ~aoi_df.geometry.is_empty).any():
             raise click.ClickException(f"--aoi {aoi} has no geometries; draw the area of interest in it")
         from geoir.tiling.grid import to_lonlat

@@ -16,6 +16,7 @@ from geoir.cli.options import (
     tqdm_progress,
     verbosity_options,
 )
+from geoir.io.vectors import VectorPathType
 from geoir.training import defaults
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 
 
 @click.command(short_help="Train a head (SRL, DGSSH) on labelled images or tiles.")
-@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.argument("dataset", type=VectorPathType())
 @click.option(
     "--method",
     type=click.Choice(list(defaults.METHODS)),
@@ -174,7 +175,8 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     type=click.FloatRange(0.0, 0.9),
     default=0.2,
     show_default=True,
-    help="Held out per class for `geoir eval` (0 trains on everything).",
+    help="Held out per class and recorded in the model (`geoir info` lists them; `geoir eval` makes its own "
+    "splits); 0 trains on everything, as the model to use should.",
 )
 @click.option("--index", "index_dir", default=None, help="Bundle whose tiles a vector DATASET labels.")
 @click.option(
@@ -212,9 +214,10 @@ def train(
     """Train a retrieval head on DATASET's backbone features and write a model file.
 
     DATASET is a folder of class folders (CLASS/*.jpg, like UC Merced) or a vector file of labelled
-    points/polygons (a `label` column) over the tiles of --index. Backbone features are computed once
-    and cached. The protocol's test split (--test-fraction per class, --seed) is held out and
-    recorded; model selection uses a validation split of the rest, never the test images.
+    points/polygons (a `label` column) over the tiles of --index (FILE:LAYER for one layer of several).
+    Backbone features are computed once and cached. The protocol's test split (--test-fraction per
+    class, --seed) is held out and recorded; model selection uses a validation split of the rest, never
+    the test images.
 
     \b
     Examples:

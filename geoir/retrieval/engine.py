@@ -223,15 +223,12 @@ class Searcher:
 
     def add_examples(self, parts: QueryParts, path: str | Path) -> None:
         """Example points or polygons from a vector file; a boolean ``negative`` column marks negatives."""
+        from geoir.io.vectors import read_vectors
+
         p = Path(path)
-        try:
-            gdf = gpd.read_file(p)
-        except Exception as exc:  # pyogrio raises several types for unreadable files
-            raise QueryError(f"cannot read examples from {p} ({exc}); pass a GeoPackage, GeoJSON or shapefile") from exc
+        gdf = read_vectors(p, "examples file", QueryError, "pass a GeoPackage, GeoJSON or shapefile")
         if gdf.empty:
             raise QueryError(f"{p} has no features; add example points or polygons")
-        if gdf.crs is None:
-            raise QueryError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
         flags = _negative_flags(gdf["negative"], p) if "negative" in gdf.columns else [False] * len(gdf)
         gdf = to_lonlat(gdf)
         for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
@@ -590,18 +587,28 @@ def sharing_area(
     own (``of="tile"``). A point or line selects the footprints it meets, its edges included."""
 
     def predicate(footprints: gpd.GeoSeries, geom: shapely.Geometry) -> np.ndarray:
-        fp, geom = _valid(footprints.values), _valid(geom)
-        hit = np.asarray(shapely.intersects(fp, geom), dtype=bool)
-        if shapely.area(geom) == 0 or not hit.any():
-            return hit
-        shared = shapely.area(shapely.intersection(fp[hit], geom))
-        base = shapely.area(fp[hit])
-        if of == "smaller":
-            base = np.minimum(base, shapely.area(geom))
-        hit[hit] = shared > fraction * base
-        return hit
+        return shares_area(footprints.values, geom, fraction, of)
 
     return predicate
+
+
+def shares_area(footprints: Any, geoms: Any, fraction: float = TOUCH_TOLERANCE, of: str = "smaller") -> np.ndarray:
+    """Element-wise (with broadcasting): does each footprint share more than ``fraction`` of an area with its
+    geometry (see :func:`sharing_area`)? A point or line shares whatever it meets."""
+    # Made valid before broadcasting, so that one geometry against many footprints is repaired once.
+    geoms = _valid(geoms if isinstance(geoms, shapely.Geometry) else np.asarray(geoms, dtype=object))
+    fp, geom = np.broadcast_arrays(_valid(np.asarray(footprints, dtype=object)), np.asarray(geoms, dtype=object))
+    fp, geom = np.atleast_1d(fp), np.atleast_1d(geom)
+    hit = np.asarray(shapely.intersects(fp, geom), dtype=bool).copy()
+    geom_area = shapely.area(geom)
+    test = hit & (geom_area > 0)
+    if test.any():
+        shared = shapely.area(shapely.intersection(fp[test], geom[test]))
+        base = shapely.area(fp[test])
+        if of == "smaller":
+            base = np.minimum(base, geom_area[test])
+        hit[test] = shared > fraction * base
+    return hit
 
 
 def _valid(geoms: Any) -> Any:

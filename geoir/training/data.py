@@ -18,6 +18,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -257,40 +258,69 @@ def _encode_paths(
 
 
 def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: str = "label") -> FeatureSet:  # type: ignore[no-untyped-def]
-    """Labelled tiles of a bundle: the tiles intersecting each labelled geometry of a vector file.
+    """Labelled tiles of a bundle: the tiles that share ground with each labelled geometry of a vector file
+    (``FILE`` or ``FILE:LAYER``), as ``geoir search --examples`` selects them: a polygon labels the tiles
+    it covers more than 0.1% of (of the smaller area), not those that only touch its edge; a point or line
+    labels the tiles it meets.
 
-    A tile under geometries of two different labels is ambiguous and left out.
+    Labels are text: surrounding spaces are stripped, whole numbers read as such (``3``, not ``3.0``), and
+    geometries with an empty or missing label are left out. A tile under geometries of two different labels
+    is ambiguous and left out. Every geometry, tile and class left out is counted in a warning.
 
     Raises:
         DatasetError: Unreadable file, no ``label`` column, no CRS, or no labelled tile.
     """
     import geopandas as gpd
 
-    p = Path(labels_file)
-    try:
-        gdf = gpd.read_file(p)
-    except Exception as exc:  # pyogrio raises several types for unreadable files
-        raise DatasetError(f"cannot read {p} ({exc}); pass a GeoPackage or GeoJSON of labelled geometries") from exc
-    if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry.name not in gdf.columns:
-        raise DatasetError(f"{p} has no geometries; pass a GeoPackage or GeoJSON of labelled points or polygons")
-    if label_column not in gdf.columns:
-        raise DatasetError(f"{p} has no `{label_column}` column; add one with each geometry's class")
-    if gdf.crs is None:
-        raise DatasetError(f"{p} has no CRS; set one (e.g. EPSG:4326) in the file")
-    if bundle.model is None:
-        raise DatasetError(f"{bundle.path} is not encoded; run `geoir encode --index {bundle.path}` first")
+    from geoir.io.vectors import read_vectors
+    from geoir.retrieval.engine import shares_area
     from geoir.tiling.grid import to_lonlat
 
-    gdf = to_lonlat(gdf).dropna(subset=[label_column])
+    p = Path(labels_file)
+    gdf = read_vectors(p, "labels file", DatasetError, "pass a GeoPackage or GeoJSON of labelled points or polygons")
+    if label_column not in gdf.columns:
+        others = [c for c in gdf.columns if c != gdf.geometry.name]
+        near = [c for c in others if c.strip().lower() == label_column.lower()]
+        hint = f"rename `{near[0]}` to `{label_column}`" if near else "add one with each geometry's class"
+        raise DatasetError(f"{p} has no `{label_column}` column (its columns: {', '.join(others) or 'none'}); {hint}")
+    if bundle.model is None:
+        raise DatasetError(f"{bundle.path} is not encoded; run `geoir encode --index {bundle.path}` first")
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    text = gdf[label_column].map(label_text)
+    unlabelled = int(text.isna().sum())
+    gdf = to_lonlat(gdf.assign(**{label_column: text})[text.notna()].reset_index(drop=True))
     if gdf.empty:
         raise DatasetError(f"{p} has no geometry with a `{label_column}`; label some points or polygons")
+    if unlabelled:
+        log.warning(
+            "%s of %s %s no label: left out",
+            _count(unlabelled, "geometry", "geometries"),
+            p,
+            "has" if unlabelled == 1 else "have",
+        )
+    _warn_case_variants(gdf[label_column], p)
     tiles = bundle.tiles(bbox=tuple(gdf.total_bounds))
     joined = gpd.sjoin(tiles[["tile_id", "geometry"]], gdf[[label_column, "geometry"]], predicate="intersects")
-    per_tile = joined.groupby("tile_id")[label_column].agg(lambda s: sorted(set(map(str, s))))
+    if not joined.empty:
+        footprints = tiles.geometry.values[joined.index.to_numpy()]
+        labelled = gdf.geometry.values[joined["index_right"].to_numpy()]
+        joined = joined[shares_area(footprints, labelled)]
+    n_left = len(gdf) - joined["index_right"].nunique()
+    per_tile = joined.groupby("tile_id")[label_column].agg(lambda s: sorted(set(s)))
+    ambiguous = int((per_tile.map(len) > 1).sum())
     per_tile = per_tile[per_tile.map(len) == 1].map(lambda v: v[0])
     if per_tile.empty:
         raise DatasetError(f"no tile of {bundle.path} lies under the geometries of {p}; check the area and CRS")
+    if n_left:
+        log.warning(
+            "%d of the %d labelled geometries of %s cover no tile of %s and are left out",
+            n_left,
+            len(gdf),
+            p,
+            bundle.path,
+        )
+    if ambiguous:
+        log.warning("%s under geometries of different labels left out", _count(ambiguous, "tile", "tiles"))
     vec = bundle.vectors()
     pos = {int(t): i for i, t in enumerate(vec["ids"])}
     ids = [int(t) for t in per_tile.index if int(t) in pos]
@@ -309,6 +339,45 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
             bundle.path,
         )
     classes = sorted(set(per_tile.loc[ids]))
+    lost = sorted(set(gdf[label_column]) - set(classes))
+    if lost:
+        log.warning(
+            "class%s %s %s no tile left and %s not trained",
+            "es" if len(lost) > 1 else "",
+            ", ".join(repr(c) for c in lost),
+            "have" if len(lost) > 1 else "has",
+            "are" if len(lost) > 1 else "is",
+        )
     labels = np.array([classes.index(per_tile.loc[t]) for t in ids], dtype=np.int64)
     feats = vec["features"][[pos[t] for t in ids]].astype(np.float32)
     return FeatureSet(feats, labels, classes, [f"tile:{t}" for t in ids], bundle.model["backbone_fingerprint"])
+
+
+def label_text(value: object) -> str | None:
+    """A label as text: stripped; whole numbers without ``.0`` (a column of integers with a gap reads as
+    floats); None for an empty or missing label."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return None
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _warn_case_variants(labels: Any, path: Path) -> None:
+    """Warn about labels that differ only in case (``Coast`` and ``coast``): they train as two classes."""
+    groups: dict[str, set[str]] = {}
+    for label in set(labels):
+        groups.setdefault(label.casefold(), set()).add(label)
+    for variants in groups.values():
+        if len(variants) > 1:
+            log.warning(
+                "labels %s of %s differ only in case and are trained as different classes; "
+                "spell them alike if they are one class",
+                " and ".join(repr(v) for v in sorted(variants)),
+                path,
+            )
