@@ -468,10 +468,17 @@ def test_train_srl_chooses_retention_on_validation() -> None:
     np.testing.assert_allclose(head.embed(x)[:, :16], np.cos(angle) * off.embed(x), atol=1e-6)
     nv, h4 = train_srl(x, y, **{**kw, "val_fraction": 0.0})
     assert h4["retain_angle"] == RETAIN_DEFAULT_ANGLE == nv.retain
-    # Two classes cannot spare one for the probe: the default angle, not an error.
-    two = y < 2
-    h5 = train_srl(x[two], y[two], **kw)[1]
-    assert h5["retain_angle"] == RETAIN_DEFAULT_ANGLE and h5["retain_val_mAP"] == {}
+    # Two classes cannot spare one for the probe: the default angle, not an error. Neither can three: one
+    # held-out class ranked among itself scores 1 at every angle, so the choice would rest on the seen
+    # classes alone. Four hold two out and keep two.
+    logged: list[str] = []
+    for n in (2, 3):
+        h5 = train_srl(x[y < n], y[y < n], log=logged.append, **kw)[1]
+        assert h5["retain_angle"] == RETAIN_DEFAULT_ANGLE and h5["retain_val_mAP"] == {}
+        assert f"the default ({n} classes are too few)" in logged[-1] and "(8 axes)" in logged[-1]
+    h6 = train_srl(x[y < 4], y[y < 4], **kw)[1]
+    assert len(h6["retain_val_mAP"]) == len(RETAIN_ANGLES)
+    assert all(v["unseen"] < 1 for v in h6["retain_val_mAP"].values())
 
 
 def test_recipe_records_retention_and_reads_old_records() -> None:
@@ -566,8 +573,12 @@ def test_class_holdout() -> None:
     keep, hold = class_holdout(y, 0.2, seed=0)
     assert len(np.unique(y[hold])) == 2 and np.intersect1d(np.unique(y[keep]), np.unique(y[hold])).size == 0
     assert len(keep) + len(hold) == 50
-    with pytest.raises(DatasetError, match="at least 3 classes"):
-        class_holdout(np.array([0, 0, 1, 1]), 0.5, 0)
+    # Always two held out (one alone ranks at mAP 1 among itself) and two kept.
+    keep, hold = class_holdout(np.repeat(np.arange(4), 3), 0.1, seed=0)
+    assert len(np.unique(hold // 3)) == 2 and len(keep) == 6
+    for classes in (2, 3):
+        with pytest.raises(DatasetError, match="at least 4 classes"):
+            class_holdout(np.repeat(np.arange(classes), 2), 0.5, 0)
 
 
 def test_warmup_cosine() -> None:

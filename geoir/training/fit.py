@@ -119,15 +119,22 @@ def warmup_cosine(total_steps: int, warmup_steps: int, final_fraction: float = 0
     return f
 
 
+#: Classes needed to choose on held-out classes: two held out (ranked among themselves) and two kept.
+MIN_HOLDOUT_CLASSES = 4
+
+
 def class_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices by class into (kept, held out): ``round(fraction * C)`` whole classes (at least 1 and at
+    """Split indices by class into (kept, held out): ``round(fraction * C)`` whole classes (at least 2 and at
     most C - 2) are held out. Selecting on held-out *classes* favours heads that generalise to new classes
-    (the unseen-classes protocol) over heads that only separate the training classes."""
+    (the unseen-classes protocol) over heads that only separate the training classes. Held-out classes are
+    ranked among themselves, so one alone would score 1 whatever the head: two at least."""
     y = np.asarray(labels)
     classes = np.unique(y)
-    n_hold = min(max(round(fraction * len(classes)), 1), len(classes) - 2)
-    if n_hold < 1:
-        raise DatasetError(f"class-held-out validation needs at least 3 classes, got {len(classes)}")
+    n_hold = min(max(round(fraction * len(classes)), 2), len(classes) - 2)
+    if n_hold < 2:
+        raise DatasetError(
+            f"class-held-out validation needs at least {MIN_HOLDOUT_CLASSES} classes, got {len(classes)}"
+        )
     held = np.random.default_rng(seed).choice(classes, size=n_hold, replace=False)
     mask = np.isin(y, held)
     return np.nonzero(~mask)[0], np.nonzero(mask)[0]
@@ -345,7 +352,7 @@ def train_srl(
             is trained without ``retain_holdout`` of the classes, and the angle of :data:`RETAIN_ANGLES` with
             the best mean of its two validation mAPs (held-out images of its classes; the held-out classes
             among themselves) is kept, so the choice weighs the labels against what they never named.
-            Without validation (``val_fraction == 0`` or classes too small) or with fewer than 3 classes the
+            Without validation (``val_fraction == 0`` or classes too small) or with fewer than 4 classes the
             angle is :data:`RETAIN_DEFAULT_ANGLE`.
         retain_holdout: Fraction of the classes the probe head never sees.
         retain_gate: Let validation also choose a *gate* (:meth:`SRLHead.set_gate`): a retention angle per
@@ -472,9 +479,11 @@ def train_srl(
         gate: tuple[float, float, float, float] | None = None
         curve: dict[str, Any] = {}
         fuse = 0.0
-        if angle is None and (val_idx is None or len(np.unique(y)) < 3):
-            # No validation, or too few classes to hold one out and keep two: the documented default.
+        default_why = None
+        if angle is None and (val_idx is None or len(np.unique(y)) < MIN_HOLDOUT_CLASSES):
+            # No validation, or too few classes to hold two out and keep two: the documented default.
             angle = RETAIN_DEFAULT_ANGLE
+            default_why = "no validation" if val_idx is None else f"{len(np.unique(y))} classes are too few"
         elif angle is None:
             probe_kw = dict(
                 dim=dim,
@@ -510,7 +519,8 @@ def train_srl(
                 if gate is None
                 else "gate {:.2f}..{:.2f} rad at confidence {:.2f}".format(*gate)
             ) + (f", code weight {fuse:g}" if fuse_codes is not None else "")
-            log(f"srl retention: {how} ({retain_dim} axes); val mAP by candidate {curve}")
+            chosen = f"the default ({default_why})" if default_why else f"val mAP by candidate {curve}"
+            log(f"srl retention: {how} ({head.retain_dim} axes); {chosen}")
     hist.update(
         best_epoch=sel.epoch,
         best_val_mAP=None if val_idx is None else sel.best,
