@@ -93,6 +93,24 @@ def test_rerun_adds_nothing_and_new_scenes_append(make_geotiff: MakeGeoTiff, tmp
     assert b_tiles.total_bounds == pytest.approx([10.0, 45.0, 10.05, 45.05])
 
 
+def test_searching_maps_the_float_index_and_changing_reads_it_whole(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    a = make_geotiff("a.tif", seed=1)
+    b = make_geotiff("b.tif", seed=2, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
+    index = tmp_path / "idx"
+    args = ["--index", str(index), "--backbone", "test", "--device", "cpu", "--workers", "0"]
+    assert CliRunner().invoke(cli, ["-q", "tile", str(a), str(b), *args]).exit_code == 0
+    bundle = Bundle.open(index)
+    searched = bundle.indexes()["float"]
+    assert searched.mapped and len(searched) == 8
+    # The same Bundle then changes: the index is read whole, changed and saved; a fresh open maps the result.
+    b_id = next(r["id"] for r in bundle.scene_records() if r["path"] == str(b))
+    with bundle.lock():
+        assert bundle.remove_scene(b_id) == 4
+    assert not bundle._loaded["float"].mapped and len(bundle.indexes()["float"]) == 4
+    again = Bundle.open(index).indexes()["float"]
+    assert again.mapped and sorted(again.ids()) == sorted(Bundle.open(index).tiles().tile_id)
+
+
 def test_first_scene_without_tiles_leaves_a_sound_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     # The first scene of a new bundle gives no tile (its one padded tile is over the nodata limit): the
     # catalog's columns must still get their types from the schema, not from an empty first write.

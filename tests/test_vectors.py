@@ -377,6 +377,52 @@ def test_save_load_round_trip(tmp_path: Path, kind: str, factory: str | None) ->
     # still mutable after load
     again.add([10**9], data[:1])
     assert again.remove([10**9, ids[8]]) == 2
+    # Memory-mapped for searching: the same results, and refused changes (its owner reads it whole to change it).
+    mapped = VectorIndex.load(path, mapped=True)
+    assert mapped.mapped == (kind == "float") and VectorIndex.count(path) == len(index) == len(mapped)
+    for filt in (None, allowed):
+        d1, i1 = index.search(data[:30], 10, filt)
+        d3, i3 = mapped.search(data[:30], 10, filt)
+        np.testing.assert_array_equal(i1, i3)
+        np.testing.assert_array_equal(d1, d3)
+    if mapped.mapped:
+        np.testing.assert_array_equal(mapped.reconstruct(ids[10:20]), index.reconstruct(ids[10:20]))
+        for change in (lambda: mapped.add([10**9], data[:1]), lambda: mapped.remove(ids[8:9])):
+            with pytest.raises(RuntimeError, match="memory-mapped index cannot change"):
+                change()
+
+
+def test_a_mapped_load_of_a_flat_index_stored_out_of_id_order_reads_it_whole(tmp_path: Path) -> None:
+    # A flat index written by other code: load() must sort its storage, which a mapped index cannot.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    ids = rng.permutation(1000)[:50].astype(np.int64)
+    raw = faiss.IndexIDMap(faiss.IndexFlatIP(8))
+    raw.add_with_ids(x / np.linalg.norm(x, axis=1, keepdims=True), ids)
+    faiss.write_index(raw, str(tmp_path / "v.faiss"))
+    index = VectorIndex.load(tmp_path / "v.faiss", mapped=True)
+    assert not index.mapped and (np.diff(faiss.vector_to_array(index._index.id_map)) > 0).all()
+
+
+def test_removing_many_ids_from_a_large_flat_index_is_not_quadratic(monkeypatch: pytest.MonkeyPatch) -> None:
+    # IDSelectorArray scans its ids once per stored vector; IDSelectorBatch hashes them. With 200,000
+    # stored and 20,000 removed the scan does 4e9 comparisons (seconds); the hash does not.
+    rng = np.random.default_rng(4)
+    index = VectorIndex(4)
+    ids = rng.permutation(10**7)[:200_000].astype(np.int64)
+    index.add(ids, rng.normal(size=(200_000, 4)).astype(np.float32))
+    removed = ids[::10]
+    calls: list[str] = []
+    original = faiss.IDSelectorBatch
+
+    def batch(*args):  # type: ignore[no-untyped-def]
+        calls.append("batch")
+        return original(*args)
+
+    monkeypatch.setattr(faiss, "IDSelectorBatch", batch)
+    assert index.remove(removed) == len(removed)
+    assert calls == ["batch"] and len(index) == 180_000
+    assert not np.isin(removed, index.ids()).any()
 
 
 @pytest.mark.parametrize(("kind", "factory"), [("float", "HNSW16"), ("binary", "BHNSW16")])

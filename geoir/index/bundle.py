@@ -694,15 +694,22 @@ class Bundle:
             return []
         return ["float", "binary"] if model.get("bits") else ["float"]
 
-    def _index(self, kind: str) -> VectorIndex | None:
-        """The saved FAISS index of ``kind`` (None when there is none yet), read once per process."""
+    def _index(self, kind: str, changing: bool = False) -> VectorIndex | None:
+        """The saved FAISS index of ``kind`` (None when there is none yet), read once per process.
+
+        For searching (not ``changing``) a float index's vectors are memory-mapped, not read: a search
+        touches a few thousand of them, and reading a large bundle's whole index took seconds and its size in
+        memory per search. To change it, it is read whole (again, if it was mapped).
+        """
         from geoir.index.vectors import VectorIndex
 
+        if changing and kind in self._loaded and self._loaded[kind].mapped:
+            del self._loaded[kind]
         if kind not in self._loaded:
             path = self.index_path(kind)
             if not path.exists():
                 return None
-            self._loaded[kind] = VectorIndex.load(path)
+            self._loaded[kind] = VectorIndex.load(path, mapped=not changing)
         self._apply_pending(kind)
         return self._loaded[kind]
 
@@ -769,8 +776,9 @@ class Bundle:
         earlier run was killed before saving it.
         """
         for kind in self.index_kinds():
-            first = kind not in self._loaded
-            index = self._index(kind) if first else self._loaded[kind]  # (not _index: it applies pending adds)
+            first = kind not in self._loaded or self._loaded[kind].mapped
+            # (not _index when loaded: it applies pending adds)
+            index = self._index(kind, changing=True) if first else self._loaded[kind]
             if first:
                 # The scene being added is already committed, with its vectors: the rest must be in the file.
                 before = self.encoded_tiles() - len(ids)
@@ -813,7 +821,7 @@ class Bundle:
         counts["tiles"] -= n
         self.write_manifest()
         for kind in self.index_kinds():
-            index = self._index(kind)
+            index = self._index(kind, changing=True)
             if index is not None:
                 index.remove(np.asarray(ids, dtype=np.int64))
                 self._save_index(kind, index)

@@ -132,6 +132,8 @@ class VectorIndex:
         self.seed = seed
         self._index = self._build(factory)
         self._ids = np.empty(0, dtype=np.int64)
+        #: Vectors memory-mapped from the file (see :meth:`load`): searchable, not changeable.
+        self.mapped = False
 
     # ------------------------------------------------------------------ construction
 
@@ -242,6 +244,7 @@ class VectorIndex:
         Raises:
             BundleError: Too few vectors to train this kind.
         """
+        self._check_changeable()
         x = self._prepare(vectors, "training vectors", BundleError)
         if len(x) > self.max_train:
             pick = np.random.default_rng(self.seed).choice(len(x), self.max_train, replace=False)
@@ -266,6 +269,7 @@ class VectorIndex:
             BundleError: An id is already in the index or repeated, or training fails.
             QueryError: ``vectors`` has the wrong shape or dtype.
         """
+        self._check_changeable()
         keys = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         x = self._prepare(vectors, "vectors to add", QueryError)
         if len(keys) != len(x):
@@ -304,12 +308,16 @@ class VectorIndex:
         Raises:
             BundleError: This kind can neither remove nor reconstruct vectors.
         """
+        self._check_changeable()
         keys = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         present = keys[self._members(keys)]
         if len(present) == 0:
             return 0
+        # IDSelectorArray tests membership by a linear scan, once per stored vector: quadratic for a scene
+        # of a large index. IDSelectorBatch hashes; IVF kinds' direct maps take only the array selector.
+        selector = faiss.IDSelectorArray(present) if self._ivf() is not None else faiss.IDSelectorBatch(present)
         try:
-            removed = int(self._index.remove_ids(faiss.IDSelectorArray(present)))
+            removed = int(self._index.remove_ids(selector))
         except RuntimeError as err:
             if "not implemented" not in str(err):
                 raise
@@ -317,6 +325,10 @@ class VectorIndex:
         if not self.exact:
             self._ids = self._ids[~np.isin(self._ids, present)]
         return removed
+
+    def _check_changeable(self) -> None:
+        if self.mapped:
+            raise RuntimeError("a memory-mapped index cannot change; load it with mapped=False to change it")
 
     def _rebuild_without(self, present: np.ndarray) -> int:
         """Rebuild a kind FAISS cannot delete from (graphs) from its own stored vectors, minus ``present``."""
@@ -591,7 +603,8 @@ class VectorIndex:
         try:
             with open(source, "rb") as f:
                 binary = f.read(4).startswith(b"IB")
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            # IO_FLAG_MMAP_IFC maps a flat index's vectors (IO_FLAG_MMAP alone still reads them).
+            flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
             index = faiss.read_index_binary(str(source), flags) if binary else faiss.read_index(str(source), flags)
         except OSError as err:
             raise BundleError(f"cannot read index file {source}: {err.strerror}") from None
@@ -601,8 +614,14 @@ class VectorIndex:
         return int(index.ntotal)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> VectorIndex:
+    def load(cls, path: str | os.PathLike[str], mapped: bool = False) -> VectorIndex:
         """Read an index written by :meth:`save`.
+
+        Args:
+            path: The index file.
+            mapped: Memory-map a float index's vectors instead of reading them (searching a large bundle
+                then reads only the pages it touches). Such an index must not be changed: :attr:`mapped`
+                says so, and its owner loads it again unmapped to change it.
 
         Raises:
             BundleError: The file is missing, corrupt, truncated, or not a geoir vector index.
@@ -617,8 +636,14 @@ class VectorIndex:
         except OSError as err:
             raise BundleError(f"cannot read index file {source}: {err.strerror}") from None
         binary = magic.startswith(b"IB")
+        mapped = mapped and not binary  # a binary index is 8 bytes per tile at 64 bits: read it
         try:
-            index = faiss.read_index_binary(str(source)) if binary else faiss.read_index(str(source))
+            if binary:
+                index = faiss.read_index_binary(str(source))
+            elif mapped:
+                index = faiss.read_index(str(source), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+            else:
+                index = faiss.read_index(str(source))
         except (RuntimeError, MemoryError) as err:
             log.debug("FAISS cannot read %s: %s", source, err)
             raise BundleError(f"index file {source} is corrupt or truncated; {redo}") from None
@@ -629,6 +654,7 @@ class VectorIndex:
         self.factory = None
         self.max_train, self.seed = 100_000, 0
         self._index = index
+        self.mapped = mapped
         if self._base() is None and not self._ivf_native():
             raise BundleError(f"{source} is a FAISS index but not a geoir vector index (no tile ids); {redo}")
         self._ids = np.empty(0, dtype=np.int64)
@@ -637,6 +663,8 @@ class VectorIndex:
             self._ids = np.sort(self._stored_ids())
         elif len(self) > 1 and not (np.diff(self._sorted_ids()) > 0).all():
             # A flat index written elsewhere: restore the ascending-id storage order that breaks ties by id.
+            if mapped:
+                return cls.load(source)  # which changes it: read it whole
             ids, x = self._stored_ids(), self._flat_vectors()
             order = np.argsort(ids, kind="stable")
             ids, x = ids[order], x[order]
