@@ -111,6 +111,30 @@ def test_searching_maps_the_float_index_and_changing_reads_it_whole(make_geotiff
     assert again.mapped and sorted(again.ids()) == sorted(Bundle.open(index).tiles().tile_id)
 
 
+def test_without_a_model_tiles_are_read_in_the_main_process(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reader processes feed a model; for --no-encode they cost start-up and copies (2.6x the time, 3.7x the
+    # memory on the Sentinel-2 scene at --size 32), so by default there are none. --workers still rules.
+    import geoir.tiling.run as run_module
+
+    used: list[int] = []
+    real = run_module.read_and_encode
+
+    def spy(source, model, batch_size=64, workers=0, *args, **kwargs):  # type: ignore[no-untyped-def]
+        used.append(workers)
+        return real(source, model, batch_size, workers, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "read_and_encode", spy)
+    monkeypatch.setattr("geoir.cli.tile.default_workers", lambda: 2)
+    a = make_geotiff("a.tif", seed=1)
+    assert run("tile", str(a), "--index", str(tmp_path / "i1")).exit_code == 0
+    assert run("tile", str(a), "--index", str(tmp_path / "i2"), "--workers", "1").exit_code == 0
+    args = ["-q", "tile", str(a), "--index", str(tmp_path / "i3"), "--backbone", "test", "--device", "cpu"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert used == [0, 1, 2]
+
+
 def test_first_scene_without_tiles_leaves_a_sound_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     # The first scene of a new bundle gives no tile (its one padded tile is over the nodata limit): the
     # catalog's columns must still get their types from the schema, not from an empty first write.

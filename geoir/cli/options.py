@@ -262,7 +262,7 @@ def batch_options(f: F) -> F:
         "--workers",
         type=click.IntRange(min=0),
         default=None,
-        help="Reader processes feeding the model [default: CPU cores - 1, at most 8].",
+        help="Reader processes feeding the model [default: CPU cores - 1, at most 8; none without a model].",
     )(f)
     f = click.option(
         "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per model batch."

@@ -268,7 +268,9 @@ def tile(
                     chips_dir=export_chips,
                     progress=tqdm_progress(progress_enabled(ctx)),
                     batch_size=batch_size,
-                    workers=default_workers() if workers is None else workers,
+                    # Without a model, reader processes only add start-up and copies: the main process reads
+                    # with GDAL's own read-ahead threads.
+                    workers=(default_workers() if encoder is not None else 0) if workers is None else workers,
                     skip_unreadable=skip_unreadable,
                 )
         report.unreadable[:0] = unreadable

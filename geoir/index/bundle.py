@@ -367,7 +367,32 @@ class Bundle:
         return out
 
     def scene_ids(self) -> set[str]:
-        return {r["id"] for r in self.scene_records()}
+        if not self.catalog_path.exists():
+            return set()
+        with contextlib.closing(self._connect()) as con:
+            return {sid for (sid,) in con.execute("SELECT scene_id FROM scenes")}
+
+    def scene_ids_at(self, path: str) -> list[str]:
+        """Ids of the committed scenes recorded at ``path`` (one SQL lookup, not a parse of every record)."""
+        if not self.catalog_path.exists():
+            return []
+        with contextlib.closing(self._connect()) as con:
+            return [sid for (sid,) in con.execute("SELECT scene_id FROM scenes WHERE path = ? ORDER BY fid", (path,))]
+
+    def tile_ids_of(self, scene_ids: Iterable[str]) -> pd.DataFrame:
+        """``tile_id`` and ``scene_id`` of the committed tiles of these scenes, without their geometries (SQL on
+        the scene_id index: a ``--scene`` filter used to read the whole catalog)."""
+        wanted = sorted(set(scene_ids) & self.scene_ids())
+        rows: list[tuple[int, str]] = []
+        if wanted:
+            with contextlib.closing(self._connect()) as con:
+                marks = ",".join("?" * len(wanted))
+                rows = con.execute(
+                    f"SELECT tile_id, scene_id FROM tiles WHERE scene_id IN ({marks})", wanted
+                ).fetchall()
+        return pd.DataFrame(
+            {"tile_id": np.array([r[0] for r in rows], dtype=np.int64), "scene_id": [r[1] for r in rows]}
+        )
 
     def move_scene(self, scene_id: str, path: str) -> None:
         """Record that a committed scene's file now lies at ``path`` (its content, id and tiles unchanged)."""

@@ -267,11 +267,10 @@ class Searcher:
         if aoi is not None:
             in_aoi = self.bundle.tiles_at(aoi, sharing_area())
             tiles = in_aoi if tiles is None else tiles[tiles.tile_id.isin(in_aoi.tile_id)]
-        if tiles is None:
-            tiles = self.bundle.tiles()
         if scenes:
             wanted = {self._resolve_scene(s) for s in scenes}
-            tiles = tiles[tiles.scene_id.isin(wanted)]
+            tiles = self.bundle.tile_ids_of(wanted) if tiles is None else tiles[tiles.scene_id.isin(wanted)]
+        assert tiles is not None
         encoded = set(self.bundle.encoded_scene_ids())
         if len(tiles) and not tiles.scene_id.isin(encoded).any():
             names = sorted({Path(self._records[sid]["path"]).name for sid in set(tiles.scene_id)})

@@ -404,7 +404,7 @@ def on_cuda(model: Model | None) -> bool:
 def _remove_earlier_versions(bundle: Bundle, scene: Scene, report: TileReport) -> None:
     """Remove the scenes of ``scene``'s path with other content: the file changed since they were indexed,
     so their tiles describe pixels that are gone. Called once ``scene`` is committed, never before."""
-    for old in [r["id"] for r in bundle.scene_records() if r["path"] == scene.path and r["id"] != scene.id]:
+    for old in [sid for sid in bundle.scene_ids_at(scene.path) if sid != scene.id]:
         n = bundle.remove_scene(old)
         report.replaced_scenes.append(old)
         log.warning("%s changed since it was indexed: its %d earlier tiles (scene %s) are replaced", scene.path, n, old)
