@@ -584,6 +584,31 @@ def test_a_label_file_of_several_layers_is_read_by_the_layer_named(tmp_path: Pat
     assert len(gpd.read_file(hits, layer="hits")) == 3
 
 
+def test_train_and_eval_take_the_bundle_from_geoir_index_and_name_labelled_tiles(
+    tmp_path: Path, make_geotiff: MakeGeoTiff, image_folder: Path
+) -> None:
+    index, gpkg = labelled_bundle(tmp_path, make_geotiff, 512, 2)
+    env = {"GEOIR_INDEX": str(index)}
+    out = tmp_path / "m.pt"
+    r = CliRunner(env=env).invoke(
+        cli, ["-q", "train", str(gpkg), "--method", "srl", "--epochs", "1", "--test-fraction", "0", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert load_model(out).meta["data"]["samples"] == 4
+    # A folder of images needs no bundle: one set in the environment for searching is not an error.
+    folder_model = tmp_path / "f.pt"
+    args = ["-q", "train", str(image_folder), "--method", "srl", "--epochs", "1", "--out", str(folder_model)]
+    r = CliRunner(env=env).invoke(cli, [*args, *TEST_BACKBONE])
+    assert r.exit_code == 0, r.output
+    # Too few labelled tiles per class: named as labelled tiles, not images.
+    report = tmp_path / "r.json"
+    r = CliRunner(env=env).invoke(
+        cli, ["eval", str(gpkg), "--model", str(out), "--protocol", "seen", "--json", str(report)]
+    )
+    assert r.exit_code == 1 and "needs at least 3 labelled tiles per class" in r.output
+    assert "add labelled tiles" in r.output and "images" not in r.output and not report.exists()
+
+
 def test_a_missing_label_column_names_the_columns_there(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
     index, gpkg = labelled_bundle(tmp_path, make_geotiff, 512, 2)
     gpd.read_file(gpkg).rename(columns={"label": "Label"}).to_file(tmp_path / "cap.gpkg")

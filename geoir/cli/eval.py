@@ -92,8 +92,9 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     "--index",
     "index_dir",
     default=None,
+    envvar="GEOIR_INDEX",
     help="Bundle whose tiles a vector DATASET labels (its stored features are scored; for a model whose "
-    "recipe trains without views, e.g. one trained on those labels).",
+    "recipe trains without views, e.g. one trained on those labels; env: GEOIR_INDEX).",
 )
 @weights_options
 @overwrite_option
@@ -146,7 +147,7 @@ def evaluate(
     from geoir.training.evaluation import check_protocols, run_protocols, split_files, summary_table, write_pr_curve
 
     # Every output and every protocol is checked before the model is trained once.
-    check_dataset_kind(dataset, index_dir)
+    index_dir = check_dataset_kind(dataset, index_dir, ctx)
     if index_dir is not None and tta:
         raise click.UsageError(
             "--tta averages the 8 flips and quarter turns of every sample's pixels, and a bundle keeps only its "
@@ -175,7 +176,7 @@ def evaluate(
     recipe = Recipe.from_dict(model.meta["recipe"])
     if index_dir is not None:
         data = _bundle_data(dataset, index_dir, model, recipe, model_path or "the default model")
-        check_protocols(data.labels, data.classes, protocol, source=str(dataset))
+        check_protocols(data.labels, data.classes, protocol, source=str(dataset), unit="labelled tiles")
     else:
         _, labels, classes = list_image_folder(dataset)
         check_protocols(labels, classes, protocol, source=str(dataset))

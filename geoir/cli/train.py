@@ -30,8 +30,14 @@ DATASET_KINDS = (
 )
 
 
-def check_dataset_kind(dataset: Path, index_dir: str | None) -> None:
-    """A folder of class folders goes without --index; a vector file of labelled geometries needs one."""
+def check_dataset_kind(dataset: Path, index_dir: str | None, ctx: click.Context | None = None) -> str | None:
+    """A folder of class folders goes without --index; a vector file of labelled geometries needs one.
+    Returns the bundle to use: none for a folder when --index came from $GEOIR_INDEX (set for search)."""
+    from click.core import ParameterSource
+
+    from_env = ctx is not None and ctx.get_parameter_source("index_dir") is ParameterSource.ENVIRONMENT
+    if dataset.is_dir() and from_env:
+        return None
     if dataset.is_dir() and index_dir is not None:
         raise click.UsageError(
             f"{dataset} is a folder of class folders, whose images are encoded as they are; --index is for a "
@@ -42,6 +48,7 @@ def check_dataset_kind(dataset: Path, index_dir: str | None) -> None:
             f"{dataset} is not a folder, so it is read as a vector file of labelled geometries: pass the --index "
             "bundle whose tiles it labels"
         )
+    return index_dir
 
 
 def _features(
@@ -178,7 +185,13 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
     help="Held out per class and recorded in the model (`geoir info` lists them; `geoir eval` makes its own "
     "splits); 0 trains on everything, as the model to use should.",
 )
-@click.option("--index", "index_dir", default=None, help="Bundle whose tiles a vector DATASET labels.")
+@click.option(
+    "--index",
+    "index_dir",
+    default=None,
+    envvar="GEOIR_INDEX",
+    help="Bundle whose tiles a vector DATASET labels (env: GEOIR_INDEX).",
+)
 @click.option(
     "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Model file to write (.pt)."
 )
@@ -237,6 +250,7 @@ def train(
         raise click.BadParameter(
             f"{dataset} is an image or raster file, not a data set; pass {DATASET_KINDS}", param_hint="DATASET"
         )
+    index_dir = check_dataset_kind(dataset, index_dir, ctx)
     refuse_existing(out, overwrite)
     augment = resolve_augment(augment, dataset, retain_dim, retain_gate)
     recipe = Recipe(

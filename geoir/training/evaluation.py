@@ -52,7 +52,11 @@ def split_files(protocols: Sequence[str], seeds: Sequence[int], unseen_seeds: Se
 
 
 def check_protocols(
-    labels: np.ndarray, classes: Sequence[str], protocols: Sequence[str], source: str = "the data set"
+    labels: np.ndarray,
+    classes: Sequence[str],
+    protocols: Sequence[str],
+    source: str = "the data set",
+    unit: str = "images",
 ) -> None:
     """Fail before any work when the data set cannot be scored under every protocol asked for.
 
@@ -61,6 +65,7 @@ def check_protocols(
         classes: Class names (folder names), used in the message.
         protocols: Names among :data:`PROTOCOLS`.
         source: What to call the data set in the message (its path).
+        unit: What to call its samples ("images", "labelled tiles").
 
     Raises:
         DatasetError: Too few classes for ``unseen``, a class too small to be split and trained on, or (``test``)
@@ -75,7 +80,7 @@ def check_protocols(
             listed = ", ".join(f"{c!r} ({n})" for c, n in small[:5]) + (" ..." if len(small) > 5 else "")
             raise DatasetError(
                 f"{source}: the {'/'.join(seen)} protocol trains on {SEEN_TRAIN_FRACTION:.0%} of every class and "
-                f"needs at least {need} images per class; too few in {listed}; add images or remove those classes"
+                f"needs at least {need} {unit} per class; too few in {listed}; add {unit} or remove those classes"
             )
     if "test" in protocols:
         # Each test image queries the other test images of the split: its class needs another one there.
@@ -87,8 +92,8 @@ def check_protocols(
         if few:
             listed = ", ".join(f"{c!r} ({n})" for c, n in few[:5]) + (" ..." if len(few) > 5 else "")
             raise DatasetError(
-                f"{source}: the test protocol ranks each class's test images ({1 - SEEN_TRAIN_FRACTION:.0%} of it) "
-                f"against each other and needs at least 2 of them; too few in {listed}; add images, or leave "
+                f"{source}: the test protocol ranks each class's test {unit} ({1 - SEEN_TRAIN_FRACTION:.0%} of it) "
+                f"against each other and needs at least 2 of them; too few in {listed}; add {unit}, or leave "
                 "out --protocol test"
             )
     if "unseen" in protocols:
@@ -103,9 +108,9 @@ def check_protocols(
         small = [(c, int(n)) for c, n in zip(classes, counts, strict=True) if n < 2]
         if small:
             raise DatasetError(
-                f"{source}: the unseen protocol needs at least 2 images per class; too few in "
+                f"{source}: the unseen protocol needs at least 2 {unit} per class; too few in "
                 + ", ".join(f"{c!r} ({n})" for c, n in small[:5])
-                + "; add images or remove those classes"
+                + f"; add {unit} or remove those classes"
             )
 
 
