@@ -609,6 +609,32 @@ def test_train_and_eval_take_the_bundle_from_geoir_index_and_name_labelled_tiles
     assert "add labelled tiles" in r.output and "images" not in r.output and not report.exists()
 
 
+def test_a_model_trained_on_a_tta_bundle_records_it_and_asks_for_tta(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    scene = make_geotiff(shape=(3, 512, 512))
+    index = tmp_path / "tta"
+    invoke("tile", str(scene), "--index", str(index), "--model", "backbone", "--tta", *TEST_BACKBONE, "--workers", "0")
+    tiles = Bundle.open(index).tiles()
+    labels = gpd.GeoDataFrame(
+        {"label": ["a", "a", "b", "b"]}, geometry=tiles.geometry.representative_point().to_numpy(), crs=tiles.crs
+    )
+    labels.to_file(tmp_path / "labels.gpkg")
+    out = tmp_path / "m.pt"
+    args = ["--method", "srl", "--epochs", "1", "--test-fraction", "0", "--out", str(out)]
+    invoke("train", str(tmp_path / "labels.gpkg"), "--index", str(index), *args)
+    assert load_model(out).meta["data"]["features_tta"] is True
+    assert "of --tta features (encode with --tta)" in invoke("info", "--model", str(out)).output
+    # Tiling with it as trained says nothing; without --tta it says what to pass.
+    tile = ["tile", str(scene), "--model", str(out), "--workers", "0", "--device", "cpu"]
+    r = CliRunner().invoke(cli, [*tile, "--index", str(tmp_path / "plain")])
+    assert r.exit_code == 0 and "was trained on a --tta bundle's features" in r.output and "pass --tta" in r.output
+    r = CliRunner().invoke(cli, [*tile, "--index", str(tmp_path / "averaged"), "--tta"])
+    assert r.exit_code == 0 and "--tta bundle" not in r.output, r.output
+    # A model trained on plain features records nothing of the kind.
+    plain_index, gpkg = labelled_bundle(tmp_path / "p", make_geotiff, 512, 2)
+    invoke("train", str(gpkg), "--index", str(plain_index), *args[:-1], str(tmp_path / "p.pt"))
+    assert "features_tta" not in load_model(tmp_path / "p.pt").meta["data"]
+
+
 def test_a_missing_label_column_names_the_columns_there(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
     index, gpkg = labelled_bundle(tmp_path, make_geotiff, 512, 2)
     gpd.read_file(gpkg).rename(columns={"label": "Label"}).to_file(tmp_path / "cap.gpkg")

@@ -201,6 +201,7 @@ def _model_info(model_file: str, as_json: bool, weights: str | None = None, down
         digest = f" (items sha256 {data['items_sha256'][:12]})" if data.get("items_sha256") else ""
         click.echo(
             f"data        {data.get('dataset')}: {data.get('samples')} samples, {data.get('classes')} classes{digest}"
+            + (" of --tta features (encode with --tta)" if data.get("features_tta") else "")
         )
     split = meta.get("split")
     if split:

@@ -309,6 +309,12 @@ def resolve_model(
         bundle_model, model, backbone=backbone, weights=weights, download=download, device=device, tta=tta
     )
     d = loaded.describe()
+    if (loaded.meta.get("data") or {}).get("features_tta") and not loaded.backbone.tta:
+        logging.getLogger("geoir").warning(
+            "%s was trained on a --tta bundle's features (each the mean of a tile's 8 flips and quarter turns); "
+            "pass --tta to encode as it was trained (in a new --index: a bundle is encoded one way)",
+            d["name"],
+        )
     logging.getLogger("geoir").debug(
         "model %s (%s): backbone %s, %s-d embedding, %s, test-time averaging %s, on %s",
         d["name"] or "(none)",

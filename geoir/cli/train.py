@@ -298,13 +298,25 @@ def train(
     meta = {
         "name": out.stem,
         "recipe": recipe.to_dict(),
-        "data": {"dataset": dataset.resolve().name, **data.summary(), "classes_list": data.classes},
+        "data": {
+            "dataset": dataset.resolve().name,
+            **data.summary(),
+            "classes_list": data.classes,
+            # Features of a --tta bundle are the mean over each tile's 8 flips and quarter turns.
+            **({"features_tta": True} if index_dir is not None and _bundle_tta(index_dir) else {}),
+        },
         "split": {"seed": seed, "test_fraction": test_fraction, "test_items": [data.items[i] for i in test_idx]},
         "history": history_summary(history),
     }
     trained = Model(bb, head, head.config(), meta)  # type: ignore[operator]
     trained.save(out)
     log.info("%s: %s head (fingerprint %s)", out, method, trained.fingerprint[:12])
+
+
+def _bundle_tta(index_dir: str) -> bool:
+    from geoir.index.bundle import Bundle
+
+    return bool((Bundle.open(index_dir).model or {}).get("backbone_tta"))
 
 
 def _image_file_suffixes() -> set[str]:
