@@ -111,6 +111,34 @@ def test_searching_maps_the_float_index_and_changing_reads_it_whole(make_geotiff
     assert again.mapped and sorted(again.ids()) == sorted(Bundle.open(index).tiles().tile_id)
 
 
+def test_a_rerun_with_nothing_to_encode_loads_no_model(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = make_geotiff("a.tif", seed=1)
+    b = make_geotiff("b.tif", seed=2, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
+    index = tmp_path / "idx"
+    args = ["--index", str(index), "--backbone", "test", "--device", "cpu", "--workers", "0"]
+    assert CliRunner().invoke(cli, ["-q", "tile", str(a), *args]).exit_code == 0
+    loaded: list[str] = []
+    import geoir.cli.tile as tile_module
+
+    real = tile_module.resolve_model
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        loaded.append("model")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tile_module, "resolve_model", spy)
+    r = CliRunner().invoke(cli, ["tile", str(a), "--index", str(index)])
+    assert r.exit_code == 0 and "already in" in r.output and loaded == [], r.output
+    # --tta is still refused on a bundle encoded without it.
+    r = CliRunner().invoke(cli, ["tile", str(a), "--index", str(index), "--tta"])
+    assert r.exit_code == 2 and "encoded without --tta" in r.output
+    # A new scene needs the model.
+    assert CliRunner().invoke(cli, ["-q", "tile", str(a), str(b), *args]).exit_code == 0
+    assert loaded == ["model"] and len(Bundle.open(index).encoded_scene_ids()) == 2
+
+
 def test_without_a_model_tiles_are_read_in_the_main_process(
     make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
