@@ -1214,3 +1214,36 @@ def test_hits_carry_their_id_as_text_and_a_short_result_says_why(bundle2: Path, 
     assert f"beside it: {tmp_path / 'h.hits_merged.geojson'}" in r.output
     # The text id is a query as it is.
     invoke("search", hits.tile[0], "--index", str(bundle2), "--out", str(tmp_path / "again.gpkg"), *TEST_MODEL)
+
+
+def _merged_by_union(hits: gpd.GeoDataFrame) -> set[tuple[int, int, str]]:
+    """Regions as the union of every footprint makes them: (best_rank, count, tile_ids) of each part."""
+    union = shapely.union_all(hits.geometry.values)
+    out = set()
+    for region in getattr(union, "geoms", [union]):
+        inside = shapely.area(shapely.intersection(hits.geometry.values, region)) > 0
+        members = hits[inside]
+        out.add((int(members["rank"].min()), len(members), ",".join(str(t) for t in sorted(members.tile_id))))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merged_regions_are_those_of_the_union_of_the_hits(seed: int) -> None:
+    # Unit squares on a coarse grid (some on the same cell, overlapping; neighbours share an edge; diagonal
+    # ones meet at a corner only and stay apart) and a few offset by half a cell (overlapping partly).
+    from geoir.retrieval.engine import merge_hits
+
+    rng = np.random.default_rng(seed)
+    n = 60
+    cells = rng.integers(0, 8, size=(n, 2)).astype(float)
+    cells[rng.random(n) < 0.15] += 0.5
+    hits = gpd.GeoDataFrame(
+        {"rank": np.arange(1, n + 1), "score": np.linspace(1, 0, n), "tile_id": rng.permutation(10**6)[:n]},
+        geometry=[shapely.box(x, y, x + 1, y + 1) for x, y in cells],
+        crs="EPSG:4326",
+    )
+    merged = merge_hits(hits)
+    got = {(r.best_rank, r.count, r.tile_ids) for r in merged.itertuples()}
+    assert got == _merged_by_union(hits)
+    assert merged.region.tolist() == list(range(1, len(merged) + 1)) and merged.best_rank.is_monotonic_increasing
+    assert shapely.equals(shapely.union_all(merged.geometry.values), shapely.union_all(hits.geometry.values))

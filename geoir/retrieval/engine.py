@@ -550,21 +550,41 @@ def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     columns = ["region", "best_rank", "best_score", "count", "tile_ids", "geometry"]
     if hits.empty:
         return gpd.GeoDataFrame([], columns=columns, geometry="geometry", crs="EPSG:4326")
-    union = shapely.union_all(hits.geometry.values)
-    regions = list(getattr(union, "geoms", [union]))
-    tree = shapely.STRtree(hits.geometry.values)
+    geoms = hits.geometry.values
+    # Regions are the connected groups of footprints joined by an overlap or a shared edge: pairs from an
+    # R-tree, joined in a union-find (the union of every footprint, then a search for each part's members,
+    # took 12.8 s for 10,000 hits).
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = left < right
+    left, right = left[pair], right[pair]
+    joined = shapely.get_dimensions(shapely.intersection(geoms[left], geoms[right])) >= 1
+    parent = np.arange(len(hits))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for i, j in zip(left[joined].tolist(), right[joined].tolist(), strict=True):
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(hits)):
+        groups.setdefault(root(i), []).append(i)
+    ranks, scores, tile_ids = hits["rank"].to_numpy(), hits.score.to_numpy(), hits.tile_id.to_numpy()
     rows = []
-    for n, region in enumerate(regions, start=1):
-        members = hits.iloc[tree.query(region, predicate="intersects")]
-        members = members[shapely.area(shapely.intersection(members.geometry.values, region)) > 0]
+    for n, members in enumerate(groups.values(), start=1):
+        idx = np.array(members)
         rows.append(
             {
                 "region": n,
-                "best_rank": int(members["rank"].min()),
-                "best_score": float(members.score.max()),
-                "count": len(members),
-                "tile_ids": ",".join(str(t) for t in sorted(members.tile_id)),
-                "geometry": region,
+                "best_rank": int(ranks[idx].min()),
+                "best_score": float(scores[idx].max()),
+                "count": len(idx),
+                "tile_ids": ",".join(str(t) for t in sorted(tile_ids[idx].tolist())),
+                "geometry": geoms[idx[0]] if len(idx) == 1 else shapely.union_all(geoms[idx]),
             }
         )
     out = gpd.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
