@@ -163,6 +163,33 @@ def test_without_a_model_tiles_are_read_in_the_main_process(
     assert used == [0, 1, 2]
 
 
+def test_stored_features_of_tiles_are_read_row_by_row(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    from geoir.errors import BundleError
+
+    a = make_geotiff("a.tif", seed=1)
+    b = make_geotiff("b.tif", seed=2, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
+    index = tmp_path / "idx"
+    args = ["--index", str(index), "--backbone", "test", "--device", "cpu", "--workers", "0"]
+    assert CliRunner().invoke(cli, ["-q", "tile", str(a), str(b), *args]).exit_code == 0
+    bundle = Bundle.open(index)
+    scenes = bundle.encoded_scene_ids()
+    whole = bundle.vectors(scenes)
+    pick = whole["ids"][[6, 0, 3, 5]]  # across both scenes, out of order
+    expected = whole["features"][[6, 0, 3, 5]]
+    np.testing.assert_array_equal(bundle.features_of(pick, scenes), expected)
+    # A compressed vector file (written by other code) is read whole instead, with the same result.
+    path = bundle.vectors_path(scenes[1])
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(path, **arrays)
+    np.testing.assert_array_equal(bundle.features_of(pick, scenes), expected)
+    with pytest.raises(BundleError, match=r"tiles \[12345\] have no stored vectors"):
+        bundle.features_of([12345], scenes)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(BundleError, match="is corrupt"):
+        bundle.features_of(pick, scenes)
+
+
 def test_first_scene_without_tiles_leaves_a_sound_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     # The first scene of a new bundle gives no tile (its one padded tile is over the nodata limit): the
     # catalog's columns must still get their types from the schema, not from an empty first write.

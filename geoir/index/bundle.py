@@ -33,7 +33,7 @@ import os
 import shutil
 import sqlite3
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -700,6 +700,43 @@ class Bundle:
                 ) from exc
         return {k: np.concatenate(v) for k, v in parts.items()}
 
+    def features_of(self, tile_ids: Sequence[int] | np.ndarray, scene_ids: Iterable[str]) -> np.ndarray:
+        """The stored backbone features of these tiles (of the scenes ``scene_ids``), in ``tile_ids`` order.
+
+        Only the rows asked for are read from each scene's vector file, with its ids: a ``tile:ID`` query
+        used to read every array of its scene (seconds and a GB or more for a scene of 65,536 tiles).
+
+        Raises:
+            BundleError: A tile is not among those scenes' stored vectors, or a vector file is damaged.
+        """
+        wanted = np.asarray(tile_ids, dtype=np.int64).reshape(-1)
+        out: np.ndarray | None = None
+        found = np.zeros(len(wanted), dtype=bool)
+        for sid in scene_ids:
+            path = self.vectors_path(sid)
+            try:
+                with zipfile.ZipFile(path) as z:
+                    stored = _npz_rows(z, "ids")
+                    order = np.argsort(stored, kind="stable")
+                    at = np.searchsorted(stored, wanted, sorter=order).clip(max=len(stored) - 1)
+                    here = (stored[order[at]] == wanted) & ~found if len(stored) else np.zeros_like(found)
+                    rows = _npz_rows(z, "features", order[at[here]])
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+                raise BundleError(
+                    f"{path} is corrupt ({exc}); delete it, then run `geoir encode --index {self.path}` to encode "
+                    "that scene again"
+                ) from exc
+            if out is None:
+                out = np.empty((len(wanted), *rows.shape[1:]), dtype=rows.dtype)
+            out[here] = rows
+            found |= here
+        if out is None or not found.all():
+            missing = wanted[~found][:5].tolist()
+            raise BundleError(
+                f"tiles {missing} have no stored vectors in {self.path}; run `geoir encode --index {self.path}`"
+            )
+        return out
+
     # ---------------------------------------------------------------- FAISS indexes
     def index_path(self, kind: str) -> Path:
         return self.path / INDEX_FILES[kind]
@@ -852,6 +889,28 @@ class Bundle:
                 self._save_index(kind, index)
         self.vectors_path(scene_id).unlink(missing_ok=True)
         return n
+
+
+def _npz_rows(z: zipfile.ZipFile, key: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """Member ``key`` of an open .npz, or only its ``rows`` (first axis), read by seeking in the member."""
+    # geoir stores members uncompressed (np.savez); seeking in a compressed one decompresses from its start.
+    stored = z.getinfo(f"{key}.npy").compress_type == zipfile.ZIP_STORED
+    with z.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = header(f)
+        if rows is None or not stored or fortran or dtype.hasobject or not shape:
+            f.seek(0)
+            whole = np.lib.format.read_array(f)
+            return whole if rows is None else whole[rows]
+        start = f.tell()
+        row_shape = tuple(shape[1:])
+        size = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        out = np.empty((len(rows), *row_shape), dtype=dtype)
+        for i, r in enumerate(np.asarray(rows).tolist()):
+            f.seek(start + r * size)
+            out[i] = np.frombuffer(f.read(size), dtype=dtype).reshape(row_shape)
+        return out
 
 
 @contextlib.contextmanager

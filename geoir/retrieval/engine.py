@@ -204,9 +204,7 @@ class Searcher:
 
     def _encode_tiles(self, ids: np.ndarray, tiles: gpd.GeoDataFrame) -> Encoded:
         """The head's encoding of these committed tiles' stored backbone features (rows in ``ids`` order)."""
-        vec = self.bundle.vectors(sorted(set(tiles.scene_id)))
-        pos = {int(t): i for i, t in enumerate(vec["ids"])}
-        feats = np.stack([vec["features"][pos[int(t)]] for t in ids]).astype(np.float32)
+        feats = self.bundle.features_of(ids, sorted(set(tiles.scene_id))).astype(np.float32)
         return self.model.encode_features(torch.from_numpy(feats).to(self.model.backbone.device))
 
     def add_point(self, parts: QueryParts, lon: float, lat: float, negative: bool = False) -> None:
