@@ -1247,3 +1247,20 @@ def test_merged_regions_are_those_of_the_union_of_the_hits(seed: int) -> None:
     assert got == _merged_by_union(hits)
     assert merged.region.tolist() == list(range(1, len(merged) + 1)) and merged.best_rank.is_monotonic_increasing
     assert shapely.equals(shapely.union_all(merged.geometry.values), shapely.union_all(hits.geometry.values))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sharing_area_of_one_polygon_matches_its_definition(seed: int) -> None:
+    # Footprints inside, across the edge of, touching and away from one polygon (with a hole): the
+    # predicate (which takes those well inside without an intersection) against the shared area itself.
+    from geoir.retrieval.engine import TOUCH_TOLERANCE, shares_area
+
+    rng = np.random.default_rng(seed)
+    area = shapely.box(0, 0, 10, 10).difference(shapely.box(4, 4, 6, 6))
+    corners = rng.integers(-3, 12, size=(300, 2)).astype(float) * rng.choice([1.0, 0.5], size=(300, 1))
+    fps = np.array([shapely.box(x, y, x + 1, y + 1) for x, y in corners], dtype=object)
+    shared = shapely.area(shapely.intersection(fps, area))
+    for of, base in (("smaller", np.minimum(1.0, area.area)), ("tile", 1.0)):
+        expected = shared > TOUCH_TOLERANCE * base
+        np.testing.assert_array_equal(shares_area(fps, area, of=of), expected)
+    assert 0 < expected.sum() < len(fps)

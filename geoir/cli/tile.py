@@ -153,9 +153,9 @@ def tile(
     """
     from geoir.index.bundle import Bundle, discard_if_unused
     from geoir.io.files import check_writable_folder, made_folder
-    from geoir.tiling.grid import TilingParams
+    from geoir.tiling.grid import TilingParams, tile_count
     from geoir.tiling.run import check_chip_names, nothing_readable, prepare_scenes, tile_scenes
-    from geoir.tiling.tiler import TileSource, check_grid
+    from geoir.tiling.tiler import check_grid
 
     if overlap is not None and stride is not None:
         raise click.UsageError("give --overlap or --stride, not both")
@@ -239,7 +239,7 @@ def tile(
         if existing is None or existing.manifest["counts"]["tiles"] == 0:
             have = existing.scene_ids() if existing is not None else set()
             first = next((s for s in prepared if s.id not in have), None)
-            trains_on = (first, len(TileSource(first, params))) if first is not None else None
+            trains_on = (first, tile_count(*first.grid(params.gsd)[1:], params.size, params.stride)) if first else None
         check_index_kinds(kinds, encoder, trains_on)
     with discard_if_unused(index), contextlib.ExitStack() as stack:
         bundle = Bundle.open_or_create(index, params)

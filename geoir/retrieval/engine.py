@@ -612,6 +612,7 @@ def sharing_area(
 def shares_area(footprints: Any, geoms: Any, fraction: float = TOUCH_TOLERANCE, of: str = "smaller") -> np.ndarray:
     """Element-wise (with broadcasting): does each footprint share more than ``fraction`` of an area with its
     geometry (see :func:`sharing_area`)? A point or line shares whatever it meets."""
+    single = isinstance(geoms, shapely.Geometry)
     # Made valid before broadcasting, so that one geometry against many footprints is repaired once.
     geoms = _valid(geoms if isinstance(geoms, shapely.Geometry) else np.asarray(geoms, dtype=object))
     fp, geom = np.broadcast_arrays(_valid(np.asarray(footprints, dtype=object)), np.asarray(geoms, dtype=object))
@@ -619,6 +620,14 @@ def shares_area(footprints: Any, geoms: Any, fraction: float = TOUCH_TOLERANCE, 
     hit = np.asarray(shapely.intersects(fp, geom), dtype=bool).copy()
     geom_area = shapely.area(geom)
     test = hit & (geom_area > 0)
+    if test.any() and single:
+        # One area against many footprints (--bbox, --aoi, a polygon): the footprints well inside it share all
+        # their area; only those across its edge need an intersection.
+        area = geom[test][0]
+        shapely.prepare(area)
+        inside = np.zeros_like(test)
+        inside[test] = shapely.contains_properly(area, fp[test])
+        test &= ~inside
     if test.any():
         shared = shapely.area(shapely.intersection(fp[test], geom[test]))
         base = shapely.area(fp[test])
