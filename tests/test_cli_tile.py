@@ -93,12 +93,18 @@ def test_rerun_adds_nothing_and_new_scenes_append(make_geotiff: MakeGeoTiff, tmp
     assert b_tiles.total_bounds == pytest.approx([10.0, 45.0, 10.05, 45.05])
 
 
-def test_searching_maps_the_float_index_and_changing_reads_it_whole(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+def _two_encoded_scenes(make_geotiff: MakeGeoTiff, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two neighbouring scenes of 4 tiles each, tiled and encoded (test backbone) into ``tmp_path/idx``."""
     a = make_geotiff("a.tif", seed=1)
     b = make_geotiff("b.tif", seed=2, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
     index = tmp_path / "idx"
     args = ["--index", str(index), "--backbone", "test", "--device", "cpu", "--workers", "0"]
     assert CliRunner().invoke(cli, ["-q", "tile", str(a), str(b), *args]).exit_code == 0
+    return a, b, index
+
+
+def test_searching_maps_the_float_index_and_changing_reads_it_whole(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    _, b, index = _two_encoded_scenes(make_geotiff, tmp_path)
     bundle = Bundle.open(index)
     searched = bundle.indexes()["float"]
     assert searched.mapped and len(searched) == 8
@@ -166,11 +172,7 @@ def test_without_a_model_tiles_are_read_in_the_main_process(
 def test_stored_features_of_tiles_are_read_row_by_row(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     from geoir.errors import BundleError
 
-    a = make_geotiff("a.tif", seed=1)
-    b = make_geotiff("b.tif", seed=2, bounds=(510_000.0, 4_000_000.0, 515_120.0, 4_005_120.0))
-    index = tmp_path / "idx"
-    args = ["--index", str(index), "--backbone", "test", "--device", "cpu", "--workers", "0"]
-    assert CliRunner().invoke(cli, ["-q", "tile", str(a), str(b), *args]).exit_code == 0
+    _, _, index = _two_encoded_scenes(make_geotiff, tmp_path)
     bundle = Bundle.open(index)
     scenes = bundle.encoded_scene_ids()
     whole = bundle.vectors(scenes)
