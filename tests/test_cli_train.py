@@ -8,6 +8,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 import torch
@@ -19,7 +20,7 @@ from geoir.encoding.backbone import load_backbone
 from geoir.encoding.model import load_model
 from geoir.errors import DatasetError
 from geoir.index.bundle import Bundle
-from geoir.training.data import bundle_features, cache_dir, dihedral, image_folder_features
+from geoir.training.data import bundle_features, cache_dir, dihedral, image_folder_features, label_text
 from geoir.training.recipes import Recipe
 from tests.conftest import MakeGeoTiff
 
@@ -549,6 +550,9 @@ def test_labels_are_cleaned_and_every_left_out_label_is_counted(
     assert "1 of the 15 labelled geometries of" in log and "cover no tile" in log
     assert "1 tile under geometries of different labels left out" in log
     assert "class 'desert' has no tile left and is not trained" in log
+    assert [label_text(v) for v in (None, np.nan, pd.NA, " a ", 3.0, 2.5, np.int64(4), "", "  ")] == [
+        None, None, None, "a", "3", "2.5", "4", None, None,
+    ]  # fmt: skip
     # Whole numbers with a gap in the column (read as floats) keep their names: '1', not '1.0'.
     numbers = gpd.GeoDataFrame({"label": [1.0] * 8 + [2.0] * 7 + [np.nan]}, geometry=centres, crs=tiles.crs)
     numbers.to_file(tmp_path / "numbers.gpkg")

@@ -356,7 +356,9 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
 def label_text(value: object) -> str | None:
     """A label as text: stripped; whole numbers without ``.0`` (a column of integers with a gap reads as
     floats); None for an empty or missing label."""
-    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+    import pandas as pd
+
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):  # None, NaN, pd.NA, NaT
         return None
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
