@@ -551,7 +551,7 @@ def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     geoms = hits.geometry.values
     # Regions are the connected groups of footprints joined by an overlap or a shared edge: pairs from an
     # R-tree, joined in a union-find (the union of every footprint, then a search for each part's members,
-    # took 12.8 s for 10,000 hits).
+    # took 9.9 s for 10,000 scattered hits, 0.28 s this way).
     left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
     pair = left < right
     left, right = left[pair], right[pair]
