@@ -246,7 +246,12 @@ def read_and_encode(
                 if model is not None:
                     import torch
 
-                    encoded.append(model.encode(torch.from_numpy(batch.rgb[keep])))
+                    from geoir.encoding.model import Encoded
+
+                    e = model.encode(torch.from_numpy(batch.rgb[keep]))
+                    # Kept as the bundle stores them (features in float16, no continuous codes), not as
+                    # computed: a scene's vectors wait in memory until it is committed.
+                    encoded.append(Encoded(e.features.astype(np.float16), e.embedding, e.codes))
                 if on_kept is not None:
                     on_kept(batch, keep)
             if bar is not None:

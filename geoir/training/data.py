@@ -358,7 +358,7 @@ def label_text(value: object) -> str | None:
     floats); None for an empty or missing label."""
     import pandas as pd
 
-    if value is None or (np.ndim(value) == 0 and pd.isna(value)):  # None, NaN, pd.NA, NaT
+    if value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value))):  # None, NaN, pd.NA, NaT
         return None
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
