@@ -211,13 +211,14 @@ def tile(
     if existing is None:
         Bundle.check_new_location(index)
     encoder = None
+    described = existing.model if existing else None
     if not no_encode:
-        refuse_tta_change(index, existing.model if existing else None, tta)
+        refuse_tta_change(index, described, tta)
     # A re-run whose every scene is already encoded, with the bundle's own model, has nothing to encode:
     # it skips loading the model (seconds, and a GB of memory, for nothing).
     all_encoded = (
         existing is not None
-        and existing.model is not None
+        and described is not None
         and model is None
         and backbone is None
         and {s.id for s in prepared} <= set(existing.encoded_scene_ids())
@@ -228,7 +229,6 @@ def tile(
         # On a cluster the workers encode (each on its own GPU with --device cuda); the client's copy of the
         # model only describes it and merges vectors, so it stays on the CPU.
         client_device = "cpu" if (scheduler or cluster) else device
-        described = existing.model if existing else None
         encoder = resolve_model(model, backbone, weights, download, client_device, described, tta=tta or None)
         if existing is not None:
             existing.check_model(encoder.fingerprint, encoder.meta.get("name"), encoder.backbone.tta)

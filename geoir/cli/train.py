@@ -66,7 +66,6 @@ def _features(
     from geoir.encoding.backbone import DEFAULT_BACKBONE, load_backbone
     from geoir.training.data import bundle_features, image_folder_features
 
-    check_dataset_kind(dataset, index_dir)
     if dataset.is_dir():
         bb = load_backbone(backbone_name or DEFAULT_BACKBONE, weights=weights, download=download, device=device)
         progress = tqdm_progress(progress_enabled(ctx))
@@ -303,7 +302,7 @@ def train(
             **data.summary(),
             "classes_list": data.classes,
             # Features of a --tta bundle are the mean over each tile's 8 flips and quarter turns.
-            **({"features_tta": True} if index_dir is not None and _bundle_tta(index_dir) else {}),
+            **({"features_tta": True} if data.tta else {}),
         },
         "split": {"seed": seed, "test_fraction": test_fraction, "test_items": [data.items[i] for i in test_idx]},
         "history": history_summary(history),
@@ -311,12 +310,6 @@ def train(
     trained = Model(bb, head, head.config(), meta)  # type: ignore[operator]
     trained.save(out)
     log.info("%s: %s head (fingerprint %s)", out, method, trained.fingerprint[:12])
-
-
-def _bundle_tta(index_dir: str) -> bool:
-    from geoir.index.bundle import Bundle
-
-    return bool((Bundle.open(index_dir).model or {}).get("backbone_tta"))
 
 
 def _image_file_suffixes() -> set[str]:

@@ -694,11 +694,14 @@ class Bundle:
                     for k in z.files:
                         parts.setdefault(k, []).append(z[k])
             except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-                raise BundleError(
-                    f"{self.vectors_path(sid)} is corrupt ({exc}); delete it, then run `geoir encode --index "
-                    f"{self.path}` to encode that scene again"
-                ) from exc
+                raise self._damaged_vectors(sid, exc) from exc
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _damaged_vectors(self, scene_id: str, exc: BaseException) -> BundleError:
+        return BundleError(
+            f"{self.vectors_path(scene_id)} is corrupt ({exc}); delete it, then run `geoir encode --index "
+            f"{self.path}` to encode that scene again"
+        )
 
     def features_of(self, tile_ids: Sequence[int] | np.ndarray, scene_ids: Iterable[str]) -> np.ndarray:
         """The stored backbone features of these tiles (of the scenes ``scene_ids``), in ``tile_ids`` order.
@@ -722,10 +725,7 @@ class Bundle:
                     here = (stored[order[at]] == wanted) & ~found if len(stored) else np.zeros_like(found)
                     rows = _npz_rows(z, "features", order[at[here]])
             except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-                raise BundleError(
-                    f"{path} is corrupt ({exc}); delete it, then run `geoir encode --index {self.path}` to encode "
-                    "that scene again"
-                ) from exc
+                raise self._damaged_vectors(sid, exc) from exc
             if out is None:
                 out = np.empty((len(wanted), *rows.shape[1:]), dtype=rows.dtype)
             out[here] = rows

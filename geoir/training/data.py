@@ -43,6 +43,7 @@ class FeatureSet:
         backbone_fingerprint: Fingerprint of the backbone that made the features.
         views: ``(V, N, D)`` features of V augmented copies of every sample (the 7 other flips and quarter
             turns with ``augment="dihedral"``), or None.
+        tta: The features are each the mean over a tile's 8 flips and quarter turns (a ``--tta`` bundle's).
     """
 
     features: np.ndarray
@@ -51,6 +52,7 @@ class FeatureSet:
     items: list[str]
     backbone_fingerprint: str
     views: np.ndarray | None = None
+    tta: bool = False
 
     def views_of(self, rows: np.ndarray) -> np.ndarray | None:
         """The augmented views of the samples ``rows`` (``(V, len(rows), D)``), or None without views."""
@@ -350,7 +352,14 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
         )
     labels = np.array([classes.index(per_tile.loc[t]) for t in ids], dtype=np.int64)
     feats = vec["features"][[pos[t] for t in ids]].astype(np.float32)
-    return FeatureSet(feats, labels, classes, [f"tile:{t}" for t in ids], bundle.model["backbone_fingerprint"])
+    return FeatureSet(
+        feats,
+        labels,
+        classes,
+        [f"tile:{t}" for t in ids],
+        bundle.model["backbone_fingerprint"],
+        tta=bool(bundle.model.get("backbone_tta")),
+    )
 
 
 def label_text(value: object) -> str | None:
