@@ -33,7 +33,7 @@ def main(scene: str, hits: str, out: str, size: int = 1000) -> None:
         if not lyr.isValid():
             sys.exit(f"QGIS could not open {lyr.name()}")
     settings = QgsMapSettings()
-    settings.setLayers([layer, raster])
+    settings.setLayers([layer, merged, raster])  # top first
     settings.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
     extent = raster.extent()
     from qgis.core import QgsCoordinateTransform, QgsProject

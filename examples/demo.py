@@ -104,7 +104,7 @@ def main() -> None:
     query = cut_query(scene, args.workdir / "query.png")
     hits = args.workdir / "hits.gpkg"
     geoir("search", str(query), "--index", str(index), "--out", str(hits), "-k", "10", "--overwrite")
-    print(f"\nOpen {hits} (layers hits, hits_merged) and {index / 'catalog.gpkg'} in QGIS.")
+    print(f"\nOpen {hits} (layers hits, hits_merged, query) and {index / 'catalog.gpkg'} in QGIS.")
 
 
 if __name__ == "__main__":

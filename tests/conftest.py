@@ -118,8 +118,9 @@ needs_qgis = pytest.mark.skipif(
 )
 
 
-def qgis_probe(gpkg: Path, *layers: str) -> dict:
-    """Open layers of a GeoPackage in real QGIS (headless) and return what it reports.
+def qgis_probe(gpkg: Path, *layers: str, labels: bool = False) -> dict:
+    """Open layers of a GeoPackage in real QGIS (headless) and return what it reports (tests/qgis_probe.py);
+    with ``labels``, also draw them and report the labels QGIS placed.
 
     QGIS runs with its own TMPDIR and XDG_RUNTIME_DIR, removed afterwards: Qt leaves
     ``qt_temp-*`` folders behind in whatever temporary folder it is given.
@@ -130,7 +131,7 @@ def qgis_probe(gpkg: Path, *layers: str) -> dict:
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(runtime), "TMPDIR": scratch}
         env.pop("PYTHONPATH", None)
         r = subprocess.run(
-            [QGIS_PYTHON, str(HERE / "qgis_probe.py"), str(gpkg), *layers],
+            [QGIS_PYTHON, str(HERE / "qgis_probe.py"), str(gpkg), *layers, *(["--labels"] if labels else [])],
             capture_output=True,
             text=True,
             env=env,

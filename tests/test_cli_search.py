@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pyogrio
 import pytest
 import rasterio
 import rasterio.warp
@@ -481,6 +483,56 @@ def test_image_query_and_output_formats(bundle2: Path, tmp_path: Path, make_geot
     assert (
         fc["type"] == "FeatureCollection" and [f["properties"]["tile_id"] for f in fc["features"]] == c.tile_id.tolist()
     )
+
+
+def test_searches_go_into_a_geopackage_beside_its_other_layers(bundle2: Path, tmp_path: Path) -> None:
+    """--out on an existing GeoPackage adds the search's layers and keeps the file's others (--overwrite used to
+    replace the whole file, deleting an analyst's own layers); --layer names a search's layers, so several
+    searches share one file; --overwrite replaces only the layers of the same names."""
+    tid = int(Bundle.open(bundle2).tiles().tile_id[0])
+    png = tmp_path / "q.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png)
+    project = tmp_path / "project.gpkg"
+    mine = gpd.GeoDataFrame({"name": ["a", "b", "c"]}, geometry=[shapely.box(i, 0, i + 1, 1) for i in range(3)])
+    mine.set_crs("EPSG:3857").to_file(project, layer="my_aoi")
+    search = ["search", "--index", str(bundle2), *TEST_MODEL, "--out", str(project)]
+
+    def layers() -> dict[str, int]:
+        return {str(n): len(gpd.read_file(project, layer=str(n))) for n in pyogrio.list_layers(project)[:, 0]}
+
+    def styles() -> list[str]:
+        with contextlib.closing(sqlite3.connect(project)) as con:
+            return sorted(r[0] for r in con.execute("SELECT f_table_name FROM layer_styles"))
+
+    invoke(*search, f"tile:{tid}", "-k", "3")
+    got = layers()
+    assert got.pop("hits_merged") >= 1 and got == {"my_aoi": 3, "hits": 3, "query": 1, "layer_styles": 3}
+    before = project.read_bytes()
+    msg = _fails([*search, f"tile:{tid}", "-k", "4"], 1)
+    assert "already has the layer(s) hits, hits_merged, query" in msg and "--layer NAME" in msg
+    assert project.read_bytes() == before
+    # A second search under its own name; a plain image has no footprint, so its query layer is empty.
+    invoke(*search, str(png), "-k", "4", "--layer", "second")
+    got = layers()
+    assert got["hits"] == 3 and got["second"] == 4 and got["second_query"] == 0 and got["my_aoi"] == 3
+    # --overwrite replaces that search's layers (and their styles) only.
+    invoke(*search, f"tile:{tid}", "-k", "2", "--layer", "second", "--overwrite")
+    got = layers()
+    assert got["second"] == 2 and got["second_query"] == 1 and got["hits"] == 3
+    assert gpd.read_file(project, layer="my_aoi").name.tolist() == ["a", "b", "c"]
+    assert styles() == sorted(["hits", "hits_merged", "query", "second", "second_merged", "second_query"])
+    # A file that is not a GeoPackage is only replaced with --overwrite; bad names are usage errors.
+    junk = tmp_path / "junk.gpkg"
+    junk.write_text("not a geopackage")
+    msg = _fails(["search", "--index", str(bundle2), *TEST_MODEL, "--out", str(junk), f"tile:{tid}"], 1)
+    assert "is not a GeoPackage; pass --overwrite" in msg and junk.read_text() == "not a geopackage"
+    invoke("search", "--index", str(bundle2), *TEST_MODEL, "--out", str(junk), f"tile:{tid}", "--overwrite")
+    assert len(gpd.read_file(junk, layer="hits")) == 10
+    for bad in ("bad name", "gpkg_contents", "layer_styles", "9lives"):
+        assert "'--layer'" in _fails([*search, f"tile:{tid}", "--layer", bad], 2)
+    msg = _fails(["search", "--index", str(bundle2), *TEST_MODEL, "--out", str(tmp_path / "h.geojson"), str(png),
+                  "--layer", "x"], 2)  # fmt: skip
+    assert "GeoPackage" in msg and not (tmp_path / "h.geojson").exists()
 
 
 def test_one_layer_formats_overwrite_their_side_files_and_fgb_needs_no_suffix(bundle2: Path, tmp_path: Path) -> None:
@@ -1030,6 +1082,31 @@ def test_hits_open_styled_in_qgis(bundle2: Path, tmp_path: Path) -> None:
     assert info["query"]["valid"] and info["query"]["count"] == 1
     # The query's outline only: QGIS's default random fill would hide the imagery under it.
     assert info["query"]["default_style_loaded"] and info["query"]["fill_brush"] == 0
+
+
+@needs_qgis
+def test_qgis_draws_the_best_rank_on_top_and_one_label_per_place(tmp_path: Path) -> None:
+    """Two dates of one place give identical footprints: their ranks used to be drawn side by side ("12"
+    read as rank 12), and rank 2 painted over rank 1. QGIS now draws rank 1 last, labels each place once
+    with its best rank, and draws the regions as outlines (a second fill would tint the imagery twice)."""
+    from geoir.output.writers import write_layers
+    from geoir.retrieval.engine import merge_hits
+
+    boxes = [shapely.box(0, 0, 0.01, 0.01), shapely.box(0, 0, 0.01, 0.01), shapely.box(0.03, 0, 0.04, 0.01)]
+    hits = gpd.GeoDataFrame(
+        {"rank": [1, 2, 3], "score": [0.9, 0.8, 0.7], "tile_id": [11, 12, 13]}, geometry=boxes, crs="EPSG:4326"
+    )
+    out = tmp_path / "h.gpkg"
+    write_layers({"hits": hits, "hits_merged": merge_hits(hits)}, str(out), "gpkg")
+    info = qgis_probe(out, "hits", "hits_merged", "query", labels=True)
+    h, m, q = info["hits"], info["hits_merged"], info["query"]
+    assert h["renderer"] == "graduatedSymbol" and '"rank" DESC' in h["order_by"]
+    assert sorted(text for text, _x, _y in h["placed_labels"]) == ["1", "3"]
+    assert h["label_centroid_inside"] and "rank" in h["label_priority"]
+    assert m["renderer"] == "graduatedSymbol" and m["fill_brushes"] == [0] and not m["labels_after_style"]
+    assert q["valid"] and q["count"] == 0 and q["fill_brush"] == 0  # always there, empty without a footprint
+    # Each style once in QGIS' list of the file's styles (equal update times listed them twice in 3.22).
+    assert all(layer["styles_listed"] == layer["styles_distinct"] == 3 for layer in (h, m, q))
 
 
 def _fails(args: list[str], code: int) -> str:

@@ -13,7 +13,6 @@ from geoir.cli.options import (
     expand_option,
     index_option,
     model_options,
-    overwrite_option,
     refuse_existing,
     refuse_missing_images,
     verbosity_options,
@@ -34,6 +33,14 @@ log = logging.getLogger("geoir")
     help="Output file (.gpkg, .geojson, .fgb) or - for GeoJSON on stdout. GeoJSON and FlatGeobuf hold one "
     "layer each: the hits go to FILE, the other layers beside it (NAME.hits_merged.EXT, NAME.query.EXT); "
     "- writes the hits only.",
+)
+@click.option(
+    "--layer",
+    default="hits",
+    show_default=True,
+    metavar="NAME",
+    help="GeoPackage only: name the layers NAME, NAME_merged and NAME_query (hits, hits_merged and query by "
+    "default). An existing GeoPackage keeps its other layers, so several searches can share one file.",
 )
 @click.option(
     "--format",
@@ -91,13 +98,18 @@ log = logging.getLogger("geoir")
     "Query expansion: search, add the first N hits to the query, search again (0: off). Finds more "
     "places of the query's kind, and ranks the query's own place lower."
 )
-@overwrite_option
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing output files; in a GeoPackage, replace this search's layers and keep the others.",
+)
 @model_options
 @verbosity_options
 def search(
     queries: tuple[str, ...],
     index_dir: str,
     out: str,
+    layer: str,
     fmt: str | None,
     k: int,
     points: tuple[tuple[float, float], ...],
@@ -122,7 +134,8 @@ def search(
     --examples) are averaged, each counting once however many tiles it covers (an example polygon counts as
     the mean of its tiles); --negative examples push the results away. Writes the layers `hits` (tile
     footprints with rank, score, distance, hamming), `hits_merged` (hits that overlap or share an edge
-    dissolved into regions) and `query` (where the query is georeferenced), styled for QGIS in a GeoPackage.
+    dissolved into regions) and `query` (the query's footprint where it is georeferenced), styled for QGIS in a
+    GeoPackage; --layer NAME adds them to a GeoPackage as NAME, NAME_merged and NAME_query beside its other layers.
     Image queries match tiles in any of their four quarter turns unless --no-rotations is given. --expand N
     searches twice, the second time with the first N hits averaged into the query: more tiles of the query's
     kind, but a crop's own place comes first less often (docs/results.md), so it is for "more like this", not
@@ -135,6 +148,7 @@ def search(
       $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq -r .features[0].properties.tile
       $ geoir search query.png -k 100 --expand 5 --out hits.gpkg
       $ geoir search -v tile:123456 -k 5 --out hits.gpkg
+      $ geoir search quarry.png --out project.gpkg --layer quarries
     """
     if not (queries or points or examples):
         raise click.UsageError("give a QUERY image or tile:ID, --point, or --examples")
@@ -153,9 +167,24 @@ def search(
     from geoir.index.bundle import Bundle
     from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
 
-    refuse_existing(out, overwrite)
-    for side in side_paths(out, fmt).values():
-        refuse_existing(side, overwrite)
+    if layer != "hits" and fmt != "gpkg":
+        raise click.BadParameter(f"names the layers of a GeoPackage, and --out {out} is {fmt}", param_hint="'--layer'")
+    from geoir.errors import QueryError
+    from geoir.output.writers import gpkg_layer_names
+
+    try:
+        gpkg_layer_names(layer)
+    except QueryError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--layer {layer!r} "), param_hint="'--layer'") from None
+    if fmt == "gpkg":
+        from geoir.output.writers import check_gpkg_target
+
+        refuse_existing(out, overwrite=True)  # only whether it can be written: a GeoPackage may take more layers
+        check_gpkg_target(Path(out), layer, overwrite)
+    else:
+        refuse_existing(out, overwrite)
+        for side in side_paths(out, fmt).values():
+            refuse_existing(side, overwrite)
     images = [q for q in (*queries, *negatives) if not q.startswith("tile:")]
     refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)
@@ -179,7 +208,6 @@ def search(
     if aoi is not None:
         import shapely
 
-        from geoir.errors import QueryError
         from geoir.io.vectors import read_vectors
 
         aoi_df = read_vectors(aoi, "--aoi", QueryError, "pass a GeoPackage or GeoJSON")
@@ -193,7 +221,7 @@ def search(
     layers = {"hits": result.hits, "hits_merged": merge_hits(result.hits)}
     if not result.query.empty:
         layers["query"] = result.query
-    write_layers(layers, out, fmt, overwrite=overwrite)
+    write_layers(layers, out, fmt, overwrite=overwrite, layer=layer)
     if out != "-":
         top = result.hits.iloc[0] if len(result.hits) else None
         log.info(

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
+import re
+import shutil
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import shapely
 
@@ -30,13 +32,84 @@ SIDE_LAYERS = ("hits_merged", "query")
 SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
 
 
-def hits_style(field: str = "rank") -> str:
-    """The QGIS style (QML) for a hits layer, graduated and labelled by ``field``."""
-    qml = (resources.files("geoir") / "output" / "styles" / "hits.qml").read_text()
-    if field != "rank":
-        for attr in ("attr", "field", "fieldName", "name"):
-            qml = qml.replace(f'{attr}="rank"', f'{attr}="{field}"')
-    return qml
+#: The QGIS style of each layer a search writes, in geoir/output/styles (made with QGIS by docs/make_styles.py).
+STYLES = {"hits": "hits.qml", "hits_merged": "merged.qml", "query": "query.qml"}
+_STYLE_TEXT = {
+    "hits": "geoir search hits: coloured and labelled by rank, rank 1 on top",
+    "hits_merged": "geoir search regions: outlines coloured by best rank",
+    "query": "geoir search query: dashed outline",
+}
+#: Table names a ``--layer`` may not take, or start with: the GeoPackage's and SQLite's own.
+_RESERVED = re.compile(r"^(gpkg_|rtree_|sqlite_|layer_styles$)", re.IGNORECASE)
+_LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+
+
+def style(kind: str) -> str:
+    """The QGIS style (QML) of a search layer: ``hits``, ``hits_merged`` or ``query``."""
+    return (resources.files("geoir") / "output" / "styles" / STYLES[kind]).read_text()
+
+
+def gpkg_layer_names(layer: str = "hits") -> dict[str, str]:
+    """The GeoPackage layers of a search written as ``layer`` (``--layer``), by kind.
+
+    ``hits`` gives ``hits``, ``hits_merged`` and ``query``; any other name NAME gives NAME, NAME_merged and
+    NAME_query, so several searches can sit in one GeoPackage.
+
+    Raises:
+        QueryError: ``layer`` is not a usable table name.
+    """
+    if not _LAYER_NAME.match(layer) or _RESERVED.match(layer):
+        raise QueryError(
+            f"--layer {layer!r} cannot name a GeoPackage layer; use letters, digits, _ and - (at most 63, starting "
+            "with a letter or _), not gpkg_, rtree_, sqlite_ or layer_styles"
+        )
+    return {"hits": layer, "hits_merged": f"{layer}_merged", "query": "query" if layer == "hits" else f"{layer}_query"}
+
+
+def geopackage_layers(path: Path) -> list[str] | None:
+    """The vector and attribute layers of the GeoPackage at ``path``; None when it is no GeoPackage."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+    except OSError:
+        return None
+    # A GeoPackage is an SQLite file whose application id (bytes 68-71) spells GPKG (GP10/GP11 before 1.2).
+    if len(head) < 72 or not head.startswith(b"SQLite format 3\0") or head[68:70] != b"GP":
+        return None
+    try:
+        return [str(name) for name in pyogrio.list_layers(path)[:, 0]]
+    except Exception:  # unreadable, damaged: not a GeoPackage to add to
+        return None
+
+
+def check_gpkg_target(path: Path, layer: str, overwrite: bool) -> bool:
+    """Whether a search's layers go into the existing GeoPackage at ``path`` (True) or a new file (False).
+
+    A GeoPackage keeps its other layers: the search's layers are added to it, and with ``overwrite`` replace
+    layers of the same names. A file there that is no GeoPackage is only replaced with ``overwrite``.
+
+    Raises:
+        QueryError: The search's layers (or a file that is no GeoPackage) are there and ``overwrite`` is false.
+    """
+    names = gpkg_layer_names(layer)
+    if not path.exists():
+        return False
+    if path.is_dir():
+        raise QueryError(f"{path} is a folder; give --out a file name ending in .gpkg")
+    present = geopackage_layers(path)
+    if present is None:
+        if not overwrite:
+            raise QueryError(
+                f"{path} exists and is not a GeoPackage; pass --overwrite to replace it, or pick another --out"
+            )
+        return False
+    taken = [n for n in names.values() if n in present]
+    if taken and not overwrite:
+        raise QueryError(
+            f"{path} already has the layer(s) {', '.join(taken)}; pass --overwrite to replace them (its other "
+            "layers are kept), or --layer NAME to add this search beside them"
+        )
+    return True
 
 
 def suffix_format(out: str) -> str | None:
@@ -74,12 +147,17 @@ def _counter_clockwise(df: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     return out
 
 
-def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False) -> None:
-    """Write named layers.
+def write_layers(
+    layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False, layer: str = "hits"
+) -> None:
+    """Write a search's layers (``hits``, ``hits_merged``, ``query``).
 
-    GeoPackage holds every layer in one file; GeoJSON on stdout is one FeatureCollection of the hits
-    (what a pipe wants); GeoJSON and FlatGeobuf files hold one layer each, so the other layers go beside
-    the main file as ``NAME.LAYER.EXT``.
+    GeoPackage holds every layer in one file, named after ``layer`` (:func:`gpkg_layer_names`); an existing
+    GeoPackage keeps its other layers, and its layers of the same names are replaced only with ``overwrite``.
+    It always gets a ``query`` layer, empty when the query has no footprint (so a query layer of an
+    earlier search cannot stay behind). GeoJSON on stdout is one FeatureCollection of the hits (what a pipe
+    wants); GeoJSON and FlatGeobuf files hold one layer each, so the other layers go beside the main file as
+    ``NAME.LAYER.EXT``.
 
     Raises:
         QueryError: The output exists and ``overwrite`` is false, or cannot be written.
@@ -87,12 +165,17 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
     # Exterior rings counter-clockwise, holes clockwise, in every format: RFC 7946 requires it of GeoJSON,
     # and the catalog's rings run clockwise or not with the raster's orientation (south-up flips them).
     layers = {name: _counter_clockwise(df) for name, df in layers.items()}
+    if layer != "hits" and fmt != "gpkg":
+        raise QueryError(f"--layer names the layers of a GeoPackage; drop it, or write to a .gpkg (not {fmt})")
     if out == "-":
         if fmt != "geojson":
             raise QueryError("only GeoJSON can go to stdout (--out -); drop --format or write to a file")
         sys.stdout.write(layers["hits"].to_json(drop_id=True) + "\n")
         return
     path = Path(out)
+    if fmt == "gpkg":
+        _write_gpkg_file(layers, path, overwrite, layer)
+        return
     targets = {"hits": path}
     ext = path.suffix or f".{fmt}"
     stale: list[Path] = []
@@ -105,29 +188,67 @@ def write_layers(layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwr
         existing = [p for p in targets.values() if p.exists()]
         if existing:
             raise QueryError(f"{existing[0]} exists; pass --overwrite to replace it")
-    try:
+    with _write_errors(path):
         # Every file is written and read back under a temp name before any is renamed, so a failure (a full
         # disk, which GDAL's FlatGeobuf and GeoJSON drivers do not always report) leaves no file, and no
         # result set with some of its layers. The temp name ends with the format's extension whatever
         # ``path`` is called: GDAL's FlatGeobuf driver writes a directory of files to a path without ".fgb".
         with contextlib.ExitStack() as stack:
-            if fmt == "gpkg":
-                tmp = stack.enter_context(atomic_target(path, ".gpkg"))
-                _write_gpkg(layers, tmp)
-                _check_written(tmp, layers)
-            else:
-                # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
-                options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
-                for name, target in targets.items():
-                    tmp = stack.enter_context(atomic_target(target, ext))
-                    pyogrio.write_dataframe(layers[name], tmp, layer=name, driver=FORMATS[fmt], layer_options=options)
-                    _check_written(tmp, {name: layers[name]})
+            # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
+            options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
+            for name, target in targets.items():
+                tmp = stack.enter_context(atomic_target(target, ext))
+                pyogrio.write_dataframe(layers[name], tmp, layer=name, driver=FORMATS[fmt], layer_options=options)
+                _check_written(tmp, {name: layers[name]})
         for side in stale:
             side.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turn the errors of writing ``path`` into one message naming it."""
+    try:
+        yield
     except OSError as exc:
         raise QueryError(f"cannot write {path} ({exc.strerror}); pick a writable --out") from exc
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FeatureError) as exc:
         raise QueryError(f"cannot write {path} ({exc}); is the disk full? pick another --out") from exc
+    except sqlite3.Error as exc:
+        raise QueryError(f"cannot write {path} ({exc}); is the disk full? pick another --out") from exc
+
+
+def _write_gpkg_file(layers: dict[str, gpd.GeoDataFrame], path: Path, overwrite: bool, layer: str) -> None:
+    names = gpkg_layer_names(layer)
+    into_existing = check_gpkg_target(path, layer, overwrite)
+    named = {names[kind]: df for kind, df in layers.items()}
+    if "query" not in layers:
+        named[names["query"]] = gpd.GeoDataFrame(
+            {"label": pd.Series([], dtype=object), "negative": pd.Series([], dtype=bool)},
+            geometry=gpd.GeoSeries([], crs="EPSG:4326"),
+            crs="EPSG:4326",
+        )
+    with _write_errors(path), atomic_target(path, ".gpkg") as tmp:
+        # An existing GeoPackage is changed in a copy renamed over it when whole: a failure leaves it as it was.
+        if into_existing:
+            shutil.copyfile(path, tmp)
+            shutil.copymode(path, tmp)
+        for name, df in named.items():
+            new_file = not tmp.exists()
+            pyogrio.write_dataframe(
+                df,
+                tmp,
+                layer=name,  # an existing layer of that name is replaced, the file's others kept
+                driver="GPKG",
+                geometry_type=None if len(df) else "Polygon",
+                # GeoPackage 1.2 rather than GDAL's newest: QGIS 3.22 and older GDALs read it without warnings.
+                dataset_options={"VERSION": "1.2"} if new_file else None,
+            )
+        with contextlib.closing(sqlite3.connect(tmp)) as con:
+            with con:
+                add_styles(con, {names[kind]: (style(kind), _STYLE_TEXT[kind]) for kind in STYLES})
+            if into_existing and con.execute("PRAGMA freelist_count").fetchone()[0]:
+                con.execute("VACUUM")  # the pages of replaced layers
+        _check_written(tmp, named)
 
 
 def _check_written(path: Path, layers: dict[str, gpd.GeoDataFrame]) -> None:
@@ -141,26 +262,12 @@ def _check_written(path: Path, layers: dict[str, gpd.GeoDataFrame]) -> None:
             raise pyogrio.errors.DataSourceError(f"layer {name} holds {len(got)} of its {len(df)} features")
 
 
-def _write_gpkg(layers: dict[str, gpd.GeoDataFrame], path: Path) -> None:
-    for i, (name, df) in enumerate(layers.items()):
-        geom_type = None if len(df) else "Polygon"
-        pyogrio.write_dataframe(
-            df,
-            path,
-            layer=name,
-            driver="GPKG",
-            geometry_type=geom_type,
-            append=i > 0,
-            dataset_options={"VERSION": "1.2"} if i == 0 else None,
-        )
-    query = (resources.files("geoir") / "output" / "styles" / "query.qml").read_text()
-    styles = {"hits": hits_style("rank"), "hits_merged": hits_style("best_rank"), "query": query}
-    with contextlib.closing(sqlite3.connect(path)) as con, con:
-        add_styles(con, {k: v for k, v in styles.items() if k in layers})
+def add_styles(con: sqlite3.Connection, styles: dict[str, tuple[str, str]]) -> None:
+    """Give layers geoir's default style in QGIS' ``layer_styles`` table: ``{layer: (qml, description)}``.
 
-
-def add_styles(con: sqlite3.Connection, styles: dict[str, str]) -> None:
-    """Create QGIS's ``layer_styles`` table and add a default style per layer."""
+    Styles geoir gave the same layers before are replaced; styles saved by others are kept (QGIS opens a
+    layer with its newest default style, which is this one).
+    """
     con.execute(
         """CREATE TABLE IF NOT EXISTS layer_styles (
             id INTEGER PRIMARY KEY AUTOINCREMENT, f_table_catalog TEXT(256), f_table_schema TEXT(256),
@@ -168,15 +275,22 @@ def add_styles(con: sqlite3.Connection, styles: dict[str, str]) -> None:
             styleSLD TEXT, useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
             update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"""
     )
-    # GeoPackage DATETIME values are ISO 8601 in UTC with a Z (SQLite's CURRENT_TIMESTAMP is not).
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # QGIS 3.22 lists each of a file's styles twice when two of them share an update time to the second, so
+    # the rows added here are a second apart and later than any there (a little in the future at worst).
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    latest = con.execute("SELECT max(update_time) FROM layer_styles").fetchone()[0]
+    with contextlib.suppress(TypeError, ValueError):
+        now = max(
+            now, dt.datetime.fromisoformat(latest).astimezone(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
+        )
     # Registering the table as plain attributes keeps the GeoPackage valid for GDAL and QGIS.
     con.execute(
         "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, last_change) "
         "VALUES ('layer_styles', 'attributes', 'layer_styles', ?)",
-        (now,),
+        (_gpkg_datetime(now),),
     )
-    for layer, qml in styles.items():
+    for i, (layer, (qml, description)) in enumerate(styles.items()):
+        con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (layer, f"geoir {layer}"))
         geom_col = con.execute(
             "SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)
         ).fetchone()
@@ -189,7 +303,12 @@ def add_styles(con: sqlite3.Connection, styles: dict[str, str]) -> None:
                 geom_col[0] if geom_col else "geom",
                 f"geoir {layer}",
                 qml,
-                json.dumps({"by": "geoir", "field": "rank" if layer == "hits" else "best_rank"}),
-                now,
+                description,
+                _gpkg_datetime(now + dt.timedelta(seconds=i)),
             ),
         )
+
+
+def _gpkg_datetime(t: dt.datetime) -> str:
+    """A GeoPackage DATETIME: ISO 8601 in UTC with a Z (SQLite's CURRENT_TIMESTAMP is not one)."""
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
