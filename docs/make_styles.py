@@ -1,4 +1,4 @@
-"""Build the QGIS styles geoir embeds in its GeoPackages (geoir/output/styles/hits.qml, merged.qml) with QGIS.
+"""Build the QGIS styles geoir embeds in its GeoPackages (geoir/output/styles/*.qml but query.qml) with QGIS.
 
 Runs under Debian's python3 with the QGIS bindings, not the project's venv:
 
@@ -12,6 +12,8 @@ them (3.22 here) and in later ones. query.qml is small and written by hand.
   dates of one place give identical footprints, and their ranks must not run together into one number).
 - hits_merged: the regions as outlines only (no fill: drawn with the hits it would tint the imagery twice),
   coloured by best rank, unlabelled (the hits layer labels the ranks).
+- catalog_tiles, catalog_scenes: a bundle's catalog.gpkg layers as outlines (QGIS' default random fill hides
+  the imagery), scenes labelled with their file name.
 """
 
 import os
@@ -86,6 +88,36 @@ def rank_labels():
     return QgsVectorLayerSimpleLabeling(s)
 
 
+def outline(rgb: str, width: float):
+    from qgis.core import QgsFillSymbol, QgsSingleSymbolRenderer
+
+    symbol = QgsFillSymbol.createSimple(
+        {"style": "no", "outline_color": f"{rgb},255", "outline_width": str(width), "outline_width_unit": "MM"}
+    )
+    return QgsSingleSymbolRenderer(symbol)
+
+
+def file_name_labels():
+    from qgis.core import QgsPalLayerSettings, QgsTextBufferSettings, QgsTextFormat, QgsVectorLayerSimpleLabeling
+    from qgis.PyQt.QtGui import QColor, QFont
+
+    fmt = QgsTextFormat()
+    fmt.setFont(QFont("DejaVu Sans"))
+    fmt.setSize(9)
+    fmt.setColor(QColor(255, 255, 0))
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(0.8)
+    buffer.setColor(QColor(0, 0, 0))
+    fmt.setBuffer(buffer)
+    s = QgsPalLayerSettings()
+    s.fieldName = 'file_name("path")'  # QGIS >= 3.18
+    s.isExpression = True
+    s.setFormat(fmt)
+    s.placement = QgsPalLayerSettings.Horizontal  # inside the outline
+    return QgsVectorLayerSimpleLabeling(s)
+
+
 def export(layer, path: Path) -> None:
     from qgis.core import QgsMapLayer, QgsReadWriteContext
     from qgis.PyQt.QtXml import QDomDocument
@@ -115,6 +147,15 @@ def main(folder: str) -> None:
     merged.setRenderer(renderer("best_rank", filled=False))
     merged.setLabelsEnabled(False)
     export(merged, out / "merged.qml")
+    tiles = QgsVectorLayer("Polygon?crs=EPSG:4326&field=tile_id:long", "tiles", "memory")
+    tiles.setRenderer(outline("255,255,255", 0.2))
+    tiles.setLabelsEnabled(False)
+    export(tiles, out / "catalog_tiles.qml")
+    scenes = QgsVectorLayer("Polygon?crs=EPSG:4326&field=path:string", "scenes", "memory")
+    scenes.setRenderer(outline("255,255,0", 0.8))
+    scenes.setLabeling(file_name_labels())
+    scenes.setLabelsEnabled(True)
+    export(scenes, out / "catalog_scenes.qml")
     sys.stdout.flush()
     del app
     os._exit(0)  # QgsApplication.exitQgis() crashes on some headless builds

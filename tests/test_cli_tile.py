@@ -459,9 +459,12 @@ def test_tiles_layer_opens_in_qgis(make_geotiff: MakeGeoTiff, tmp_path: Path) ->
     scene = make_geotiff(shape=(3, 600, 700), crs="EPSG:32633")
     index = tmp_path / "idx"
     assert run("tile", str(scene), "--index", str(index)).exit_code == 0
-    info = qgis_probe(index / "catalog.gpkg", "tiles", "scenes")
+    info = qgis_probe(index / "catalog.gpkg", "tiles", "scenes", labels=True)
     assert info["tiles"]["valid"] and info["tiles"]["crs"] == "EPSG:4326" and info["tiles"]["count"] == 9
     assert info["scenes"]["valid"] and info["scenes"]["count"] == 1
+    # Outlines (QGIS' default random fill hid the imagery), and each scene named by its file.
+    assert info["tiles"]["fill_brushes"] == [0] and info["scenes"]["fill_brushes"] == [0]
+    assert [text for text, _x, _y in info["scenes"]["placed_labels"]] == [scene.name]
 
 
 def test_writer_killed_inside_a_catalog_transaction(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ from geoir import __version__
 from geoir.errors import BundleError, GeoirError, ModelError
 from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir, pid_is_running
 from geoir.io.scene import Scene
+from geoir.output.writers import add_styles, style
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
 
 #: How far beyond +-180 degrees a footprint across the antimeridian may reach (a tile of 256 px at 300 m
@@ -600,6 +601,8 @@ class Bundle:
                 con.execute("PRAGMA journal_mode = OFF")
                 con.execute("CREATE UNIQUE INDEX IF NOT EXISTS tiles_tile_id ON tiles(tile_id)")
                 con.execute("CREATE INDEX IF NOT EXISTS tiles_scene_id ON tiles(scene_id)")
+                # Outlines in QGIS (its default random fill would hide the imagery), scenes named.
+                add_styles(con, {"tiles": style("tiles"), "scenes": style("scenes")})
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)

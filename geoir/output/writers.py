@@ -33,20 +33,23 @@ SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": 
 
 
 #: The QGIS style of each layer a search writes, in geoir/output/styles (made with QGIS by docs/make_styles.py).
-STYLES = {"hits": "hits.qml", "hits_merged": "merged.qml", "query": "query.qml"}
-_STYLE_TEXT = {
-    "hits": "geoir search hits: coloured and labelled by rank, rank 1 on top",
-    "hits_merged": "geoir search regions: outlines coloured by best rank",
-    "query": "geoir search query: dashed outline",
+#: (file, description) by kind: a search's three layers, and the two layers of a bundle's catalog.
+STYLES = {
+    "hits": ("hits.qml", "geoir search hits: coloured and labelled by rank, rank 1 on top"),
+    "hits_merged": ("merged.qml", "geoir search regions: outlines coloured by best rank"),
+    "query": ("query.qml", "geoir search query: dashed outline"),
+    "tiles": ("catalog_tiles.qml", "geoir catalog tiles: outlines"),
+    "scenes": ("catalog_scenes.qml", "geoir catalog scenes: outlines labelled with the file name"),
 }
 #: Table names a ``--layer`` may not take, or start with: the GeoPackage's and SQLite's own.
 _RESERVED = re.compile(r"^(gpkg_|rtree_|sqlite_|layer_styles$)", re.IGNORECASE)
 _LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
 
 
-def style(kind: str) -> str:
-    """The QGIS style (QML) of a search layer: ``hits``, ``hits_merged`` or ``query``."""
-    return (resources.files("geoir") / "output" / "styles" / STYLES[kind]).read_text()
+def style(kind: str) -> tuple[str, str]:
+    """The QGIS style (QML) of a kind of layer (a key of :data:`STYLES`), and its description."""
+    file, description = STYLES[kind]
+    return (resources.files("geoir") / "output" / "styles" / file).read_text(), description
 
 
 def gpkg_layer_names(layer: str = "hits") -> dict[str, str]:
@@ -245,7 +248,7 @@ def _write_gpkg_file(layers: dict[str, gpd.GeoDataFrame], path: Path, overwrite:
             )
         with contextlib.closing(sqlite3.connect(tmp)) as con:
             with con:
-                add_styles(con, {names[kind]: (style(kind), _STYLE_TEXT[kind]) for kind in STYLES})
+                add_styles(con, {name: style(kind) for kind, name in names.items()})
             if into_existing and con.execute("PRAGMA freelist_count").fetchone()[0]:
                 con.execute("VACUUM")  # the pages of replaced layers
         _check_written(tmp, named)
