@@ -1287,10 +1287,32 @@ def test_hits_carry_their_id_as_text_and_a_short_result_says_why(bundle2: Path, 
     assert r.exit_code == 0, r.output
     hits = gpd.read_file(out)
     assert (hits.tile == "tile:" + hits.tile_id.astype(str)).all() and len(hits) < 500
-    assert f"{len(hits)} of the 500 hits asked for" in r.output and "--include-query-overlap" in r.output
+    # 13 tiles, one of them the query's own: each reason named.
+    assert len(hits) == 12 and "12 of the 500 hits asked for: " in r.output, r.output
+    assert f"{bundle2} holds 13 tiles; 1 are the query's own place (--include-query-overlap" in r.output
     assert f"beside it: {tmp_path / 'h.hits_merged.geojson'}" in r.output
+    # With enough tiles, the query's own tile is said to have ranked among the hits and been left out.
+    r = CliRunner().invoke(
+        cli,
+        ["search", f"tile:{tid}", "--index", str(bundle2), "--out", str(tmp_path / "k.gpkg"), "-k", "3", *TEST_MODEL],
+    )
+    assert "1 tile(s) of the query's own place ranked among the 3 best and were left out" in r.output, r.output
     # The text id is a query as it is.
     invoke("search", hits.tile[0], "--index", str(bundle2), "--out", str(tmp_path / "again.gpkg"), *TEST_MODEL)
+    # A plain image has no place of its own, and no filter was given: neither is blamed for a short result.
+    png = tmp_path / "q.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png)
+    r = CliRunner().invoke(
+        cli, ["search", str(png), "--index", str(bundle2), "--out", str(tmp_path / "p.gpkg"), "-k", "50", *TEST_MODEL]
+    )
+    assert r.exit_code == 0 and f"13 of the 50 hits asked for: {bundle2} holds 13 tiles\n" in r.output, r.output
+    assert "own place" not in r.output and "filters" not in r.output
+    r = CliRunner().invoke(
+        cli,
+        ["search", f"tile:{tid}", "--index", str(bundle2), "--out", str(tmp_path / "s.gpkg"), "--scene", "b.tif",
+         "-k", "12", *TEST_MODEL],
+    )  # fmt: skip
+    assert r.exit_code == 0 and "12 hits asked for: " in r.output and " pass the filters" in r.output, r.output
 
 
 def _merged_by_union(hits: gpd.GeoDataFrame) -> set[tuple[int, int, str]]:

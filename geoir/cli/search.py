@@ -145,7 +145,7 @@ def search(
     Examples:
       $ geoir search query.png --out hits.gpkg
       $ geoir search crop.tif -k 50 --bbox -75.8,37.5,-75.4,37.9 --out hits.gpkg
-      $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq -r .features[0].properties.tile
+      $ geoir search --point -75.61,37.70 --negative tile:123456 --out - | jq -r '.features[0].properties.tile'
       $ geoir search query.png -k 100 --expand 5 --out hits.gpkg
       $ geoir search -v tile:123456 -k 5 --out hits.gpkg
       $ geoir search quarry.png --out project.gpkg --layer quarries
@@ -235,15 +235,22 @@ def search(
         sides = [p for name, p in side_paths(out, fmt, layers).items() if name != "hits"]
         if sides:
             log.info("%s holds the hits; beside it: %s", out, ", ".join(str(p) for p in sides))
-    if len(result.hits) < k:
+    if result.left_out and len(result.hits) == k:
         log.info(
-            "%d of the %d hits asked for: no more tiles pass the filters%s",
-            len(result.hits),
+            "%d tile(s) of the query's own place ranked among the %d best and were left out (--include-query-overlap "
+            "keeps them)",
+            result.left_out,
             k,
-            ""
-            if include_query_overlap
-            else " and the query-overlap rule (--include-query-overlap keeps the tiles of the query's own place)",
         )
+    if len(result.hits) < k:
+        why = []
+        if bundle.n_tiles() < k:
+            why.append(f"{index_dir} holds {bundle.n_tiles()} tiles")
+        if allowed is not None:
+            why.append(f"{len(allowed)} pass the filters")
+        if result.own_place:
+            why.append(f"{result.own_place} are the query's own place (--include-query-overlap keeps them)")
+        log.info("%d of the %d hits asked for: %s", len(result.hits), k, "; ".join(why) or "no more tiles")
     if log.isEnabledFor(logging.DEBUG) and len(result.hits):
         import shapely
 

@@ -76,10 +76,17 @@ class QueryParts:
 
 @dataclass
 class Hits:
-    """Search results: the hits with their footprints, and the query geometries."""
+    """Search results: the hits with their footprints, and the query geometries.
+
+    ``own_place`` counts the tiles left out as the query's own place (those sharing ground with a
+    georeferenced query, see ``include_query_overlap``), and ``left_out`` those of them that ranked among the
+    ``k`` best, in place of the last hits returned.
+    """
 
     hits: gpd.GeoDataFrame
     query: gpd.GeoDataFrame
+    own_place: int = 0
+    left_out: int = 0
 
 
 class Searcher:
@@ -323,7 +330,7 @@ class Searcher:
         most = max(1, self.bundle.n_tiles())
         k, expand = min(int(k), most), min(int(expand), most)
         if expand:
-            first = self._search_ids(parts, expand, allowed, include_query_overlap)[1]
+            first = self._search_ids(parts, expand, allowed, include_query_overlap)[0][1]
             if len(first):
                 # Each hit is a part of its own: the query becomes the mean of its parts and those tiles.
                 enc = self._encode_tiles(first, self.tiles_by_id(first))
@@ -336,9 +343,10 @@ class Searcher:
                 )
                 log.info("query expanded with the first %d hits", len(first))
                 log.debug("tiles added to the query: %s", first.tolist())
-        dist, ids, ham = self._search_ids(parts, k, allowed, include_query_overlap)
+        (dist, ids, ham), own_place, left_out = self._search_ids(parts, k, allowed, include_query_overlap)
         scores = self.indexes["float"].scores(dist)
-        return Hits(self._hits_frame(ids, dist, scores, ham, " + ".join(parts.labels)), _query_frame(parts))
+        frame = self._hits_frame(ids, dist, scores, ham, " + ".join(parts.labels))
+        return Hits(frame, _query_frame(parts), own_place=own_place, left_out=left_out)
 
     @property
     def ranks_by_codes(self) -> bool:
@@ -349,9 +357,10 @@ class Searcher:
 
     def _search_ids(
         self, parts: QueryParts, k: int, allowed: np.ndarray | None, include_query_overlap: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None], int, int]:
         """Distances, ids and Hamming distances (None without codes) of the top ``k`` tiles for the combined
-        query (filters and exclusions applied)."""
+        query (filters and exclusions applied); the number of tiles excluded as the query's own place, and
+        how many of them ranked among the ``k`` best."""
         emb, codes = self._combine(parts)
         excluded: set[int] = set()
         if not include_query_overlap:
@@ -386,8 +395,11 @@ class Searcher:
         else:
             dist, ids = float_index.search(emb, fetch, allowed)
             dist, ids, ham = _best_over_turns(dist, ids)
-        keep = (ids >= 0) & ~np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
-        return dist[keep][:k], ids[keep][:k], None if ham is None else ham[keep][:k]
+        own = (ids >= 0) & np.isin(ids, np.fromiter(excluded, np.int64, len(excluded)))
+        keep = (ids >= 0) & ~own
+        kept = np.flatnonzero(keep)
+        left_out = int(own[: kept[k - 1] if len(kept) >= k else len(own)].sum())
+        return (dist[keep][:k], ids[keep][:k], None if ham is None else ham[keep][:k]), len(excluded), left_out
 
     def _combine(self, parts: QueryParts) -> tuple[np.ndarray, np.ndarray | None]:
         """One query vector per turn: each turn averages the parts' vectors of that turn (``views`` rows).
