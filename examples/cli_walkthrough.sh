@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # geoir from the shell: index two scenes, search three ways, inspect and edit the bundle.
+#   $ source .venv/bin/activate     # geoir, and a python3 with geopandas, on PATH
 #   $ bash examples/cli_walkthrough.sh SCENE_A.tif SCENE_B.tif
 set -euo pipefail
 a=$1; b=$2; index=${INDEX:-walkthrough-index}

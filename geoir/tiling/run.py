@@ -423,12 +423,16 @@ def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -
     had = {"bands": ",".join(map(str, record["bands"])), "nodata": record["nodata"]}
     differ = [k for k in asked if asked[k] != had[k] and not (asked[k] != asked[k] and had[k] != had[k])]  # NaN
     if differ:
+
+        def option(k: str, value: object) -> str:
+            return f"no --{k}" if value is None else f"--{k} {value:g}" if isinstance(value, float) else f"--{k} {value}"
+
         log.warning(
             "%s was tiled into %s with %s; it is kept so: `geoir remove %s --index %s`, then tile it again, to use %s",
             scene.path,
             bundle.path,
-            ", ".join(f"--{k} {had[k]}" for k in differ),
+            ", ".join(option(k, had[k]) for k in differ),
             Path(scene.path).name,
             bundle.path,
-            ", ".join(f"--{k} {asked[k]}" for k in differ),
+            ", ".join(option(k, asked[k]) for k in differ),
         )
