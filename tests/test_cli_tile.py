@@ -545,3 +545,15 @@ def test_a_moved_scene_is_followed_by_a_rerun(make_geotiff: MakeGeoTiff, tmp_pat
     r = CliRunner().invoke(cli, ["-q", "encode", "--index", str(index), "--backbone", "test", "--workers", "0"])
     assert r.exit_code == 0, r.output
     assert len(Bundle.open(index).encoded_scene_ids()) == 1
+
+
+def test_a_scene_kept_as_tiled_says_which_options_it_keeps(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A re-run asking for other --nodata/--bands keeps the scene as it was tiled, and says how in the options'
+    own words ('no --nodata', not Python's None)."""
+    scene = make_geotiff(shape=(3, 300, 300))
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(index), "--nodata", "0", "--no-encode"])
+    assert r.exit_code == 0, r.output
+    assert f"was tiled into {index} with no --nodata; it is kept so: `geoir remove {scene.name}" in r.output
+    assert "to use --nodata 0\n" in r.output and "None" not in r.output
