@@ -930,7 +930,16 @@ def _signal_after_first_scene(scenes: list[Path], index: Path, sig: int) -> subp
     the second is under way."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "geoir.cli", "tile", *map(str, scenes), "--index", str(index), *TILE_MODEL]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored: give the run the
+    # default, as an interactive shell does.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     manifest = index / "manifest.json"
     while time.time() < deadline:
@@ -1208,13 +1217,15 @@ def test_corrupt_index_file_message_gives_a_working_fix(bundle2: Path, tmp_path:
     assert len(gpd.read_file(out, layer="hits")) == 10 and faiss_file.exists()
 
 
-def test_sigterm_unwinds_like_ctrl_c(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_unwinds_like_ctrl_c(make_geotiff: MakeGeoTiff, tmp_path: Path, sig: signal.Signals) -> None:
     # `timeout`, `kill` and batch schedulers send SIGTERM: the run stops with 143 and leaves a whole bundle.
+    # Ctrl-C (SIGINT) exits 130, as the shell reports an interrupted command (click's own answer was 1).
     scenes = [make_geotiff(f"s{i}.tif", seed=30 + i, shape=(3, 2048, 2048)) for i in range(6)]
     index = tmp_path / "idx"
-    proc = _signal_after_first_scene(scenes, index, signal.SIGTERM)
+    proc = _signal_after_first_scene(scenes, index, sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err
     bundle = Bundle.open(index)
     assert 1 <= bundle.manifest["counts"]["scenes"] < 6

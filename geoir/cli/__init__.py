@@ -55,6 +55,11 @@ class GeoirGroup(click.Group):
             return super().invoke(ctx)
         except GeoirError as exc:
             raise click.ClickException(user_message(exc)) from exc
+        except KeyboardInterrupt:
+            # Ctrl-C, once the command has unwound (new bundles, temp files, half-made outputs removed): the
+            # shell's 130 (128 + SIGINT), as for a process the signal killed, not click's 1 for an error.
+            click.echo("\nAborted!", err=True)
+            raise SystemExit(128 + signal.SIGINT) from None
 
 
 class _StderrFormatter(logging.Formatter):

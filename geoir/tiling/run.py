@@ -425,7 +425,9 @@ def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -
     if differ:
 
         def option(k: str, value: object) -> str:
-            return f"no --{k}" if value is None else f"--{k} {value:g}" if isinstance(value, float) else f"--{k} {value}"
+            if value is None:
+                return f"no --{k}"
+            return f"--{k} {value:g}" if isinstance(value, float) else f"--{k} {value}"
 
         log.warning(
             "%s was tiled into %s with %s; it is kept so: `geoir remove %s --index %s`, then tile it again, to use %s",
