@@ -12,6 +12,7 @@ import rasterio
 import shapely
 from affine import Affine
 from click.testing import CliRunner
+from PIL import Image
 
 from geoir.cli import cli
 from geoir.index.bundle import Bundle, tile_footprint_native
@@ -557,3 +558,18 @@ def test_a_scene_kept_as_tiled_says_which_options_it_keeps(make_geotiff: MakeGeo
     assert r.exit_code == 0, r.output
     assert f"was tiled into {index} with no --nodata; it is kept so: `geoir remove {scene.name}" in r.output
     assert "to use --nodata 0\n" in r.output and "None" not in r.output
+
+
+def test_a_folder_says_which_images_it_leaves_out(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A folder is searched for rasters by suffix; the PNG and JPEG beside them used to be skipped without a word."""
+    folder = tmp_path / "scenes"
+    (folder / "sub").mkdir(parents=True)
+    scene = make_geotiff(shape=(3, 300, 300))
+    scene.rename(folder / "a.tif")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "quicklook.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "sub" / "photo.JPG")
+    (folder / "a.tif.aux.xml").write_text("<PAMDataset/>")
+    r = CliRunner().invoke(cli, ["tile", str(folder), "--index", str(tmp_path / "idx"), "--no-encode"])
+    assert r.exit_code == 0, r.output
+    assert f"{folder}: 2 image(s) (.jpg, .png) left out: a folder is searched for .tif, .tiff" in r.output
+    assert "name such files to tile them" in r.output and "1 scene(s) added" in r.output

@@ -33,6 +33,8 @@ from geoir.errors import SceneError, TilingError
 log = logging.getLogger("geoir")
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt", ".ntf", ".nitf", ".hdf", ".nc")
+#: Images a folder search leaves out, but says so (they may be georeferenced by a world file).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 
 #: Percentiles used to stretch non-uint8 data to 0-255. 2/98 is the usual "linear 2%" stretch of
 #: QGIS and most viewers: robust to a few saturated or dark pixels.
@@ -810,14 +812,25 @@ def expand_inputs(inputs: Sequence[str], exclude: Sequence[str | os.PathLike[str
         p = Path(item)
         if p.is_dir():
             skip = [Path(e).resolve() for e in exclude]
-            found = sorted(
+            files = [
                 q
                 for q in p.rglob("*")
                 if q.is_file()
-                and q.suffix.lower() in RASTER_SUFFIXES
                 and not any(part.startswith(".") for part in q.relative_to(p).parts)
                 and not any(q.resolve().is_relative_to(e) for e in skip)
-            )
+            ]
+            found = sorted(q for q in files if q.suffix.lower() in RASTER_SUFFIXES)
+            images = sorted({q.suffix.lower() for q in files if q.suffix.lower() in IMAGE_SUFFIXES})
+            if images:
+                # Not silently: GDAL reads such images too, georeferenced by a world file or .aux.xml.
+                n = sum(q.suffix.lower() in IMAGE_SUFFIXES for q in files)
+                log.info(
+                    "%s: %d image(s) (%s) left out: a folder is searched for %s; name such files to tile them",
+                    p,
+                    n,
+                    ", ".join(images),
+                    ", ".join(RASTER_SUFFIXES),
+                )
             if not found:
                 raise SceneError(f"{p} contains no raster files ({', '.join(RASTER_SUFFIXES)})")
             out.extend(found)
