@@ -1307,7 +1307,7 @@ def test_hits_carry_their_id_as_text_and_a_short_result_says_why(bundle2: Path, 
         cli,
         ["search", f"tile:{tid}", "--index", str(bundle2), "--out", str(tmp_path / "k.gpkg"), "-k", "3", *TEST_MODEL],
     )
-    assert "1 tile(s) of the query's own place ranked among the 3 best and were left out" in r.output, r.output
+    assert "left out: 1 tile(s) of the query's own place that ranked among the 3 best" in r.output, r.output
     # The text id is a query as it is.
     invoke("search", hits.tile[0], "--index", str(bundle2), "--out", str(tmp_path / "again.gpkg"), *TEST_MODEL)
     # A plain image has no place of its own, and no filter was given: neither is blamed for a short result.

@@ -237,7 +237,7 @@ def search(
             log.info("%s holds the hits; beside it: %s", out, ", ".join(str(p) for p in sides))
     if result.left_out and len(result.hits) == k:
         log.info(
-            "%d tile(s) of the query's own place ranked among the %d best and were left out (--include-query-overlap "
+            "left out: %d tile(s) of the query's own place that ranked among the %d best (--include-query-overlap "
             "keeps them)",
             result.left_out,
             k,
