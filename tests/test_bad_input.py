@@ -496,3 +496,115 @@ def test_two_bands_are_refused_when_asked_for_and_named_when_a_raster_has_two(
     assert scene.bands == (1, 2, 2) and "has 2 colour bands; they are read as 1,2,2" in caplog.text
     r = geoir("tile", str(make_geotiff()), "--index", str(tmp_path / "i"), "--bands", "1,2", "--no-encode")
     assert_clean_error(r, 1, "--bands 1,2: give 3 bands", "--bands 1,2,2")
+
+
+def test_a_full_disk_is_one_message_naming_the_file(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC used to end in a traceback wherever a writer let the OSError through (the vectors of a scene,
+    a new bundle's manifest, `geoir encode --out`): now one line naming the file, and nothing left behind."""
+    import errno
+
+    import numpy as np
+
+    from geoir.io import files
+
+    scene = make_geotiff()
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_space(*_a: object, **_k: object) -> None:
+        raise full
+
+    index = tmp_path / "idx"
+    out = tmp_path / "v.npz"
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", no_space)
+        r = geoir("tile", str(scene), "--index", str(index), *BACKBONE)
+        assert_clean_error(r, 1, "cannot write", str(index / "vectors"), "No space left on device", "free space")
+        assert not index.exists()  # the new bundle of a run that committed nothing
+        r = geoir("encode", str(scene), "--out", str(out), *BACKBONE)
+        assert_clean_error(r, 1, f"{out}: No space left on device; free space there")
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "fsync", no_space)
+        r = geoir("tile", str(scene), "--index", str(index), *BACKBONE)
+        assert_clean_error(r, 1, "cannot create the bundle", str(index), "No space left on device")
+        assert not index.exists()
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_catalog_that_cannot_be_opened_now_is_not_called_corrupt(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locked by another program, or in WAL mode in a folder geoir cannot write: a healthy catalog, which the
+    message used to call corrupt ("restore it or re-create the bundle")."""
+    import sqlite3
+
+    from geoir.index import bundle as bundle_mod
+
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    catalog = index / "catalog.gpkg"
+    holder = sqlite3.connect(catalog, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        monkeypatch.setattr(Bundle, "_connect", lambda self: sqlite3.connect(self.catalog_path, timeout=0.1))
+        r = geoir("info", "--index", str(index))
+        assert_clean_error(r, 1, str(catalog), "is locked by another program", "close it")
+        assert "corrupt" not in r.output
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert geoir("info", "--index", str(index)).exit_code == 0
+    # WAL mode (QGIS sets it when it edits a GeoPackage), read where the folder cannot be written.
+    with sqlite3.connect(catalog) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+    assert bundle_mod._in_wal_mode(catalog)
+
+    def read_only(self: Bundle) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(Bundle, "_connect", read_only)
+    r = geoir("info", "--index", str(index))
+    assert_clean_error(r, 1, "WAL mode", "PRAGMA journal_mode=DELETE")
+    with sqlite3.connect(catalog) as con:
+        con.execute("PRAGMA journal_mode=DELETE")
+    assert not bundle_mod._in_wal_mode(catalog)
+    r = geoir("info", "--index", str(index))
+    assert_clean_error(r, 1, "holds an unfinished write", "with write access")
+
+
+def test_a_killed_reader_process_is_one_message(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The out-of-memory killer taking a DataLoader worker gave torch's traceback."""
+    from geoir.encoding import batches
+
+    def killed(*_a: object, **_k: object) -> None:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(batches, "iter_batches", killed)
+    scene = make_geotiff()
+    r = geoir("tile", str(scene), "--index", str(tmp_path / "idx"), "--workers", "1", *BACKBONE)
+    assert_clean_error(r, 1, str(scene), "a reader process stopped", "out of memory?", "fewer --workers")
+
+
+def test_a_bundle_that_cannot_be_written_is_refused_before_the_model_loads(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing bundle without write access used to fail at the first commit, after reading and encoding
+    the whole scene (and with "is the disk full?")."""
+    from geoir.cli import tile as tile_cli
+    from geoir.index import bundle as bundle_mod
+
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    catalog = index / "catalog.gpkg"
+    real_access = os.access
+    monkeypatch.setattr(bundle_mod.os, "access", lambda p, mode: Path(p) != catalog and real_access(p, mode))
+
+    def no_model(*_a: object, **_k: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(tile_cli, "resolve_model", no_model)
+    r = geoir("tile", str(make_geotiff("b.tif", seed=3)), "--index", str(index), *BACKBONE)
+    assert_clean_error(r, 1, f"cannot write {catalog} (permission denied)", "needs write access to the bundle")

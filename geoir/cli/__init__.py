@@ -7,6 +7,7 @@ Plugins add commands through the ``geoir.commands`` entry-point group.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -36,6 +37,16 @@ COMMANDS = {
 }
 
 
+#: Fixes for the file-system errors a command may meet, by errno (others keep their traceback: a bug's).
+_OS_FIXES = {
+    errno.ENOSPC: "free space there, or write somewhere else",
+    errno.EDQUOT: "your disk quota is used up: free space there, or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "check its permissions, or write somewhere else",
+    errno.EPERM: "check its permissions, or write somewhere else",
+}
+
+
 class GeoirGroup(click.Group):
     """Lazily loaded subcommands; :class:`GeoirError` becomes a one-line message and exit code 1."""
 
@@ -55,6 +66,14 @@ class GeoirGroup(click.Group):
             return super().invoke(ctx)
         except GeoirError as exc:
             raise click.ClickException(user_message(exc)) from exc
+        except OSError as exc:
+            # A write that the file system refused, where no writer turned it into a GeoirError first: one line
+            # naming the file and what to do, not a traceback (writers remove their temp files as they unwind).
+            fix = _OS_FIXES.get(exc.errno or 0)
+            if fix is None:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror}; {fix}") from exc
         except KeyboardInterrupt:
             # Ctrl-C, once the command has unwound (new bundles, temp files, half-made outputs removed): the
             # shell's 130 (128 + SIGINT), as for a process the signal killed, not click's 1 for an error.

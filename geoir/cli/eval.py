@@ -203,11 +203,12 @@ def evaluate(
         expand=expand,
         progress=tqdm_progress(progress_enabled(ctx)),
     )
+    # The table first: a report that cannot be written (a full disk) must not take the results with it.
+    click.echo(summary_table(report))
     atomic_write_text(json_out, json.dumps(report, indent=1, default=float))
     if pr_curve is not None:
         write_pr_curve(report, pr_curve)
     log.info("%s written", json_out)
-    click.echo(summary_table(report))
 
 
 def _bundle_data(dataset: Path, index_dir: str, model, recipe, name: str):  # type: ignore[no-untyped-def]

@@ -210,6 +210,8 @@ def tile(
     existing = Bundle.open(index) if (index / "manifest.json").exists() else None
     if existing is None:
         Bundle.check_new_location(index)
+    elif not {s.id for s in prepared} <= existing.scene_ids():
+        existing.check_writable()  # before minutes of reading and encoding, not at the first commit
     encoder = None
     described = existing.model if existing else None
     if not no_encode:

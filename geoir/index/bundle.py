@@ -222,6 +222,7 @@ class Bundle:
                 )
             return bundle
         cls.check_new_location(p)
+        made = not p.exists()
         ensure_writable_dir(p, "the index directory", BundleError)
         manifest = {
             "format": FORMAT,
@@ -235,7 +236,16 @@ class Bundle:
             "counts": {"scenes": 0, "tiles": 0},
         }
         bundle = cls(p, manifest)
-        if not bundle._create_manifest():
+        try:
+            created_first = bundle._create_manifest()
+        except OSError as exc:
+            if made:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if still empty
+            raise BundleError(
+                f"cannot create the bundle {p} ({exc.strerror}); free space, or pick another --index"
+            ) from exc
+        if not created_first:
             return cls.open_or_create(p, params)  # another process created it first: use theirs
         created = _CREATED_HERE.get()
         if created is not None:
@@ -312,9 +322,28 @@ class Bundle:
                 with contextlib.suppress(Exception):
                     self.flush_indexes()
                 raise
-            self.flush_indexes()
+            try:
+                self.flush_indexes()
+            except BundleError as exc:
+                raise BundleError(
+                    f"{exc}; the scenes added are committed, and the next search or tile rebuilds the index from "
+                    "their vectors"
+                ) from exc
         finally:
             os.close(fd)
+
+    def check_writable(self) -> None:
+        """Raise unless scenes could be added: the bundle's folder and files writable (creates nothing).
+
+        Raises:
+            BundleError: Something there cannot be written.
+        """
+        for p in (self.path, self.path / VECTORS, self.catalog_path, self.path / MANIFEST):
+            if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+                raise BundleError(
+                    f"cannot write {p} (permission denied); adding or removing scenes needs write access to the "
+                    "bundle (searching does not): ask its owner, or copy it"
+                )
 
     # ---------------------------------------------------------------- catalog
     def _connect(self) -> sqlite3.Connection:
@@ -340,6 +369,29 @@ class Bundle:
         try:
             with contextlib.closing(self._connect()) as con:
                 con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            # Not corruption: a healthy catalog that cannot be opened now. Saying "corrupt" would have users
+            # delete a good bundle.
+            if "locked" in str(exc):
+                raise BundleError(
+                    f"{self.catalog_path} is locked by another program (QGIS, an SQLite tool, a GDAL command?) "
+                    "that is writing it; close it there, then run geoir again"
+                ) from exc
+            if _in_wal_mode(self.catalog_path):
+                raise BundleError(
+                    f"{self.catalog_path} was switched to SQLite's WAL mode (QGIS does so when it edits a GeoPackage), "
+                    f"which SQLite cannot read without write access to {self.path}; with write access, run "
+                    f"`sqlite3 {self.catalog_path} 'PRAGMA journal_mode=DELETE'` once"
+                ) from exc
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise BundleError(
+                    f"{self.catalog_path} holds an unfinished write (a run or program stopped mid-write left its "
+                    f"journal), which needs write access to roll back; run `geoir info --index {self.path}` once "
+                    "with write access to the bundle, then it opens read-only again"
+                ) from exc
+            raise BundleError(
+                f"cannot open {self.catalog_path} ({exc}); check the file and its folder, or restore it from a backup"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             raise BundleError(
                 f"{self.catalog_path} is corrupt ({exc}); restore it or re-create the bundle with `geoir tile`"
@@ -677,10 +729,15 @@ class Bundle:
         if codes is not None:
             arrays["codes"] = np.asarray(codes, np.uint8)
         try:
-            np.savez(tmp, **arrays)
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())  # durable before the rename, as the manifest and indexes are
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise BundleError(f"cannot write {out} ({exc.strerror}); free space, or pick another --index") from exc
             raise
 
     def encoded_scene_ids(self) -> list[str]:
@@ -914,6 +971,16 @@ def _npz_rows(z: zipfile.ZipFile, key: str, rows: np.ndarray | None = None) -> n
             f.seek(start + r * size)
             out[i] = np.frombuffer(f.read(size), dtype=dtype).reshape(row_shape)
         return out
+
+
+def _in_wal_mode(path: Path) -> bool:
+    """Whether an SQLite file is in WAL mode (bytes 18 and 19 of its header, the format versions, are 2)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and head[18] == 2
 
 
 @contextlib.contextmanager

@@ -589,8 +589,9 @@ class VectorIndex:
             os.replace(tmp, target)
         except (RuntimeError, OSError) as err:
             Path(tmp).unlink(missing_ok=True)
-            reason = str(err).strip()[-160:]
-            raise BundleError(f"cannot write {target}: {reason}; check free disk space") from None
+            # FAISS' own message is a C++ assertion (file and line); its last line says what failed.
+            reason = err.strerror if isinstance(err, OSError) else str(err).strip().splitlines()[-1][:160]
+            raise BundleError(f"cannot write {target} ({reason}); check free disk space") from None
 
     @staticmethod
     def count(path: str | os.PathLike[str]) -> int:

@@ -36,9 +36,11 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
             if tmp.is_file():
                 os.chmod(tmp, 0o644)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.filename in (None, str(tmp), tmp):
+                exc.filename = str(path)  # the file the user asked for, not its temp name (or none: a full disk)
             raise
 
 

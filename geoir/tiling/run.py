@@ -256,6 +256,14 @@ def read_and_encode(
                     on_kept(batch, keep)
             if bar is not None:
                 bar.update(len(batch.indexes))
+    except RuntimeError as exc:
+        # torch's DataLoader when a reader process dies (the kernel's out-of-memory killer, a kill -9).
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise SceneError(
+            f"{source.scene.path}: a reader process stopped ({str(exc).splitlines()[0]}); out of memory? "
+            f"run again with fewer --workers (0 reads in the main process) or a smaller --batch-size"
+        ) from exc
     finally:
         source.close()
         if bar is not None:
