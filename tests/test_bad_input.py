@@ -608,3 +608,26 @@ def test_a_bundle_that_cannot_be_written_is_refused_before_the_model_loads(
     monkeypatch.setattr(tile_cli, "resolve_model", no_model)
     r = geoir("tile", str(make_geotiff("b.tif", seed=3)), "--index", str(index), *BACKBONE)
     assert_clean_error(r, 1, f"cannot write {catalog} (permission denied)", "needs write access to the bundle")
+
+
+def test_a_bundle_left_empty_by_a_killed_first_run_says_it_may_go(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A first run killed (SIGKILL, the OOM killer) before its first commit leaves a manifest bound to its tiling
+    and model; a later run with other options is refused, and the message says the bundle holds nothing."""
+    from geoir.tiling.grid import TilingParams
+
+    index = tmp_path / "idx"
+    bundle = Bundle.open_or_create(index, TilingParams(size=128, stride=128))
+    bundle.bind_model({"fingerprint": "f" * 64, "name": "other", "backbone_tta": False})
+    scene = make_geotiff()
+    r = geoir("tile", str(scene), "--index", str(index), *BACKBONE)
+    assert_clean_error(r, 1, "was built with model other", "holds no scene", "delete that folder to start anew")
+    unbound = tmp_path / "unbound"
+    Bundle.open_or_create(unbound, TilingParams(size=128, stride=128))
+    r = geoir("tile", str(scene), "--index", str(unbound), "--size", "256", *BACKBONE)
+    assert_clean_error(r, 1, "was tiled with --size 128", "holds no scene")
+    # Once a scene is committed, the hint is gone: that bundle holds work.
+    index2 = tmp_path / "idx2"
+    assert geoir("tile", str(scene), "--index", str(index2), *BACKBONE).exit_code == 0
+    r = geoir("tile", str(make_geotiff("b.tif", seed=4)), "--index", str(index2), "--size", "128", *BACKBONE)
+    assert_clean_error(r, 1, "was tiled with --size 256")
+    assert "holds no scene" not in r.output

@@ -219,6 +219,7 @@ class Bundle:
             if params is not None and params != have:
                 raise BundleError(
                     f"{p} was tiled with {_describe(have)}; re-run with those options, or use another --index"
+                    + bundle._empty_hint()
                 )
             return bundle
         cls.check_new_location(p)
@@ -708,7 +709,14 @@ class Bundle:
             raise ModelError(
                 f"{self.path} was built with model {have.get('name') or '?'} (fingerprint {have['fingerprint'][:12]}), "
                 f"not {name or '?'} ({fingerprint[:12]}); use that model (--model), or another --index"
+                + self._empty_hint()
             )
+
+    def _empty_hint(self) -> str:
+        """For a refusal: a bundle holding no scene at all (its first run killed before a commit) may simply go."""
+        if self.catalog_path.exists():  # written by the first commit
+            return ""
+        return f" ({self.path} holds no scene: a run stopped before its first commit? delete that folder to start anew)"
 
     # ---------------------------------------------------------------- vectors
     def vectors_path(self, scene_id: str) -> Path:
