@@ -631,3 +631,15 @@ def test_a_bundle_left_empty_by_a_killed_first_run_says_it_may_go(make_geotiff: 
     r = geoir("tile", str(make_geotiff("b.tif", seed=4)), "--index", str(index2), "--size", "128", *BACKBONE)
     assert_clean_error(r, 1, "was tiled with --size 256")
     assert "holds no scene" not in r.output
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """With --overwrite it used to fail only after the whole search, with "(Is a directory)"."""
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    for name in ("h.geojson", "h.gpkg"):
+        folder = tmp_path / name
+        folder.mkdir()
+        r = geoir("search", "--point", "0.5,0.5", "--index", str(index), "--out", str(folder), "--overwrite", *BACKBONE)
+        assert_clean_error(r, 1, f"{folder} is a folder")
+        assert folder.is_dir() and not any(folder.iterdir())

@@ -131,6 +131,7 @@ def _exit_on_termination() -> None:
     be ignored (``nohup``) stay ignored."""
 
     def stop(signum: int, frame: object) -> None:
+        sys.stderr.write(f"\nStopped by {signal.Signals(signum).name}.\n")
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):

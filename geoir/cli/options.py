@@ -119,6 +119,8 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
         exists = p.exists()
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise click.ClickException(f"{path}: {exc.strerror}; pick another name") from exc
+    if exists and p.is_dir():
+        raise click.ClickException(f"{path} is a folder; give the output a file name")
     if exists and not overwrite:
         raise click.ClickException(f"{path} exists; pass --overwrite to replace it")
     from geoir.io.files import check_writable_target
