@@ -643,3 +643,22 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(make_geotiff: Mak
         r = geoir("search", "--point", "0.5,0.5", "--index", str(index), "--out", str(folder), "--overwrite", *BACKBONE)
         assert_clean_error(r, 1, f"{folder} is a folder")
         assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_an_index_file_of_other_vectors_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """Another index copied over the bundle's (binary over float) gave numpy's broadcast error mid-search."""
+    import numpy as np
+
+    from geoir.index.vectors import VectorIndex
+
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    other = VectorIndex(64, kind="binary")
+    other.add(np.arange(4), np.zeros((4, 8), np.uint8))
+    other.save(index / "float.faiss")
+    tid = int(Bundle.open(index).tiles().tile_id[0])
+    r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
+    assert_clean_error(r, 1, "float.faiss holds 64-bit binary vectors", "256-d float ones", "delete that file")
+    (index / "float.faiss").unlink()  # the fix the message gives
+    r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
+    assert r.exit_code == 0, r.output

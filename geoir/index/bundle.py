@@ -839,7 +839,18 @@ class Bundle:
             path = self.index_path(kind)
             if not path.exists():
                 return None
-            self._loaded[kind] = VectorIndex.load(path, mapped=not changing)
+            index = VectorIndex.load(path, mapped=not changing)
+            model = self.model or {}
+            want = model.get("bits") if kind == "binary" else model.get("embedding_dim")
+            if want is not None and (index.dim != int(want) or index.kind != kind):
+                # Another index file put in its place (a copy gone wrong): searching it would compare vectors of
+                # other shapes.
+                raise BundleError(
+                    f"{path} holds {index.dim}-{'bit' if index.kind == 'binary' else 'd'} {index.kind} vectors, but "
+                    f"{self.path}'s model gives {want}-{'bit' if kind == 'binary' else 'd'} {kind} ones; delete "
+                    "that file and search again (it is rebuilt from the stored vectors)"
+                )
+            self._loaded[kind] = index
         self._apply_pending(kind)
         return self._loaded[kind]
 
