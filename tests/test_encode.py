@@ -7,10 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 
+from geoir.cli import cli
 from geoir.encoding.batches import iter_batches
 from geoir.encoding.model import Model, load_model, model_for_bundle
 from geoir.errors import ModelError
+from geoir.index.bundle import Bundle
 from geoir.io.scene import open_scene
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.tiler import TileSource
@@ -158,3 +162,41 @@ def test_model_file_with_a_broken_head_names_the_file(tmp_path: Path) -> None:
     torch.save(payload, bad)
     with pytest.raises(ModelError, match=r"bad\.pt: a retention gate needs .*geoir train"):
         load_model(bad)
+
+
+def test_a_model_files_backbone_on_demand_waits_for_pixels(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """Searches by tile, point or example polygon run the head on stored features: the backbone (timm and its
+    weights, most of a search's start-up) is created only when pixels are encoded, and answers for the model
+    as the file records it until then."""
+    import subprocess
+    import sys
+
+    from geoir.encoding.backbone import DeferredBackbone
+
+    eager = load_model("default")
+    lazy = load_model("default", backbone_on_demand=True)
+    assert isinstance(lazy.backbone, DeferredBackbone) and not lazy.backbone.loaded
+    assert lazy.fingerprint == eager.fingerprint and lazy.describe() == eager.describe()
+    feats = torch.randn(3, eager.backbone.num_features)
+    a, b = eager.encode_features(feats), lazy.encode_features(feats)
+    assert np.array_equal(a.embedding, b.embedding) and np.array_equal(a.codes, b.codes)
+    assert not lazy.backbone.loaded
+    rgb = np.random.default_rng(0).integers(0, 255, (2, 3, 96, 96), dtype=np.uint8)
+    a, b = eager.encode(torch.from_numpy(rgb)), lazy.encode(torch.from_numpy(rgb))
+    assert lazy.backbone.loaded and np.allclose(a.embedding, b.embedding, atol=1e-6)
+    # Through the CLI, in a fresh process: a search by tile never imports timm; one by image does.
+    index = tmp_path / "idx"
+    scene = make_geotiff(shape=(3, 512, 512))
+    assert CliRunner().invoke(cli, ["-q", "tile", str(scene), "--index", str(index), "--device", "cpu"]).exit_code == 0
+    tid = int(Bundle.open(index).tiles().tile_id[0])
+    png = tmp_path / "q.png"
+    Image.fromarray(rgb[0].transpose(1, 2, 0)).save(png)
+    for query, imports_timm in ((f"tile:{tid}", False), (str(png), True)):
+        code = (
+            "import sys; from geoir.cli import cli\n"
+            f"cli(['-q', 'search', {query!r}, '--index', {str(index)!r}, '--out', {str(tmp_path / 'h.gpkg')!r},"
+            " '--overwrite', '--device', 'cpu'], standalone_mode=False)\n"
+            "print('timm' in sys.modules)"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == str(imports_timm), (query, r.stdout, r.stderr)

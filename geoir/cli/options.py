@@ -302,13 +302,22 @@ def resolve_model(
     device: str,
     bundle_model: dict | None = None,
     tta: bool | None = None,
+    backbone_on_demand: bool = False,
 ):  # type: ignore[no-untyped-def]
     """Load the model a command asked for; with no --model, the bundle's own model, else the default. Test-time
-    averaging (``tta``) follows the bundle unless given."""
+    averaging (``tta``) follows the bundle unless given; ``backbone_on_demand``: see
+    :func:`geoir.encoding.model.load_model`."""
     from geoir.encoding.model import model_for_bundle
 
     loaded = model_for_bundle(
-        bundle_model, model, backbone=backbone, weights=weights, download=download, device=device, tta=tta
+        bundle_model,
+        model,
+        backbone=backbone,
+        weights=weights,
+        download=download,
+        device=device,
+        tta=tta,
+        backbone_on_demand=backbone_on_demand,
     )
     d = loaded.describe()
     if (loaded.meta.get("data") or {}).get("features_tta") and not loaded.backbone.tta:

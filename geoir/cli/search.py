@@ -188,7 +188,9 @@ def search(
     images = [q for q in (*queries, *negatives) if not q.startswith("tile:")]
     refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)
-    encoder = resolve_model(model, backbone, weights, download, device, bundle.model)
+    # Queries by tile, point or example polygon run the head on stored features: the backbone (timm, its
+    # weights: most of a search's start-up) is created only when an image is to be encoded.
+    encoder = resolve_model(model, backbone, weights, download, device, bundle.model, backbone_on_demand=not images)
     searcher = Searcher(bundle, encoder, rotations=rotations)
     parts = QueryParts()
     for q, negative in [(q, False) for q in queries] + [(q, True) for q in negatives]:

@@ -567,6 +567,59 @@ def match_state_dict(
     return mapped
 
 
+class DeferredBackbone:
+    """A model file's backbone as the file records it, created only when pixels are to be encoded.
+
+    A search by tiles, points or example polygons runs the head on stored backbone features and never the
+    backbone: this stands in for it with what the file records (name, fingerprint, taps, preprocessing, feature
+    width), and creating timm's model and loading its weights (seconds) waits for :meth:`features` or any
+    attribute not recorded. The weights then loaded must have the recorded fingerprint (``load`` checks it).
+    """
+
+    def __init__(self, spec: Mapping[str, Any], num_features: int, device: torch.device, load: Any) -> None:
+        self.name = str(spec["name"])
+        self.fingerprint = str(spec["fingerprint"])
+        self.taps = tuple(int(t) for t in spec.get("taps", ()))
+        self.preprocess = Preprocess.from_dict(spec["preprocess"])
+        self.num_features = int(num_features)
+        self.tta = False
+        self._device = device
+        self._load = load  # () -> Backbone
+        self._real: Backbone | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the backbone itself has been created."""
+        return self._real is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self._real.device if self._real is not None else self._device
+
+    def backbone(self) -> Backbone:
+        """The backbone itself, created on the first call (which checks its weights' fingerprint)."""
+        if self._real is None:
+            self._real = self._load()
+        self._real.tta = self.tta
+        return self._real
+
+    def features(self, batch_uint8: torch.Tensor, *, amp: bool = True) -> torch.Tensor:
+        return self.backbone().features(batch_uint8, amp=amp)
+
+    def to(self, device: torch.device | str) -> DeferredBackbone:
+        if self._real is not None:
+            self._real.to(device)
+        else:
+            self._device = resolve_device(device)
+        return self
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only for what is not recorded above (the timm module, its source...): that needs the backbone.
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.backbone(), attr)
+
+
 def load_backbone(
     name: str = DEFAULT_BACKBONE,
     *,

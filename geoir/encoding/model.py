@@ -14,13 +14,21 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geoir.encoding.backbone import DEFAULT_BACKBONE, Backbone, canonical_backbone_name, load_backbone, torch_load
+from geoir.encoding.backbone import (
+    DEFAULT_BACKBONE,
+    Backbone,
+    DeferredBackbone,
+    canonical_backbone_name,
+    load_backbone,
+    resolve_device,
+    torch_load,
+)
 from geoir.errors import ModelError, unreadable_file_reason
 from geoir.io.files import atomic_write_bytes
 
@@ -213,6 +221,7 @@ def load_model(
     device: str | torch.device = "cpu",
     taps: tuple[int, ...] | None = None,
     tta: bool = False,
+    backbone_on_demand: bool = False,
 ) -> Model:
     """Load a model file, the shipped default, or a bare backbone.
 
@@ -227,6 +236,8 @@ def load_model(
             :func:`geoir.encoding.backbone.load_backbone`). A model file records its own.
         tta: Encode every tile as the mean features of its 8 flips and quarter turns (8 backbone passes
             per tile; see :meth:`geoir.encoding.backbone.Backbone.features`).
+        backbone_on_demand: For a model file with a head: create the backbone only when pixels are encoded
+            (:class:`geoir.encoding.backbone.DeferredBackbone`), for work on stored features alone.
 
     Raises:
         ModelError: The file is missing or not a geoir model, or its backbone does not match.
@@ -264,12 +275,22 @@ def load_model(
         raise ModelError(f"{path} was trained on backbone {spec['name']}, not {backbone}; drop --backbone")
     # Model files written before taps existed used the pooled features alone.
     taps = tuple(spec.get("taps", ()))
-    bb = load_backbone(spec["name"], weights=_path(weights), download=download, device=device, taps=taps)
-    if bb.fingerprint != spec["fingerprint"]:
-        raise ModelError(
-            f"{path} was trained on other {spec['name']} weights (fingerprint {spec['fingerprint'][:12]}, "
-            f"loaded {bb.fingerprint[:12]}); pass the --weights it was trained with"
-        )
+
+    def create() -> Backbone:
+        created = load_backbone(spec["name"], weights=_path(weights), download=download, device=device, taps=taps)
+        if created.fingerprint != spec["fingerprint"]:
+            raise ModelError(
+                f"{path} was trained on other {spec['name']} weights (fingerprint {spec['fingerprint'][:12]}, "
+                f"loaded {created.fingerprint[:12]}); pass the --weights it was trained with"
+            )
+        return created
+
+    head_config = payload["head_config"]
+    if backbone_on_demand and head_config is not None and "in_dim" in head_config and "preprocess" in spec:
+        # Duck-typed: it answers for a Backbone, creating one when pixels come.
+        bb = cast(Backbone, DeferredBackbone(spec, head_config["in_dim"], resolve_device(device), create))
+    else:
+        bb = create()
     from geoir.training.heads import head_from_config
 
     head = None
@@ -297,6 +318,7 @@ def model_for_bundle(
     download: bool = False,
     device: str | torch.device = "cpu",
     tta: bool | None = None,
+    backbone_on_demand: bool = False,
 ) -> Model:
     """The model to use with a bundle: the one asked for, else the one its manifest describes.
 
@@ -308,6 +330,7 @@ def model_for_bundle(
         download: Allow timm downloads.
         device: Where to run.
         tta: Test-time averaging (see :func:`load_model`); None: as the bundle was encoded (off for a new one).
+        backbone_on_demand: See :func:`load_model`.
     """
     if tta is None:
         # Queries and new scenes must be encoded as the bundle's tiles were.
@@ -322,4 +345,13 @@ def model_for_bundle(
             model = described["path"]
     if model is None and backbone is not None:
         model = "backbone"
-    return load_model(model, backbone=backbone, weights=weights, download=download, device=device, taps=taps, tta=tta)
+    return load_model(
+        model,
+        backbone=backbone,
+        weights=weights,
+        download=download,
+        device=device,
+        taps=taps,
+        tta=tta,
+        backbone_on_demand=backbone_on_demand,
+    )
