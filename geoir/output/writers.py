@@ -1,8 +1,9 @@
 """Write search results: a styled GeoPackage for QGIS, GeoJSON (file or stdout), or FlatGeobuf.
 
 The GeoPackage gets a ``layer_styles`` table (the QGIS convention, also written by QGIS itself), so
-``hits`` and ``hits_merged`` open coloured by rank and labelled. Files are written under a temp name
-in the same directory and renamed, so a failed search leaves no half-written output.
+``hits`` opens coloured and labelled by rank and ``hits_merged`` as outlines. Files are written under a
+temp name in the same directory and renamed, so a failed search leaves no half-written output; a search
+added to an existing GeoPackage is written into a copy of it, renamed over it when whole.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ SIDE_LAYERS = ("hits_merged", "query")
 SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
 
 
-#: The QGIS style of each layer a search writes, in geoir/output/styles (made with QGIS by docs/make_styles.py).
-#: (file, description) by kind: a search's three layers, and the two layers of a bundle's catalog.
+#: QGIS styles by kind of layer, (file in geoir/output/styles, description): a search's three layers and the
+#: two layers of a bundle's catalog. docs/make_styles.py makes them with QGIS (query.qml is hand-written).
 STYLES = {
     "hits": ("hits.qml", "geoir search hits: coloured and labelled by rank, rank 1 on top"),
     "hits_merged": ("merged.qml", "geoir search regions: outlines coloured by best rank"),
