@@ -42,8 +42,8 @@ _OS_FIXES = {
     errno.ENOSPC: "free space there, or write somewhere else",
     errno.EDQUOT: "your disk quota is used up: free space there, or write somewhere else",
     errno.EROFS: "the file system is read-only: write somewhere else",
-    errno.EACCES: "check its permissions, or write somewhere else",
-    errno.EPERM: "check its permissions, or write somewhere else",
+    errno.EACCES: "check its permissions (and its folder's)",
+    errno.EPERM: "check its permissions (and its folder's)",
 }
 
 
