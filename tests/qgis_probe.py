@@ -24,7 +24,8 @@ def main(argv):
     out = {}
     loaded = []
     for name in layers:
-        lyr = QgsVectorLayer(f"{path}|layername={name}", name, "ogr")
+        # A one-layer file (GeoJSON, FlatGeobuf) is opened as it is, as QGIS opens a file dropped on it.
+        lyr = QgsVectorLayer(f"{path}|layername={name}" if path.endswith(".gpkg") else path, name, "ogr")
         info = {"valid": lyr.isValid()}
         if lyr.isValid():
             info.update(

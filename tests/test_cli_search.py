@@ -535,6 +535,31 @@ def test_searches_go_into_a_geopackage_beside_its_other_layers(bundle2: Path, tm
     assert "GeoPackage" in msg and not (tmp_path / "h.geojson").exists()
 
 
+@needs_qgis
+@pytest.mark.parametrize("fmt", ["geojson", "fgb"])
+def test_one_layer_formats_open_styled_in_qgis(bundle2: Path, tmp_path: Path, fmt: str) -> None:
+    """GeoJSON and FlatGeobuf hold no style: each file gets NAME.qml beside it, which QGIS applies when the file
+    opens (they used to open in random opaque fills, without ranks)."""
+    tid = int(Bundle.open(bundle2).tiles().tile_id[0])
+    out = tmp_path / f"h.{fmt}"
+    invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), "-k", "5", *TEST_MODEL)
+    assert {p.name for p in tmp_path.glob("h.*qml")} == {"h.qml", "h.hits_merged.qml", "h.query.qml"}
+    hits = qgis_probe(out, "hits")["hits"]
+    assert hits["renderer"] == "graduatedSymbol" and hits["labels"] and '"rank" DESC' in hits["order_by"]
+    merged = qgis_probe(tmp_path / f"h.hits_merged.{fmt}", "hits_merged")["hits_merged"]
+    assert merged["renderer"] == "graduatedSymbol" and merged["fill_brushes"] == [0]
+    # The other format beside it shares the style files, which are geoir's own: no --overwrite needed.
+    other = out.with_suffix(".fgb" if fmt == "geojson" else ".geojson")
+    invoke("search", f"tile:{tid}", "--index", str(bundle2), "--out", str(other), "-k", "5", *TEST_MODEL)
+    # A style of the user's own in the way is an output like the others: refused without --overwrite.
+    for p in tmp_path.glob("h.*"):
+        p.unlink()
+    (tmp_path / "h.qml").write_text("<qgis>my own style</qgis>")
+    r = CliRunner().invoke(cli, ["search", f"tile:{tid}", "--index", str(bundle2), "--out", str(out), *TEST_MODEL])
+    assert r.exit_code == 1 and f"{tmp_path / 'h.qml'} exists; pass --overwrite" in r.output, r.output
+    assert (tmp_path / "h.qml").read_text() == "<qgis>my own style</qgis>" and not out.exists()
+
+
 def test_one_layer_formats_overwrite_their_side_files_and_fgb_needs_no_suffix(bundle2: Path, tmp_path: Path) -> None:
     tid = int(Bundle.open(bundle2).tiles().tile_id[0])
     png = tmp_path / "q.png"
@@ -546,6 +571,7 @@ def test_one_layer_formats_overwrite_their_side_files_and_fgb_needs_no_suffix(bu
     # A plain image has no place: the earlier query's footprint must not stay beside the new hits.
     invoke(*search, str(png), "--out", str(fgb), "--overwrite")
     assert not (tmp_path / "h.query.fgb").exists() and (tmp_path / "h.hits_merged.fgb").exists()
+    assert not (tmp_path / "h.query.qml").exists() and (tmp_path / "h.hits_merged.qml").exists()
     # A side file in the way is found before any work, as the main file is.
     fgb.unlink()
     r = invoke(*search, str(png), "--out", str(fgb), code=1)

@@ -31,8 +31,8 @@ log = logging.getLogger("geoir")
     required=True,
     metavar="FILE|-",
     help="Output file (.gpkg, .geojson, .fgb) or - for GeoJSON on stdout. GeoJSON and FlatGeobuf hold one "
-    "layer each: the hits go to FILE, the other layers beside it (NAME.hits_merged.EXT, NAME.query.EXT); "
-    "- writes the hits only.",
+    "layer each: the hits go to FILE, the other layers beside it (NAME.hits_merged.EXT, NAME.query.EXT), "
+    "each with its QGIS style as NAME.qml; - writes the hits only.",
 )
 @click.option(
     "--layer",
@@ -182,9 +182,13 @@ def search(
         refuse_existing(out, overwrite=True)  # only whether it can be written: a GeoPackage may take more layers
         check_gpkg_target(Path(out), layer, overwrite)
     else:
-        refuse_existing(out, overwrite)
-        for side in side_paths(out, fmt).values():
-            refuse_existing(side, overwrite)
+        from geoir.output.writers import sidecar_is_ours, style_sidecar
+
+        for kind, written in [("hits", Path(out)), *side_paths(out, fmt).items()] if out != "-" else []:
+            refuse_existing(written, overwrite)
+            sidecar = style_sidecar(written)
+            if sidecar is not None and not sidecar_is_ours(sidecar, kind):
+                refuse_existing(sidecar, overwrite)
     images = [q for q in (*queries, *negatives) if not q.startswith("tile:")]
     refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)

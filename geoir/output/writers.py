@@ -142,6 +142,22 @@ def side_paths(out: str, fmt: str, names: Iterable[str] = SIDE_LAYERS) -> dict[s
     return {name: path.with_name(f"{path.stem}.{name}{path.suffix or '.' + fmt}") for name in names}
 
 
+def style_sidecar(path: Path) -> Path | None:
+    """Where QGIS looks for a file layer's default style: the file's name with ``.qml`` for its extension
+    (``hits.hits_merged.geojson``: ``hits.hits_merged.qml``); None where that is the file itself."""
+    sidecar = Path(path).with_suffix(".qml")
+    return None if sidecar == Path(path) else sidecar
+
+
+def sidecar_is_ours(path: Path, kind: str) -> bool:
+    """Whether the style file at ``path`` is geoir's style of ``kind`` as it stands (another output of the same
+    name, ``hits.geojson`` beside ``hits.fgb``, wrote it): not a user's style, so no --overwrite is needed."""
+    try:
+        return path.is_file() and path.read_text() == style(kind)[0]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _counter_clockwise(df: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """A copy of ``df`` with polygon exterior rings counter-clockwise and holes clockwise."""
     out = df.copy()
@@ -161,7 +177,7 @@ def write_layers(
     It always gets a ``query`` layer, empty when the query has no footprint (so a query layer of an
     earlier search cannot stay behind). GeoJSON on stdout is one FeatureCollection of the hits (what a pipe
     wants); GeoJSON and FlatGeobuf files hold one layer each, so the other layers go beside the main file as
-    ``NAME.LAYER.EXT``.
+    ``NAME.LAYER.EXT``, and each file's QGIS style beside it (:func:`style_sidecar`).
 
     Raises:
         QueryError: The output exists and ``overwrite`` is false, or cannot be written.
@@ -186,10 +202,14 @@ def write_layers(
     for name, side in side_paths(out, fmt, dict.fromkeys([*layers, *SIDE_LAYERS])).items():
         if name in layers and name != "hits":
             targets[name] = side
-        elif name not in layers and overwrite and side.exists():
-            stale.append(side)  # written by an earlier run that had this layer: it would mislead
+        elif name not in layers and overwrite:
+            # Written by an earlier run that had this layer: it would mislead.
+            stale += [p for p in (side, style_sidecar(side)) if p is not None and p.exists()]
+    # GeoJSON and FlatGeobuf hold no style: QGIS takes a layer's default style from NAME.qml beside the file.
+    sidecars = {name: s for name, t in targets.items() if (s := style_sidecar(t)) is not None}
     if not overwrite:
-        existing = [p for p in targets.values() if p.exists()]
+        mine = [s for name, s in sidecars.items() if not sidecar_is_ours(s, name)]
+        existing = [p for p in [*targets.values(), *mine] if p.exists()]
         if existing:
             raise QueryError(f"{existing[0]} exists; pass --overwrite to replace it")
     with _write_errors(path):
@@ -204,6 +224,8 @@ def write_layers(
                 tmp = stack.enter_context(atomic_target(target, ext))
                 pyogrio.write_dataframe(layers[name], tmp, layer=name, driver=FORMATS[fmt], layer_options=options)
                 _check_written(tmp, {name: layers[name]})
+                if name in sidecars:
+                    stack.enter_context(atomic_target(sidecars[name])).write_text(style(name)[0])
         for side in stale:
             side.unlink(missing_ok=True)
 
