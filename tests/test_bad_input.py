@@ -662,3 +662,32 @@ def test_an_index_file_of_other_vectors_is_named(make_geotiff: MakeGeoTiff, tmp_
     (index / "float.faiss").unlink()  # the fix the message gives
     r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("record", ["{bad", "{}", "[1, 2]"])
+def test_a_damaged_scene_record_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path, record: str) -> None:
+    """An edited catalog row gave JSONDecodeError or KeyError tracebacks in info and search."""
+    import sqlite3
+
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    with sqlite3.connect(index / "catalog.gpkg") as con:
+        # GDAL's R-tree triggers call its SQL functions, which plain sqlite3 lacks: stand-ins for this edit.
+        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
+        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
+            con.create_function(f, 1, lambda _g: 0.0)
+        con.execute("UPDATE scenes SET record = ?", (record,))
+    r = geoir("info", "--index", str(index))
+    assert_clean_error(r, 1, "catalog.gpkg: the record of scene row 1 is damaged", "restore the file")
+    r = geoir("search", "--point", "0.5,0.5", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
+    assert_clean_error(r, 1, "the record of scene row 1 is damaged")
+
+
+def test_a_manifest_model_without_fingerprint_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    manifest = json.loads((index / "manifest.json").read_text())
+    del manifest["model"]["fingerprint"]
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    r = geoir("tile", str(make_geotiff("b.tif", seed=5)), "--index", str(index), *BACKBONE)
+    assert_clean_error(r, 1, "manifest.json is corrupt (bad or missing model fingerprint)")

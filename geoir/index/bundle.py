@@ -124,8 +124,11 @@ def _check_manifest(manifest: dict[str, Any], mf: Path) -> None:
         counts = manifest["counts"]
         if not all(isinstance(counts[k], int) and counts[k] >= 0 for k in ("scenes", "tiles")):
             raise ValueError("counts")
-        if not isinstance(manifest.get("model"), dict | None) or not isinstance(manifest.get("index", {}), dict):
+        model = manifest.get("model")
+        if not isinstance(model, dict | None) or not isinstance(manifest.get("index", {}), dict):
             raise ValueError("model")
+        if model is not None and not isinstance(model.get("fingerprint"), str):
+            raise ValueError("model fingerprint")
     except (KeyError, TypeError, ValueError, GeoirError) as exc:
         raise BundleError(
             f"{mf} is corrupt (bad or missing {exc}); restore it from a backup or re-create the bundle"
@@ -413,8 +416,16 @@ class Bundle:
         with contextlib.closing(self._connect()) as con:
             rows = con.execute("SELECT record, n_tiles, added FROM scenes ORDER BY fid").fetchall()
         out = []
-        for record, n_tiles, added in rows:
-            d = json.loads(record)
+        for i, (record, n_tiles, added) in enumerate(rows, start=1):
+            try:
+                d = json.loads(record)
+                if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not isinstance(d.get("path"), str):
+                    raise ValueError("no scene id or path")
+            except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+                raise BundleError(
+                    f"{self.catalog_path}: the record of scene row {i} is damaged ({exc}); restore the file from a "
+                    "backup, or tile the scenes again into a new --index"
+                ) from exc
             d["n_tiles"] = n_tiles
             d["added"] = added
             out.append(d)
