@@ -1275,6 +1275,9 @@ def test_a_writer_corrects_counts_and_removes_temp_files_a_killed_run_left(
     live = index / f".float.faiss.{os.getpid()}.k2j4h5g6.tmp"
     stale.write_text("{half")
     live.write_bytes(b"being saved")
+    # Before any writer corrects them, info counts what is committed, not the manifest's stale counts.
+    shown = json.loads(invoke("info", "--index", str(index), "--json").output)
+    assert shown["counts"] == {"scenes": 1, "tiles": 4}
     invoke("tile", str(scene), "--index", str(index), *TILE_MODEL)  # the scene is there: skipped
     assert Bundle.open(index).manifest["counts"] == {"scenes": 1, "tiles": 4}
     assert not stale.exists() and live.exists()

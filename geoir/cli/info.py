@@ -71,7 +71,9 @@ def info(
         "path": str(bundle.path),
         "format_version": bundle.manifest["format_version"],
         "tiling": bundle.manifest["tiling"],
-        "counts": bundle.manifest["counts"],
+        # From the committed scenes, not the manifest's counts: a run killed between its commit and the
+        # manifest's update leaves those stale until the next writer corrects them.
+        "counts": {"scenes": len(records), "tiles": int(sum(r["n_tiles"] for r in records))},
         "model": bundle.model,
         "index": {
             kind: {
