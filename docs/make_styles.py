@@ -59,28 +59,29 @@ def renderer(field: str, filled: bool):
     return r
 
 
-def rank_labels():
-    from qgis.core import (
-        QgsPalLayerSettings,
-        QgsProperty,
-        QgsTextBufferSettings,
-        QgsTextFormat,
-        QgsVectorLayerSimpleLabeling,
-    )
+def text_format(size: float, color: tuple[int, int, int], halo: tuple[int, int, int], halo_mm: float):
+    """DejaVu Sans of ``size`` points in ``color``, with a ``halo`` of ``halo_mm`` around it."""
+    from qgis.core import QgsTextBufferSettings, QgsTextFormat
     from qgis.PyQt.QtGui import QColor, QFont
 
     fmt = QgsTextFormat()
     fmt.setFont(QFont("DejaVu Sans"))
-    fmt.setSize(10)
-    fmt.setColor(QColor(0, 0, 0))
+    fmt.setSize(size)
+    fmt.setColor(QColor(*color))
     buffer = QgsTextBufferSettings()
     buffer.setEnabled(True)
-    buffer.setSize(1)
-    buffer.setColor(QColor(255, 255, 255))
+    buffer.setSize(halo_mm)
+    buffer.setColor(QColor(*halo))
     fmt.setBuffer(buffer)
+    return fmt
+
+
+def rank_labels():
+    from qgis.core import QgsPalLayerSettings, QgsProperty, QgsVectorLayerSimpleLabeling
+
     s = QgsPalLayerSettings()
     s.fieldName = "rank"
-    s.setFormat(fmt)
+    s.setFormat(text_format(10, (0, 0, 0), (255, 255, 255), 1))
     s.placement = QgsPalLayerSettings.OverPoint
     # Over the centroid, or over a point inside the footprint where the centroid falls outside it.
     s.centroidInside = True
@@ -98,22 +99,12 @@ def outline(rgb: str, width: float):
 
 
 def file_name_labels():
-    from qgis.core import QgsPalLayerSettings, QgsTextBufferSettings, QgsTextFormat, QgsVectorLayerSimpleLabeling
-    from qgis.PyQt.QtGui import QColor, QFont
+    from qgis.core import QgsPalLayerSettings, QgsVectorLayerSimpleLabeling
 
-    fmt = QgsTextFormat()
-    fmt.setFont(QFont("DejaVu Sans"))
-    fmt.setSize(9)
-    fmt.setColor(QColor(255, 255, 0))
-    buffer = QgsTextBufferSettings()
-    buffer.setEnabled(True)
-    buffer.setSize(0.8)
-    buffer.setColor(QColor(0, 0, 0))
-    fmt.setBuffer(buffer)
     s = QgsPalLayerSettings()
     s.fieldName = 'file_name("path")'  # QGIS >= 3.18
     s.isExpression = True
-    s.setFormat(fmt)
+    s.setFormat(text_format(9, (255, 255, 0), (0, 0, 0), 0.8))
     s.placement = QgsPalLayerSettings.Horizontal  # inside the outline
     return QgsVectorLayerSimpleLabeling(s)
 
