@@ -67,8 +67,9 @@ class GeoirGroup(click.Group):
         except GeoirError as exc:
             raise click.ClickException(user_message(exc)) from exc
         except OSError as exc:
-            # A write that the file system refused, where no writer turned it into a GeoirError first: one line
-            # naming the file and what to do, not a traceback (writers remove their temp files as they unwind).
+            # The file system refused (a full or read-only disk, a permission), where no writer or reader turned
+            # it into a GeoirError first: one line naming the file and what to do, not a traceback (writers
+            # remove their temp files as they unwind).
             fix = _OS_FIXES.get(exc.errno or 0)
             if fix is None:
                 raise
