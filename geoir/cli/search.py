@@ -236,8 +236,6 @@ def search(
             len(result.hits),
             f"; best tile {top.tile_id} (score {top.score:.3f}) in {Path(top.scene).name}" if top is not None else "",
         )
-        from geoir.output.writers import side_paths
-
         sides = [p for name, p in side_paths(out, fmt, layers).items() if name != "hits"]
         if sides:
             log.info("%s holds the hits; beside it: %s", out, ", ".join(str(p) for p in sides))
@@ -250,8 +248,9 @@ def search(
         )
     if len(result.hits) < k:
         why = []
-        if bundle.n_tiles() < k:
-            why.append(f"{index_dir} holds {bundle.n_tiles()} tiles")
+        n_tiles = bundle.n_tiles()  # one catalog read, and only for a short result
+        if n_tiles < k:
+            why.append(f"{index_dir} holds {n_tiles} tiles")
         if allowed is not None:
             why.append(f"{len(allowed)} pass the filters")
         if result.own_place:

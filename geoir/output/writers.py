@@ -237,9 +237,12 @@ def _write_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise QueryError(f"cannot write {path} ({exc.strerror}); pick a writable --out") from exc
-    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FeatureError) as exc:
-        raise QueryError(f"cannot write {path} ({exc}); is the disk full? pick another --out") from exc
-    except sqlite3.Error as exc:
+    except (
+        pyogrio.errors.DataSourceError,
+        pyogrio.errors.DataLayerError,
+        pyogrio.errors.FeatureError,
+        sqlite3.Error,  # the style rows and VACUUM of a GeoPackage
+    ) as exc:
         raise QueryError(f"cannot write {path} ({exc}); is the disk full? pick another --out") from exc
 
 
