@@ -664,6 +664,32 @@ def test_an_index_file_of_other_vectors_is_named(make_geotiff: MakeGeoTiff, tmp_
     assert r.exit_code == 0, r.output
 
 
+def test_bundle_files_of_the_wrong_kind_are_named(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A file named ``vectors`` gave NotADirectoryError in tile, and made a search rebuild empty indexes over
+    the good ones; a folder named ``.lock`` was reported as the bundle being unwritable."""
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    tid = int(Bundle.open(index).tiles().tile_id[0])
+    faiss_before = (index / "float.faiss").read_bytes()
+    (index / "vectors").rename(tmp_path / "vectors")
+    (index / "vectors").write_bytes(b"")
+    for args in (
+        ["tile", str(make_geotiff(name="b.tif")), "--index", str(index), *BACKBONE],
+        ["search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE],
+    ):
+        assert_clean_error(geoir(*args), 1, "vectors is a file", "put the bundle's vectors folder back")
+    assert (index / "float.faiss").read_bytes() == faiss_before
+    (index / "vectors").unlink()
+    (tmp_path / "vectors").rename(index / "vectors")
+    (index / ".lock").unlink()
+    (index / ".lock").mkdir()
+    r = geoir("tile", str(make_geotiff(name="b.tif")), "--index", str(index), *BACKBONE)
+    assert_clean_error(r, 1, ".lock is a folder", "remove that folder")
+    assert "write access" not in r.output
+    (index / ".lock").rmdir()
+    assert geoir("tile", str(make_geotiff(name="b.tif")), "--index", str(index), *BACKBONE).exit_code == 0
+
+
 @pytest.mark.parametrize("record", ["{bad", "{}", "[1, 2]"])
 def test_a_damaged_scene_record_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path, record: str) -> None:
     """An edited catalog row gave JSONDecodeError or KeyError tracebacks in info and search."""

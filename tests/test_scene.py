@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,25 @@ def test_nodata_block_masked(make_geotiff: MakeGeoTiff) -> None:
     assert valid.all()
     # Statistics ignore nodata: the low percentile is not dragged to 0.
     assert min(scene.scaling.low) > 100
+
+
+def test_undeclared_zero_fill_is_named_with_both_fixes(
+    make_geotiff: MakeGeoTiff, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning named only `--nodata 0`, an option of `geoir tile` that a GeoTIFF query has no way to pass."""
+    path = make_geotiff("fill.tif", dtype="uint16")
+    with rasterio.open(path, "r+") as dst:
+        data = dst.read()
+        data[:, :128, :] = 0
+        dst.write(data)
+    with caplog.at_level(logging.WARNING, logger="geoir"):
+        open_scene(path)
+    assert "25% of pixels are 0" in caplog.text
+    assert "geoir tile --nodata 0" in caplog.text and "rio edit-info --nodata 0 fill.tif" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="geoir"):
+        open_scene(path, nodata=0)  # declared: nothing to say
+    assert caplog.text == ""
 
 
 def _write(path: Path, data: np.ndarray, **profile: object) -> Path:

@@ -197,6 +197,13 @@ class Bundle:
             raise BundleError(f"{p} was written by a newer geoir (format {manifest['format_version']}); upgrade geoir")
         _check_manifest(manifest, mf)
         bundle = cls(p, manifest)
+        vdir = p / VECTORS
+        if vdir.exists() and not vdir.is_dir():
+            # Every scene would look unencoded: a search would rebuild empty indexes over the good ones.
+            raise BundleError(
+                f"{vdir} is a file, but geoir keeps the scenes' vectors in a folder of that name; move the file "
+                "away and put the bundle's vectors folder back"
+            )
         if bundle.catalog_path.exists():
             bundle._check_catalog()
         elif (manifest.get("counts") or {}).get("scenes"):
@@ -305,8 +312,13 @@ class Bundle:
         Index changes not yet saved (see :meth:`add_to_indexes`) are saved before the lock is released,
         also when the block raised: what was committed until then stays searchable without a rebuild.
         """
+        lock_path = self.path / ".lock"
+        if lock_path.is_dir():
+            raise BundleError(
+                f"{lock_path} is a folder, but geoir uses a file of that name to lock the bundle; remove that folder"
+            )
         try:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise BundleError(
                 f"cannot write {self.path} ({exc.strerror}); adding or removing scenes needs write access to the "

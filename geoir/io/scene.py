@@ -450,9 +450,12 @@ def _percentile_scaling(
         zeros = float(np.all(data == 0, axis=0).mean())
         if zeros > 0.05:
             log.warning(
-                "%s: %.0f%% of pixels are 0 in every band and no nodata value is set; if 0 is fill, pass --nodata 0",
+                "%s: %.0f%% of pixels are 0 in every band and no nodata value is set; if 0 is fill, say so: "
+                "`geoir tile --nodata 0` for a scene, or once in the file (`rio edit-info --nodata 0 %s`), which a "
+                "GeoTIFF query needs",
                 src.name,
                 100 * zeros,
+                Path(src.name).name,
             )
     low, high = [], []
     all_valid = bool(valid.all())
