@@ -3,6 +3,7 @@ code, no traceback, and nothing half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -530,6 +532,42 @@ def test_a_full_disk_is_one_message_naming_the_file(
         assert_clean_error(r, 1, "cannot create the bundle", str(index), "No space left on device")
         assert not index.exists()
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real file system with 64 KiB left (a small tmpfs, mostly filled): room for a bundle's manifest and
+    vectors, not for a catalog or a GeoPackage. Skipped where mounting is not allowed."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); the full-disk case is tested where it can be")
+    try:
+        with contextlib.suppress(OSError), open(mnt / "pad", "wb") as f:
+            f.write(b"\0" * 192 * 1024)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_under_gdal_and_sqlite_is_one_short_message(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, full_disk: Path
+) -> None:
+    """GDAL's error quoted the SQL of the whole GeoPackage schema (5,000 characters) before "database or disk
+    is full"."""
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    tid = int(Bundle.open(index).tiles().tile_id[0])
+    out = full_disk / "h.gpkg"
+    r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(out), *BACKBONE)
+    assert_clean_error(r, 1, f"cannot write {out}", "SQLite: ", "pick another --out")
+    assert "CREATE TABLE" not in r.output and len(r.output) < 300, r.output
+    assert sorted(p.name for p in full_disk.iterdir()) == ["pad"]
+    # The first commit of a new bundle (its catalog) failed with sqlite3's traceback.
+    r = geoir("tile", str(make_geotiff()), "--index", str(full_disk / "idx"), *BACKBONE)
+    assert_clean_error(r, 1, f"cannot write {full_disk / 'idx' / 'catalog.gpkg'}", "is the disk full? free space")
+    assert "CREATE TABLE" not in r.output and len(r.output) < 300, r.output
+    assert sorted(p.name for p in full_disk.iterdir()) == ["pad"]
 
 
 def test_a_catalog_that_cannot_be_opened_now_is_not_called_corrupt(

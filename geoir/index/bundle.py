@@ -47,7 +47,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 
 from geoir import __version__
 from geoir.errors import BundleError, GeoirError, ModelError
-from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir, pid_is_running
+from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir, pid_is_running, write_reason
 from geoir.io.scene import Scene
 from geoir.output.writers import add_styles, style
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
@@ -645,7 +645,9 @@ class Bundle:
                     )
                 pyogrio.write_dataframe(scene_df, self.catalog_path, layer="scenes", append=True)
             except (DataSourceError, DataLayerError, OSError) as exc:
-                raise BundleError(f"cannot write {self.catalog_path} ({exc}); is the disk full?") from exc
+                raise BundleError(
+                    f"cannot write {self.catalog_path} ({write_reason(exc)}); is the disk full? free space there"
+                ) from exc
         counts = self.manifest["counts"]
         counts["scenes"] += 1
         counts["tiles"] += len(tiles)
@@ -685,8 +687,13 @@ class Bundle:
             finally:
                 os.close(fd)
             os.replace(tmp, self.catalog_path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, (DataSourceError, DataLayerError, sqlite3.Error, OSError)):
+                raise BundleError(
+                    f"cannot write {self.catalog_path} ({write_reason(exc)}); is the disk full? free space there, "
+                    "or pick another --index"
+                ) from exc
             raise
 
     # ---------------------------------------------------------------- model

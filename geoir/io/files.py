@@ -167,3 +167,13 @@ def ensure_writable_dir(path: Path, what: str, error: type[GeoirError] = GeoirEr
         probe.unlink()
     except OSError as exc:
         raise error(f"cannot write {what} {path} ({exc.strerror}); pick a writable directory") from exc
+
+
+def write_reason(exc: BaseException) -> str:
+    """Why a write failed, in a few words: an OSError's ``strerror``, and GDAL's or SQLite's reason without the
+    SQL it ran (a failed ``sqlite3_exec(...)`` quotes the whole GeoPackage schema, 5,000 characters, before
+    "database or disk is full")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return re.sub(r"sqlite3_exec\(.*\) failed:", "SQLite:", text, flags=re.S).strip()

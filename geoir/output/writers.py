@@ -25,7 +25,7 @@ import pyogrio
 import shapely
 
 from geoir.errors import QueryError
-from geoir.io.files import atomic_target
+from geoir.io.files import atomic_target, write_reason
 
 FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
 #: Layers that go beside the hits file (``NAME.LAYER.EXT``) in the one-layer formats.
@@ -243,7 +243,7 @@ def _write_errors(path: Path) -> Iterator[None]:
         pyogrio.errors.FeatureError,
         sqlite3.Error,  # the style rows and VACUUM of a GeoPackage
     ) as exc:
-        raise QueryError(f"cannot write {path} ({exc}); is the disk full? pick another --out") from exc
+        raise QueryError(f"cannot write {path} ({write_reason(exc)}); is the disk full? pick another --out") from exc
 
 
 def _write_gpkg_file(layers: dict[str, gpd.GeoDataFrame], path: Path, overwrite: bool, layer: str) -> None:
