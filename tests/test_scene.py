@@ -175,6 +175,27 @@ def test_small_scene_gives_padded_read(make_geotiff: MakeGeoTiff) -> None:
     assert valid[:100, :150].all() and not valid[100:, :].any() and not valid[:, 150:].any()
 
 
+@pytest.mark.parametrize("turn", [0.0, 20.0, -35.0])
+@pytest.mark.parametrize("mask", [False, True])
+def test_edge_tiles_of_a_rotated_scene_hold_its_own_pixels(make_geotiff: MakeGeoTiff, turn: float, mask: bool) -> None:
+    """rasterio's boundless read (a warped VRT) misplaced the pixels of windows past the edge of a rotated or
+    sheared raster: a tile's content came from ground beside its footprint, and its valid mask was wrong."""
+    transform = Affine.translation(500_000, 4_100_000) * Affine.rotation(turn) * Affine.scale(1.0, -1.0)
+    scene = open_scene(make_geotiff(shape=(3, 200, 900), transform=transform, mask_block=mask))
+    assert scene.mask_kind == ("mask" if mask else "none")
+    reader = SceneReader(scene)
+    with rasterio.open(scene.path) as src:
+        pixels = src.read()
+        inside_valid = src.read_masks(1) > 0
+    for col in (0, 256, 644):
+        rgb, valid = reader.read(Window(col, 0, 256, 256))
+        w = min(256, 900 - col)
+        assert not valid[200:].any() and not valid[:, w:].any()
+        assert np.array_equal(valid[:200, :w], inside_valid[:, col : col + w])
+        expect = np.where(inside_valid[:, col : col + w], pixels[:, :, col : col + w], 0)
+        assert np.array_equal(rgb[:, :200, :w], expect)
+
+
 def test_gsd_resampling(make_geotiff: MakeGeoTiff) -> None:
     # 512 px at 10 m; at a 20 m target the grid is 256 px and a tile covers the whole scene.
     scene = open_scene(make_geotiff())

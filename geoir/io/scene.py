@@ -509,7 +509,6 @@ def valid_mask(
     mask_kind: str,
     window: Window | None = None,
     out_shape: tuple[int, int, int] | None = None,
-    boundless: bool = False,
 ) -> np.ndarray:
     """Boolean (rows, cols) mask of valid pixels for data read from ``src``.
 
@@ -521,7 +520,7 @@ def valid_mask(
     if mask_kind == "nan":
         return ~np.all(np.isnan(data), axis=0)
     if mask_kind == "mask":
-        kwargs: dict[str, Any] = {"window": window, "boundless": boundless}
+        kwargs: dict[str, Any] = {"window": window}
         if out_shape is not None:
             kwargs["out_shape"] = out_shape[1:]
         return src.read_masks(bands[0], **kwargs) > 0
@@ -589,8 +588,8 @@ class SceneReader:
         """Read a grid window: (3, height, width) uint8 and a (height, width) valid mask.
 
         Windows are in the tiling grid's pixels; they are mapped to native pixels (possibly
-        fractional, when a target GSD resamples) and read boundless, so a scene smaller than one
-        tile gives a padded tile whose padding is masked invalid.
+        fractional, when a target GSD resamples). A window reaching past the scene's edge (a scene
+        smaller than one tile) gives a padded tile whose padding is masked invalid.
 
         Args:
             window: The grid window.
@@ -625,36 +624,60 @@ class SceneReader:
             self._cache_fitted = True
         if self._ahead:
             self._read_ahead(src, native)
-        # Boundless reads go through a warped VRT in rasterio: only pay for it at the scene's edge. Inside
-        # the raster, a fill value makes rasterio read every band's mask and copy the data through a
-        # masked array; it is passed only where it can change a pixel (see _fill_changes_pixels).
-        kwargs: dict[str, Any] = {"fill_value": fill} if inside is not None or self._fill_inside else {}
-        # uint8 pixels used as they are go straight into ``out``; rasterio may still return another array.
-        if out is not None and sc.scaling.identity and sc.dtype == "uint8":
-            kwargs["out"] = out
-        else:
-            kwargs["out_shape"] = out_shape
-        data = src.read(
-            list(sc.bands), window=native, resampling=self.resampling, boundless=inside is not None, **kwargs
-        )
-        valid = valid_mask(
-            src,
-            data,
-            sc.bands,
-            sc.nodata,
-            sc.mask_kind,
-            window=native,
-            out_shape=out_shape,
-            boundless=inside is not None,
-        )
         if inside is not None:
-            valid &= inside
+            data, valid = self._read_edge(src, native, out_shape, inside, fill)
+        else:
+            # A fill value makes rasterio read every band's mask and copy the data through a masked array;
+            # it is passed only where it can change a pixel (see _fill_changes_pixels).
+            kwargs: dict[str, Any] = {"fill_value": fill} if self._fill_inside else {}
+            # uint8 pixels used as they are go straight into ``out``; rasterio may still return another array.
+            if out is not None and sc.scaling.identity and sc.dtype == "uint8":
+                kwargs["out"] = out
+            else:
+                kwargs["out_shape"] = out_shape
+            data = src.read(list(sc.bands), window=native, resampling=self.resampling, **kwargs)
+            valid = valid_mask(src, data, sc.bands, sc.nodata, sc.mask_kind, window=native, out_shape=out_shape)
         rgb = sc.scaling.apply(data, out=out)
         if not valid.all():
             if out is None:
                 rgb = rgb.copy()
             rgb[:, ~valid] = 0
         return rgb, valid
+
+    def _read_edge(
+        self,
+        src: rasterio.DatasetReader,
+        native: Window,
+        out_shape: tuple[int, int, int],
+        inside: np.ndarray,
+        fill: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A window reaching past the scene's edge: the part inside is read, the rest padded and invalid.
+
+        Not rasterio's boundless read: that goes through a warped VRT, which for a rotated or sheared
+        geotransform places the pixels of the window wrongly (a tile's pixels came from ground beside its
+        footprint), and costs more at every edge tile of any scene.
+        """
+        sc = self.scene
+        data = np.full(out_shape, fill, dtype=sc.dtype)
+        valid = np.zeros(out_shape[1:], dtype=bool)
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        if not len(rows) or not len(cols):
+            return data, valid
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        # The native pixels under grid rows r0..r1 and columns c0..c1, clipped to the raster (by less than a
+        # native pixel where the grid resamples).
+        sy, sx = native.height / out_shape[1], native.width / out_shape[2]
+        top, left = max(0.0, native.row_off + r0 * sy), max(0.0, native.col_off + c0 * sx)
+        bottom = min(float(sc.height), native.row_off + r1 * sy)
+        right = min(float(sc.width), native.col_off + c1 * sx)
+        part = Window(left, top, right - left, bottom - top)
+        shape = (out_shape[0], r1 - r0, c1 - c0)
+        kwargs: dict[str, Any] = {"fill_value": fill} if self._fill_inside else {}
+        got = src.read(list(sc.bands), window=part, out_shape=shape, resampling=self.resampling, **kwargs)
+        data[:, r0:r1, c0:c1] = got
+        valid[r0:r1, c0:c1] = valid_mask(src, got, sc.bands, sc.nodata, sc.mask_kind, window=part, out_shape=shape)
+        return data, valid
 
     def _read_ahead(self, src: rasterio.DatasetReader, native: Window) -> None:
         """Decode the rows of blocks under ``native`` not decoded yet, all at once, into GDAL's block cache.
