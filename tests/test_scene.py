@@ -222,6 +222,29 @@ def test_fingerprint_follows_content(make_geotiff: MakeGeoTiff, tmp_path: Path) 
     assert a.id == b.id and a.id != c.id
 
 
+def test_fingerprint_of_a_vrt_follows_its_sources(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """Only the VRT's XML was hashed: new pixels in a source left the mosaic "already in" its bundle."""
+    import hashlib
+
+    from rasterio.shutil import copy as rio_copy
+
+    from geoir.io.scene import content_fingerprint
+
+    tif = make_geotiff("src.tif", seed=1)
+    vrt = tmp_path / "mosaic.vrt"
+    rio_copy(tif, vrt, driver="VRT")
+    (tmp_path / "src.tif.aux.xml").write_text("<PAMDataset/>")  # statistics QGIS may write: not content
+    before = open_scene(vrt)
+    assert before.fingerprint == content_fingerprint(vrt)  # from the open dataset, or from the path
+    with rasterio.open(tif, "r+") as dst:
+        dst.write(np.zeros((3, 512, 512), np.uint8) + 7)
+    assert open_scene(vrt).id != before.id
+    # A file that is the whole dataset keeps the fingerprint of earlier geoir versions (its bundles stay valid).
+    size = tif.stat().st_size
+    old = hashlib.sha256(f"geoir-fp-v1:{size}:".encode() + tif.read_bytes()).hexdigest()
+    assert content_fingerprint(tif) == old and size <= 3 << 20
+
+
 def test_record_round_trip(make_geotiff: MakeGeoTiff) -> None:
     from geoir.io.scene import Scene
 

@@ -202,14 +202,36 @@ class Scene:
         )
 
 
-def content_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """A sha256 over the file size and three 1 MiB samples (start, middle, end).
+def content_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20, files: Sequence[str] | None = None) -> str:
+    """A sha256 over the file size and three 1 MiB samples (start, middle, end), and over the other files
+    GDAL reads for it.
 
     Hashing every byte of a 10 GB scene would cost more than tiling it; sampling still changes when
     the file is replaced, re-encoded or appended to, which is what re-running ``geoir tile`` must
-    notice. Files under 3 MiB are hashed whole.
+    notice. Files under 3 MiB are hashed whole. The other files of the dataset (``files``, GDAL's file
+    list; read from the file when None) count by their contents, in 64 KiB samples: a VRT's sources, an
+    external overview or mask, a world file. Not ``.aux.xml``: GDAL and QGIS write statistics there when
+    they merely look at a file. A file that is the whole dataset has the same fingerprint as before
+    geoir looked at other files.
     """
     p = Path(path)
+    own = _sampled_hash(p, chunk)
+    if files is None:
+        try:
+            with rasterio.open(p) as src:
+                files = src.files
+        except RasterioIOError:
+            files = []
+    me = p.resolve()
+    others = [Path(f) for f in files if Path(f).resolve() != me and not f.lower().endswith(".aux.xml")]
+    if not others:
+        return own
+    # By content, in a fixed order, not by path: a mosaic moved with its sources keeps its fingerprint.
+    parts = sorted(_sampled_hash(f, 1 << 16) if f.is_file() else "missing" for f in others)
+    return hashlib.sha256(f"geoir-fp-files-v1:{own}:{':'.join(parts)}".encode()).hexdigest()
+
+
+def _sampled_hash(p: Path, chunk: int) -> str:
     size = p.stat().st_size
     h = hashlib.sha256(f"geoir-fp-v1:{size}:".encode())
     with open(p, "rb") as f:
@@ -292,7 +314,7 @@ def open_scene(
                     f"{p}: its pixels cannot be read ({gdal_reason(exc)}); the file is truncated or damaged: "
                     "copy or export it again"
                 ) from exc
-        fp = content_fingerprint(p)
+        fp = content_fingerprint(p, files=src.files)
         return Scene(
             id=fp[:16],
             path=str(p.resolve()),
