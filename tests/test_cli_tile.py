@@ -30,6 +30,33 @@ def snapshot(index: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(index.iterdir()) if p.is_file() and p.name != ".lock"}
 
 
+def test_a_crs_without_an_epsg_code_is_not_named_after_another(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """UTM 18 on an unnamed datum was labelled EPSG:3450 (JAD2001, Jamaica) in the catalog and `geoir info`;
+    a CRS given only as WKT was "EPSG:?", and `info --json` kept nothing of it."""
+    from rasterio.crs import CRS
+
+    index = tmp_path / "idx"
+    utm = CRS.from_proj4("+proj=utm +zone=18 +ellps=WGS84")
+    lcc = CRS.from_proj4("+proj=lcc +lat_0=39 +lon_0=-76 +lat_1=33 +lat_2=45 +datum=WGS84")
+    for name, crs, bounds in (
+        ("utm.tif", utm, (500_000.0, 4_000_000.0, 502_560.0, 4_002_560.0)),
+        ("lcc.tif", lcc, (0.0, 0.0, 2_560.0, 2_560.0)),
+    ):
+        assert (
+            run("tile", str(make_geotiff(name, crs=crs.to_wkt(), bounds=bounds)), "--index", str(index)).exit_code == 0
+        )
+    scenes = gpd.read_file(index / "catalog.gpkg", layer="scenes")
+    assert not any(c.startswith("EPSG") for c in scenes["crs"])  # stored as WKT, whole
+    info = json.loads(run("info", "--index", str(index), "--json").output)
+    by_name = {Path(s["path"]).name: s for s in info["scenes"]}
+    assert by_name["utm.tif"]["crs"].startswith("+proj=utm +zone=18 +ellps=WGS84")
+    assert by_name["lcc.tif"]["crs"].startswith("+proj=lcc +lat_0=39 +lon_0=-76")
+    for s in by_name.values():
+        assert CRS.from_wkt(s["crs_wkt"]) == CRS.from_user_input(scenes.set_index("path").loc[s["path"], "crs"])
+    text = run("info", "--index", str(index)).output
+    assert "EPSG:3450" not in text and "EPSG:?" not in text and "+proj=lcc" in text
+
+
 def test_tile_writes_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(shape=(3, 600, 700))
     index = tmp_path / "idx"

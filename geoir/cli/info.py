@@ -93,7 +93,8 @@ def info(
             {
                 "id": r["id"],
                 "path": r["path"],
-                "crs": r["crs"][:60] if r["crs"].startswith("EPSG") else f"EPSG:{_epsg(r['crs'])}",
+                "crs": _crs_label(r["crs"]),
+                "crs_wkt": _crs_wkt(r["crs"]),
                 "tiles": r["n_tiles"],
                 "encoded": r["id"] in encoded,
                 "added": r["added"],
@@ -235,7 +236,15 @@ def _index_state(path: Path, expected: int) -> dict[str, object]:
     return {"vectors": n}
 
 
-def _epsg(wkt: str) -> str:
+def _crs_label(stored: str) -> str:
     from rasterio.crs import CRS
 
-    return str(CRS.from_wkt(wkt).to_epsg() or "?")
+    from geoir.io.scene import crs_label
+
+    return crs_label(CRS.from_user_input(stored))
+
+
+def _crs_wkt(stored: str) -> str:
+    from rasterio.crs import CRS
+
+    return str(CRS.from_user_input(stored).to_wkt())

@@ -48,7 +48,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 from geoir import __version__
 from geoir.errors import BundleError, GeoirError, ModelError
 from geoir.io.files import atomic_write_text, check_writable_folder, ensure_writable_dir, pid_is_running, write_reason
-from geoir.io.scene import Scene
+from geoir.io.scene import Scene, epsg_code
 from geoir.output.writers import add_styles, style
 from geoir.tiling.grid import Tile, TilingParams, window_polygons
 
@@ -614,7 +614,7 @@ class Bundle:
         record = scene.to_record()
         record["grid_transform"] = list(grid_transform)[:6]
         record["grid_width"], record["grid_height"] = grid_size
-        epsg = scene.crs.to_epsg()
+        epsg = epsg_code(scene.crs)
         scene_df = gpd.GeoDataFrame(
             {
                 "scene_id": [scene.id],

@@ -347,6 +347,24 @@ def _check_nodata_fits(nodata: float, dtype: str, path: Path) -> None:
         raise SceneError(f"--nodata {nodata:g} is beyond the {dtype} range of {path.name}'s pixels; give a value in it")
 
 
+def epsg_code(crs: CRS) -> int | None:
+    """The EPSG code of ``crs`` when one matches it closely (90% confidence), else None.
+
+    rasterio's default threshold (70) names a CRS after another one of a different datum: UTM zone 18 on an
+    unnamed datum with the WGS 84 ellipsoid came out as EPSG:3450, JAD2001 (Jamaica).
+    """
+    return crs.to_epsg(confidence_threshold=90)
+
+
+def crs_label(crs: CRS) -> str:
+    """A short name for ``crs``: ``EPSG:32618``, another authority's code, else its PROJ string."""
+    epsg = epsg_code(crs)
+    if epsg:
+        return f"EPSG:{epsg}"
+    authority = crs.to_authority(confidence_threshold=90)
+    return ":".join(authority) if authority else crs.to_proj4() or "custom CRS (see its WKT)"
+
+
 def native_gsd(crs: CRS, transform: Affine, height: int, width: int | None = None) -> float:
     """Ground sample distance of a pixel grid in metres (mean of the two pixel axes).
 
