@@ -158,6 +158,33 @@ def test_unplaceable_rasters_are_refused_with_their_fix(tmp_path: Path) -> None:
         dst.gcps = (gcps, CRS.from_epsg(32618))
     with pytest.raises(SceneError, match=r"ground control points only.*gdalwarp -t_srs EPSG:XXXX gcp.tif"):
         open_scene(gcp)
+    # Corner coordinates (the no-CRS advice) would place a sensor-geometry image on a wrong grid.
+    from rasterio.rpc import RPC
+
+    rpc = tmp_path / "rpc.tif"
+    coeffs = [0.0] * 20
+    with rasterio.open(rpc, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8") as dst:
+        dst.write(data)
+        dst.rpcs = RPC(
+            height_off=0,
+            height_scale=100,
+            lat_off=40,
+            lat_scale=0.1,
+            line_den_coeff=[1.0, *coeffs[1:]],
+            line_num_coeff=coeffs,
+            line_off=16,
+            line_scale=16,
+            long_off=-75,
+            long_scale=0.1,
+            samp_den_coeff=[1.0, *coeffs[1:]],
+            samp_num_coeff=coeffs,
+            samp_off=16,
+            samp_scale=16,
+        )
+    with pytest.raises(
+        SceneError, match=r"sensor geometry, placed by RPCs only.*gdalwarp -rpc -t_srs EPSG:XXXX rpc.tif"
+    ):
+        open_scene(rpc)
 
 
 def test_internal_mask_honoured(make_geotiff: MakeGeoTiff) -> None:

@@ -284,6 +284,12 @@ def open_scene(
                 f"{p} is georeferenced by ground control points only; warp it to a map grid first "
                 f"(gdalwarp -t_srs EPSG:XXXX {p.name} {p.stem}_warped.tif)"
             )
+        if src.crs is None and src.rpcs is not None:
+            raise SceneError(
+                f"{p} is in sensor geometry, placed by RPCs only; orthorectify it onto a map grid first "
+                f"(gdalwarp -rpc -t_srs EPSG:XXXX {p.name} {p.stem}_ortho.tif, with -to RPC_DEM=dem.tif if you "
+                "have a DEM)"
+            )
         if src.crs is None:
             # Say everything that is missing at once, so the suggested command is the whole fix.
             ullr = " -a_ullr ULX ULY LRX LRY" if src.transform.is_identity else ""
