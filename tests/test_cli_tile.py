@@ -333,6 +333,35 @@ def test_gsd_measures_mercator_pixels_on_the_ground(make_geotiff: MakeGeoTiff, t
     assert geod.inv(lon0, lat0, lon1, lat1)[2] == pytest.approx(2.0, rel=5e-3)
 
 
+@pytest.mark.parametrize("epsg, lon, lat", [(3031, 30.0, -60.0), (3413, -45.0, 62.0), (3031, 0.0, -85.4)])
+def test_gsd_measures_polar_stereographic_pixels_on_the_ground(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, epsg: int, lon: float, lat: float
+) -> None:
+    """Only Mercator's scale was measured: polar stereographic grids (scale 0.97 to 1.04 here) were taken as
+    ground metres, so --gsd tiles covered 3 to 4% more or less ground than asked."""
+    import pyproj
+
+    x, y = pyproj.Transformer.from_crs(4326, epsg, always_xy=True).transform(lon, lat)
+    scene = make_geotiff("polar.tif", crs=f"EPSG:{epsg}", bounds=(x - 5120, y - 5120, x + 5120, y + 5120))
+    index = tmp_path / "p"
+    assert run("tile", str(scene), "--index", str(index), "--gsd", "40").exit_code == 0
+    (rec,) = Bundle.open(index).scene_records()
+    to_ll = pyproj.Transformer.from_crs(epsg, 4326, always_xy=True)
+    step = Affine(*rec["grid_transform"]).a
+    geod = pyproj.Geod(ellps="WGS84")
+    for dx, dy in ((step, 0.0), (0.0, step)):  # a grid pixel's two sides, measured on the ellipsoid
+        (lon0, lon1), (lat0, lat1) = to_ll.transform([x, x + dx], [y, y + dy])
+        assert geod.inv(lon0, lat0, lon1, lat1)[2] == pytest.approx(40.0, rel=2e-3)
+
+
+def test_gsd_of_a_utm_scene_at_its_own_resolution_does_not_resample(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    # UTM's scale (0.9996 on the central meridian) is within the tolerance: --gsd 10 keeps the 10 m pixels.
+    index = tmp_path / "u"
+    assert run("tile", str(make_geotiff()), "--index", str(index), "--gsd", "10").exit_code == 0
+    (rec,) = Bundle.open(index).scene_records()
+    assert rec["native_gsd"] == 10.0 and rec["grid_width"] == 512 and Affine(*rec["grid_transform"]).a == 10.0
+
+
 def test_export_chips(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(shape=(3, 512, 512))
     chips = tmp_path / "chips"

@@ -375,10 +375,10 @@ def native_gsd(crs: CRS, transform: Affine, height: int, width: int | None = Non
     """Ground sample distance of a pixel grid in metres (mean of the two pixel axes).
 
     For geographic CRSs the degree is converted at the grid's centre latitude, which is the best a
-    single number can say for a scene in degrees. A Mercator grid's metres are divided by the projection's
-    scale at the grid's centre (1/cos(latitude): 2 at 60 degrees), so that its pixels are measured on the
-    ground as other grids' are; other projections' scale is within a fraction of a percent of 1 (UTM's at
-    most 0.1%), and their grid units are taken as ground metres.
+    single number can say for a scene in degrees. A projected grid's metres are divided by the projection's
+    scale at the grid's centre (see :func:`_projection_scale`), so that its pixels are measured on the
+    ground: a Mercator grid's at 60 degrees are half their size in grid units, a polar stereographic
+    grid's 2 to 4% off at 60 to 85 degrees.
     """
     sx = math.hypot(transform.a, transform.d)
     sy = math.hypot(transform.b, transform.e)
@@ -386,22 +386,36 @@ def native_gsd(crs: CRS, transform: Affine, height: int, width: int | None = Non
         lat = transform.f + transform.e * height / 2
         return (sx * math.cos(math.radians(lat)) + sy) / 2 * _METERS_PER_DEGREE
     factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
-    return (sx + sy) / 2 * factor / _mercator_scale(crs, transform, height, width)
+    return (sx + sy) / 2 * factor / _projection_scale(crs, transform, height, width)
 
 
-def _mercator_scale(crs: CRS, transform: Affine, height: int, width: int | None) -> float:
-    """The scale of a (normal, not transverse) Mercator grid at its centre; 1 for any other CRS."""
+#: A projection this close to true scale at a scene's centre (UTM's is within 0.1%, national grids' within
+#: a few parts in 10,000) keeps its grid units as ground metres: ``--gsd 10`` on a 10 m UTM scene then leaves
+#: its pixels as they are instead of resampling them by a factor of 0.9996.
+TRUE_SCALE_TOLERANCE = 0.01
+
+
+def _projection_scale(crs: CRS, transform: Affine, height: int, width: int | None) -> float:
+    """The scale of a projected grid at its centre (the geometric mean of its two axes' scales), or 1 where
+    it is within :data:`TRUE_SCALE_TOLERANCE` of 1 (Mercator's is always used) or cannot be computed."""
     from pyproj import CRS as ProjCRS
     from pyproj import Proj, Transformer
+    from pyproj.exceptions import ProjError
 
     proj = ProjCRS.from_user_input(crs.to_wkt())
     method = (proj.coordinate_operation.method_name if proj.coordinate_operation else "").lower()
-    if "mercator" not in method or "transverse" in method:
+    mercator = "mercator" in method and "transverse" not in method
+    try:
+        x, y = transform * ((width or 1) / 2, height / 2)
+        lon, lat = Transformer.from_crs(proj, proj.geodetic_crs, always_xy=True).transform(x, y)
+        factors = Proj(proj).get_factors(lon, lat)
+        # (Mercator is conformal: its parallel scale is the scale, as geoir has always measured it.)
+        scale = factors.parallel_scale if mercator else math.sqrt(factors.areal_scale)
+    except (ProjError, ValueError, TypeError):
         return 1.0
-    x, y = transform * ((width or 1) / 2, height / 2)
-    lon, lat = Transformer.from_crs(proj, proj.geodetic_crs, always_xy=True).transform(x, y)
-    scale = Proj(proj).get_factors(lon, lat).parallel_scale
-    return float(scale) if math.isfinite(scale) and scale > 0 else 1.0
+    if not (math.isfinite(scale) and scale > 0):
+        return 1.0
+    return float(scale) if mercator or abs(scale - 1) > TRUE_SCALE_TOLERANCE else 1.0
 
 
 def band_numbers(bands: Sequence[int] | None) -> tuple[int, ...] | None:
