@@ -103,9 +103,9 @@ def test_hits_fields_have_one_type_whatever_the_result(
 ) -> None:
     import geoir as api
 
-    def field_types(gpkg: Path) -> dict[str, str]:
+    def field_types(gpkg: Path, layer: str = "hits") -> dict[str, str]:
         with sqlite3.connect(gpkg) as con:
-            return {row[1]: row[2] for row in con.execute("PRAGMA table_info(hits)")}
+            return {row[1]: row[2] for row in con.execute(f"PRAGMA table_info({layer})")}
 
     tid = int(Bundle.open(bundle2).tiles().tile_id[3])
     full, empty = tmp_path / "full.gpkg", tmp_path / "empty.gpkg"
@@ -121,6 +121,14 @@ def test_hits_fields_have_one_type_whatever_the_result(
     for gpkg in (full, empty):
         types = field_types(gpkg)
         assert {k: types[k] for k in expected} == expected, (gpkg.name, types)
+    # The regions and the query too: an empty result's were all TEXT (and a footprint-less query's flag).
+    for layer in ("hits_merged", "query"):
+        assert field_types(full, layer) == field_types(empty, layer), layer
+    assert field_types(empty, "hits_merged")["best_rank"] == "INTEGER"
+    plain = tmp_path / "plain.gpkg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "q.png")
+    invoke("search", str(tmp_path / "q.png"), "--index", str(bundle2), "--out", str(plain), *TEST_MODEL)
+    assert field_types(plain, "query") == field_types(full, "query")
     # The model has no codes: hamming is null, in a typed column.
     hits = api.search(tid, index=bundle2, model=api.load_model("backbone", backbone="test")).hits
     assert str(hits.hamming.dtype) == "Int64" and hits.hamming.isna().all() and hits["rank"].dtype == np.int64

@@ -550,8 +550,13 @@ def _best_over_turns(
 
 
 def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:
-    rows = [{"label": label, "negative": negative, "geometry": geom} for geom, label, negative in parts.geometries]
-    return gpd.GeoDataFrame(rows, columns=["label", "negative", "geometry"], geometry="geometry", crs="EPSG:4326")
+    # Typed columns, so an empty frame (a query without a footprint) writes the same field types.
+    g = parts.geometries
+    return gpd.GeoDataFrame(
+        {"label": pd.Series([p[1] for p in g], dtype=object), "negative": pd.Series([p[2] for p in g], dtype=bool)},
+        geometry=gpd.GeoSeries([p[0] for p in g], crs="EPSG:4326"),
+        crs="EPSG:4326",
+    )
 
 
 def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
@@ -559,7 +564,18 @@ def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     (hits meeting only at a corner stay apart: the union of two such squares is two polygons)."""
     columns = ["region", "best_rank", "best_score", "count", "tile_ids", "geometry"]
     if hits.empty:
-        return gpd.GeoDataFrame([], columns=columns, geometry="geometry", crs="EPSG:4326")
+        # The types of a non-empty result, so an empty layer's fields are not all TEXT.
+        return gpd.GeoDataFrame(
+            {
+                "region": pd.Series([], dtype="int64"),
+                "best_rank": pd.Series([], dtype="int64"),
+                "best_score": pd.Series([], dtype="float64"),
+                "count": pd.Series([], dtype="int64"),
+                "tile_ids": pd.Series([], dtype=object),
+            },
+            geometry=gpd.GeoSeries([], crs="EPSG:4326"),
+            crs="EPSG:4326",
+        )
     geoms = hits.geometry.values
     # Regions are the connected groups of footprints joined by an overlap or a shared edge: pairs from an
     # R-tree, joined in a union-find (the union of every footprint, then a search for each part's members,
