@@ -33,9 +33,14 @@ def main() -> None:
     hits = geoir.search(patch, index=args.index, k=5).hits
     print(hits[["rank", "score", "tile_id", "col_off", "row_off"]].to_string(index=False))
 
-    # The best hit's tile as a new query: tiles that look like it, the tile itself excluded.
-    again = geoir.search(int(hits.tile_id.iloc[0]), index=args.index, k=5).hits
-    print(again[["rank", "score", "tile_id"]].to_string(index=False))
+    # The best hit's tile as a new query: tiles that look like it, the tile itself (and any tile overlapping
+    # it) excluded; include_query_overlap=True keeps them.
+    again = geoir.search(int(hits.tile_id.iloc[0]), index=args.index, k=5)
+    print(again.hits[["rank", "score", "tile_id"]].to_string(index=False))
+    if again.left_out:
+        print(f"({again.left_out} tile(s) of the query's own place would have ranked among these and were left out)")
+    if again.hits.empty:
+        print(f"no other tile: {args.index} holds only the query's own place; tile a larger scene or more scenes")
 
 
 if __name__ == "__main__":

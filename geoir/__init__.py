@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from geoir.errors import GeoirError
+
 __version__ = "0.1.0"
 
-__all__ = ["Hits", "Model", "__version__", "encode_images", "load_model", "search", "tile"]
+__all__ = ["GeoirError", "Hits", "Model", "__version__", "encode_images", "load_model", "search", "tile"]
+
+if TYPE_CHECKING:  # what type checkers see; at run time the names come from __getattr__ below
+    from geoir.api import Hits, Model, encode_images, load_model, search, tile
 
 
 def __getattr__(name: str) -> object:

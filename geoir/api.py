@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,15 @@ import numpy as np
 from geoir.encoding.model import Model, load_model, model_for_bundle
 from geoir.errors import GeoirError, ModelError, QueryError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
-from geoir.retrieval.engine import Hits, QueryParts, Searcher
+from geoir.retrieval.engine import Hits, QueryParts, Searcher, check_bbox, check_counts
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.run import TileReport, nothing_readable, prepare_scenes, tile_scenes
 
-__all__ = ["Hits", "Model", "encode_images", "load_model", "search", "tile"]
+__all__ = ["GeoirError", "Hits", "Model", "encode_images", "load_model", "search", "tile"]
 
 PathLike = str | os.PathLike[str]
+#: One query part: an image file, a uint8 RGB array (3, H, W), or a tile id (numpy integers too).
+QueryPart = PathLike | np.ndarray | int | np.integer
 
 
 def tile(
@@ -58,6 +61,11 @@ def tile(
         skip_unreadable: Leave out, with a warning, files that cannot be read (not a raster, no CRS, damaged
             pixels) and tile the rest; the report's ``unreadable`` lists them. Default: the first one raises.
     """
+    _flag(encode, "encode", TilingError)
+    _flag(skip_unreadable, "skip_unreadable", TilingError)
+    _flag(tta, "tta", ModelError, none=True)
+    if nodata is not None and (not isinstance(nodata, numbers.Real) or isinstance(nodata, bool)):
+        raise TilingError(f"nodata must be a number (the value of the files' fill pixels) or None, got {nodata!r:.60}")
     _check_tta(model, tta)
     if tta and not encode:
         raise ModelError("tta is a way of encoding; leave it out with encode=False")
@@ -69,7 +77,7 @@ def tile(
     if params is not None and not isinstance(params, TilingParams):
         raise TilingError(f"params must be a TilingParams, e.g. TilingParams(size=256, gsd=1.0), got {params!r:.60}")
     index = _path_arg(index, "index")
-    paths = _paths(scenes)
+    paths = _paths(scenes, "scenes")
     if not paths:
         raise TilingError("no scenes given; pass raster files, globs or folders")
     unreadable: list[tuple[str, str]] = []
@@ -106,11 +114,11 @@ def tile(
 
 
 def search(
-    query: PathLike | np.ndarray | int | Sequence[PathLike | np.ndarray | int],
+    query: QueryPart | Sequence[QueryPart],
     index: PathLike = DEFAULT_INDEX,
     k: int = 10,
     model: Model | str | None = None,
-    negatives: PathLike | np.ndarray | int | Sequence[PathLike | np.ndarray | int] = (),
+    negatives: QueryPart | Sequence[QueryPart] = (),
     bbox: tuple[float, float, float, float] | None = None,
     include_query_overlap: bool = False,
     rotations: bool = True,
@@ -119,10 +127,12 @@ def search(
     """The ``k`` tiles most like the query (``geoir search``).
 
     Args:
-        query: An image file, a uint8 RGB array ``(3, H, W)``, a tile id, or a list of them (averaged).
+        query: An image file, a uint8 RGB array ``(3, H, W)``, a tile id (an integer, or a ``"tile:ID"``
+            string), or a list or integer array of them (averaged).
         index: Bundle directory.
         k: Number of hits.
-        model: The bundle's model (loaded from its manifest's name when None).
+        model: The bundle's model (when None, the model file its manifest names, loaded once and kept for
+            the next search with the same file: pass a model from :func:`load_model` to choose it yourself).
         negatives: Examples the results should move away from.
         bbox: Only tiles sharing ground with ``(west, south, east, north)`` in degrees (not those that only
             touch it).
@@ -138,9 +148,15 @@ def search(
         raise QueryError(f"no query given; {_QUERY_KINDS}")
     items = _query_items(query, "query")
     negs = [] if negatives is None else _query_items(negatives, "negatives")
+    # Every argument is checked before the bundle is opened and the query encoded (seconds of work).
+    check_counts(k, expand)
+    if bbox is not None:
+        bbox = check_bbox(bbox)
+    _flag(include_query_overlap, "include_query_overlap", QueryError)
+    _flag(rotations, "rotations", QueryError)
     bundle = Bundle.open(_path_arg(index, "index"))
     if not isinstance(model, Model):
-        model = model_for_bundle(bundle.model, model)
+        model = _bundle_model(bundle, model)
     searcher = Searcher(bundle, model, rotations=rotations)
     parts = QueryParts()
     for negative, group in ((False, items), (True, negs)):
@@ -163,9 +179,30 @@ def encode_images(
     :func:`load_model` instead."""
     from geoir.io.images import read_image
 
+    _flag(tta, "tta", ModelError, none=True)
     _check_tta(model, tta)
+    paths = _paths(images, "images")
     m = model if isinstance(model, Model) else load_model(model, tta=bool(tta))
-    return m.concat([m.encode_image(read_image(p).rgb) for p in _paths(images)]).embedding
+    return m.concat([m.encode_image(read_image(p).rgb) for p in paths]).embedding
+
+
+#: The model the last search loaded for its bundle, by what identifies it: a notebook searching in a loop
+#: loads it once (1 to 4 s each time before), and a changed model file is loaded again.
+_LAST_MODEL: tuple[tuple[object, ...], Model] | None = None
+
+
+def _bundle_model(bundle: Bundle, model: str | os.PathLike[str] | None) -> Model:
+    global _LAST_MODEL
+    described = bundle.model or {}
+    chosen = model if model is not None else described.get("path") or described.get("name")
+    where = Path(str(chosen)) if chosen is not None else None
+    stamp = (where.resolve(), where.stat().st_mtime_ns, where.stat().st_size) if where and where.is_file() else None
+    key = (str(chosen), stamp, described.get("fingerprint"), described.get("backbone_tta"))
+    if _LAST_MODEL is not None and _LAST_MODEL[0] == key:
+        return _LAST_MODEL[1]
+    loaded = model_for_bundle(bundle.model, model)
+    _LAST_MODEL = (key, loaded)
+    return loaded
 
 
 _QUERY_KINDS = "pass an image file, a uint8 RGB array (3, H, W), a tile id (or 'tile:ID'), or a list of them"
@@ -175,6 +212,8 @@ def _query_items(value: object, name: str) -> list[str | os.PathLike | np.ndarra
     """Query parts as a list of paths, pixel arrays and tile ids (ints): a ``tile:ID`` string or an integer
     array of ids (``hits.tile_id.to_numpy()``) gives ids; anything else is refused by name."""
     single = (str, os.PathLike, np.ndarray, int, np.integer)
+    if isinstance(value, Mapping):
+        raise QueryError(f"{name} {value!r:.60} is a mapping, not a query; {_QUERY_KINDS}")
     if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
         values: list = value.tolist()  # tile ids, e.g. hits.tile_id.to_numpy()
     elif isinstance(value, single) and not isinstance(value, bool):
@@ -208,18 +247,33 @@ def _path_arg(value: object, name: str) -> PathLike:
     return value
 
 
-def _paths(scenes: Sequence[PathLike] | PathLike) -> list[PathLike]:
+def _paths(scenes: Sequence[PathLike] | PathLike, name: str) -> list[PathLike]:
     """One path given alone is a list of one (a str is a sequence of characters, not of paths); anything
-    but paths is refused by name."""
+    but paths is refused, naming the argument ``name``."""
     if isinstance(scenes, str | os.PathLike):
         return [scenes]
-    if not isinstance(scenes, Iterable) or isinstance(scenes, bytes):
-        raise GeoirError(f"expected a path or a list of paths (str or pathlib.Path), got {scenes!r:.60}")
+    if not isinstance(scenes, Iterable) or isinstance(scenes, bytes | np.ndarray | Mapping):
+        raise GeoirError(f"{name} must be a path or a list of paths (str or pathlib.Path), got {_short(scenes)}")
     out = list(scenes)
     for p in out:
         if not isinstance(p, str | os.PathLike):
-            raise GeoirError(f"expected paths (str or pathlib.Path), got {p!r:.60} in {scenes!r:.60}")
+            raise GeoirError(f"{name} must hold paths (str or pathlib.Path), not {_short(p)}")
     return out
+
+
+def _short(value: object) -> str:
+    """A value for a message: an array by its type and shape, anything else by its repr on one short line."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return " ".join(repr(value).split())[:60]
+
+
+def _flag(value: object, name: str, error: type[GeoirError], none: bool = False) -> None:
+    """Raise ``error`` naming ``name`` unless ``value`` is a bool (or None where ``none``): a string such as
+    ``"no"`` is true in Python, and would switch the option on."""
+    if isinstance(value, bool | np.bool_) or (none and value is None):
+        return
+    raise error(f"{name} must be True or False{' (or None)' if none else ''}, got {_short(value)}")
 
 
 def _check_tta(model: Model | str | None, tta: bool | None) -> None:

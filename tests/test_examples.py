@@ -94,8 +94,8 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
         ({"batch_size": 0}, "batch_size", TilingError),
         ({"workers": -1}, "workers", TilingError),
         ({"scenes": []}, "no scenes", TilingError),
-        ({"scenes": None}, "expected a path or a list of paths", GeoirError),
-        ({"scenes": [str(scene), 7]}, "expected paths", GeoirError),
+        ({"scenes": None}, "scenes must be a path or a list of paths", GeoirError),
+        ({"scenes": [str(scene), 7]}, r"scenes must hold paths \(str or pathlib.Path\), not 7", GeoirError),
         ({"index": None}, "index must be a path", GeoirError),
         ({"params": {"size": 128}}, "params must be a TilingParams", TilingError),
         ({"bands": (1.0, 2.0, 3.0)}, "give 1-based band numbers", TilingError),
@@ -115,6 +115,125 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
     png = tmp_path / "q.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
     assert geoir.encode_images(str(png), model=model).shape[0] == 1  # one path alone, not its characters
+
+
+def test_python_api_refuses_what_python_would_take_silently(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """tta="no" (true in Python) switched 8-turn averaging on and wrote "no" into the manifest; a nodata or a
+    bbox of the wrong type, write_layers' format and layers, gave raw TypeError and KeyError; k, expand and
+    bbox were checked only after the query was encoded."""
+    import sqlite3
+
+    from geoir.errors import GeoirError, ModelError, QueryError, TilingError
+    from geoir.output.writers import write_layers
+
+    model = load_model("backbone", backbone="test")
+    scene = make_geotiff(shape=(3, 512, 512))
+    index = tmp_path / "idx"
+    for kwargs, message, error in (
+        ({"tta": "no"}, "tta must be True or False", ModelError),
+        ({"encode": "no"}, "encode must be True or False", TilingError),
+        ({"skip_unreadable": 1}, "skip_unreadable must be True or False", TilingError),
+        ({"nodata": "zero"}, "nodata must be a number", TilingError),
+        (
+            {"scenes": np.array(["a.tif"])},
+            r"scenes must be a path or a list of paths .*, got a <U5 array of shape \(1,\)",
+            GeoirError,
+        ),
+    ):
+        with pytest.raises(error, match=message):
+            geoir.tile(**{"scenes": str(scene), "index": index, "model": model, **kwargs})  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="tta must be True or False"):
+        load_model("backbone", backbone="test", tta="no")  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="tta must be True or False"):
+        geoir.encode_images("a.png", model="backbone", tta="no")  # type: ignore[arg-type]
+    assert not index.exists()
+    # Checked before the bundle is opened: the index named here does not exist.
+    for kwargs, message in (
+        ({"k": 0}, "k must be a positive"),
+        ({"expand": -1}, "expand must be 0"),
+        ({"bbox": (4.98, 51.83, 5.0, "51.85")}, "give 4 numbers"),
+        ({"bbox": 5}, "give 4 numbers"),
+        ({"bbox": (10, 0, 5, 1)}, "west < east"),
+        ({"include_query_overlap": "yes"}, "include_query_overlap must be True or False"),
+        ({"rotations": None}, "rotations must be True or False"),
+        ({"query": {"a": 1}}, "is a mapping, not a query"),
+    ):
+        with pytest.raises(QueryError, match=message):
+            geoir.search(**{"query": 1, "index": tmp_path / "none", "model": model, **kwargs})  # type: ignore[arg-type]
+    geoir.tile(str(scene), index=index, model=model)
+    hits = geoir.search(np.zeros((3, 64, 64), np.uint8), index=index, k=2, model=model)
+    for args, message in (
+        (({"hits": hits.hits}, tmp_path / "h.gpkg", "GPKG"), "fmt 'GPKG' is not an output format; give one of gpkg"),
+        (({"hits_merged": hits.hits}, tmp_path / "h.gpkg", "gpkg"), "a dict with a 'hits' GeoDataFrame"),
+        (({"hits": hits.hits, "other": hits.hits}, tmp_path / "h.gpkg", "gpkg"), "'other' must be one of hits"),
+        ((hits, 5, "gpkg"), "out must be a path"),
+    ):
+        with pytest.raises(QueryError, match=message):
+            write_layers(*args)  # type: ignore[arg-type]
+    # A search's Hits, as they are: its three layers.
+    write_layers(hits, tmp_path / "h.gpkg", "gpkg")
+    with sqlite3.connect(tmp_path / "h.gpkg") as con:
+        names = {r[0] for r in con.execute("SELECT table_name FROM gpkg_contents")}
+    assert names == {"hits", "hits_merged", "query", "layer_styles"}
+    assert issubclass(geoir.GeoirError, Exception) and geoir.GeoirError is GeoirError
+    # A model in a notebook cell is one line, not its meta (the default's lists 420 test images: 15,000 chars).
+    default = load_model("default", backbone_on_demand=True)
+    assert repr(default) == (
+        "Model(name='default', kind='combined', backbone='tf_efficientnet_lite0', embedding_dim=2048, bits=64, "
+        "device='cpu')"
+    )
+
+
+def test_python_api_loads_a_bundles_model_once_for_repeated_searches(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notebook searching in a loop without model= loaded the model every time (1 to 4 s a search)."""
+    from geoir import api
+
+    scene = make_geotiff()
+    geoir.tile(str(scene), index=tmp_path / "a", model=load_model("backbone", backbone="test"))
+    geoir.tile(str(scene), index=tmp_path / "b", model=load_model("backbone", backbone="test", tta=True))
+    loads: list[object] = []
+    real = api.model_for_bundle
+    monkeypatch.setattr(api, "model_for_bundle", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(api, "_LAST_MODEL", None)
+    patch = np.zeros((3, 64, 64), np.uint8)
+    first = geoir.search(patch, index=tmp_path / "a", k=3).hits
+    for _ in range(3):
+        assert geoir.search(patch, index=tmp_path / "a", k=3).hits.tile_id.tolist() == first.tile_id.tolist()
+    assert len(loads) == 1
+    # Another bundle's model (averaged over 8 turns): loaded for it, not the one kept.
+    geoir.search(patch, index=tmp_path / "b", k=3)
+    assert len(loads) == 2 and api._LAST_MODEL is not None and api._LAST_MODEL[1].backbone.tta
+
+
+def test_the_documented_api_type_checks_for_a_user(tmp_path: Path) -> None:
+    """`geoir.search` and the rest were `object` to mypy (the lazy module __getattr__): every documented call
+    was an error in a user's type-checked script, though the package ships py.typed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import numpy as np\n\nimport geoir\n\n"
+        'hits: geoir.Hits = geoir.search(np.int64(5), index="i", k=3, negatives=["water.png", 7])\n'
+        'model: geoir.Model = geoir.load_model("backbone")\n'
+        'vectors: np.ndarray = geoir.encode_images(["a.png"], model=model)\n'
+        'added: int = geoir.tile("scene.tif", index="i").tiles_added\n'
+        'wrong: str = geoir.tile("scene.tif", index="i").tiles_added\n'
+    )
+    root = Path(__file__).parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"), str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MYPYPATH": str(root)},
+        cwd=tmp_path,
+    )
+    # One error, the deliberate one: the rest of the script type-checks.
+    assert r.stdout.count("error:") == 1 and "user.py:9: error: Incompatible types" in r.stdout, r.stdout
 
 
 def test_lazy_api_attribute() -> None:

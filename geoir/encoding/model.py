@@ -69,6 +69,15 @@ class Model:
         if self.head is not None:
             self.head = self.head.eval().requires_grad_(False).to(self.backbone.device)
 
+    def __repr__(self) -> str:
+        # Not the dataclass repr: ``meta`` lists the training images (15,000 characters in a notebook cell).
+        code = f", bits={self.bits}" if self.bits else ""
+        tta = ", tta=True" if self.backbone.tta else ""
+        return (
+            f"Model(name={self.meta.get('name', self.kind)!r}, kind={self.kind!r}, backbone={self.backbone.name!r}, "
+            f"embedding_dim={self.embedding_dim}{code}{tta}, device={str(self.backbone.device)!r})"
+        )
+
     @property
     def fingerprint(self) -> str:
         """sha256 over the backbone fingerprint, the head's config and weights, and test-time averaging when
@@ -245,6 +254,10 @@ def load_model(
     path: Path | None
     if model is not None and not isinstance(model, str | os.PathLike):
         raise ModelError(f"model must be a model file, 'default' or 'backbone', got {model!r:.60}")
+    if not isinstance(tta, bool | np.bool_):
+        # A string such as "no" is true in Python: it would switch averaging on (8 passes per tile).
+        raise ModelError(f"tta must be True or False, got {tta!r:.60}")
+    tta = bool(tta)
     if model is None or str(model) == DEFAULT_MODEL:
         path = default_model_path()
     elif str(model) == "backbone":

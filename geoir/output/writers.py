@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import re
 import shutil
 import sqlite3
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -168,9 +170,14 @@ def _counter_clockwise(df: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
 
 def write_layers(
-    layers: dict[str, gpd.GeoDataFrame], out: str, fmt: str, overwrite: bool = False, layer: str = "hits"
+    layers: Mapping[str, gpd.GeoDataFrame] | Any,
+    out: str | os.PathLike[str],
+    fmt: str,
+    overwrite: bool = False,
+    layer: str = "hits",
 ) -> None:
-    """Write a search's layers (``hits``, ``hits_merged``, ``query``).
+    """Write a search's layers (``hits``, ``hits_merged``, ``query``): a dict of them, or the
+    :class:`~geoir.retrieval.engine.Hits` of a search (all three), in ``fmt`` ``gpkg``, ``geojson`` or ``fgb``.
 
     GeoPackage holds every layer in one file, named after ``layer`` (:func:`gpkg_layer_names`); an existing
     GeoPackage keeps its other layers, and its layers of the same names are replaced only with ``overwrite``.
@@ -182,6 +189,12 @@ def write_layers(
     Raises:
         QueryError: The output exists and ``overwrite`` is false, or cannot be written.
     """
+    layers = _check_layers(layers)
+    if fmt not in FORMATS:
+        raise QueryError(f"fmt {fmt!r:.40} is not an output format; give one of {', '.join(FORMATS)}")
+    if not isinstance(out, str | os.PathLike):
+        raise QueryError(f"out must be a path (str or pathlib.Path) or '-' for stdout, got {out!r:.60}")
+    out = os.fspath(out)
     # Exterior rings counter-clockwise, holes clockwise, in every format: RFC 7946 requires it of GeoJSON,
     # and the catalog's rings run clockwise or not with the raster's orientation (south-up flips them).
     layers = {name: _counter_clockwise(df) for name, df in layers.items()}
@@ -228,6 +241,21 @@ def write_layers(
                     stack.enter_context(atomic_target(sidecars[name])).write_text(style(name)[0])
         for side in stale:
             side.unlink(missing_ok=True)
+
+
+def _check_layers(layers: object) -> dict[str, gpd.GeoDataFrame]:
+    """The layers to write, by name: a search's :class:`Hits` gives all three; a dict is checked."""
+    if hasattr(layers, "hits") and hasattr(layers, "query") and not isinstance(layers, Mapping):
+        from geoir.retrieval.engine import merge_hits
+
+        return {"hits": layers.hits, "hits_merged": merge_hits(layers.hits), "query": layers.query}
+    kinds = ("hits", *SIDE_LAYERS)
+    if not isinstance(layers, Mapping) or "hits" not in layers:
+        raise QueryError(f"layers must be a search's Hits, or a dict with a 'hits' GeoDataFrame, got {layers!r:.60}")
+    for name, df in layers.items():
+        if name not in kinds or not isinstance(df, gpd.GeoDataFrame):
+            raise QueryError(f"layers: {name!r:.40} must be one of {', '.join(kinds)}, with a GeoDataFrame")
+    return dict(layers)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -263,11 +264,7 @@ class Searcher:
         if bbox is None and aoi is None and not scenes:
             return None
         if bbox is not None:
-            if len(bbox) != 4:
-                raise QueryError(f"bbox {tuple(bbox)}: give 4 numbers, (west, south, east, north) in degrees")
-            w, s, e, n = bbox
-            if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-                raise QueryError(f"bbox {tuple(bbox)}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
+            bbox = check_bbox(bbox)
         tiles = self.bundle.tiles_at(shapely.box(*bbox), sharing_area()) if bbox is not None else None
         if aoi is not None:
             in_aoi = self.bundle.tiles_at(aoi, sharing_area())
@@ -322,10 +319,7 @@ class Searcher:
         """
         if not parts.positives:
             raise QueryError("give at least one positive query (an image, tile:ID, --point or --examples)")
-        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
-            raise QueryError(f"k must be a positive number of hits, got {k!r}")
-        if not isinstance(expand, int | np.integer) or isinstance(expand, bool) or expand < 0:
-            raise QueryError(f"expand must be 0 (off) or a whole number of hits, got {expand!r}")
+        check_counts(k, expand)
         # No more hits than tiles: a huge k must not size the search's arrays.
         most = max(1, self.bundle.n_tiles())
         k, expand = min(int(k), most), min(int(expand), most)
@@ -547,6 +541,36 @@ def _best_over_turns(
     _, first = np.unique(i, return_index=True)
     first = np.sort(first)
     return d[first], i[first], None if h is None else h[order][first]
+
+
+def check_counts(k: object, expand: object = 0) -> None:
+    """Raise unless ``k`` is a positive whole number of hits and ``expand`` 0 or one.
+
+    Raises:
+        QueryError: Naming the argument.
+    """
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+        raise QueryError(f"k must be a positive number of hits, got {k!r:.60}")
+    if not isinstance(expand, int | np.integer) or isinstance(expand, bool) or expand < 0:
+        raise QueryError(f"expand must be 0 (off) or a whole number of hits, got {expand!r:.60}")
+
+
+def check_bbox(bbox: object) -> tuple[float, float, float, float]:
+    """``bbox`` as 4 floats (west, south, east, north) in degrees, checked.
+
+    Raises:
+        QueryError: Not 4 real numbers, or not a box on the globe.
+    """
+    example = "give 4 numbers, (west, south, east, north) in degrees"
+    if isinstance(bbox, str | bytes) or not isinstance(bbox, Iterable):
+        raise QueryError(f"bbox {bbox!r:.60}: {example}")
+    values = list(bbox)
+    if len(values) != 4 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise QueryError(f"bbox {tuple(values)!r:.80}: {example}")
+    w, s, e, n = (float(v) for v in values)
+    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise QueryError(f"bbox {(w, s, e, n)}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
+    return w, s, e, n
 
 
 def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:
