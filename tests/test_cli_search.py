@@ -1072,6 +1072,39 @@ def test_run_killed_before_the_index_save(make_geotiff: MakeGeoTiff, tmp_path: P
     assert len(Bundle.open(index).indexes()["float"]) == 20 == len(VectorIndex.load(index / "float.faiss"))
 
 
+def test_a_search_rebuilding_the_index_while_a_writer_changes_the_bundle_does_not_save_it(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    """A search rebuilt a stale index and saved it without any lock: saved after a writer's remove and add,
+    it held the removed scene's tiles and lacked the new one's, with the catalog's count, so nothing noticed
+    and every later search failed (or, with one index kind, found removed tiles)."""
+    from geoir.index.vectors import VectorIndex
+
+    scenes = [make_geotiff(f"s{i}.tif", seed=50 + i) for i in range(3)]
+    index = tmp_path / "idx"
+    invoke("tile", str(scenes[0]), str(scenes[1]), "--index", str(index), *TILE_MODEL)
+    (index / "float.faiss").unlink()  # the index a search must rebuild (as a killed run leaves it)
+    reader = Bundle.open(index)
+    real = Bundle.rebuild_index
+
+    def rebuild_while_a_writer_works(self: Bundle, kind: str, save: bool = True, scene_ids: object = None) -> object:
+        built = real(self, kind, save=save, scene_ids=scene_ids)  # type: ignore[arg-type]
+        if self is reader:
+            # Meanwhile, in another process: a scene removed, another added (the same count of tiles).
+            invoke("remove", str(scenes[0]), "--index", str(index))
+            invoke("tile", str(scenes[2]), "--index", str(index), *TILE_MODEL)
+        return built
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Bundle, "rebuild_index", rebuild_while_a_writer_works)
+        stale = reader.indexes()["float"]
+    tiles = Bundle.open(index).tiles()
+    on_disk = VectorIndex.load(index / "float.faiss")
+    assert len(stale) == len(on_disk) == len(tiles)  # a count check alone cannot tell them apart
+    assert sorted(on_disk.ids().tolist()) == sorted(tiles.tile_id.tolist())  # the writer's, not the search's
+    assert sorted(stale.ids().tolist()) != sorted(tiles.tile_id.tolist())
+
+
 @needs_shared_data("scenes")
 def test_real_scene_crop_finds_its_place(tmp_path: Path) -> None:
     """Lite0 end to end: a crop off the tile grid, as a plain PNG, finds the tile it came from."""
@@ -1264,7 +1297,7 @@ def test_sigterm_unwinds_like_ctrl_c(make_geotiff: MakeGeoTiff, tmp_path: Path, 
     bundle = Bundle.open(index)
     assert 1 <= bundle.manifest["counts"]["scenes"] < 6
     assert bundle.manifest["counts"]["tiles"] == len(bundle.tiles())
-    assert [p.name for p in index.iterdir() if p.name.startswith(".")] == [".lock"]
+    assert sorted(p.name for p in index.iterdir() if p.name.startswith(".")) == [".index.lock", ".lock"]  # no temp file
 
 
 def test_a_writer_corrects_counts_and_removes_temp_files_a_killed_run_left(

@@ -10,6 +10,7 @@ Layout::
       float.faiss     FAISS index of the embeddings, keyed by tile id
       binary.faiss    FAISS binary index of the codes (models with a hash head)
       .lock           advisory lock held by the process writing the bundle
+      .index.lock     advisory lock held while an index file is saved (by a writer, or a search that rebuilt it)
 
 Crash safety: a scene is committed by its row in the `scenes` layer, written *after* its tiles.
 Tiles whose scene has no row (a run killed mid-scene) are invisible to readers and deleted by the
@@ -782,14 +783,17 @@ class Bundle:
         """Committed scenes that have vectors, in commit order."""
         return [r["id"] for r in self.scene_records() if self.vectors_path(r["id"]).exists()]
 
-    def vectors(self, scene_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Concatenated vectors of committed, encoded scenes (all of them by default)."""
+    def vectors(
+        self, scene_ids: Iterable[str] | None = None, keys: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Concatenated vectors of committed, encoded scenes (all of them by default); ``keys``: only these
+        arrays (``ids``, ``features``, ``embedding``, ``codes``), not every one."""
         ids_ = list(scene_ids) if scene_ids is not None else self.encoded_scene_ids()
         parts: dict[str, list[np.ndarray]] = {}
         for sid in ids_:
             try:
                 with np.load(self.vectors_path(sid)) as z:
-                    for k in z.files:
+                    for k in z.files if keys is None else [k for k in keys if k in z.files]:
                         parts.setdefault(k, []).append(z[k])
             except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
                 raise self._damaged_vectors(sid, exc) from exc
@@ -889,10 +893,32 @@ class Bundle:
         if parts:
             self._loaded[kind].add(np.concatenate([i for i, _ in parts]), np.concatenate([x for _, x in parts]))
 
-    def _save_index(self, kind: str, index: VectorIndex) -> None:
-        index.save(self.index_path(kind))
+    def _save_index(self, kind: str, index: VectorIndex, built_from: list[str] | None = None) -> bool:
+        """Save an index file under the bundle's index lock; returns whether it was saved.
+
+        ``built_from``: the encoded scenes a search rebuilt the index from. A search holds no write lock, so a
+        writer may have committed or removed scenes since: the index is saved only if they are still exactly
+        those (checked under the lock, which writers' saves take too), else kept in memory. Without that
+        check, a search's rebuild saved after a writer's save put back the removed scene's vectors and lost
+        the new one's, with the same count, which nothing would notice.
+        """
+        lock_path = self.path / ".index.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BundleError(f"cannot write {lock_path} ({exc.strerror}); check the bundle's permissions") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if built_from is not None and self.encoded_scene_ids() != built_from:
+                log.info("%s changed while its %s index was rebuilt: the rebuilt index is not saved", self.path, kind)
+                self._loaded[kind] = index
+                return False
+            index.save(self.index_path(kind))
+        finally:
+            os.close(fd)
         self._loaded[kind] = index
         self._unsaved.discard(kind)
+        return True
 
     def flush_indexes(self) -> None:
         """Save the indexes that :meth:`add_to_indexes` changed since they were last saved."""
@@ -912,9 +938,10 @@ class Bundle:
             index = self._index(kind)
             if index is None or len(index) != expected:
                 log.info("%s index of %s disagrees with the catalog; rebuilding it from the vectors", kind, self.path)
-                index = self.rebuild_index(kind, save=False)
+                scenes = self.encoded_scene_ids()
+                index = self.rebuild_index(kind, save=False, scene_ids=scenes)
                 try:
-                    self._save_index(kind, index)
+                    self._save_index(kind, index, built_from=scenes)
                 except BundleError as exc:
                     # A bundle others share read-only can still be searched: the rebuilt index serves from memory.
                     log.warning("%s; searching with the rebuilt index in memory", exc)
@@ -922,16 +949,21 @@ class Bundle:
             out[kind] = index
         return out
 
-    def rebuild_index(self, kind: str, save: bool = True) -> VectorIndex:
-        """Rebuild one FAISS index from the vector files of the committed scenes (and save it)."""
+    def rebuild_index(self, kind: str, save: bool = True, scene_ids: list[str] | None = None) -> VectorIndex:
+        """Rebuild one FAISS index from the vector files of the committed scenes (``scene_ids``: those, read
+        beforehand) and save it.
+
+        Only the ids and the one array the index holds are read: the backbone features beside them made a
+        rebuild's peak memory 2.4 times that (2.9 GB against 1.2 GB for 100,000 tiles).
+        """
         self._pending.pop(kind, None)  # committed, so in the vector files
         index = self._new_index(kind)
-        vec = self.vectors()
+        key = "codes" if kind == "binary" else "embedding"
+        vec = self.vectors(scene_ids, keys=("ids", key))
         if vec:
-            data = vec["codes"] if kind == "binary" else vec["embedding"]
             if not index.is_trained:
-                index.train(data)
-            index.add(vec["ids"], data)
+                index.train(vec[key])
+            index.add(vec["ids"], vec[key])
         if save:
             self._save_index(kind, index)
         return index
