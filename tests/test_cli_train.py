@@ -303,6 +303,16 @@ def test_eval_report(image_folder: Path, tmp_path: Path) -> None:
     assert not set(split["train_paths"]) & set(split["test_paths"])
 
 
+def test_a_one_seed_table_shows_no_spread() -> None:
+    """One seed printed "0.5614 ± 0.0000": a spread over one run is undefined, not zero."""
+    from geoir.training.evaluation import summary_table
+
+    one = {"mAP_mean": 0.5614, "mAP_std": 0.0, "runs": [{}]}
+    two = {"mAP_mean": 0.5, "mAP_std": 0.01, "runs": [{}, {}]}
+    table = summary_table({"protocols": {"seen": {"srl float": one, "backbone float": two}}})
+    assert "| seen | srl float | 0.5614 | " in table and "| seen | backbone float | 0.5000 ± 0.0100 | " in table
+
+
 def test_train_errors(tmp_path: Path) -> None:
     (tmp_path / "one" / "a").mkdir(parents=True)
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "m.pt"), *TEST_BACKBONE])
@@ -444,6 +454,26 @@ def test_train_on_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeG
     )  # fmt: skip
     assert load_model(srl).meta["recipe"]["augment"] == "dihedral-codes"
     assert all(item.startswith("tile:") for item in meta["split"]["test_items"])
+
+
+def test_a_model_file_overwritten_under_its_bundle_is_named(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
+    """Re-training to the file a bundle was encoded with (train --overwrite, as training.md's last step
+    suggests) left "use that model (--model)" as the only advice, which no file could follow any more."""
+    index, gpkg = labelled_bundle(tmp_path, make_geotiff, 1024, 8)
+    out = tmp_path / "m.pt"
+    train = ["train", str(gpkg), "--index", str(index), "--method", "srl", "--augment", "none", "--out", str(out)]
+    invoke(*train, "--epochs", "1")
+    encoded = tmp_path / "encoded"
+    invoke("tile", str(tmp_path / "scene.tif"), "--index", str(encoded), "--model", str(out), "--workers", "0")
+    tid = int(Bundle.open(encoded).tiles().tile_id[0])
+    r = CliRunner().invoke(cli, [*train, "--epochs", "1", "--dim", "8", "--overwrite"])  # another head
+    assert r.exit_code == 0, r.output
+    assert "m.pt will be replaced: bundles encoded with the model it holds" in r.output
+    r = refused("search", f"tile:{tid}", "--index", str(encoded), "--out", str(tmp_path / "h.gpkg"), code=1)
+    assert f"{out} was overwritten with another model since: restore that file" in r.output
+    # --backbone with --index was ignored: the bundle's features are of its own backbone.
+    r = refused(*train, "--backbone", "tf_efficientnet_lite0", "--overwrite", code=2)
+    assert "is not the backbone" in r.output and "drop --backbone" in r.output
 
 
 def test_eval_scores_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:

@@ -233,7 +233,9 @@ def tile(
         client_device = "cpu" if (scheduler or cluster) else device
         encoder = resolve_model(model, backbone, weights, download, client_device, described, tta=tta or None)
         if existing is not None:
-            existing.check_model(encoder.fingerprint, encoder.meta.get("name"), encoder.backbone.tta)
+            existing.check_model(
+                encoder.fingerprint, encoder.meta.get("name"), encoder.backbone.tta, encoder.meta.get("path")
+            )
     kinds = parse_index_kinds(index_kinds)
     if encoder is not None:
         # An approximate index trains on the tiles of the first scene that a bundle without tiles gets.

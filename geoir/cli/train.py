@@ -82,6 +82,13 @@ def _features(
     bundle = Bundle.open(index_dir)
     if bundle.model is None:
         raise click.ClickException(f"{index_dir} is not encoded; run `geoir encode --index {index_dir}` first")
+    if backbone_name is not None and backbone_name != bundle.model["backbone"]:
+        # Labelled tiles are the bundle's stored features: of its backbone, whatever --backbone says.
+        raise click.BadParameter(
+            f"{backbone_name} is not the backbone {index_dir} was encoded with ({bundle.model['backbone']}); "
+            "labelled tiles train on that bundle's features: drop --backbone, or tile into a bundle of that backbone",
+            param_hint="'--backbone'",
+        )
     bb = load_model(
         "backbone", backbone=bundle.model["backbone"], weights=weights, download=download, device=device
     ).backbone
@@ -251,6 +258,14 @@ def train(
         )
     index_dir = check_dataset_kind(dataset, index_dir, ctx)
     refuse_existing(out, overwrite)
+    if Path(out).is_file():
+        # Bundles record their model's fingerprint: those encoded with the model this file holds cannot be
+        # searched or extended with the new one.
+        log.warning(
+            "%s will be replaced: bundles encoded with the model it holds now need that model; keep a copy "
+            "of it if you will search them, or tile their scenes again with the new one",
+            out,
+        )
     augment = resolve_augment(augment, dataset, retain_dim, retain_gate)
     recipe = Recipe(
         method=method,

@@ -716,10 +716,18 @@ class Bundle:
                 self.manifest["index"] = {**self.manifest.get("index", {}), **index_kinds}
             self.write_manifest()
             return
-        self.check_model(description["fingerprint"], description.get("name"), bool(description.get("backbone_tta")))
+        self.check_model(
+            description["fingerprint"],
+            description.get("name"),
+            bool(description.get("backbone_tta")),
+            description.get("path"),
+        )
 
-    def check_model(self, fingerprint: str, name: str | None = None, tta: bool | None = None) -> None:
-        """Raise unless ``fingerprint`` is the bundle's model (``tta``: whether it averages the 8 views)."""
+    def check_model(
+        self, fingerprint: str, name: str | None = None, tta: bool | None = None, path: str | None = None
+    ) -> None:
+        """Raise unless ``fingerprint`` is the bundle's model (``tta``: whether it averages the 8 views;
+        ``path``: the file it was loaded from)."""
         have = self.model
         if have is not None and have["fingerprint"] != fingerprint:
             if tta is not None and bool(have.get("backbone_tta")) != tta:
@@ -737,9 +745,18 @@ class Bundle:
                     f"compared: tile the scenes again into a new --index, or pass --model with that release's "
                     f"geoir/models/default.pt"
                 )
+            replaced = ""
+            if have.get("path") and path and Path(have["path"]) == Path(path) and have.get("name") != "default":
+                # The model file the bundle names now holds another model (re-trained with --overwrite):
+                # "use that model" cannot be followed.
+                replaced = (
+                    f"; {have['path']} was overwritten with another model since: restore that file, or tile the "
+                    "scenes again into a new --index with the new one"
+                )
             raise ModelError(
                 f"{self.path} was built with model {have.get('name') or '?'} (fingerprint {have['fingerprint'][:12]}), "
-                f"not {name or '?'} ({fingerprint[:12]}); use that model (--model), or another --index"
+                f"not {name or '?'} ({fingerprint[:12]})"
+                + (replaced or "; use that model (--model), or another --index")
                 + self._empty_hint()
             )
 

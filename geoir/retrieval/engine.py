@@ -105,7 +105,7 @@ class Searcher:
         if bundle.model is None:
             # Tiles catalogued with --no-encode: encoding them is all that is missing.
             raise QueryError(f"{bundle.path} has no encoded tiles; run `geoir encode --index {bundle.path}`")
-        bundle.check_model(model.fingerprint, model.meta.get("name"), model.backbone.tta)
+        bundle.check_model(model.fingerprint, model.meta.get("name"), model.backbone.tta, model.meta.get("path"))
         self.bundle = bundle
         self.model = model
         # Averaged features (--tta) are the same for every turn of a query: one encoding is enough.

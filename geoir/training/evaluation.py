@@ -269,7 +269,9 @@ def summary_table(report: dict[str, Any]) -> str:
     for protocol, variants in report["protocols"].items():
         for name, s in variants.items():
             # A metric the database is too small for (P@10 over fewer than 10 items) is not in the report.
-            cells = [f"{s['mAP_mean']:.4f} ± {s['mAP_std']:.4f}"]
+            # A spread over one seed is no spread: the mean alone.
+            spread = f" ± {s['mAP_std']:.4f}" if len(s["runs"]) > 1 else ""
+            cells = [f"{s['mAP_mean']:.4f}{spread}"]
             cells += [f"{s[k]:.4f}" if k in s else "-" for k in METRIC_COLUMNS]
             lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + f" | {len(s['runs'])} |")
     return "\n".join(lines)
