@@ -1033,6 +1033,26 @@ def test_info_describes_the_shipped_model_and_refuses_what_is_no_model_file(tmp_
     assert "'backbone' is no model file" in r.output and "[BUNDLE|MODEL]" in r.output
 
 
+def test_images_in_sub_folders_of_a_class_are_named_as_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """They were skipped without a word (75 samples counted of 76)."""
+    import logging
+
+    from geoir.training.data import list_image_folder
+
+    root = make_folder(tmp_path / "data", {"a": 2, "b": 2})
+    for sub in ("a/sub", "a/.hidden", "b/x/y"):
+        (root / sub).mkdir(parents=True)
+    img = next((root / "a").glob("*.png"))
+    for dest in ("a/sub/n.png", "a/.hidden/h.png", "b/x/y/deep.png"):
+        (root / dest).write_bytes(img.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="geoir"):
+        paths, _, classes = list_image_folder(root)
+    assert classes == ["a", "b"] and len(paths) == 4
+    assert "2 image(s) in sub-folders of class folders are left out" in caplog.text and "move them up" in caplog.text
+
+
 def test_data_set_images_must_be_8_bit_and_hidden_files_are_left_out(image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "class0" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata
     out = tmp_path / "m.pt"

@@ -88,6 +88,7 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         raise DatasetError(f"{root} has {len(classes)} class folder(s); training needs at least 2 (CLASS/*.jpg)")
     paths: list[Path] = []
     labels: list[int] = []
+    nested: list[Path] = []
     for i, c in enumerate(classes):
         files = sorted(
             p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
@@ -96,6 +97,20 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
             raise DatasetError(f"class folder {root / c} has no images ({', '.join(IMAGE_SUFFIXES)})")
         paths += files
         labels += [i] * len(files)
+        nested += [
+            p
+            for p in (root / c).glob("*/**/*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.parts[len(root.parts) :])
+        ]
+    if nested:
+        # A class is the images directly in its folder: say what that leaves out, rather than nothing.
+        log.warning(
+            "%d image(s) in sub-folders of class folders are left out (e.g. %s); a class is the images directly "
+            "in CLASS/: move them up to count them",
+            len(nested),
+            nested[0].relative_to(root),
+        )
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
