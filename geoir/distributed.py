@@ -57,6 +57,10 @@ def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs: Any):  
     # The workers already fill the cores: GDAL decodes in one thread each unless the user says otherwise.
     read_threads = os.environ.get("GEOIR_READ_THREADS", "1")
     env = {"GEOIR_READ_THREADS": read_threads, **kwargs.pop("env", {}), LOCAL_CLUSTER_ENV: "1"}
+    if _quiet():
+        # -q: no Dask warnings from the workers either (a task cancelled when the cluster closes): their
+        # stream handlers pass errors only.
+        kwargs.setdefault("silence_logs", logging.ERROR)
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
@@ -84,6 +88,10 @@ def dask_client(scheduler: str | None = None, cluster: str | None = None, thread
         from distributed import Client
     except ImportError as exc:
         raise GeoirError("distributed tiling needs Dask: pip install 'geoir[dist]'") from exc
+    if _quiet():
+        # -q: not Dask's own warnings either ("Worker process still alive after 4.0 seconds, killing" as a
+        # LocalCluster closes). Set after importing distributed, whose import configures its loggers.
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     if scheduler:
         try:
             return Client(scheduler)
@@ -97,6 +105,11 @@ def dask_client(scheduler: str | None = None, cluster: str | None = None, thread
     if kind != "local" or not n.isdigit() or int(n) < 1:
         raise GeoirError(f"--cluster {cluster!r}: use local:N with N >= 1 worker processes, e.g. local:4")
     return Client(local_cluster(int(n), threads_per_worker))
+
+
+def _quiet() -> bool:
+    """Whether geoir's messages are turned down (``-q``): its logger passes warnings and worse only."""
+    return logging.getLogger("geoir").getEffectiveLevel() > logging.INFO
 
 
 def gpu_worker_threads(n_workers: int, cores: int | None = None) -> int:

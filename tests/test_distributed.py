@@ -3,6 +3,7 @@ a worker killed mid-run."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -170,6 +171,30 @@ def test_cli_cluster_option(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert Bundle.open(index).n_tiles() == 4 and len(Bundle.open(index).indexes()["float"]) == 4
+    # -q turns Dask's own warnings down too ("Worker process still alive after 4.0 seconds, killing").
+    assert logging.getLogger("distributed").level == logging.ERROR
+
+
+def test_quiet_silences_the_local_workers_dask_warnings() -> None:
+    geoir_log, dist_log = logging.getLogger("geoir"), logging.getLogger("distributed")
+    levels = geoir_log.level, dist_log.level
+    try:
+        geoir_log.setLevel(logging.WARNING)  # as -q sets it
+        with local_cluster(1) as cluster, Client(cluster) as c:
+            assert set(c.run(_distributed_log_level).values()) == {logging.ERROR}
+        geoir_log.setLevel(logging.INFO)
+        with local_cluster(1) as cluster, Client(cluster) as c:
+            assert set(c.run(_distributed_log_level).values()) == {logging.WARNING}
+    finally:
+        geoir_log.setLevel(levels[0])
+        dist_log.setLevel(levels[1])
+
+
+def _distributed_log_level() -> int:
+    """The least severe message a worker prints: its ``distributed`` logger's stream handlers' level."""
+    log = logging.getLogger("distributed")
+    handlers = [h.level for h in log.handlers if isinstance(h, logging.StreamHandler)]
+    return max([log.getEffectiveLevel(), *handlers])
 
 
 @pytest.mark.parametrize(
