@@ -196,7 +196,8 @@ def _bundle_model(bundle: Bundle, model: str | os.PathLike[str] | None) -> Model
     described = bundle.model or {}
     chosen = model if model is not None else described.get("path") or described.get("name")
     where = Path(str(chosen)) if chosen is not None else None
-    stamp = (where.resolve(), where.stat().st_mtime_ns, where.stat().st_size) if where and where.is_file() else None
+    st = where.stat() if where is not None and where.is_file() else None
+    stamp = (where.resolve(), st.st_mtime_ns, st.st_size) if where is not None and st is not None else None
     key = (str(chosen), stamp, described.get("fingerprint"), described.get("backbone_tta"))
     if _LAST_MODEL is not None and _LAST_MODEL[0] == key:
         return _LAST_MODEL[1]

@@ -93,8 +93,7 @@ def info(
             {
                 "id": r["id"],
                 "path": r["path"],
-                "crs": _crs_label(r["crs"]),
-                "crs_wkt": _crs_wkt(r["crs"]),
+                **_crs_fields(r["crs"]),
                 "tiles": r["n_tiles"],
                 "encoded": r["id"] in encoded,
                 "added": r["added"],
@@ -236,15 +235,11 @@ def _index_state(path: Path, expected: int) -> dict[str, object]:
     return {"vectors": n}
 
 
-def _crs_label(stored: str) -> str:
+def _crs_fields(stored: str) -> dict[str, str]:
+    """A scene's CRS as ``crs`` (a short label) and ``crs_wkt`` (whole)."""
     from rasterio.crs import CRS
 
     from geoir.io.scene import crs_label
 
-    return crs_label(CRS.from_user_input(stored))
-
-
-def _crs_wkt(stored: str) -> str:
-    from rasterio.crs import CRS
-
-    return str(CRS.from_user_input(stored).to_wkt())
+    crs = CRS.from_user_input(stored)
+    return {"crs": crs_label(crs), "crs_wkt": str(crs.to_wkt())}

@@ -329,10 +329,10 @@ def train(
 
 def _image_file_suffixes() -> set[str]:
     """Suffixes of images and rasters, which are neither a folder of class folders nor a vector file of labels."""
-    from geoir.io.scene import RASTER_SUFFIXES
+    from geoir.io.scene import PLAIN_IMAGE_SUFFIXES, RASTER_SUFFIXES
     from geoir.training.data import IMAGE_SUFFIXES
 
-    return {*IMAGE_SUFFIXES, *RASTER_SUFFIXES, ".bmp", ".gif", ".webp"}
+    return {*IMAGE_SUFFIXES, *RASTER_SUFFIXES, *PLAIN_IMAGE_SUFFIXES}
 
 
 def _check_class_sizes(labels: np.ndarray, classes: list[str], dataset: Path, test_fraction: float) -> None:

@@ -314,12 +314,12 @@ class Bundle:
         also when the block raised: what was committed until then stays searchable without a rebuild.
         """
         lock_path = self.path / ".lock"
-        if lock_path.is_dir():
-            raise BundleError(
-                f"{lock_path} is a folder, but geoir uses a file of that name to lock the bundle; remove that folder"
-            )
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError as exc:
+            raise BundleError(
+                f"{lock_path} is a folder, but geoir uses a file of that name to lock the bundle; remove that folder"
+            ) from exc
         except OSError as exc:
             raise BundleError(
                 f"cannot write {self.path} ({exc.strerror}); adding or removing scenes needs write access to the "

@@ -33,8 +33,9 @@ from geoir.errors import SceneError, TilingError
 log = logging.getLogger("geoir")
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt", ".ntf", ".nitf", ".hdf", ".nc")
-#: Images a folder search leaves out, but says so (they may be georeferenced by a world file).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
+#: Plain images (not raster formats): a folder search leaves them out, but says so (they may be
+#: georeferenced by a world file).
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 
 #: Percentiles used to stretch non-uint8 data to 0-255. 2/98 is the usual "linear 2%" stretch of
 #: QGIS and most viewers: robust to a few saturated or dark pixels.
@@ -906,10 +907,10 @@ def expand_inputs(inputs: Sequence[str], exclude: Sequence[str | os.PathLike[str
                 and not any(q.resolve().is_relative_to(e) for e in skip)
             ]
             found = sorted(q for q in files if q.suffix.lower() in RASTER_SUFFIXES)
-            images = sorted({q.suffix.lower() for q in files if q.suffix.lower() in IMAGE_SUFFIXES})
+            images = sorted({q.suffix.lower() for q in files if q.suffix.lower() in PLAIN_IMAGE_SUFFIXES})
             if images:
                 # Not silently: GDAL reads such images too, georeferenced by a world file or .aux.xml.
-                n = sum(q.suffix.lower() in IMAGE_SUFFIXES for q in files)
+                n = sum(q.suffix.lower() in PLAIN_IMAGE_SUFFIXES for q in files)
                 log.info(
                     "%s: %d image(s) (%s) left out: a folder is searched for %s; name such files to tile them",
                     p,

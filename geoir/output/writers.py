@@ -160,6 +160,20 @@ def sidecar_is_ours(path: Path, kind: str) -> bool:
         return False
 
 
+def query_frame(geometries: Iterable[tuple[shapely.Geometry, str, bool]] = ()) -> gpd.GeoDataFrame:
+    """A search's ``query`` layer from its ``(footprint, label, negative)`` parts, with typed columns, so an
+    empty one (a query without a footprint) writes the same field types."""
+    rows = list(geometries)
+    return gpd.GeoDataFrame(
+        {
+            "label": pd.Series([r[1] for r in rows], dtype=object),
+            "negative": pd.Series([r[2] for r in rows], dtype=bool),
+        },
+        geometry=gpd.GeoSeries([r[0] for r in rows], crs="EPSG:4326"),
+        crs="EPSG:4326",
+    )
+
+
 def _counter_clockwise(df: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """A copy of ``df`` with polygon exterior rings counter-clockwise and holes clockwise."""
     out = df.copy()
@@ -279,11 +293,7 @@ def _write_gpkg_file(layers: dict[str, gpd.GeoDataFrame], path: Path, overwrite:
     into_existing = check_gpkg_target(path, layer, overwrite)
     named = {names[kind]: df for kind, df in layers.items()}
     if "query" not in layers:
-        named[names["query"]] = gpd.GeoDataFrame(
-            {"label": pd.Series([], dtype=object), "negative": pd.Series([], dtype=bool)},
-            geometry=gpd.GeoSeries([], crs="EPSG:4326"),
-            crs="EPSG:4326",
-        )
+        named[names["query"]] = query_frame()
     with _write_errors(path), atomic_target(path, ".gpkg") as tmp:
         # An existing GeoPackage is changed in a copy renamed over it when whole: a failure leaves it as it was.
         if into_existing:

@@ -32,6 +32,7 @@ from geoir.errors import QueryError
 from geoir.index.bundle import Bundle
 from geoir.io.images import read_image
 from geoir.io.scene import Scaling, open_scene
+from geoir.output.writers import query_frame
 from geoir.tiling.grid import to_lonlat
 
 #: Without --include-query-overlap, tiles sharing more than this fraction of their area with a georeferenced
@@ -574,13 +575,7 @@ def check_bbox(bbox: object) -> tuple[float, float, float, float]:
 
 
 def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:
-    # Typed columns, so an empty frame (a query without a footprint) writes the same field types.
-    g = parts.geometries
-    return gpd.GeoDataFrame(
-        {"label": pd.Series([p[1] for p in g], dtype=object), "negative": pd.Series([p[2] for p in g], dtype=bool)},
-        geometry=gpd.GeoSeries([p[0] for p in g], crs="EPSG:4326"),
-        crs="EPSG:4326",
-    )
+    return query_frame(parts.geometries)
 
 
 def merge_hits(hits: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
