@@ -18,7 +18,7 @@ import numpy as np
 from geoir.encoding.model import Model, load_model, model_for_bundle
 from geoir.errors import GeoirError, ModelError, QueryError, TilingError
 from geoir.index.bundle import DEFAULT_INDEX, Bundle, discard_if_unused
-from geoir.retrieval.engine import Hits, QueryParts, Searcher, check_bbox, check_counts
+from geoir.retrieval.engine import Hits, QueryParts, Searcher, check_bbox, check_counts, tile_ref
 from geoir.tiling.grid import TilingParams
 from geoir.tiling.run import TileReport, nothing_readable, prepare_scenes, tile_scenes
 
@@ -227,11 +227,8 @@ def _query_items(value: object, name: str) -> list[str | os.PathLike | np.ndarra
     for v in values:
         if isinstance(v, int | np.integer) and not isinstance(v, bool):
             out.append(int(v))
-        elif isinstance(v, str) and v.startswith("tile:"):
-            try:
-                out.append(int(v[5:]))
-            except ValueError:
-                raise QueryError(f"{name} {v!r}: a tile id is tile:NUMBER, e.g. tile:4511202077337075870") from None
+        elif isinstance(v, str) and (tid := tile_ref(v)) is not None:
+            out.append(tid)
         elif isinstance(v, str | os.PathLike | np.ndarray):
             out.append(v)
         else:

@@ -639,6 +639,8 @@ def test_best_over_turns_keeps_each_tile_once() -> None:
     [
         (["tile:123"], 1, "tile 123 is not in"),
         (["tile:abc"], 2, "tile:ID"),
+        (["TILE:123"], 1, "tile 123 is not in"),
+        (["Tile:x1"], 2, "tile:ID"),
         (["missing.png"], 1, "no such image"),
         (["--point", "0,0"], 1, "contains the point"),
         (["--point", "200,0"], 2, "longitude"),

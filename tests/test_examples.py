@@ -73,7 +73,7 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
     bad_search += (
         ({"query": 3.5}, "3.5 is not a query"),
         ({"query": b"q.png"}, "is not a query"),
-        ({"query": "tile:abc"}, "a tile id is tile:NUMBER"),
+        ({"query": "tile:abc"}, "a tile id is tile:ID"),
         ({"query": tid, "negatives": [None]}, "negatives holds None"),
         ({"query": tid, "expand": None}, "expand must be 0"),
         ({"query": tid, "expand": 2.5}, "expand must be 0"),
@@ -89,6 +89,9 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
     assert len(by_array) == 4 and set(ids) <= set(by_array.tile_id)
     by_text = geoir.search(list(hits.tile), index=index, k=10**12, model=model, include_query_overlap=True).hits
     assert by_text.tile_id.tolist() == by_array.tile_id.tolist()
+    shouted = [t.upper() for t in hits.tile]  # "TILE:ID", as typed with caps lock on, is a tile id too
+    by_caps = geoir.search(shouted, index=index, k=10**12, model=model, include_query_overlap=True).hits
+    assert by_caps.tile_id.tolist() == by_array.tile_id.tolist()
     assert len(geoir.search(tid, index=index, negatives=None, model=model).hits) == 3  # None: no negatives
     for kwargs, message, error in (
         ({"batch_size": 0}, "batch_size", TilingError),

@@ -165,7 +165,7 @@ def search(
         )
     from geoir.cli.options import resolve_model
     from geoir.index.bundle import Bundle
-    from geoir.retrieval.engine import QueryParts, Searcher, merge_hits
+    from geoir.retrieval.engine import QueryParts, Searcher, merge_hits, tile_ref
 
     if layer != "hits" and fmt != "gpkg":
         raise click.BadParameter(f"names the layers of a GeoPackage, and --out {out} is {fmt}", param_hint="'--layer'")
@@ -189,7 +189,11 @@ def search(
             sidecar = style_sidecar(written)
             if sidecar is not None and not sidecar_is_ours(sidecar, kind):
                 refuse_existing(sidecar, overwrite)
-    images = [q for q in (*queries, *negatives) if not q.startswith("tile:")]
+    try:
+        refs = {q: tile_ref(q) for q in (*queries, *negatives)}
+    except QueryError as exc:
+        raise click.BadParameter(str(exc), param_hint="QUERY") from None
+    images = [q for q, tid in refs.items() if tid is None]
     refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)
     # Queries by tile, point or example polygon run the head on stored features: the backbone (timm, its
@@ -198,11 +202,7 @@ def search(
     searcher = Searcher(bundle, encoder, rotations=rotations)
     parts = QueryParts()
     for q, negative in [(q, False) for q in queries] + [(q, True) for q in negatives]:
-        if q.startswith("tile:"):
-            try:
-                tid = int(q.split(":", 1)[1])
-            except ValueError:
-                raise click.BadParameter(f"{q!r} is not tile:ID with a numeric id", param_hint="QUERY") from None
+        if (tid := refs[q]) is not None:
             searcher.add_tiles(parts, [tid], q, negative)
         else:
             searcher.add_image(parts, q, negative)

@@ -544,6 +544,23 @@ def _best_over_turns(
     return d[first], i[first], None if h is None else h[order][first]
 
 
+def tile_ref(text: str) -> int | None:
+    """The tile id in a ``tile:ID`` query (any case: ``TILE:12`` too), or None for a file name.
+
+    A file that exists under that name stays a file.
+
+    Raises:
+        QueryError: For ``tile:`` followed by something other than a whole number.
+    """
+    if text[:5].lower() != "tile:" or Path(text).exists():
+        return None
+    try:
+        return int(text[5:])
+    except ValueError:
+        example = "tile:4511202077337075870"
+        raise QueryError(f"{text!r}: a tile id is tile:ID with a whole-number ID, e.g. {example}") from None
+
+
 def check_counts(k: object, expand: object = 0) -> None:
     """Raise unless ``k`` is a positive whole number of hits and ``expand`` 0 or one.
 
