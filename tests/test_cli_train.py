@@ -496,11 +496,17 @@ def test_eval_scores_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: Ma
     )
     report, splits = tmp_path / "r.json", tmp_path / "splits"
     args = ["eval", str(gpkg), "--index", str(index), "--model", str(model), "--json", str(report)]
-    # The default protocols include unseen, which needs 17 classes: named, with the way out.
-    r = refused(*args, code=1)
+    # The unseen protocol, asked for, needs 17 classes: named, with the way out.
+    r = refused(*args, "--protocol", "unseen", code=1)
     assert "has 4 classes" in r.output and "--protocol seen" in r.output and not report.exists()
-    invoke(*args, "--protocol", "seen", "--seeds", "0,1", "--splits-dir", str(splits))
+    # The default protocols (seen and unseen) leave it out, and say so.
+    r = invoke(*args, "--seeds", "0,1", "--splits-dir", str(splits))
+    assert "has 4 classes; the unseen protocol trains on 15" in r.output and "it is left out" in r.output
     doc = json.loads(report.read_text())
+    assert list(doc["protocols"]) == ["seen"] and sorted(p.name for p in splits.iterdir()) == [
+        "seen_seed0.json",
+        "seen_seed1.json",
+    ]
     assert doc["data"]["items_sha256"] == load_model(model).meta["data"]["items_sha256"]  # the tiles it trained on
     assert doc["data"]["samples"] == 64 and doc["class_names"] == ["band0", "band1", "band2", "band3"]
     seen = doc["protocols"]["seen"]
@@ -789,9 +795,8 @@ def test_eval_refuses_malformed_seeds(tmp_path: Path, option: str, value: str) -
 def test_eval_checks_every_protocol_before_any_work(image_folder: Path, srl_model: Path, tmp_path: Path) -> None:
     """4 classes cannot give the unseen protocol's 15 + 2: refused before the seen protocol runs or writes."""
     report, splits = tmp_path / "r.json", tmp_path / "splits"
-    r = refused(
-        "eval", str(image_folder), "--model", str(srl_model), "--json", str(report), "--splits-dir", str(splits), code=1
-    )
+    args = ("eval", str(image_folder), "--model", str(srl_model), "--json", str(report), "--splits-dir", str(splits))
+    r = refused(*args, "--protocol", "seen", "--protocol", "unseen", code=1)
     assert str(image_folder) in r.output and "4 classes" in r.output and "at least 17" in r.output
     assert "--protocol seen" in r.output and "n_train_classes" not in r.output
     assert not report.exists() and not splits.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -166,8 +167,13 @@ def evaluate(
     refuse_existing(json_out, overwrite)
     if pr_curve is not None:
         refuse_existing(pr_curve, overwrite)
-    if splits_dir is not None:
-        _refuse_existing_splits(splits_dir, split_files(protocol, seeds, unseen_seeds), overwrite)
+    defaulted = ctx.get_parameter_source("protocol") == click.core.ParameterSource.DEFAULT
+    if index_dir is None:  # a folder's classes are known before the model is loaded; a bundle's labels after
+        _, labels, classes = list_image_folder(dataset)
+        protocol = _protocols_for(protocol, classes, dataset, defaulted)
+        check_protocols(labels, classes, protocol, source=str(dataset))
+        if splits_dir is not None:
+            _refuse_existing_splits(splits_dir, split_files(protocol, seeds, unseen_seeds), overwrite)
     model = load_model(model_path or "default", weights=weights, download=download)
     if model.head is None or "recipe" not in model.meta:
         raise click.ClickException(
@@ -179,10 +185,11 @@ def evaluate(
     recipe = Recipe.from_dict(model.meta["recipe"])
     if index_dir is not None:
         data = _bundle_data(dataset, index_dir, model, recipe, model_path or "the default model")
+        protocol = _protocols_for(protocol, data.classes, dataset, defaulted)
         check_protocols(data.labels, data.classes, protocol, source=str(dataset), unit="labelled tiles")
+        if splits_dir is not None:
+            _refuse_existing_splits(splits_dir, split_files(protocol, seeds, unseen_seeds), overwrite)
     else:
-        _, labels, classes = list_image_folder(dataset)
-        check_protocols(labels, classes, protocol, source=str(dataset))
         data = image_folder_features(
             dataset,
             model.backbone,
@@ -209,6 +216,29 @@ def evaluate(
     if pr_curve is not None:
         write_pr_curve(report, pr_curve)
     log.info("%s written", json_out)
+
+
+def _protocols_for(
+    protocol: tuple[str, ...], classes: Sequence[str], dataset: Path, defaulted: bool
+) -> tuple[str, ...]:
+    """The protocols to run: the default ones leave out unseen for a data set with too few classes for it.
+
+    A protocol asked for by name is kept, for :func:`~geoir.training.evaluation.check_protocols` to refuse.
+    """
+    from geoir.training.evaluation import UNSEEN_TRAIN_CLASSES
+
+    need = UNSEEN_TRAIN_CLASSES + 2
+    if not defaulted or "unseen" not in protocol or len(classes) >= need:
+        return protocol
+    log.warning(
+        "%s has %d classes; the unseen protocol trains on %d and holds out at least 2 more, so it is left out "
+        "(it needs at least %d)",
+        dataset,
+        len(classes),
+        UNSEEN_TRAIN_CLASSES,
+        need,
+    )
+    return tuple(p for p in protocol if p != "unseen")
 
 
 def _bundle_data(dataset: Path, index_dir: str, model, recipe, name: str):  # type: ignore[no-untyped-def]
