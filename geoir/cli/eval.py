@@ -55,7 +55,8 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     help="seen: 80/20 splits, test queries vs train+test, all encoded by the network (SRL's P2); "
     "test: the same splits, test queries vs the other test images (SRL's P1); reference: the same splits, "
     "test queries vs the training images, codes vs the codes the hash head learned for them (the DGSSH "
-    "code's protocol T); unseen: train on 15 classes, all-vs-all on the other 6. Repeatable.",
+    "code's protocol T); unseen: train on 15 classes, all-vs-all on the others (the default leaves it out for "
+    "fewer than 17 classes). Repeatable.",
 )
 @click.option(
     "--seeds", type=SeedsType(), default="0,1,2,3,4", show_default=True, help="Seeds of the seen-class splits."
