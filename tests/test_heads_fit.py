@@ -221,7 +221,8 @@ def test_fused_combined_head_holds_the_code_in_its_float_embedding(retention: st
 def test_train_srl_chooses_the_code_weight_with_the_gate_on_validation() -> None:
     x, y = _clusters(spread=1.6, per_class=40, n_classes=8)
     kw = {"epochs": 4, "lr": 3e-3, "warmup_epochs": 1, "val_fraction": 0.2, "seed": 1, "retain_dim": 8}
-    head, hist = train_srl(x, y, retain_gate=True, fuse_codes={"bits": 8, "epochs": 4}, **kw)
+    lines: list[str] = []
+    head, hist = train_srl(x, y, retain_gate=True, fuse_codes={"bits": 8, "epochs": 4}, log=lines.append, **kw)
     curve = hist["retain_val_mAP"]
     per_weight = len(RETAIN_ANGLES) + len(GATE_ANGLES_LO) * len(GATE_ANGLES_HI) * len(GATE_TAUS)
     assert len(curve) == len(FUSE_WEIGHTS) * per_weight
@@ -234,6 +235,11 @@ def test_train_srl_chooses_the_code_weight_with_the_gate_on_validation() -> None
         f"{hist['retain_angle']:.2f}" if gate is None else "gate " + " ".join(f"{v:.2f}" for v in gate[:3])
     )
     assert means[key] == max(means.values()) or (gate is None and hist["retain_angle"] == RETAIN_ANGLES[1])
+    # The log (train -v) names the choice and its scores in one short line; the curve stays in the history.
+    (said,) = [line for line in lines if line.startswith("srl retention")]
+    seen, unseen = curve[key]["seen"], curve[key]["unseen"]
+    assert f"val mAP {seen:.4f} on seen and {unseen:.4f} on held-out classes" in said and len(said) < 200, said
+    assert f"chosen from {len(curve)} candidates" in said
     # Without it nothing changes: the same curve keys as before, weight 0.
     plain = train_srl(x, y, retain_gate=True, **kw)[1]
     assert plain["fuse"] == 0.0 and not any(k.startswith("code") for k in plain["retain_val_mAP"])

@@ -519,7 +519,15 @@ def train_srl(
                 if gate is None
                 else "gate {:.2f}..{:.2f} rad at confidence {:.2f}".format(*gate)
             ) + (f", code weight {fuse:g}" if fuse_codes is not None else "")
-            chosen = f"the default ({default_why})" if default_why else f"val mAP by candidate {curve}"
+            if default_why:
+                chosen = f"the default ({default_why})"
+            else:  # the whole curve, one entry per candidate, is in the model's recorded history
+                key = f"{angle:.2f}" if gate is None else "gate " + " ".join(f"{v:.2f}" for v in gate[:3])
+                top = curve[key if fuse_codes is None else f"code {fuse:g} {key}"]
+                chosen = (
+                    f"val mAP {top['seen']:.4f} on seen and {top['unseen']:.4f} on held-out classes, "
+                    f"chosen from {len(curve)} candidates"
+                )
             log(f"srl retention: {how} ({head.retain_dim} axes); {chosen}")
     hist.update(
         best_epoch=sel.epoch,
