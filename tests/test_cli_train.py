@@ -93,7 +93,13 @@ def test_train_writes_a_usable_model(image_folder: Path, tmp_path: Path, method:
         assert model.bits is None
     # `geoir info --model` shows what the file records.
     text = invoke("info", "--model", str(out)).output
-    assert f"fingerprint {model.fingerprint[:12]}" in text and f"method={method} bits=16" in text
+    assert f"fingerprint {model.fingerprint[:12]}" in text
+    # The recipe line shows the settings that shaped this method's heads, as they took effect.
+    (recipe,) = [line.split()[1:] for line in text.splitlines() if line.startswith("recipe ")]
+    assert recipe[0] == f"method={method}" and ("bits=16" in recipe) == (method != "srl")
+    assert ("retain_dim=256" in recipe) == ("distill=10.0" in recipe) == (method in ("srl", "combined"))
+    assert "fuse_codes=False" not in recipe or method == "combined"
+    assert ("refit=codes" in recipe) == (method != "srl") and ("refit=none" in recipe) == (method == "srl")
     assert f"held out    {len(held_out)} for evaluation" in text and "4 classes" in text
     assert ("16-bit codes" in text) == (method != "srl")
     assert ("float embedding" in text) == (method in ("srl", "combined"))

@@ -504,6 +504,17 @@ def test_recipe_records_retention_and_reads_old_records() -> None:
         Recipe(augment="mirror")
     assert Recipe(method="srl", augment="dihedral-codes").views_needed == "none"
     assert Recipe(method="dgssh", augment="dihedral-codes").views_needed == "dihedral-codes"
+    # What `geoir info` shows: the settings as they took effect on the method's heads.
+    assert Recipe(method="srl", augment="dihedral-codes", retain_dim=0).applied() == {
+        "method": "srl", "seed": 0, "retain_dim": 0, "augment": "none", "distill": 10.0, "refit": "none"
+    }  # fmt: skip
+    assert Recipe(method="dgssh", bits=32, epochs=7, refit="all").applied() == {
+        "method": "dgssh", "bits": 32, "epochs": 7, "seed": 0, "augment": "dihedral", "refit": "codes"
+    }  # fmt: skip
+    assert Recipe(method="combined", refit="float").applied() == {
+        "method": "combined", "bits": 64, "seed": 0, "retain_dim": 256, "retain_gate": True, "augment": "dihedral",
+        "distill": 10.0, "fuse_codes": False, "refit": "float"
+    }  # fmt: skip
     # The default is the shipped model's recipe: every head on the views.
     assert Recipe(method="srl").views_needed == "dihedral" and Recipe().augment == "dihedral"
     # The default re-trains the hash head only; recipes recorded before refitting existed trained without it,

@@ -196,7 +196,14 @@ def _model_info(model_file: str, as_json: bool, weights: str | None = None, down
     click.echo(f"head        {model.kind}: {', '.join(parts)}")
     recipe = meta.get("recipe")
     if recipe:
-        opts = " ".join(f"{k}={v}" for k, v in recipe.items() if k != "options" and v is not None)
+        from geoir.errors import GeoirError
+        from geoir.training.recipes import Recipe
+
+        try:
+            shown = Recipe.from_dict(recipe).applied()
+        except (GeoirError, TypeError):  # a recipe this release cannot read: as recorded
+            shown = {k: v for k, v in recipe.items() if k != "options" and v is not None}
+        opts = " ".join(f"{k}={v}" for k, v in shown.items())
         click.echo(f"recipe      {opts}" + (f" options={recipe['options']}" if recipe.get("options") else ""))
     data = meta.get("data")
     if data:

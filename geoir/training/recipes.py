@@ -107,6 +107,35 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def applied(self) -> dict[str, Any]:
+        """The settings that shaped this method's heads, as they took effect (what ``geoir info`` shows).
+
+        Settings of a head the method has not are left out (``bits`` of ``srl``; ``dim``, ``retain_dim``,
+        ``distill`` of the hash methods; the gate and the code weight without retention), unset ones too, and
+        ``augment`` and ``refit`` read as what they did to its heads (``refit=codes`` re-trains no ``srl``
+        head: ``none``).
+        """
+        floats, codes = self.method in ("srl", "combined"), self.method != "srl"
+        retains = floats and self.retain_dim > 0
+        refit = {
+            "srl": "float" if self.refit in ("float", "all") else "none",
+            "combined": self.refit,
+        }.get(self.method, "codes" if self.refit in ("codes", "all") else "none")
+        shown = {
+            "method": self.method,
+            "bits": self.bits if codes else None,
+            "dim": self.dim if floats else None,
+            "epochs": self.epochs,
+            "seed": self.seed,
+            "retain_dim": self.retain_dim if floats else None,
+            "retain_gate": self.retain_gate if retains else None,
+            "augment": self.augment if self.views_needed != "none" or self.augment == "none" else "none",
+            "distill": self.distill if floats else None,
+            "fuse_codes": self.fuse_codes if retains and self.method == "combined" else None,
+            "refit": refit,
+        }
+        return {k: v for k, v in shown.items() if v is not None}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         # Recipes recorded before retention, its gate, augmentation, distillation or refitting existed trained
