@@ -509,6 +509,7 @@ def test_eval_scores_labelled_tiles_of_a_bundle(tmp_path: Path, make_geotiff: Ma
     r = invoke(*args, "--seeds", "0,1", "--splits-dir", str(splits))
     assert "has 4 classes; the unseen protocol trains on 15" in r.output and "it is left out" in r.output
     doc = json.loads(report.read_text())
+    assert doc["model_file"] == str(model) and doc["model_fingerprint"] == load_model(model).fingerprint
     assert list(doc["protocols"]) == ["seen"] and sorted(p.name for p in splits.iterdir()) == [
         "seen_seed0.json",
         "seen_seed1.json",

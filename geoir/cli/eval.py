@@ -211,6 +211,9 @@ def evaluate(
         expand=expand,
         progress=tqdm_progress(progress_enabled(ctx)),
     )
+    # Which model: its recorded name is the stem of the file it was trained to, so the file and the fingerprint.
+    which = {"model": report["model"], "model_file": model_path or "default", "model_fingerprint": model.fingerprint}
+    report = {**which, **report}
     # The table first: a report that cannot be written (a full disk) must not take the results with it.
     click.echo(summary_table(report))
     atomic_write_text(json_out, json.dumps(report, indent=1, default=float))
