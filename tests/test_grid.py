@@ -155,6 +155,35 @@ def test_footprints_across_the_antimeridian_stay_whole() -> None:
     assert across.bounds[2] - across.bounds[0] == pytest.approx(0.25) and abs(across.bounds[0]) > 179
 
 
+@pytest.mark.parametrize(("epsg", "pole"), [(3413, 90.0), (3031, -90.0)])
+def test_a_footprint_round_a_pole_is_the_cap_it_encloses(epsg: int, pole: float) -> None:
+    import geopandas as gpd
+    from pyproj import CRS as ProjCRS
+    from pyproj import Geod, Proj
+
+    from geoir.tiling.grid import to_lonlat
+
+    # 3 x 3 tiles of 1 km in a polar stereographic grid, the pole in the middle one. Its ring goes round
+    # every longitude: the footprint is the cap between it and the pole, one valid polygon.
+    windows = [Window(c, r, 100, 100) for r in range(0, 300, 100) for c in range(0, 300, 100)]
+    polys = footprints(Affine(10, 0, -1500, 0, -10, 1500), windows, CRS.from_epsg(epsg))
+    assert all(p.is_valid for p in polys)
+    middle = polys[4]
+    assert middle.bounds[0] == -180 and middle.bounds[2] == 180 and pole in middle.bounds
+    near = [shapely.Point(lon, math.copysign(89.997, pole)) for lon in (-179.9, -120, -45, 0, 37, 120, 179.9)]
+    assert all(middle.contains(p) for p in near)
+    assert not any(q.intersects(p) for q in (*polys[:4], *polys[5:]) for p in near)
+    # Its area on the ellipsoid is the tile's, 1 km2 over the grid's areal scale at the pole (within the 1%
+    # its ring bulges out by between vertices 10 degrees of longitude apart).
+    geod, scale = Geod(ellps="WGS84"), Proj(ProjCRS.from_epsg(epsg)).get_factors(0, pole).areal_scale
+    area = abs(geod.geometry_area_perimeter(shapely.segmentize(middle, 0.5))[0])
+    assert area == pytest.approx(1e6 / scale, rel=0.015)
+    # An area drawn round the pole (an AOI) becomes such a cap too.
+    aoi = to_lonlat(gpd.GeoDataFrame(geometry=[shapely.box(-20_000, -20_000, 20_000, 20_000)], crs=f"EPSG:{epsg}"))
+    cap = aoi.geometry[0]
+    assert cap.is_valid and cap.bounds[0] == -180 and cap.bounds[2] == 180 and cap.contains(middle)
+
+
 def test_to_lonlat_keeps_straight_projected_edges_where_they_were_drawn() -> None:
     import geopandas as gpd
     from pyproj import Transformer

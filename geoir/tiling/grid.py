@@ -236,9 +236,51 @@ def footprints(
         rings = np.stack([np.asarray(x).reshape(n, m), np.asarray(y).reshape(n, m)], axis=-1)
     if not np.isfinite(rings).all():
         raise TilingError(f"some tile corners cannot be reprojected from {src.name} to {dst.name}")
-    if dst.is_geographic:
-        rings = _continuous_longitudes(rings)
-    return shapely.polygons(rings)
+    if not dst.is_geographic:
+        return shapely.polygons(rings)
+    # A window round a pole (in a polar stereographic grid, say) goes round every longitude: its area is the
+    # cap between its ring and the pole, not the ring itself.
+    caps = {i: cap for i in np.flatnonzero(_jumps(rings[..., 0])) if (cap := _polar_cap(rings[i])) is not None}
+    polygons = shapely.polygons(_continuous_longitudes(rings))
+    for i, cap in caps.items():
+        polygons[i] = shapely.Polygon(cap)
+    return polygons
+
+
+def _jumps(lon: np.ndarray) -> np.ndarray:
+    """Which rings of longitudes (n, m) cross the antimeridian: a step of over 180 degrees."""
+    return (np.abs(np.diff(lon, axis=-1)) > 180).any(axis=-1)
+
+
+def _polar_cap(ring: np.ndarray) -> np.ndarray | None:
+    """The lon/lat ring of the area that a closed ring round a pole encloses, or None for a ring round none.
+
+    Such a ring's longitudes turn a whole 360 degrees. Cut at the antimeridian, it runs from -180 to +180
+    (or back); the cap closes it along both sides of the line and the pole's latitude, as polar areas are
+    drawn on a plate carree map: one valid polygon, holding the pole and every longitude.
+    """
+    lon, lat = ring[:-1, 0], ring[:-1, 1]
+    step = np.diff(lon, append=lon[:1])  # cyclic: the last step closes the ring
+    turn = float(np.sum((step + 180.0) % 360.0 - 180.0))
+    if abs(turn) < 180.0:
+        return None
+    sign = 1.0 if turn > 0 else -1.0
+    # Start just after a crossing made in the direction the ring turns, so its longitudes run across +-180.
+    j = int(np.flatnonzero(-sign * step > 180.0)[0])
+    order = np.roll(np.arange(len(lon)), -(j + 1))
+    # The first longitude lies just past the line, in [-180, 180]; a ring that wiggles across the line again
+    # would step a hair beyond it, which is clipped back.
+    run = np.clip(np.unwrap(lon[order], period=360.0), -180.0, 180.0)
+    lats = lat[order]
+    # Where the crossing step meets the line, by linear interpolation in longitude.
+    start, end = -180.0 * sign, 180.0 * sign
+    ahead = run[0] + 360.0 * sign
+    t = (end - run[-1]) / (ahead - run[-1]) if ahead != run[-1] else 0.0
+    at = float(lats[-1] + t * (lats[0] - lats[-1]))
+    pole = 90.0 if lat.mean() > 0 else -90.0
+    xs = [start, *run, end, end, start, start]
+    ys = [at, *lats, at, pole, pole, at]
+    return np.column_stack([xs, ys])
 
 
 def _continuous_longitudes(rings: np.ndarray) -> np.ndarray:
@@ -299,9 +341,12 @@ def _continuous_geometry(g: shapely.Geometry | None) -> shapely.Geometry | None:
     if g.geom_type != "Polygon":
         return g
     rings = [np.asarray(g.exterior.coords), *(np.asarray(r.coords) for r in g.interiors)]
-    if all((np.abs(np.diff(r[:, 0])) <= 180).all() for r in rings):
+    if not any(_jumps(r[:, 0]) for r in rings):
         return g
+    cap = _polar_cap(rings[0]) if _jumps(rings[0][:, 0]) else None
     shell, *holes = (_continuous_longitudes(r[None])[0] for r in rings)
+    if cap is not None:  # an area round a pole
+        shell = cap
     for h in holes:  # each next to its shell, not a turn away
         h[:, 0] += 360.0 * np.round((shell[:, 0].mean() - h[:, 0].mean()) / 360.0)
     return shapely.Polygon(shell, holes)
