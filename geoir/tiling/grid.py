@@ -249,7 +249,7 @@ def footprints(
 
 def _jumps(lon: np.ndarray) -> np.ndarray:
     """Which rings of longitudes (n, m) cross the antimeridian: a step of over 180 degrees."""
-    return (np.abs(np.diff(lon, axis=-1)) > 180).any(axis=-1)
+    return np.asarray((np.abs(np.diff(lon, axis=-1)) > 180).any(axis=-1))
 
 
 def _polar_cap(ring: np.ndarray) -> np.ndarray | None:
