@@ -31,7 +31,7 @@ from geoir.errors import GeoirError, SceneError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene
 from geoir.tiling.grid import TilingParams
-from geoir.tiling.run import ProgressFactory, TileReport, commit_scene, skip_unreadable_file
+from geoir.tiling.run import KnownScenes, ProgressFactory, TileReport, commit_scene, skip_unreadable_file
 from geoir.tiling.tiler import TileSource
 
 log = logging.getLogger("geoir")
@@ -291,26 +291,15 @@ def tile_scenes_distributed(
     from distributed import as_completed
 
     report = TileReport()
-    bundle.reconcile()
-    if model is not None:
-        bundle.bind_model(model.describe())
-    have = bundle.scene_ids()
-    encoded = set(bundle.encoded_scene_ids())
+    known = KnownScenes(bundle, model)
     params = bundle.params
     todo = []
     for scene in scenes:
-        if scene.id in have:
-            log.info("%s is already in %s; skipped", scene.path, bundle.path)
-            if model is not None and scene.id not in encoded:
-                log.warning(
-                    "%s was catalogued without vectors; `geoir encode --index %s` encodes it (on this machine)",
-                    scene.path,
-                    bundle.path,
-                )
-            report.skipped_scenes.append(scene.id)
-        else:
+        # Scenes the bundle holds are seen to here as by a single-process run: a moved file followed, one
+        # catalogued without vectors (--no-encode) encoded by this process, a killed run's leftovers removed.
+        if not known.handle(scene, report, batch_size, progress=progress):
             todo.append((scene, TileSource(scene, params)))
-            have.add(scene.id)
+            known.have.add(scene.id)
     futures = {}
     run = uuid.uuid4().hex[:8]
     for k, (scene, source) in enumerate(todo):

@@ -74,6 +74,29 @@ def test_distributed_equals_single_process(client, scenes, tmp_path: Path) -> No
     assert np.array_equal(qa[1], qb[1])
 
 
+def test_the_cluster_path_sees_to_catalogued_scenes(client, scenes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """As a single-process run does: a scene catalogued by a --no-encode run is encoded, a moved file followed."""
+    model = load_model("backbone", backbone="test")
+    single = run_single(scenes, tmp_path / "single", model)
+    path = tmp_path / "dist"
+    bundle = Bundle.open_or_create(path, TilingParams(size=128, stride=128))
+    with bundle.lock():
+        tile_scenes(bundle, scenes, model=None)  # --no-encode
+    moved = Path(scenes[1].path).rename(tmp_path / "moved.tif")
+    again = [scenes[0], open_scene(moved)]
+    with bundle.lock():
+        report = tile_scenes_distributed(bundle, again, client, model=model, spec=spec_for(model), block_tiles=16)
+    assert report.encoded_scenes == [s.id for s in scenes] and not report.skipped_scenes
+    dist = Bundle.open(path)
+    assert set(dist.encoded_scene_ids()) == {s.id for s in scenes}
+    assert {r["path"] for r in dist.scene_records()} == {scenes[0].path, str(moved)}
+    va, vb = single.vectors(), dist.vectors()
+    oa, ob = np.argsort(va["ids"]), np.argsort(vb["ids"])
+    assert np.array_equal(va["ids"][oa], vb["ids"][ob])
+    assert np.abs(va["embedding"][oa] - vb["embedding"][ob]).max() < 1e-5
+    assert len(dist.indexes()["float"].search(va["embedding"][:1], 5)[1][0]) == 5
+
+
 def test_worker_killed_mid_run(client, scenes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     model = load_model("backbone", backbone="test")
     bundle = Bundle.open_or_create(tmp_path / "dist", TilingParams(size=128, stride=128))

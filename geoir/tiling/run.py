@@ -126,38 +126,10 @@ def tile_scenes(
             (keeping the scenes committed before it).
     """
     report = TileReport()
-    removed = bundle.reconcile()
-    if removed:
-        log.info("removed %d tiles left by an interrupted run", removed)
-    if model is not None:
-        bundle.bind_model(model.describe())
-    have = bundle.scene_ids()
-    encoded = set(bundle.encoded_scene_ids()) if model is not None else set()
+    known = KnownScenes(bundle, model)
     params = bundle.params
-    records = {r["id"]: r for r in bundle.scene_records()}
     for scene in scenes:
-        if scene.id in have:
-            old_path = (records.get(scene.id) or {}).get("path", scene.path)
-            if old_path != scene.path and not Path(old_path).exists():
-                # The file was moved or renamed (same content): follow it, so encode, --scene and hits find it.
-                bundle.move_scene(scene.id, scene.path)
-                log.info("%s is already in %s, as %s, which is gone: its path is updated", scene.path, bundle.path,
-                         old_path)  # fmt: skip
-            elif model is None or scene.id in encoded:
-                log.info("%s is already in %s; skipped", scene.path, bundle.path)
-            _warn_if_read_otherwise(records.get(scene.id), scene, bundle)
-            if model is not None and scene.id not in encoded and scene.id in records:
-                # Catalogued by a run without a model (--no-encode): a run with one encodes it now, as stored.
-                from geoir.encoding.run import encode_catalogued_scene
-
-                rec = {**records[scene.id], "path": scene.path}
-                encode_catalogued_scene(bundle, rec, model, batch_size, workers, progress)
-                report.encoded_scenes.append(scene.id)
-                encoded.add(scene.id)
-            else:
-                report.skipped_scenes.append(scene.id)
-            # A run killed between committing a changed file and removing its old scene left both.
-            _remove_earlier_versions(bundle, scene, report)
+        if known.handle(scene, report, batch_size, workers, progress):
             continue
         source = TileSource(scene, params)
         _describe(source)
@@ -202,9 +174,64 @@ def tile_scenes(
             workers,
         )
         commit_scene(bundle, source, idx, fracs, enc, report)
-        have.add(scene.id)
+        known.have.add(scene.id)
     bundle.flush_indexes()
     return report
+
+
+class KnownScenes:
+    """The start of a tiling run into ``bundle``, and what it does with scenes the bundle already holds.
+
+    Creating it finishes what an interrupted run left (its uncommitted tiles) and binds ``model`` to the bundle.
+    """
+
+    def __init__(self, bundle: Bundle, model: Model | None) -> None:
+        removed = bundle.reconcile()
+        if removed:
+            log.info("removed %d tiles left by an interrupted run", removed)
+        if model is not None:
+            bundle.bind_model(model.describe())
+        self.bundle, self.model = bundle, model
+        self.have = bundle.scene_ids()
+        self.encoded = set(bundle.encoded_scene_ids()) if model is not None else set()
+        self.records = {r["id"]: r for r in bundle.scene_records()}
+
+    def handle(
+        self,
+        scene: Scene,
+        report: TileReport,
+        batch_size: int = 64,
+        workers: int = 0,
+        progress: ProgressFactory | None = None,
+    ) -> bool:
+        """Whether ``scene`` is in the bundle already, after seeing to it: a moved file's path followed, a scene
+        catalogued without vectors (``--no-encode``) encoded here when there is a model, earlier versions of a
+        changed file that a killed run left removed."""
+        bundle, model = self.bundle, self.model
+        if scene.id not in self.have:
+            return False
+        record = self.records.get(scene.id)
+        old_path = (record or {}).get("path", scene.path)
+        if old_path != scene.path and not Path(old_path).exists():
+            # The file was moved or renamed (same content): follow it, so encode, --scene and hits find it.
+            bundle.move_scene(scene.id, scene.path)
+            log.info("%s is already in %s, as %s, which is gone: its path is updated", scene.path, bundle.path,
+                     old_path)  # fmt: skip
+        elif model is None or scene.id in self.encoded:
+            log.info("%s is already in %s; skipped", scene.path, bundle.path)
+        _warn_if_read_otherwise(record, scene, bundle)
+        if model is not None and scene.id not in self.encoded and record is not None:
+            # Catalogued by a run without a model (--no-encode): a run with one encodes it now, as stored.
+            from geoir.encoding.run import encode_catalogued_scene
+
+            encode_catalogued_scene(bundle, {**record, "path": scene.path}, model, batch_size, workers, progress)
+            report.encoded_scenes.append(scene.id)
+            self.encoded.add(scene.id)
+        else:
+            report.skipped_scenes.append(scene.id)
+        # A run killed between committing a changed file and removing its old scene left both.
+        _remove_earlier_versions(bundle, scene, report)
+        return True
 
 
 def read_and_encode(
