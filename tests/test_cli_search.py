@@ -20,6 +20,7 @@ import pytest
 import rasterio
 import rasterio.warp
 import shapely
+from affine import Affine
 from click.testing import CliRunner
 from PIL import Image
 from rasterio.windows import Window
@@ -726,6 +727,13 @@ def test_geotiff_query_is_read_with_its_scenes_bands(make_geotiff: MakeGeoTiff, 
     invoke(*args, "--no-rotations", *TEST_MODEL)
     hit = gpd.read_file(out, layer="hits").iloc[0]
     assert (hit.col_off, hit.row_off) == (256, 0) and hit["distance"] == pytest.approx(0, abs=1e-3)
+    # A crop of 3 of its 4 bands matches no scene of the bundle: it is read with its own statistics, and said so.
+    with rasterio.open(crop) as src:
+        profile, pixels = src.profile | {"count": 3}, src.read([1, 2, 3])
+    with rasterio.open(crop, "w", **profile) as dst:
+        dst.write(pixels)
+    r = CliRunner().invoke(cli, [*args, "--overwrite", *TEST_MODEL])
+    assert r.exit_code == 0 and "band count (3) and data type (uint16)" in r.output, r.output
 
 
 def test_geotiff_query_of_one_date_is_scaled_like_that_date(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
@@ -763,6 +771,43 @@ def test_geotiff_query_of_one_date_is_scaled_like_that_date(make_geotiff: MakeGe
     hit = gpd.read_file(out, layer="hits").iloc[0]
     assert hit.scene == str(b) and (hit.col_off, hit.row_off) == (256, 0)
     assert hit["distance"] == pytest.approx(0, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["nodata 65535", "nodata not in the crop", "alpha"])
+def test_geotiff_query_hides_invalid_pixels_as_its_tile_does(tmp_path: Path, kind: str) -> None:
+    # A tile partly invalid (39%: fill at the top of the stretch, or real imagery under alpha 0) has those pixels
+    # black; a GeoTIFF cut from the scene must have them black too, so it finds its own tile at distance ~0.
+    rng = np.random.default_rng(7)
+    alpha = kind == "alpha"
+    dtype, nodata = ("uint8", None) if alpha else ("uint16", 65535)
+    data = rng.integers(0, 255 if alpha else 10_000, size=(4 if alpha else 3, 512, 512)).astype(dtype)
+    if alpha:
+        data[3] = 255
+        data[3, :100, 256:] = 0
+    else:
+        data[:, :100, 256:] = nodata
+    profile = {
+        "driver": "GTiff", "width": 512, "height": 512, "count": len(data), "dtype": dtype, "nodata": nodata,
+        "crs": "EPSG:32618", "transform": Affine(10, 0, 500_000, 0, -10, 4_005_120),
+    }  # fmt: skip
+    scene = tmp_path / "s.tif"
+    with rasterio.open(scene, "w", **profile, **({"photometric": "RGB", "alpha": "YES"} if alpha else {})) as dst:
+        dst.write(data)
+    index = tmp_path / "idx"
+    invoke("tile", str(scene), "--index", str(index), "--max-nodata", "0.6", *TILE_MODEL)
+    crop = tmp_path / "crop.tif"
+    window = Window(256, 0, 256, 256)
+    with rasterio.open(scene) as src:
+        cut = src.profile | {"width": 256, "height": 256, "transform": src.window_transform(window)}
+        if kind == "nodata not in the crop":  # as exported without it: the scene's nodata still applies
+            cut["nodata"] = None
+        with rasterio.open(crop, "w", **cut) as dst:
+            dst.write(src.read(window=window))
+    out = tmp_path / "h.gpkg"
+    args = ["search", str(crop), "--index", str(index), "--out", str(out), "-k", "1", "--include-query-overlap"]
+    invoke(*args, "--no-rotations", *TEST_MODEL)
+    hit = gpd.read_file(out, layer="hits").iloc[0]
+    assert (hit.col_off, hit.row_off) == (256, 0) and hit["distance"] == pytest.approx(0, abs=1e-3)
 
 
 def test_query_overlap_leaves_out_its_place_not_its_neighbours(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geoir.errors import QueryError
-from geoir.io.scene import Scaling, Scene, gdal_reason, open_scene
+from geoir.io.scene import Scaling, Scene, gdal_reason, open_scene, valid_mask
 from geoir.tiling.grid import footprints
 
 #: Images larger than this (longest side, pixels) are read decimated: the backbone sees 224-ish pixels
@@ -40,7 +40,10 @@ class Image:
 
 
 def read_image(
-    path: str | os.PathLike[str], scaling: Scaling | None = None, bands: tuple[int, ...] | None = None
+    path: str | os.PathLike[str],
+    scaling: Scaling | None = None,
+    bands: tuple[int, ...] | None = None,
+    nodata: float | None = None,
 ) -> Image:
     """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced (see :func:`_read`)."""
     import warnings
@@ -49,7 +52,7 @@ def read_image(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            return _read(Path(path), scaling, bands)
+            return _read(Path(path), scaling, bands, nodata)
         except RasterioIOError as exc:
             raise QueryError(
                 f"{path} cannot be read as an image ({gdal_reason(exc)}); the file is truncated or damaged: "
@@ -71,12 +74,13 @@ def _check_whole_png(p: Path) -> None:
         ) from exc
 
 
-def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None) -> Image:
+def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None, nodata: float | None = None) -> Image:
     """Read an image as uint8 RGB ``(3, H, W)``, with its footprint when georeferenced.
 
     Georeferenced rasters are read like tiles: with ``bands`` and ``scaling`` when given (those of the
-    scene a query was cut from), else with the default bands and their own percentile statistics. Plain images must be
-    8-bit; one band is repeated, alpha is dropped.
+    scene a query was cut from), else with the default bands and their own percentile statistics, and their
+    invalid pixels (nodata, NaN, mask or alpha; ``nodata``, the scene's, where the file declares none) black,
+    as a tile's are. Plain images must be 8-bit; one band is repeated, alpha is dropped.
 
     Raises:
         QueryError: Missing file, not an image, or an unsupported band layout.
@@ -98,13 +102,22 @@ def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None
         scene = open_scene(p, bands=bands)
         if scaling is not None:
             scene = replace(scene, scaling=scaling)
+        if nodata is not None and scene.mask_kind == "none":
+            scene = replace(scene, nodata=nodata, mask_kind="nodata")
         with rasterio.open(p) as src:
             data = src.read(list(scene.bands), out_shape=(3, *shape))
+            valid = valid_mask(src, data, scene.bands, scene.nodata, scene.mask_kind, out_shape=(3, *shape))
+        rgb = scene.scaling.apply(data)
+        if not valid.all():
+            rgb[:, ~valid] = 0
         fp = footprints(scene.transform, [Window(0, 0, scene.width, scene.height)], scene.crs)[0]
-        return Image(p, scene.scaling.apply(data), fp, scene)
+        return Image(p, rgb, fp, scene)
     with rasterio.open(p) as src:
         if src.dtypes[0] != "uint8":
-            raise QueryError(f"{p} is {src.dtypes[0]} without georeferencing; save it as 8-bit PNG/JPEG or a GeoTIFF")
+            raise QueryError(
+                f"{p} is {src.dtypes[0]} without georeferencing, so no scene's stretch applies to it; save it as "
+                "8-bit PNG/JPEG, or as a georeferenced GeoTIFF cut from the scene (QGIS: Clip Raster by Extent)"
+            )
         if src.colorinterp[0] == ColorInterp.palette:
             # A colour-mapped image (a palette PNG or GIF): its pixels are indices into the colour map.
             cmap = src.colormap(1)

@@ -122,7 +122,18 @@ class Searcher:
         image = read_image(path)
         source = self._source_scene_for(image.footprint, image.scene) if image.footprint is not None else None
         if source is not None:
-            image = read_image(path, scaling=Scaling.from_dict(source["scaling"]), bands=tuple(source["bands"]))
+            log.debug("%s: read as the tiles of %s are (bands %s, its stretch)", path, source["path"], source["bands"])
+            image = read_image(
+                path, Scaling.from_dict(source["scaling"]), tuple(source["bands"]), nodata=source.get("nodata")
+            )
+        elif image.scene is not None and image.scene.dtype != "uint8":
+            log.info(
+                "%s: no scene of this bundle with its band count (%d) and data type (%s) lies under it, so it is "
+                "stretched by its own statistics, not as any tiles are",
+                path,
+                image.scene.count,
+                image.scene.dtype,
+            )
         self.add_pixels(parts, image.rgb, Path(path).name, negative, image.footprint)
 
     def add_pixels(
