@@ -100,6 +100,41 @@ def test_undeclared_zero_fill_is_named_with_both_fixes(
     with caplog.at_level(logging.WARNING, logger="geoir"):
         open_scene(path, nodata=0)  # declared: nothing to say
     assert caplog.text == ""
+    # Fill at the top of the data type, or a negative one, is named as well.
+    for dtype, fill in (("uint16", 65535), ("int16", -9999), ("float32", -9999.0)):
+        caplog.clear()
+        other = make_geotiff(f"fill_{dtype}.tif", dtype=dtype)
+        with rasterio.open(other, "r+") as dst:
+            data = dst.read()
+            data[:, :, :64] = fill
+            dst.write(data)
+        with caplog.at_level(logging.WARNING, logger="geoir"):
+            open_scene(other)
+        assert f"12% of pixels are {fill:g} in every band" in caplog.text
+        assert f"rio edit-info --nodata {fill:g} fill_{dtype}.tif" in caplog.text
+
+
+def test_a_run_says_when_the_files_do_not_name_their_colours(
+    make_geotiff: MakeGeoTiff, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Landsat stack of B2,B3,B4 read as red, green, blue gives tiles as far from the true-colour ones as a
+    neighbouring tile is: bands taken in file order, without colour interpretation, are named, once a run."""
+    from geoir.tiling.run import prepare_scenes
+
+    gray = [ColorInterp.gray, ColorInterp.undefined, ColorInterp.undefined]
+    b, c = (make_geotiff(f"{n}.tif", dtype="uint16", colorinterp=gray, seed=i) for i, n in enumerate("bc"))
+    rgb = make_geotiff("rgb.tif", dtype="uint16", colorinterp=[ColorInterp.red, ColorInterp.green, ColorInterp.blue])
+    one = make_geotiff("one.tif", dtype="uint16", shape=(1, 512, 512), colorinterp=[ColorInterp.gray])
+    with caplog.at_level(logging.WARNING, logger="geoir"):
+        prepare_scenes([str(b), str(c), str(rgb), str(one)])
+    (said,) = [r.getMessage() for r in caplog.records if "colour" in r.getMessage()]
+    assert said.startswith(f"{b} and 1 other scene(s): the bands do not say which colour they are, so bands 1,2,3")
+    assert "--bands 3,2,1" in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="geoir"):
+        prepare_scenes([str(rgb), str(one)])  # colours named, or one gray band
+        prepare_scenes([str(b)], bands=(3, 2, 1))  # chosen
+    assert "colour" not in caplog.text
 
 
 def _write(path: Path, data: np.ndarray, **profile: object) -> Path:

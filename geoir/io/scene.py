@@ -42,8 +42,10 @@ PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 DEFAULT_PERCENTILES = (2.0, 98.0)
 
 #: Longest side of the decimated read used for statistics (between half this and this when the file has
-#: overviews); bounded so a 20000x20000 scene costs the same as a small one. 256-512 px a side pin the
-#: 2nd/98th percentiles to well under one grey level.
+#: overviews); bounded so a 20000x20000 scene costs the same as a small one. Read at full resolution
+#: (nearest), 256-512 px a side pin the 2nd/98th percentiles to well under one grey level. An averaged
+#: overview has narrower tails: the percentiles it gives can differ by several grey levels (up to 8 on a
+#: Sentinel-2 scene), so adding overviews to a file (gdaladdo, a COG) changes its stretch a little.
 STATS_MAX_SIDE = 512
 
 _METERS_PER_DEGREE = 111_319.49
@@ -473,6 +475,16 @@ def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path
     return tuple(chosen)
 
 
+def colours_unnamed(path: str | os.PathLike[str]) -> bool:
+    """Whether a raster of 3 or more colour bands does not say which is red, green and blue (no colour
+    interpretation): its default bands, the first three, are then a guess (a Landsat stack of B2,B3,B4 is
+    blue, green, red)."""
+    with rasterio.open(path) as src:
+        ci = list(src.colorinterp)
+    colour = [c for c in ci if c != ColorInterp.alpha]
+    return len(colour) >= 3 and not all(c in ci for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+
+
 def _mask_kind(src: rasterio.DatasetReader, bands: tuple[int, ...], nodata: float | None) -> str:
     if nodata is not None:
         # NaN never equals itself: a NaN nodata value is found with isnan, not ==.
@@ -507,15 +519,20 @@ def _percentile_scaling(
     valid = valid_mask(src, data, bands, nodata, mask_kind, out_shape=shape)
     # Integers of up to 16 bits: exact order statistics from a histogram, a sixth of the cost of sorting.
     small_int = raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2
-    if mask_kind == "none":
-        zeros = float(np.all(data == 0, axis=0).mean())
-        if zeros > 0.05:
+    if nodata is None and mask_kind in ("none", "nan"):  # float data's NaN is found; -9999 is not
+        # Undeclared fill: one value in every band over a large share of pixels, at the bottom or the top of the
+        # data (0, -9999, 65535). Counted in the stretch, it squeezes the real data into a few grey levels.
+        finite = data[np.isfinite(data)]
+        ends = {0.0, *(float(v) for v in (finite.min(), finite.max()) if finite.size)}
+        fill, share = max(((v, float(np.all(data == v, axis=0).mean())) for v in ends), key=lambda t: t[1])
+        if share > 0.05:
             log.warning(
-                "%s: %.0f%% of pixels are 0 in every band and no nodata value is set; if 0 is fill, say so: "
-                "`geoir tile --nodata 0` for a scene, or once in the file (`rio edit-info --nodata 0 %s`), which a "
-                "GeoTIFF query needs",
+                "%s: %.0f%% of pixels are %s in every band and no nodata value is set; if %s is fill, say so: "
+                "`geoir tile --nodata %s` for a scene, or once in the file (`rio edit-info --nodata %s %s`), which "
+                "a GeoTIFF query needs",
                 src.name,
-                100 * zeros,
+                100 * share,
+                *[f"{fill:g}"] * 4,
                 Path(src.name).name,
             )
     low, high = [], []

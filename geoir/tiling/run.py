@@ -16,7 +16,7 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
-from geoir.io.scene import Scene, band_numbers, expand_inputs, open_scene
+from geoir.io.scene import Scene, band_numbers, colours_unnamed, expand_inputs, open_scene
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
 
@@ -78,6 +78,17 @@ def prepare_scenes(
             if unreadable is None:
                 raise
             skip_unreadable_file(unreadable, str(p), exc)
+    guessed = [s for s in scenes if bands is None and colours_unnamed(s.path)]
+    if guessed:
+        # One line for the run: an archive of such files is common, and the choice is the same for each.
+        others = f" and {len(guessed) - 1} other scene(s)" if len(guessed) > 1 else ""
+        log.warning(
+            "%s%s: the bands do not say which colour they are, so bands %s are read as red, green, blue; if they "
+            "are not, pass --bands (a Landsat 8/9 stack of B2,B3,B4 is blue, green, red: --bands 3,2,1)",
+            guessed[0].path,
+            others,
+            ",".join(map(str, guessed[0].bands)),
+        )
     return scenes
 
 
