@@ -41,6 +41,7 @@ def tile(
     workers: int = 0,
     tta: bool | None = None,
     skip_unreadable: bool = False,
+    stretch: Sequence[float] | None = None,
 ) -> TileReport:
     """Tile, encode and index scenes into a bundle (``geoir tile``).
 
@@ -60,6 +61,8 @@ def tile(
             it to :func:`load_model` instead.
         skip_unreadable: Leave out, with a warning, files that cannot be read (not a raster, no CRS, damaged
             pixels) and tile the rest; the report's ``unreadable`` lists them. Default: the first one raises.
+        stretch: ``(low, high)`` in the data's values mapped to 0-255 for every scene (or a pair per channel, 6
+            numbers), instead of each file's own 2-98% stretch (``geoir tile --stretch``).
     """
     _flag(encode, "encode", TilingError)
     _flag(skip_unreadable, "skip_unreadable", TilingError)
@@ -82,7 +85,11 @@ def tile(
         raise TilingError("no scenes given; pass raster files, globs or folders")
     unreadable: list[tuple[str, str]] = []
     prepared = prepare_scenes(
-        [str(s) for s in paths], bands=bands, nodata=nodata, unreadable=unreadable if skip_unreadable else None
+        [str(s) for s in paths],
+        bands=bands,
+        nodata=nodata,
+        unreadable=unreadable if skip_unreadable else None,
+        stretch=stretch,
     )
     if not prepared and unreadable:
         raise nothing_readable(unreadable)

@@ -383,6 +383,42 @@ def test_export_chips(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     assert {int(f.stem.rsplit("_", 1)[1]) for f in files} == set(tiles.tile_id)
 
 
+def test_stretch_reads_one_place_alike_in_files_of_different_statistics(tmp_path: Path) -> None:
+    # Two overlapping files of one 16-bit acquisition, the second half dark water: each file's own 2-98%
+    # stretch reads their shared 256 columns differently; one --stretch reads them alike.
+    rng = np.random.default_rng(3)
+    data = rng.integers(500, 4000, size=(3, 256, 768)).astype("uint16")
+    data[:, :, 512:] = rng.integers(50, 200, size=(3, 256, 256))
+    transform = Affine(10, 0, 500_000, 0, -10, 4_002_560)
+    paths = []
+    for name, cols in (("west", slice(0, 512)), ("east", slice(256, 768))):
+        paths.append(tmp_path / f"{name}.tif")
+        kw = {"driver": "GTiff", "width": 512, "height": 256, "count": 3, "dtype": "uint16", "crs": "EPSG:32618"}
+        with rasterio.open(paths[-1], "w", **kw, transform=transform @ Affine.translation(cols.start, 0)) as dst:
+            dst.write(data[:, :, cols])
+
+    def shared_tiles(*options: str) -> tuple[np.ndarray, np.ndarray]:
+        index, chips = tmp_path / f"i{len(options)}", tmp_path / f"c{len(options)}"
+        args = ("tile", *map(str, paths), "--index", str(index), "--export-chips", str(chips), *options)
+        assert run(*args).exit_code == 0
+        west, east = (next(chips.glob(f"{name}_r0_c{col}_*.tif")) for name, col in (("west", 256), ("east", 0)))
+        with rasterio.open(west) as a, rasterio.open(east) as b:
+            assert a.bounds == b.bounds  # the same ground
+            return a.read().astype(int), b.read().astype(int)
+
+    a, b = shared_tiles()
+    assert np.abs(a - b).mean() > 10
+    a, b = shared_tiles("--stretch", "0,5000")
+    assert np.array_equal(a, b) and np.abs(a - data[:, :, 256:512] * 255.0 / 5000).max() <= 0.5 + 1e-3
+    records = Bundle.open(tmp_path / "i2").scene_records()
+    assert all(r["scaling"] == {"low": [0.0] * 3, "high": [5000.0] * 3} for r in records)
+    # A scene tiled with one stretch is kept so when asked for another, and said so.
+    r = CliRunner().invoke(cli, ["tile", str(paths[0]), "--index", str(tmp_path / "i2"), "--no-encode",
+                                 "--stretch", "0,4000,0,4000,10,4100"])  # fmt: skip
+    assert r.exit_code == 0 and "with --stretch 0,5000; it is kept so" in r.output
+    assert "to use --stretch 0,4000,0,4000,10,4100" in r.output
+
+
 def test_export_chips_refuses_names_too_long_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     # "_r512_c512_" + 19 digits + ".tif" is 34 bytes: a 221-byte stem fits at most; one over is refused up front.
     fits = make_geotiff("é" * 110 + "a.tif", shape=(3, 512, 512))
@@ -407,6 +443,10 @@ def test_export_chips_refuses_names_too_long_before_any_work(make_geotiff: MakeG
         (["--bands", "1,2,9"], 1, "band 9 is out of range"),
         (["--gsd", "-3"], 2, "--gsd"),
         (["--overlap", "0.5", "--stride", "10"], 2, "not both"),
+        (["--stretch", "3000,0"], 2, "each HIGH must be above its LOW"),
+        (["--stretch", "0,1,2"], 2, "not 2 or 6 finite numbers"),
+        (["--stretch", "0,nan"], 2, "not 2 or 6 finite numbers"),
+        (["--stretch", "low,high"], 2, "not a comma-separated list of numbers"),
     ],
 )
 def test_bad_options(make_geotiff: MakeGeoTiff, tmp_path: Path, args: list[str], code: int, message: str) -> None:

@@ -103,6 +103,9 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
         ({"params": {"size": 128}}, "params must be a TilingParams", TilingError),
         ({"bands": (1.0, 2.0, 3.0)}, "give 1-based band numbers", TilingError),
         ({"bands": "1,2,3"}, "not a sequence of band numbers", TilingError),
+        ({"stretch": "0,3000"}, "is not a sequence of numbers", TilingError),
+        ({"stretch": (0, 3000, 1)}, r"stretch \(0, 3000, 1\): give LOW,HIGH", TilingError),
+        ({"stretch": (10, 10)}, "each HIGH must be above its LOW", TilingError),
         ({"model": 123}, "model must be a model file", ModelError),
     ):
         with pytest.raises(error, match=message):

@@ -49,6 +49,29 @@ class BandsType(IntListType):
         return None if 1 <= len(values) <= 3 and all(b >= 1 for b in values) else "give 1 to 3 band numbers, each >= 1"
 
 
+class StretchType(click.ParamType):
+    """``--stretch``: LOW,HIGH for every channel, or LOW,HIGH per channel (6 numbers), in the data's values."""
+
+    name = "LOW,HIGH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        from geoir.errors import TilingError
+        from geoir.io.scene import stretch_scaling
+
+        if isinstance(value, tuple):
+            return value
+        usage = "give LOW,HIGH in the data's values (e.g. 0,3000), or a pair per channel (0,3000,0,2800,0,2600)"
+        try:
+            values = tuple(float(v) for v in str(value).split(","))
+            stretch_scaling(values)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers; {usage}", param, ctx)
+        except TilingError as exc:
+            problem = "each HIGH must be above its LOW" if "above its LOW" in str(exc) else "not 2 or 6 finite numbers"
+            self.fail(f"{value!r}: {problem}; {usage}", param, ctx)
+        return values
+
+
 class SeedsType(IntListType):
     """Comma-separated seeds (whole numbers >= 0, each once), e.g. ``0,1,2``."""
 

@@ -14,6 +14,7 @@ from geoir.cli.options import (
     BandsType,
     FractionType,
     PositiveFloat,
+    StretchType,
     batch_options,
     default_workers,
     index_option,
@@ -54,6 +55,14 @@ from geoir.errors import GeoirError
     help="Bands for red,green,blue, e.g. 4,3,2 [default: RGB by colour interpretation, else 1,2,3].",
 )
 @click.option("--nodata", type=float, default=None, help="Treat this value as nodata (overrides the file's).")
+@click.option(
+    "--stretch",
+    type=StretchType(),
+    default=None,
+    help="Map LOW..HIGH of the data's values to 0-255, e.g. 0,3000 (or LOW,HIGH per channel, red, green, blue), "
+    "the same for every scene, instead of each file's own 2-98% stretch: for scenes of one sensor at several "
+    "dates or in several files.",
+)
 @click.option(
     "--max-nodata",
     type=FractionType(0.0, 1.0),
@@ -118,6 +127,7 @@ def tile(
     gsd: float | None,
     bands: tuple[int, ...] | None,
     nodata: float | None,
+    stretch: tuple[float, ...] | None,
     max_nodata: float | None,
     export_chips: Path | None,
     model: str | None,
@@ -147,6 +157,7 @@ def tile(
       $ geoir tile scene.tif
       $ geoir tile scenes/ --index naip-index --size 224 --overlap 0.5
       $ geoir tile s2.tif --bands 1,2,3 --gsd 10 --export-chips chips/
+      $ geoir tile s2_dates/*.tif --bands 1,2,3 --stretch 0,3000 --index s2-dates
       $ geoir tile big/*.tif --index-kind BHNSW32 --device cuda --batch-size 256
       $ geoir tile scene.tif --index tta-index --tta --device cuda
       $ geoir tile archive/ --skip-unreadable
@@ -195,6 +206,7 @@ def tile(
         scenes,
         bands=bands,
         nodata=nodata,
+        stretch=stretch,
         exclude=[export_chips] if export_chips else [],
         unreadable=unreadable if skip_unreadable else None,
     )

@@ -252,6 +252,7 @@ def open_scene(
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    stretch: Sequence[float] | None = None,
 ) -> Scene:
     """Open a raster, validate it and compute what tiling needs.
 
@@ -262,11 +263,15 @@ def open_scene(
             last one is repeated.
         nodata: Override the file's nodata value (e.g. 0 for Landsat fill without a declared nodata).
         percentiles: Low and high percentiles of the stretch for non-uint8 data.
+        stretch: A fixed stretch instead, for data of any type (see :func:`stretch_scaling`): the same for
+            every scene of a sensor, so their tiles are comparable whatever each file's statistics.
 
     Raises:
         SceneError: The file is missing, not a raster, has no CRS, or a band is out of range.
+        TilingError: ``bands`` or ``stretch`` is not what it must be.
     """
     bands = band_numbers(bands)
+    fixed = stretch_scaling(stretch)
     p = Path(path)
     if not p.exists():
         raise SceneError(f"{p}: no such file; check the path")
@@ -314,8 +319,8 @@ def open_scene(
             _check_nodata_fits(nodata, dtype, p)
         nd = nodata if nodata is not None else src.nodata
         mask_kind = _mask_kind(src, chosen, nd)
-        scaling = Scaling()
-        if dtype != "uint8":
+        scaling = Scaling() if fixed is None else fixed
+        if dtype != "uint8" and fixed is None:
             try:
                 scaling = _percentile_scaling(src, chosen, nd, mask_kind, percentiles)
             except RasterioIOError as exc:
@@ -436,6 +441,29 @@ def band_numbers(bands: Sequence[int] | None) -> tuple[int, ...] | None:
     if not out or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in out):
         raise TilingError(f"bands {bands!r}: {example}")
     return tuple(int(b) for b in out)
+
+
+def stretch_scaling(stretch: Sequence[float] | None) -> Scaling | None:
+    """A fixed stretch (``geoir tile --stretch``) as a :class:`Scaling`: ``(low, high)`` for the three channels,
+    or ``(low, high)`` per channel, red, green, blue (6 numbers), in the data's own values; None stays None.
+
+    Raises:
+        TilingError: Not 2 or 6 finite numbers, or a high not above its low.
+    """
+    if stretch is None:
+        return None
+    example = "give LOW,HIGH in the data's values, e.g. (0, 3000), or one pair per channel: (0, 3000, 0, 2800, 0, 2600)"
+    if isinstance(stretch, (str, bytes)) or not isinstance(stretch, Iterable):
+        raise TilingError(f"stretch {stretch!r:.60} is not a sequence of numbers; {example}")
+    values = tuple(stretch)
+    if len(values) not in (2, 6) or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise TilingError(f"stretch {stretch!r:.60}: {example}")
+    pairs = [values[:2]] * 3 if len(values) == 2 else [values[i : i + 2] for i in (0, 2, 4)]
+    if any(hi <= lo for lo, hi in pairs):
+        raise TilingError(f"stretch {stretch!r:.60}: each HIGH must be above its LOW; {example}")
+    return Scaling(tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs))
 
 
 def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path: Path) -> tuple[int, ...]:

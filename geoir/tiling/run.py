@@ -16,7 +16,7 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
-from geoir.io.scene import Scene, band_numbers, colours_unnamed, expand_inputs, open_scene
+from geoir.io.scene import Scaling, Scene, band_numbers, colours_unnamed, expand_inputs, open_scene, stretch_scaling
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
 
@@ -61,6 +61,7 @@ def prepare_scenes(
     nodata: float | None = None,
     exclude: Sequence[str | os.PathLike[str]] = (),
     unreadable: list[tuple[str, str]] | None = None,
+    stretch: Sequence[float] | None = None,
 ) -> list[Scene]:
     """Expand (leaving out the folders in ``exclude``) and open every input before anything is written, so
     bad input changes nothing.
@@ -70,10 +71,11 @@ def prepare_scenes(
             range...) is left out with a warning and listed here as (path, reason), instead of stopping.
     """
     bands = band_numbers(bands)  # a bad type is the caller's, not a file's: never skipped as unreadable
+    stretch_scaling(stretch)  # the same
     scenes = []
     for p in expand_inputs(inputs, exclude):
         try:
-            scenes.append(open_scene(p, bands=bands, nodata=nodata))
+            scenes.append(open_scene(p, bands=bands, nodata=nodata, stretch=stretch))
         except SceneError as exc:
             if unreadable is None:
                 raise
@@ -462,11 +464,16 @@ def _remove_earlier_versions(bundle: Bundle, scene: Scene, report: TileReport) -
 
 
 def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -> None:  # type: ignore[type-arg]
-    """A scene skipped as already there keeps the bands and nodata it was tiled with: say so when asked otherwise."""
+    """A scene skipped as already there keeps the bands, nodata and stretch it was tiled with: say so when asked
+    otherwise."""
     if record is None:
         return
-    asked = {"bands": ",".join(map(str, scene.bands)), "nodata": scene.nodata}
-    had = {"bands": ",".join(map(str, record["bands"])), "nodata": record["nodata"]}
+    asked = {"bands": ",".join(map(str, scene.bands)), "nodata": scene.nodata, "stretch": _stretch(scene.scaling)}
+    had = {
+        "bands": ",".join(map(str, record["bands"])),
+        "nodata": record["nodata"],
+        "stretch": _stretch(Scaling.from_dict(record["scaling"])),
+    }
     differ = [k for k in asked if asked[k] != had[k] and not (asked[k] != asked[k] and had[k] != had[k])]  # NaN
     if differ:
 
@@ -484,3 +491,11 @@ def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -
             bundle.path,
             ", ".join(option(k, asked[k]) for k in differ),
         )
+
+
+def _stretch(scaling: Scaling) -> str | None:
+    """A scene's stretch as `--stretch` would give it, for messages: None for 8-bit data used as it is."""
+    if scaling.low is None or scaling.high is None:
+        return None
+    pairs = [f"{lo:g},{hi:g}" for lo, hi in zip(scaling.low, scaling.high, strict=True)]
+    return pairs[0] if len(set(pairs)) == 1 else ",".join(pairs)
