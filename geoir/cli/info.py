@@ -97,6 +97,11 @@ def info(
                 "tiles": r["n_tiles"],
                 "encoded": r["id"] in encoded,
                 "added": r["added"],
+                # How its pixels become the model's RGB (queries cut from it are read the same way).
+                "dtype": r["dtype"],
+                "bands": r["bands"],
+                "nodata": r["nodata"],
+                "stretch": r["scaling"] if r["scaling"].get("low") is not None else None,
             }
             for r in records
         ],
@@ -126,7 +131,11 @@ def info(
     click.echo(f"size     {_human_bytes(data['bytes']['total'])} on disk")
     for s in data["scenes"]:
         flag = "" if s["encoded"] else "  (not encoded)"
-        click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}")
+        read = f"bands {','.join(map(str, s['bands']))}"
+        if s["stretch"]:
+            pairs = [f"{lo:.6g}..{hi:.6g}" for lo, hi in zip(s["stretch"]["low"], s["stretch"]["high"], strict=True)]
+            read += f", {s['dtype']} stretched {pairs[0] if len(set(pairs)) == 1 else ' '.join(pairs)}"
+        click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}  ({read})")
 
 
 def _human_bytes(n: int) -> str:
