@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import UCMERCED, needs_shared_data
 
 from geoir.training.data import list_image_folder
 from geoir.training.protocols import Split, stratified_split, unseen_class_split
+from tests.conftest import UCMERCED, needs_shared_data
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "benchmarks" / "splits" / "ucmerced"
 FILES = sorted(PUBLISHED.glob("*.json"))

@@ -63,7 +63,9 @@ def read_vectors(
     if layer is None and len(spatial) > 1:
         raise error(f"{what} {path} has {len(spatial)} layers ({names}); name the one to use as {path}:LAYER")
     try:
-        gdf = gpd.read_file(path, layer=layer if layer is not None else (spatial[0] if spatial else None))
+        gdf = gpd.read_file(
+            path, engine="pyogrio", layer=layer if layer is not None else (spatial[0] if spatial else None)
+        )
     except Exception as exc:
         raise error(f"cannot read {what} {path} ({exc}); {fix}") from exc
     if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry.name not in gdf.columns:
