@@ -290,7 +290,11 @@ def batch_options(f: F) -> F:
         help="Reader processes feeding the model [default: CPU cores - 1, at most 8; none without a model].",
     )(f)
     f = click.option(
-        "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per model batch."
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=64,
+        show_default=True,
+        help="Tiles per model batch (a speed setting: vectors differ in their last digits, about 1e-7).",
     )(f)
     return f
 

@@ -7,7 +7,8 @@ the query away from them (Rocchio-style: ``q = mean(pos) - beta * mean(neg)``).
 Overhead imagery has no fixed "up": a field or a roof seen turned by 90 degrees is the same place. With
 ``rotations`` (the default), an image query is encoded in its four quarter turns, the combined query is
 searched once per turn, and each tile keeps its best (smallest) distance over the turns. Tile queries
-(``tile:ID``, points, example geometries) use their stored vectors, the same in every turn.
+(``tile:ID``, points, example geometries) are their stored backbone features encoded by the head, the same
+in every turn.
 """
 
 from __future__ import annotations
