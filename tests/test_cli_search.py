@@ -716,17 +716,7 @@ def test_geotiff_query_is_read_with_its_scenes_bands(make_geotiff: MakeGeoTiff, 
     scene = make_geotiff("s.tif", dtype="uint16", shape=(4, 512, 512), seed=4)
     index = tmp_path / "idx"
     invoke("tile", str(scene), "--index", str(index), "--bands", "3,1,2", *TILE_MODEL)
-    crop = tmp_path / "crop.tif"
-    with rasterio.open(scene) as src:
-        window = Window(256, 0, 256, 256)
-        profile = src.profile | {"width": 256, "height": 256, "transform": src.window_transform(window)}
-        with rasterio.open(crop, "w", **profile) as dst:
-            dst.write(src.read(window=window))
-    out = tmp_path / "h.gpkg"
-    args = ["search", str(crop), "--index", str(index), "--out", str(out), "-k", "1", "--include-query-overlap"]
-    invoke(*args, "--no-rotations", *TEST_MODEL)
-    hit = gpd.read_file(out, layer="hits").iloc[0]
-    assert (hit.col_off, hit.row_off) == (256, 0) and hit["distance"] == pytest.approx(0, abs=1e-3)
+    args, crop, _ = _crop_finds_its_tile(scene, index, tmp_path)
     # A crop of 3 of its 4 bands matches no scene of the bundle: it is read with its own statistics, and said so.
     with rasterio.open(crop) as src:
         profile, pixels = src.profile | {"count": 3}, src.read([1, 2, 3])
@@ -747,30 +737,8 @@ def test_geotiff_query_of_one_date_is_scaled_like_that_date(make_geotiff: MakeGe
         dst.write((data * 0.6 + 300).astype("uint16"))
     index = tmp_path / "idx"
     invoke("tile", str(a), str(b), "--index", str(index), *TILE_MODEL)
-    crop = tmp_path / "crop.tif"
-    with rasterio.open(b) as src:
-        window = Window(256, 0, 256, 256)
-        with rasterio.open(
-            crop, "w", **(profile | {"width": 256, "height": 256, "transform": src.window_transform(window)})
-        ) as dst:
-            dst.write(src.read(window=window))
-    out = tmp_path / "h.gpkg"
-    invoke(
-        "search",
-        str(crop),
-        "--index",
-        str(index),
-        "--out",
-        str(out),
-        "-k",
-        "1",
-        "--include-query-overlap",
-        "--no-rotations",
-        *TEST_MODEL,
-    )
-    hit = gpd.read_file(out, layer="hits").iloc[0]
-    assert hit.scene == str(b) and (hit.col_off, hit.row_off) == (256, 0)
-    assert hit["distance"] == pytest.approx(0, abs=1e-3)
+    _, _, hit = _crop_finds_its_tile(b, index, tmp_path)
+    assert hit.scene == str(b)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("kind", ["nodata 65535", "nodata not in the crop", "alpha"])
@@ -795,12 +763,18 @@ def test_geotiff_query_hides_invalid_pixels_as_its_tile_does(tmp_path: Path, kin
         dst.write(data)
     index = tmp_path / "idx"
     invoke("tile", str(scene), "--index", str(index), "--max-nodata", "0.6", *TILE_MODEL)
+    # Exported without its nodata, a crop still has the scene's.
+    _crop_finds_its_tile(scene, index, tmp_path, **({"nodata": None} if kind == "nodata not in the crop" else {}))
+
+
+def _crop_finds_its_tile(scene: Path, index: Path, tmp_path: Path, **changes: object) -> tuple[list[str], Path, object]:
+    """Cut the tile at column 256, row 0 of ``scene`` into a GeoTIFF (its profile with ``changes``), search ``index``
+    with it and check that it finds that tile first at distance ~0; returns the search's arguments, the crop and
+    the hit."""
     crop = tmp_path / "crop.tif"
     window = Window(256, 0, 256, 256)
     with rasterio.open(scene) as src:
-        cut = src.profile | {"width": 256, "height": 256, "transform": src.window_transform(window)}
-        if kind == "nodata not in the crop":  # as exported without it: the scene's nodata still applies
-            cut["nodata"] = None
+        cut = src.profile | {"width": 256, "height": 256, "transform": src.window_transform(window)} | changes
         with rasterio.open(crop, "w", **cut) as dst:
             dst.write(src.read(window=window))
     out = tmp_path / "h.gpkg"
@@ -808,6 +782,7 @@ def test_geotiff_query_hides_invalid_pixels_as_its_tile_does(tmp_path: Path, kin
     invoke(*args, "--no-rotations", *TEST_MODEL)
     hit = gpd.read_file(out, layer="hits").iloc[0]
     assert (hit.col_off, hit.row_off) == (256, 0) and hit["distance"] == pytest.approx(0, abs=1e-3)
+    return args, crop, hit
 
 
 def test_query_overlap_leaves_out_its_place_not_its_neighbours(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
