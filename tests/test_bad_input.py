@@ -301,6 +301,12 @@ def test_atomic_target_removes_its_temp_file_and_the_folders_it_made(tmp_path: P
         tmp.write_text("{partial")
         raise RuntimeError
     assert target.read_text() == "{}" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+    # A GeoPackage whose write failed can leave SQLite's journal beside it (GDAL of pyogrio 0.7 on a full disk).
+    with pytest.raises(OSError), atomic_target(target.with_suffix(".gpkg")) as tmp:
+        tmp.write_bytes(b"SQLite format 3\0")
+        tmp.with_name(tmp.name + "-journal").write_bytes(b"\0")
+        raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
 
 
 def test_a_killed_writers_temp_file_is_removed_by_the_next_write_of_its_target(tmp_path: Path) -> None:

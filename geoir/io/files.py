@@ -19,8 +19,9 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
 
     The temp name ends with ``ext`` (default: ``path``'s own suffix), since writers such as ``np.save``
     and GDAL's drivers pick their behaviour from it; it does not exist when the block starts. Folders
-    missing above ``path`` are created first, and on failure (or interruption) the temp file and every
-    folder created here are removed again, so a failed write leaves nothing behind. The file is 0644.
+    missing above ``path`` are created first, and on failure (or interruption) the temp file (with any SQLite
+    journal beside it) and every folder created here are removed again, so a failed write leaves nothing
+    behind. The file is 0644.
     """
     path = Path(path)
     tail = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}"
@@ -37,8 +38,10 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
                 os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            # With the file, its SQLite sidecars: a GeoPackage's journal outlives a write that failed (older GDAL).
+            for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-journal", "-wal", "-shm"))):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
             if isinstance(exc, OSError) and exc.filename in (None, str(tmp), tmp):
                 exc.filename = str(path)  # the file the user asked for, not its temp name (or none: a full disk)
             raise
