@@ -411,19 +411,21 @@ def test_stretch_reads_one_place_alike_in_files_of_different_statistics(tmp_path
     a, b = shared_tiles("--stretch", "0,5000")
     assert np.array_equal(a, b) and np.abs(a - data[:, :, 256:512] * 255.0 / 5000).max() <= 0.5 + 1e-3
     records = Bundle.open(tmp_path / "i2").scene_records()
-    assert all(r["scaling"] == {"low": [0.0] * 3, "high": [5000.0] * 3} for r in records)
+    fixed = {"low": [0.0] * 3, "high": [5000.0] * 3, "fixed": True}
+    assert all(r["scaling"] == fixed for r in records)
     # `geoir info` says how each scene is read.
     info = json.loads(run("info", str(tmp_path / "i2"), "--json").output)
-    assert all(s["stretch"] == {"low": [0.0] * 3, "high": [5000.0] * 3} and s["bands"] == [1, 2, 3]
-               for s in info["scenes"])  # fmt: skip
-    assert "(bands 1,2,3, uint16 stretched 0..5000)" in run("info", str(tmp_path / "i2")).output
+    assert all(s["stretch"] == fixed and s["bands"] == [1, 2, 3] for s in info["scenes"])
+    assert "(bands 1,2,3, uint16 stretched 0..5000, fixed)" in run("info", str(tmp_path / "i2")).output
     text = run("info", str(tmp_path / "i0")).output
     assert "(bands 1,2,3, uint16 stretched " in text and text.count("..") == 6  # each file's own, per band
-    # A scene tiled with one stretch is kept so when asked for another, and said so.
-    r = CliRunner().invoke(cli, ["tile", str(paths[0]), "--index", str(tmp_path / "i2"), "--no-encode",
-                                 "--stretch", "0,4000,0,4000,10,4100"])  # fmt: skip
-    assert r.exit_code == 0 and "with --stretch 0,5000; it is kept so" in r.output
-    assert "to use --stretch 0,4000,0,4000,10,4100" in r.output
+    # A scene tiled with one stretch is kept so when asked for another, or for its own, and said so.
+    for asked, said in (("0,4000,0,4000,10,4100", "--stretch 0,4000,0,4000,10,4100"), (None, "its own 2-98% stretch")):
+        args = ["tile", str(paths[0]), "--index", str(tmp_path / "i2"), "--no-encode"]
+        r = CliRunner().invoke(cli, args + (["--stretch", asked] if asked else []))
+        assert r.exit_code == 0 and "with --stretch 0,5000; it is kept so" in r.output and f"to use {said}" in r.output
+    r = CliRunner().invoke(cli, ["tile", str(paths[0]), "--index", str(tmp_path / "i0"), "--no-encode"])
+    assert r.exit_code == 0 and "kept so" not in r.output  # its own stretch, asked for again
 
 
 def test_export_chips_refuses_names_too_long_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -135,6 +135,7 @@ def info(
         if s["stretch"]:
             pairs = [f"{lo:.6g}..{hi:.6g}" for lo, hi in zip(s["stretch"]["low"], s["stretch"]["high"], strict=True)]
             read += f", {s['dtype']} stretched {pairs[0] if len(set(pairs)) == 1 else ' '.join(pairs)}"
+            read += ", fixed" if s["stretch"].get("fixed") else ""
         click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}  ({read})")
 
 

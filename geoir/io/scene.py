@@ -72,11 +72,12 @@ class Scaling:
 
     Computed once per scene from a decimated read and stored in the catalog, so every tile of a
     scene (and a GeoTIFF query cut from it) is scaled identically. ``low``/``high`` are ``None`` for
-    uint8 data, which is used as is.
+    uint8 data, which is used as is. ``fixed``: given by the user (``--stretch``), not the file's statistics.
     """
 
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
+    fixed: bool = False
 
     @property
     def identity(self) -> bool:
@@ -108,12 +109,16 @@ class Scaling:
         return _to_uint8(buf, out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"low": list(self.low) if self.low else None, "high": list(self.high) if self.high else None}
+        d: dict[str, Any] = {"low": list(self.low) if self.low else None}
+        d["high"] = list(self.high) if self.high else None
+        if self.fixed:  # statistics' stretches keep the record they always had
+            d["fixed"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scaling:
         low, high = d.get("low"), d.get("high")
-        return cls(tuple(low) if low else None, tuple(high) if high else None)
+        return cls(tuple(low) if low else None, tuple(high) if high else None, bool(d.get("fixed", False)))
 
 
 def _to_uint8(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -463,7 +468,7 @@ def stretch_scaling(stretch: Sequence[float] | None) -> Scaling | None:
     pairs = [values[:2]] * 3 if len(values) == 2 else [values[i : i + 2] for i in (0, 2, 4)]
     if any(hi <= lo for lo, hi in pairs):
         raise TilingError(f"stretch {stretch!r:.60}: each HIGH must be above its LOW; {example}")
-    return Scaling(tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs))
+    return Scaling(tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs), fixed=True)
 
 
 def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path: Path) -> tuple[int, ...]:

@@ -478,6 +478,8 @@ def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -
     if differ:
 
         def option(k: str, value: object) -> str:
+            if k == "stretch":  # "--stretch LOW,HIGH", "" (the file's statistics) or None (8-bit, as it is)
+                return str(value) if value else "its own 2-98% stretch" if value == "" else "its 8-bit values as is"
             if value is None:
                 return f"no --{k}"
             return f"--{k} {value:g}" if isinstance(value, float) else f"--{k} {value}"
@@ -494,8 +496,11 @@ def _warn_if_read_otherwise(record: dict | None, scene: Scene, bundle: Bundle) -
 
 
 def _stretch(scaling: Scaling) -> str | None:
-    """A scene's stretch as `--stretch` would give it, for messages: None for 8-bit data used as it is."""
+    """A scene's stretch for messages: ``--stretch LOW,HIGH`` as given, ``""`` for the file's own statistics, None
+    for 8-bit data used as it is."""
     if scaling.low is None or scaling.high is None:
         return None
+    if not scaling.fixed:
+        return ""
     pairs = [f"{lo:g},{hi:g}" for lo, hi in zip(scaling.low, scaling.high, strict=True)]
-    return pairs[0] if len(set(pairs)) == 1 else ",".join(pairs)
+    return "--stretch " + (pairs[0] if len(set(pairs)) == 1 else ",".join(pairs))
