@@ -53,6 +53,7 @@ def fetch_scene(workdir: Path) -> Path:
                 "blockxsize": 256,
                 "blockysize": 256,
                 "compress": "deflate",
+                "photometric": "RGB",  # says which band is which colour (geoir warns when a file does not)
             }
         partial = out.with_suffix(".partial.tif")
         with rasterio.open(partial, "w", **profile) as dst:

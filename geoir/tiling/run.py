@@ -86,7 +86,8 @@ def prepare_scenes(
         others = f" and {len(guessed) - 1} other scene(s)" if len(guessed) > 1 else ""
         log.warning(
             "%s%s: the bands do not say which colour they are, so bands %s are read as red, green, blue; if they "
-            "are not, pass --bands (a Landsat 8/9 stack of B2,B3,B4 is blue, green, red: --bands 3,2,1)",
+            "are not, pass --bands (a Landsat 8/9 stack of B2,B3,B4 is blue, green, red: --bands 3,2,1), and if "
+            "they are, --bands 1,2,3 says so",
             guessed[0].path,
             others,
             ",".join(map(str, guessed[0].bands)),
