@@ -1319,7 +1319,10 @@ def test_sigterm_unwinds_like_ctrl_c(make_geotiff: MakeGeoTiff, tmp_path: Path, 
     bundle = Bundle.open(index)
     assert 1 <= bundle.manifest["counts"]["scenes"] < 6
     assert bundle.manifest["counts"]["tiles"] == len(bundle.tiles())
-    assert sorted(p.name for p in index.iterdir() if p.name.startswith(".")) == [".index.lock", ".lock"]  # no temp file
+    # No temp file: the locks alone (the index lock only if an index was saved: a signal between a scene's catalog
+    # row and its vectors' turn in the in-memory index leaves nothing to save, and the next use rebuilds it).
+    hidden = {p.name for p in index.iterdir() if p.name.startswith(".")}
+    assert ".lock" in hidden and hidden <= {".lock", ".index.lock"}, hidden
 
 
 def test_a_writer_corrects_counts_and_removes_temp_files_a_killed_run_left(
