@@ -31,7 +31,15 @@ from geoir.errors import GeoirError, SceneError
 from geoir.index.bundle import Bundle
 from geoir.io.scene import Scene
 from geoir.tiling.grid import TilingParams
-from geoir.tiling.run import KnownScenes, ProgressFactory, TileReport, commit_scene, skip_unreadable_file
+from geoir.tiling.run import (
+    KnownScenes,
+    ProgressFactory,
+    TileReport,
+    black_tiles,
+    commit_scene,
+    fill_unmarked,
+    skip_unreadable_file,
+)
 from geoir.tiling.tiler import TileSource
 
 log = logging.getLogger("geoir")
@@ -222,6 +230,7 @@ def encode_block(
     source = TileSource(Scene.from_record(record), TilingParams(**params))
     model = spec.load() if spec is not None else None
     idx, fracs, parts = [], [], []
+    unmarked, black = fill_unmarked(source.scene), 0
     failed: GeoirError | None = None
     try:
         for b0 in range(start, stop, batch_size):
@@ -231,8 +240,10 @@ def encode_block(
             if keep.any():
                 idx.append(np.arange(b0, b0 + len(reads))[keep])
                 fracs.append(frac[keep])
-                if model is not None:
+                if model is not None or unmarked:
                     rgb = np.stack([r for (r, _), k in zip(reads, keep, strict=True) if k])
+                    black += black_tiles(rgb, np.ones(len(rgb), bool)) if unmarked else 0
+                if model is not None:
                     parts.append(model.encode(torch.from_numpy(rgb)))
     except GeoirError as exc:
         failed = exc
@@ -246,6 +257,7 @@ def encode_block(
     out = {
         "indexes": np.concatenate(idx) if idx else np.empty(0, np.int64),
         "fracs": np.concatenate(fracs) if fracs else np.empty(0),
+        "black": np.array(black),
     }
     if parts:
         out["features"] = np.concatenate([p.features for p in parts])
@@ -359,7 +371,8 @@ def tile_scenes_distributed(
                 enc = None
                 if model is not None:
                     enc = _merge(parts, model)
-                commit_scene(bundle, source, idx, fracs, enc, report)
+                black = sum(int(p.get("black", 0)) for p in parts)
+                commit_scene(bundle, source, idx, fracs, enc, report, black=black)
     finally:
         if bar is not None:
             bar.close()

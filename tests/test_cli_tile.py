@@ -428,6 +428,22 @@ def test_stretch_reads_one_place_alike_in_files_of_different_statistics(tmp_path
     assert r.exit_code == 0 and "kept so" not in r.output  # its own stretch, asked for again
 
 
+def test_black_tiles_of_an_8_bit_scene_without_nodata_are_named_as_likely_fill(tmp_path: Path) -> None:
+    # An aerial mosaic's black collar, no nodata declared: its wholly black tiles would be hits for every dark
+    # query. The run names them and the fix; with --nodata 0 they are skipped, and nothing is said.
+    data = np.random.default_rng(5).integers(1, 255, size=(3, 512, 512)).astype("uint8")
+    data[:, :, :256] = 0
+    scene = tmp_path / "collar.tif"
+    kw = {"driver": "GTiff", "width": 512, "height": 512, "count": 3, "dtype": "uint8", "crs": "EPSG:32618"}
+    with rasterio.open(scene, "w", **kw, transform=Affine(1, 0, 500_000, 0, -1, 4_000_512), photometric="RGB") as dst:
+        dst.write(data)
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(tmp_path / "a"), "--no-encode"])
+    assert r.exit_code == 0 and "2 of its 4 tiles are black in every pixel" in r.output, r.output
+    assert f"geoir remove collar.tif --index {tmp_path / 'a'}" in r.output and "--nodata 0" in r.output
+    r = CliRunner().invoke(cli, ["tile", str(scene), "--index", str(tmp_path / "b"), "--no-encode", "--nodata", "0"])
+    assert r.exit_code == 0 and "black in every pixel" not in r.output and len(Bundle.open(tmp_path / "b").tiles()) == 2
+
+
 def test_export_chips_refuses_names_too_long_before_any_work(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     # "_r512_c512_" + 19 digits + ".tif" is 34 bytes: a 221-byte stem fits at most; one over is refused up front.
     fits = make_geotiff("é" * 110 + "a.tif", shape=(3, 512, 512))

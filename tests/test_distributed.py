@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.enums import ColorInterp
 
 pytest.importorskip("distributed", reason="dask.distributed not installed (pip install 'geoir[dist]')")
 
@@ -95,6 +97,19 @@ def test_the_cluster_path_sees_to_catalogued_scenes(client, scenes, tmp_path: Pa
     assert np.array_equal(va["ids"][oa], vb["ids"][ob])
     assert np.abs(va["embedding"][oa] - vb["embedding"][ob]).max() < 1e-5
     assert len(dist.indexes()["float"].search(va["embedding"][:1], 5)[1][0]) == 5
+
+
+def test_the_cluster_path_names_black_tiles_too(client, make_geotiff: MakeGeoTiff, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+    collar = make_geotiff("collar.tif", shape=(3, 512, 512), colorinterp=rgb)
+    with rasterio.open(collar, "r+") as dst:
+        data = dst.read()
+        data[:, :256, :] = 0
+        dst.write(data)
+    bundle = Bundle.open_or_create(tmp_path / "b", TilingParams(size=128, stride=128))
+    with bundle.lock(), caplog.at_level(logging.WARNING, logger="geoir"):
+        tile_scenes_distributed(bundle, [open_scene(collar)], client, block_tiles=5)
+    assert "8 of its 16 tiles are black in every pixel" in caplog.text
 
 
 def test_worker_killed_mid_run(client, scenes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

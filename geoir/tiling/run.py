@@ -148,17 +148,21 @@ def tile_scenes(
         source = TileSource(scene, params)
         _describe(source)
         bar = progress(len(source), Path(scene.path).name) if progress else None
-        chips = None
         written: list[Path] = []
-        if chips_dir is not None:
+        black, unmarked = [0], fill_unmarked(scene)
 
-            def chips(
-                batch: Batch,
-                keep: np.ndarray,
-                scene: Scene = scene,
-                source: TileSource = source,
-                written: list[Path] = written,
-            ) -> None:
+        def kept(
+            batch: Batch,
+            keep: np.ndarray,
+            scene: Scene = scene,
+            source: TileSource = source,
+            written: list[Path] = written,
+            black: list[int] = black,
+            unmarked: bool = unmarked,
+        ) -> None:
+            if unmarked:
+                black[0] += black_tiles(batch.rgb, keep)
+            if chips_dir is not None:
                 for j in np.flatnonzero(keep):
                     i = int(batch.indexes[j])
                     # Batches carry no masks; the few partly valid tiles are re-read for theirs.
@@ -168,7 +172,7 @@ def tile_scenes(
 
         started = time.perf_counter()
         try:
-            idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=chips)
+            idx, fracs, enc = read_and_encode(source, model, batch_size, workers, bar, on_kept=kept)
         except SceneError as exc:
             if not skip_unreadable:
                 raise
@@ -187,7 +191,7 @@ def tile_scenes(
             batch_size,
             workers,
         )
-        commit_scene(bundle, source, idx, fracs, enc, report)
+        commit_scene(bundle, source, idx, fracs, enc, report, black=black[0])
         known.have.add(scene.id)
     bundle.flush_indexes()
     return report
@@ -314,8 +318,26 @@ def read_and_encode(
     return idx, frac, model.concat(encoded) if model is not None else None
 
 
+def fill_unmarked(scene: Scene) -> bool:
+    """Whether black fill in ``scene`` would go unnoticed: 8-bit data used as it is, with no nodata value, mask or
+    alpha (other data's fill of 0 is found by its statistics: :func:`geoir.io.scene.open_scene` warns)."""
+    return scene.dtype == "uint8" and scene.scaling.identity and scene.mask_kind == "none"
+
+
+def black_tiles(rgb: np.ndarray, keep: np.ndarray) -> int:
+    """How many kept tiles of a batch ``(n, 3, H, W)`` are 0 in every band and pixel."""
+    rows = np.flatnonzero(keep)
+    return int(sum(not rgb[j].any() for j in rows))
+
+
 def commit_scene(
-    bundle: Bundle, source: TileSource, kept_idx: np.ndarray, fracs: np.ndarray, enc: Encoded | None, report: TileReport
+    bundle: Bundle,
+    source: TileSource,
+    kept_idx: np.ndarray,
+    fracs: np.ndarray,
+    enc: Encoded | None,
+    report: TileReport,
+    black: int = 0,
 ) -> None:
     """Commit one scene's kept tiles: vectors, then tiles and the scene row, then the FAISS indexes.
 
@@ -326,6 +348,7 @@ def commit_scene(
         fracs: Their nodata fractions.
         enc: Their vectors, row for row (None: catalog only).
         report: Updated with what was added.
+        black: How many kept tiles are black in every pixel (see :func:`fill_unmarked`): said, as likely fill.
     """
     scene = source.scene
     kept = [source.tiles[i] for i in kept_idx]
@@ -354,6 +377,19 @@ def commit_scene(
             len(source),
             bundle.params.max_nodata,
             bundle.params.size,
+        )
+    if black:
+        # A wholly black 8-bit tile is fill, not ground, and it would come back for every dark query.
+        log.warning(
+            "%s: %d of its %d tiles are black in every pixel (0 in every band) and the file sets no nodata value; if "
+            "0 is fill there, `geoir remove %s --index %s` and tile it again with --nodata 0 (or set it in the file: "
+            "rio edit-info --nodata 0 %s)",
+            scene.path,
+            black,
+            len(kept),
+            Path(scene.path).name,
+            bundle.path,
+            Path(scene.path).name,
         )
     log.info(
         "%s: %d tiles added (%d skipped over the nodata limit)",
