@@ -242,7 +242,7 @@ def encode_block(
                 fracs.append(frac[keep])
                 if model is not None or unmarked:
                     rgb = np.stack([r for (r, _), k in zip(reads, keep, strict=True) if k])
-                    black += black_tiles(rgb, np.ones(len(rgb), bool)) if unmarked else 0
+                    black += black_tiles(rgb) if unmarked else 0
                 if model is not None:
                     parts.append(model.encode(torch.from_numpy(rgb)))
     except GeoirError as exc:

@@ -150,6 +150,8 @@ class Scene:
         scaling: Stretch to 0-255 for non-uint8 data.
         mask_kind: How invalid pixels are found: ``nodata``, ``mask`` (internal mask or alpha),
             ``nan`` (float data), or ``none``.
+        colours_guessed: The default bands of 3 or more that the file names no colours of: the first three,
+            taken as red, green, blue (a Landsat stack of B2,B3,B4 is blue, green, red). Not stored.
     """
 
     id: str
@@ -166,6 +168,7 @@ class Scene:
     native_gsd: float
     scaling: Scaling = field(default_factory=Scaling)
     mask_kind: str = "none"
+    colours_guessed: bool = field(default=False, compare=False)
 
     def grid_scale(self, gsd: float | None) -> float:
         """Native pixels per grid pixel for a target ground sample distance (1.0 when ``gsd`` is None)."""
@@ -183,6 +186,7 @@ class Scene:
     def to_record(self) -> dict[str, Any]:
         """Plain JSON-able description, as stored in the catalog."""
         d = asdict(self)
+        del d["colours_guessed"]  # what a run says, not what a scene is
         d["crs"] = self.crs.to_wkt()
         d["transform"] = list(self.transform)[:6]
         d["bands"] = list(self.bands)
@@ -349,6 +353,7 @@ def open_scene(
             native_gsd=native_gsd(src.crs, src.transform, src.height, src.width),
             scaling=scaling,
             mask_kind=mask_kind,
+            colours_guessed=bands is None and _colours_unnamed(list(src.colorinterp)),
         )
 
 
@@ -440,12 +445,20 @@ def band_numbers(bands: Sequence[int] | None) -> tuple[int, ...] | None:
     if bands is None:
         return None
     example = "give 1-based band numbers for red, green, blue, e.g. (4, 3, 2), or one band (1,)"
-    if isinstance(bands, (str, bytes)) or not isinstance(bands, Iterable):
-        raise TilingError(f"bands {bands!r} is not a sequence of band numbers; {example}")
-    out = tuple(bands)
-    if not out or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in out):
+    out = _numbers(bands, "bands", "band numbers", example, numbers.Integral)
+    if not out:
         raise TilingError(f"bands {bands!r}: {example}")
     return tuple(int(b) for b in out)
+
+
+def _numbers(value: object, name: str, what: str, example: str, kind: type) -> tuple[Any, ...]:
+    """``value`` as a tuple of numbers of ``kind`` (not bools), or a TilingError naming ``name``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TilingError(f"{name} {value!r:.60} is not a sequence of {what}; {example}")
+    out = tuple(value)
+    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in out):
+        raise TilingError(f"{name} {value!r:.60}: {example}")
+    return out
 
 
 def stretch_scaling(stretch: Sequence[float] | None) -> Scaling | None:
@@ -458,17 +471,17 @@ def stretch_scaling(stretch: Sequence[float] | None) -> Scaling | None:
     if stretch is None:
         return None
     example = "give LOW,HIGH in the data's values, e.g. (0, 3000), or one pair per channel: (0, 3000, 0, 2800, 0, 2600)"
-    if isinstance(stretch, (str, bytes)) or not isinstance(stretch, Iterable):
-        raise TilingError(f"stretch {stretch!r:.60} is not a sequence of numbers; {example}")
-    values = tuple(stretch)
-    if len(values) not in (2, 6) or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
-    ):
+    values = _numbers(stretch, "stretch", "numbers", example, numbers.Real)
+    try:
+        limits = [float(v) for v in values]
+    except OverflowError:  # a whole number beyond any float
+        limits = []
+    if len(limits) not in (2, 6) or not all(math.isfinite(v) for v in limits):
         raise TilingError(f"stretch {stretch!r:.60}: {example}")
-    pairs = [values[:2]] * 3 if len(values) == 2 else [values[i : i + 2] for i in (0, 2, 4)]
+    pairs = [limits[:2]] * 3 if len(limits) == 2 else [limits[i : i + 2] for i in (0, 2, 4)]
     if any(hi <= lo for lo, hi in pairs):
         raise TilingError(f"stretch {stretch!r:.60}: each HIGH must be above its LOW; {example}")
-    return Scaling(tuple(float(lo) for lo, _ in pairs), tuple(float(hi) for _, hi in pairs), fixed=True)
+    return Scaling(tuple(lo for lo, _ in pairs), tuple(hi for _, hi in pairs), fixed=True)
 
 
 def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path: Path) -> tuple[int, ...]:
@@ -508,12 +521,9 @@ def _choose_bands(src: rasterio.DatasetReader, bands: Sequence[int] | None, path
     return tuple(chosen)
 
 
-def colours_unnamed(path: str | os.PathLike[str]) -> bool:
-    """Whether a raster of 3 or more colour bands does not say which is red, green and blue (no colour
-    interpretation): its default bands, the first three, are then a guess (a Landsat stack of B2,B3,B4 is
-    blue, green, red)."""
-    with rasterio.open(path) as src:
-        ci = list(src.colorinterp)
+def _colours_unnamed(ci: list[ColorInterp]) -> bool:
+    """Whether a raster of 3 or more colour bands (colour interpretations ``ci``) does not say which is red,
+    green and blue: its default bands, the first three, are then a guess."""
     colour = [c for c in ci if c != ColorInterp.alpha]
     return len(colour) >= 3 and not all(c in ci for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
 

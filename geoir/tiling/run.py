@@ -16,7 +16,7 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
-from geoir.io.scene import Scaling, Scene, band_numbers, colours_unnamed, expand_inputs, open_scene, stretch_scaling
+from geoir.io.scene import Scaling, Scene, band_numbers, expand_inputs, open_scene, stretch_scaling
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
 
@@ -80,7 +80,7 @@ def prepare_scenes(
             if unreadable is None:
                 raise
             skip_unreadable_file(unreadable, str(p), exc)
-    guessed = [s for s in scenes if bands is None and colours_unnamed(s.path)]
+    guessed = [s for s in scenes if s.colours_guessed]
     if guessed:
         # One line for the run: an archive of such files is common, and the choice is the same for each.
         others = f" and {len(guessed) - 1} other scene(s)" if len(guessed) > 1 else ""
@@ -324,9 +324,9 @@ def fill_unmarked(scene: Scene) -> bool:
     return scene.dtype == "uint8" and scene.scaling.identity and scene.mask_kind == "none"
 
 
-def black_tiles(rgb: np.ndarray, keep: np.ndarray) -> int:
-    """How many kept tiles of a batch ``(n, 3, H, W)`` are 0 in every band and pixel."""
-    rows = np.flatnonzero(keep)
+def black_tiles(rgb: np.ndarray, keep: np.ndarray | None = None) -> int:
+    """How many tiles of a batch ``(n, 3, H, W)`` (those in ``keep``) are 0 in every band and pixel."""
+    rows = range(len(rgb)) if keep is None else np.flatnonzero(keep)
     return int(sum(not rgb[j].any() for j in rows))
 
 
