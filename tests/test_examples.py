@@ -106,6 +106,7 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
         ({"stretch": "0,3000"}, "is not a sequence of numbers", TilingError),
         ({"stretch": (0, 3000, 1)}, r"stretch \(0, 3000, 1\): give LOW,HIGH", TilingError),
         ({"stretch": (10, 10)}, "each HIGH must be above its LOW", TilingError),
+        ({"stretch": (0, 10**400)}, "give LOW,HIGH", TilingError),  # beyond any float: not an OverflowError
         ({"model": 123}, "model must be a model file", ModelError),
     ):
         with pytest.raises(error, match=message):
