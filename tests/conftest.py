@@ -17,6 +17,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 SHARED_DATA = HERE.parent.parent / "shared" / "data"
 SCENES = SHARED_DATA / "scenes"
 UCMERCED = SHARED_DATA / "ucmerced"
@@ -27,6 +28,14 @@ def needs_shared_data(sub: str = "") -> pytest.MarkDecorator:
     """Skip unless ../shared/data (or a sub-folder) is present beside the checkout."""
     path = SHARED_DATA / sub
     return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (../shared/data is absent)")
+
+
+def needs_repo_file(*names: str) -> pytest.MarkDecorator:
+    """Skip unless the repository files a test reads are beside it (tests copied out of a checkout or sdist)."""
+    missing = [n for n in names if not (REPO / n).exists()]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)} from a geoir checkout or sdist (not found under {REPO})"
+    )
 
 
 def scenes_manifest() -> list[dict]:

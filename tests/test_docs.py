@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from geoir.cli import cli
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO as ROOT
+from tests.conftest import needs_repo_file
 
 
 def readme_commands() -> list[str]:
@@ -18,6 +18,7 @@ def readme_commands() -> list[str]:
     return [b.strip() for b in re.findall(r"```\n(python3 -m venv[^`]*)```", text)]
 
 
+@needs_repo_file("README.md", ".ci/run")
 def test_ci_runs_readme_test_command() -> None:
     install, tests = readme_commands()
     assert "examples/demo.py" in install
@@ -34,6 +35,7 @@ def test_every_command_help_has_an_example() -> None:
         assert f"$ geoir {name}" in r.output, f"`geoir {name} --help` has no example"
 
 
+@needs_repo_file("docs/gen_cli.py", "docs/cli.md")
 def test_cli_reference_is_current() -> None:
     import subprocess
     import sys
@@ -42,6 +44,7 @@ def test_cli_reference_is_current() -> None:
     assert r.returncode == 0, "docs/cli.md is stale: run `python docs/gen_cli.py`"
 
 
+@needs_repo_file("pyproject.toml", "README.md", "LICENSE")
 def test_wheel_ships_model_and_style(tmp_path: Path) -> None:
     """A regular (non-editable) install carries the default model and the QGIS style."""
     import shutil

@@ -10,7 +10,7 @@ from PIL import Image
 
 import geoir
 from geoir.encoding.model import load_model
-from tests.conftest import MakeGeoTiff
+from tests.conftest import REPO, MakeGeoTiff, needs_repo_file
 
 
 def test_python_api_round_trip(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
@@ -231,12 +231,11 @@ def test_the_documented_api_type_checks_for_a_user(tmp_path: Path) -> None:
         'added: int = geoir.tile("scene.tif", index="i").tiles_added\n'
         'wrong: str = geoir.tile("scene.tif", index="i").tiles_added\n'
     )
-    root = Path(__file__).parents[1]
     r = subprocess.run(
         [sys.executable, "-m", "mypy", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"), str(script)],
         capture_output=True,
         text=True,
-        env={**os.environ, "MYPYPATH": str(root)},
+        env={**os.environ, "MYPYPATH": str(REPO)},
         cwd=tmp_path,
     )
     # One error, the deliberate one: the rest of the script type-checks.
@@ -250,11 +249,12 @@ def test_lazy_api_attribute() -> None:
     assert {"Hits", "Model", "tile", "search"} <= set(dir(geoir)) and "Hits" in geoir.__all__
 
 
+@needs_repo_file("examples/demo.py")
 def test_demo_rebuilds_its_own_index_when_another_release_built_it(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[1] / "examples" / "demo.py")
+    spec = importlib.util.spec_from_file_location("demo", REPO / "examples" / "demo.py")
     assert spec is not None and spec.loader is not None
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)

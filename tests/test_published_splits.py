@@ -15,10 +15,11 @@ import pytest
 
 from geoir.training.data import list_image_folder
 from geoir.training.protocols import Split, stratified_split, unseen_class_split
-from tests.conftest import UCMERCED, needs_shared_data
+from tests.conftest import REPO, UCMERCED, needs_repo_file, needs_shared_data
 
-PUBLISHED = Path(__file__).resolve().parent.parent / "benchmarks" / "splits" / "ucmerced"
+PUBLISHED = REPO / "benchmarks" / "splits" / "ucmerced"
 FILES = sorted(PUBLISHED.glob("*.json"))
+pytestmark = needs_repo_file("benchmarks/splits/ucmerced/seen_seed0.json")
 
 
 def _paths_and_labels(d: dict) -> tuple[list[str], np.ndarray]:
