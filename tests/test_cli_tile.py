@@ -580,6 +580,39 @@ def test_quiet_and_verbose_after_the_command_name(make_geotiff: MakeGeoTiff, tmp
         assert line in verbose and line not in loud, (line, verbose)
 
 
+def test_progress_in_a_log_is_lines_not_redraws(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """Where stderr is a file (a batch job's log), a bar is plain lines, not carriage-return redraws."""
+    import subprocess
+    import sys
+
+    scene = make_geotiff(shape=(3, 600, 600))
+    with open(tmp_path / "log", "w") as log:
+        args = [sys.executable, "-m", "geoir", "tile", str(scene), "--index", str(tmp_path / "i"), "--no-encode"]
+        assert subprocess.run(args, stderr=log).returncode == 0
+    text = (tmp_path / "log").read_text()
+    assert "\r" not in text
+    bar = [line for line in text.splitlines() if "tile/s" in line or "?tile/s" in line]
+    # The start, then the end once (the bar's closing redraw repeats its count and is dropped).
+    assert len(bar) == 2 and "0/9" in bar[0] and "100%|##########| 9/9" in bar[1], text
+
+
+def test_log_lines_keep_one_line_per_count() -> None:
+    import io
+
+    from tqdm import tqdm
+
+    from geoir.cli.options import LogLines
+
+    out = io.StringIO()
+    bar = tqdm(total=3, desc="x", unit="tile", file=LogLines(out), mininterval=0, ascii=True)
+    for _ in range(3):
+        bar.update(1)
+        bar.set_postfix_str("same count")  # a redraw at the same count adds no line
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" [")[0].rsplit(" ", 1)[1] for line in lines] == ["0/3", "1/3", "2/3", "3/3"], lines
+
+
 @needs_qgis
 def test_tiles_layer_opens_in_qgis(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     scene = make_geotiff(shape=(3, 600, 700), crs="EPSG:32633")

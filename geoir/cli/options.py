@@ -202,12 +202,46 @@ def progress_enabled(ctx: click.Context) -> bool:
     return obj.get("verbosity", 0) >= 0
 
 
+class LogLines:
+    """Where progress bars go when stderr is not a terminal (a log file, a batch job's output, a pipe).
+
+    A bar redraws itself with carriage returns, which a log keeps: a long run became one line of thousands
+    of redraws. Here each redraw the bar makes (at most every ``LOG_INTERVAL`` seconds) is a line of its
+    own, and the redraw that only repeats the last line's count (the one a bar makes as it closes) is
+    dropped.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        count = line.split(" [", 1)[0]  # the label, percentage, bar and n/total, without the times and rate
+        if line and count != self.last:
+            self.stream.write(line + "\n")
+            self.last = count
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+#: Seconds between progress lines when stderr is not a terminal.
+LOG_INTERVAL = 30.0
+
+
 def tqdm_progress(enabled: bool) -> Callable[..., Any]:
-    """A progress factory making one tqdm bar per unit of work on stderr (items per second)."""
+    """A progress factory making one tqdm bar per unit of work on stderr (items per second); where stderr is
+    not a terminal, a plain line every ``LOG_INTERVAL`` seconds instead (:class:`LogLines`)."""
+    import sys
+
     from tqdm import tqdm
 
     def make(total: int, label: str, unit: str = "tile") -> tqdm:
-        return tqdm(total=total, desc=label, unit=unit, disable=not enabled, dynamic_ncols=True)
+        common = {"total": total, "desc": label, "unit": unit, "disable": not enabled}
+        if sys.stderr.isatty():
+            return tqdm(**common, dynamic_ncols=True)
+        return tqdm(**common, file=LogLines(sys.stderr), mininterval=LOG_INTERVAL, ascii=True)
 
     return make
 
