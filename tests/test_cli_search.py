@@ -16,6 +16,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pyogrio
+import pyproj
 import pytest
 import rasterio
 import rasterio.warp
@@ -345,6 +346,45 @@ def test_an_aoi_drawn_across_the_antimeridian_selects_the_tiles_there(
     hits = gpd.read_file(out, layer="hits")
     # The AOI was a band round the globe in lon/lat, and took in the far scene too.
     assert len(hits) == 4 and set(hits.scene_id) == {fiji_id}
+
+
+def test_geojson_is_rfc_7946_in_files_and_on_stdout_alike(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """GeoJSON files carried GDAL's 2008 ``crs`` and ``name`` members and 17 digits, and stdout did not: two
+    documents for one result. Both are now RFC 7946, footprints across the antimeridian cut there."""
+    from geoir.output.writers import write_layers
+
+    fiji = make_geotiff("fiji.tif", crs="EPSG:32760", bounds=(800_000.0, 8_200_000.0, 840_000.0, 8_240_000.0))
+    index = tmp_path / "idx"
+    invoke("tile", str(fiji), "--index", str(index), *TILE_MODEL)
+    tid = int(Bundle.open(index).tiles().tile_id.iloc[0])
+    args = ["search", f"tile:{tid}", "--index", str(index), "-k", "4", "--include-query-overlap", *TEST_MODEL]
+    invoke(*args, "--out", str(tmp_path / "h.geojson"))
+    invoke(*args, "--out", str(tmp_path / "h.gpkg"))
+    stdout = json.loads(invoke(*args, "--out", "-").output)
+    doc = json.loads((tmp_path / "h.geojson").read_text())
+    assert doc == stdout and set(doc) == {"type", "features"}  # RFC 7946 section 4: no crs member
+    gpkg = gpd.read_file(tmp_path / "h.gpkg", layer="hits")
+    assert [f["properties"]["tile"] for f in doc["features"]] == gpkg.tile.tolist()
+    geod = pyproj.Geod(ellps="WGS84")
+    cut = 0
+    for feature, whole in zip(doc["features"], gpkg.geometry, strict=True):
+        shape = shapely.geometry.shape(feature["geometry"])
+        xy = shapely.get_coordinates(shape)
+        assert shape.is_valid and np.abs(xy[:, 0]).max() <= 180
+        assert np.all(np.round(xy, 7) == xy)  # 7 decimals, about 1 cm (section 11.2)
+        parts = getattr(shape, "geoms", [shape])
+        assert all(p.exterior.is_ccw for p in parts)  # section 3.1.6
+        if shape.geom_type == "MultiPolygon":  # cut at the antimeridian (section 3.1.9): a part on each side
+            cut += 1
+            assert {p.bounds[0] < 0 for p in parts} == {True, False} and whole.geom_type == "Polygon"
+        # The same ground as the GeoPackage's polygon with continuous longitudes.
+        assert abs(geod.geometry_area_perimeter(shape)[0]) == pytest.approx(
+            abs(geod.geometry_area_perimeter(whole)[0]), rel=1e-5
+        )
+    assert cut >= 1  # (the GeoPackage keeps them whole, with continuous longitudes)
+    # An empty FlatGeobuf layer still declares its polygons (it was "Unknown").
+    write_layers({"hits": gpkg.iloc[:0]}, str(tmp_path / "empty.fgb"), "fgb")
+    assert pyogrio.read_info(tmp_path / "empty.fgb")["geometry_type"] == "Polygon"
 
 
 def test_negative_moves_results(bundle2: Path, tmp_path: Path) -> None:
@@ -1452,6 +1492,47 @@ def test_merged_regions_are_those_of_the_union_of_the_hits(seed: int) -> None:
     assert got == _merged_by_union(hits)
     assert merged.region.tolist() == list(range(1, len(merged) + 1)) and merged.best_rank.is_monotonic_increasing
     assert shapely.equals(shapely.union_all(merged.geometry.values), shapely.union_all(hits.geometry.values))
+
+
+@pytest.mark.parametrize("where", ["antimeridian", "north pole", "south pole"])
+def test_merged_regions_join_tiles_across_the_antimeridian_and_round_a_pole(where: str) -> None:
+    """Tiles either side of the line keep continuous longitudes on their own sides, 360 degrees apart: they
+    were two regions, not one; the tiles round a pole made a strip 400 degrees wide."""
+    from pyproj import Geod, Transformer
+    from rasterio.crs import CRS
+    from rasterio.windows import Window
+
+    from geoir.retrieval.engine import merge_hits
+    from geoir.tiling.grid import footprints
+
+    if where == "antimeridian":  # 2 x 2 tiles of 2.56 km of UTM 60S, their corner on 180 E at 16.5 S
+        x, y = Transformer.from_crs(4326, 32760, always_xy=True).transform(180.0, -16.5)
+        windows = [Window(c, r, 256, 256) for r in (0, 256) for c in (0, 256)]
+        polys = footprints(Affine(10, 0, x - 2560, 0, -10, y + 2560), windows, CRS.from_epsg(32760))
+        assert {p.bounds[0] < 0 for p in polys} == {True, False}  # two on each side
+    else:  # 3 x 3 tiles of 1 km of polar stereographic, the pole in the middle one
+        windows = [Window(c, r, 100, 100) for r in range(0, 300, 100) for c in range(0, 300, 100)]
+        crs = CRS.from_epsg(3413 if where == "north pole" else 3031)
+        polys = footprints(Affine(10, 0, -1500, 0, -10, 1500), windows, crs)
+    geod = Geod(ellps="WGS84")
+    tiles_area = sum(abs(geod.geometry_area_perimeter(shapely.segmentize(p, 0.1))[0]) for p in polys)
+    for order in (list(range(len(polys))), list(range(len(polys)))[::-1]):  # the best-ranked on either side
+        hits = gpd.GeoDataFrame(
+            {"rank": np.arange(1, len(polys) + 1), "score": np.linspace(1, 0.5, len(polys)), "tile_id": order},
+            geometry=[polys[i] for i in order],
+            crs="EPSG:4326",
+        )
+        merged = merge_hits(hits)
+        assert len(merged) == 1 and merged["count"][0] == len(polys), merged
+        region = merged.geometry[0]
+        assert region.geom_type == "Polygon" and region.is_valid
+        lo, _, hi, _ = region.bounds
+        if where == "antimeridian":
+            assert hi - lo < 0.1 and (lo < 180 < hi or lo < -180 < hi)  # continuous, on the best tile's side
+        else:
+            assert (lo, hi) == (-180, 180)  # the cap round the pole
+        area = abs(geod.geometry_area_perimeter(shapely.segmentize(region, 0.1))[0])
+        assert area == pytest.approx(tiles_area, rel=1e-3)  # the ground the tiles cover, once
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import os
 import re
 import shutil
@@ -33,6 +34,10 @@ FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
 #: Layers that go beside the hits file (``NAME.LAYER.EXT``) in the one-layer formats.
 SIDE_LAYERS = ("hits_merged", "query")
 SUFFIXES = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
+#: GeoJSON as RFC 7946 has it, in files and on stdout alike: WGS 84 longitude, latitude without a ``crs``
+#: member, 7 decimals (about 1 cm), and a footprint across the antimeridian cut there into a MultiPolygon
+#: (GeoPackage and FlatGeobuf keep it one polygon with continuous longitudes).
+GEOJSON_OPTIONS = {"RFC7946": "YES", "WRITE_NAME": "NO"}
 
 
 #: QGIS styles by kind of layer, (file in geoir/output/styles, description): a search's three layers and the
@@ -217,7 +222,9 @@ def write_layers(
     if out == "-":
         if fmt != "geojson":
             raise QueryError("only GeoJSON can go to stdout (--out -); drop --format or write to a file")
-        sys.stdout.write(layers["hits"].to_json(drop_id=True) + "\n")
+        buffer = io.BytesIO()
+        pyogrio.write_dataframe(layers["hits"], buffer, layer="hits", driver="GeoJSON", layer_options=GEOJSON_OPTIONS)
+        sys.stdout.write(buffer.getvalue().decode())
         return
     path = Path(out)
     if fmt == "gpkg":
@@ -246,11 +253,16 @@ def write_layers(
         # ``path`` is called: GDAL's FlatGeobuf driver writes a directory of files to a path without ".fgb".
         with contextlib.ExitStack() as stack:
             # FlatGeobuf's spatial index would reorder features; hits must stay in rank order.
-            options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else None
+            options = {"SPATIAL_INDEX": "NO"} if fmt == "fgb" else GEOJSON_OPTIONS
             for name, target in targets.items():
                 tmp = stack.enter_context(atomic_target(target, ext))
-                pyogrio.write_dataframe(layers[name], tmp, layer=name, driver=FORMATS[fmt], layer_options=options)
-                _check_written(tmp, {name: layers[name]})
+                df = layers[name]
+                # An empty FlatGeobuf layer of no declared type would be "Unknown"; GeoJSON has no layer type.
+                kind = "Polygon" if fmt == "fgb" and not len(df) else None
+                pyogrio.write_dataframe(
+                    df, tmp, layer=name, driver=FORMATS[fmt], layer_options=options, geometry_type=kind
+                )
+                _check_written(tmp, {name: df}, one_layer=True)
                 if name in sidecars:
                     stack.enter_context(atomic_target(sidecars[name])).write_text(style(name)[0])
         for side in stale:
@@ -318,11 +330,12 @@ def _write_gpkg_file(layers: dict[str, gpd.GeoDataFrame], path: Path, overwrite:
         _check_written(tmp, named)
 
 
-def _check_written(path: Path, layers: dict[str, gpd.GeoDataFrame]) -> None:
-    """Read a written file back: every layer there with all its features (GDAL may not report a full disk)."""
+def _check_written(path: Path, layers: dict[str, gpd.GeoDataFrame], one_layer: bool = False) -> None:
+    """Read a written file back: every layer there with all its features (GDAL may not report a full disk).
+    ``one_layer``: the file's one layer, whatever it is called (an RFC 7946 GeoJSON file names none)."""
     for name, df in layers.items():
         try:
-            got = pyogrio.read_dataframe(path, layer=name, columns=[])
+            got = pyogrio.read_dataframe(path, layer=0 if one_layer else name, columns=[])
         except Exception as exc:  # any reading error means the file is not whole
             raise pyogrio.errors.DataSourceError(f"written file unreadable: {exc}") from exc
         if len(got) != len(df):
