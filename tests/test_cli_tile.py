@@ -86,6 +86,8 @@ def test_tile_writes_catalog(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
         "geometry",
     }
     assert scenes.loc[0, "crs"] == "EPSG:32618"
+    # Rings counter-clockwise, as in the search outputs (they ran clockwise, north-up, in lon/lat).
+    assert all(g.exterior.is_ccw for g in [*tiles.geometry, *scenes.geometry])
     # The union of tile footprints is the scene footprint.
     union = shapely.union_all(tiles.geometry.values)
     # Densified edges differ slightly between one scene edge and several tile edges: tolerate 1e-5.

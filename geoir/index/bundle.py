@@ -595,6 +595,10 @@ class Bundle:
     ) -> None:
         """Commit a scene and its tiles: tiles first, then the scene row that makes them visible."""
         fracs = np.fromiter(nodata_fractions, dtype=np.float64, count=len(tiles))
+        # Exterior rings counter-clockwise, as the search outputs have them (and RFC 7946 asks of a catalog
+        # converted to GeoJSON): a north-up grid's rings run clockwise in lon/lat.
+        tile_footprints = shapely.orient_polygons(np.asarray(tile_footprints, dtype=object), exterior_cw=False)
+        scene_footprint = shapely.orient_polygons(scene_footprint, exterior_cw=False)
         tiles_df = gpd.GeoDataFrame(
             {
                 "tile_id": np.array([t.id for t in tiles], dtype=np.int64),
