@@ -106,3 +106,37 @@ def test_sdist_carries_what_its_tests_read(tmp_path: Path) -> None:
     }  # fmt: skip
     assert needed <= names, needed - names
     assert not any("__pycache__" in n for n in names)
+
+
+def _field_table(text: str, heading: str) -> list[str]:
+    """The field names (first column) of the table under a ``### `heading`...`` heading of docs/outputs.md."""
+    section = text.split(f"### `{heading}`", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+
+
+@needs_repo_file("docs/outputs.md")
+def test_outputs_doc_lists_every_field_geoir_writes(tmp_path: Path) -> None:
+    """docs/outputs.md's field tables are the columns of the layers as written, in their order."""
+    import geopandas as gpd
+    import numpy as np
+    import pyogrio
+    import rasterio
+    from affine import Affine
+
+    from geoir.output.writers import query_frame
+    from geoir.retrieval.engine import HIT_DTYPES, merge_hits
+
+    text = (ROOT / "docs" / "outputs.md").read_text()
+    assert _field_table(text, "hits") == list(HIT_DTYPES)
+    no_hits = gpd.GeoDataFrame(geometry=[], crs="EPSG:4326")
+    assert _field_table(text, "hits_merged") == [c for c in merge_hits(no_hits).columns if c != "geometry"]
+    assert _field_table(text, "query") == [c for c in query_frame().columns if c != "geometry"]
+    scene = tmp_path / "s.tif"
+    profile = {"driver": "GTiff", "width": 256, "height": 256, "count": 3, "dtype": "uint8", "crs": "EPSG:32618"}
+    with rasterio.open(scene, "w", **profile, transform=Affine(1, 0, 500_000, 0, -1, 4_000_000)) as dst:
+        dst.write(np.random.default_rng(0).integers(0, 255, (3, 256, 256), dtype=np.uint8))
+    r = CliRunner().invoke(cli, ["-q", "tile", str(scene), "--index", str(tmp_path / "i"), "--no-encode"])
+    assert r.exit_code == 0, r.output
+    for layer in ("tiles", "scenes"):
+        fields = pyogrio.read_info(tmp_path / "i" / "catalog.gpkg", layer=layer)["fields"].tolist()
+        assert _field_table(text, layer) == fields, layer
