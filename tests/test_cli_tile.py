@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -527,6 +528,71 @@ def test_catalog_corrupt(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
     (index / "catalog.gpkg").write_bytes(b"garbage" * 100)
     r = CliRunner().invoke(cli, ["tile", "--no-encode", str(make_geotiff("b.tif", seed=5)), "--index", str(index)])
     assert r.exit_code == 1 and "catalog.gpkg is corrupt" in r.output
+
+
+def test_a_bundle_received_with_a_linked_vectors_folder_deletes_nothing_elsewhere(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    """The clean-up of a killed run's leftovers went through a linked vectors folder: a bundle received with
+    ``vectors -> ~`` had `geoir tile` delete the dot-files and .npz files there, and exit 0."""
+    scene = make_geotiff()
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    victim = tmp_path / "home"
+    victim.mkdir()
+    for name in (".bashrc", "results.npz", "0123456789abcdef.npz", ".0123456789abcdef.npz.tmp.npz"):
+        (victim / name).write_text("mine")
+    assert not (index / "vectors").exists()  # (tiled without encoding)
+    (index / "vectors").symlink_to(victim)
+    for args in (["tile", str(make_geotiff("b.tif", seed=5))], ["remove", scene.name], ["info"]):
+        r = CliRunner().invoke(cli, ["-q", *args, "--index", str(index)])
+        assert r.exit_code == 1 and "vectors is a symbolic link" in r.output, r.output
+    assert sorted(f.name for f in victim.iterdir()) == sorted(
+        (".bashrc", "results.npz", "0123456789abcdef.npz", ".0123456789abcdef.npz.tmp.npz")
+    )
+    # In the bundle's own folder, only geoir's leftovers go: a user's file there stays, and a link is not
+    # followed.
+    (index / "vectors").unlink()
+    (index / "vectors").mkdir()
+    (index / "vectors" / "notes.txt").write_text("mine")
+    (index / "vectors" / "fedcba9876543210.npz").symlink_to(victim / "results.npz")
+    (index / "vectors" / "0011223344556677.npz").write_text("left by a killed run")
+    assert run("tile", str(make_geotiff("b.tif", seed=5)), "--index", str(index)).exit_code == 0
+    assert sorted(f.name for f in (index / "vectors").iterdir()) == ["fedcba9876543210.npz", "notes.txt"]
+    assert (victim / "results.npz").read_text() == "mine"
+
+
+@pytest.mark.parametrize("bad_id", ["../../victim/thesis", "/abs/victim/thesis", "0123"])
+def test_a_scene_id_that_is_not_one_is_refused_not_used_as_a_file_name(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, bad_id: str
+) -> None:
+    """Scene ids name the vectors files: one edited into a path made `geoir remove` delete, and `geoir encode`
+    write, a .npz outside the bundle."""
+    import sqlite3
+
+    scene = make_geotiff()
+    index = tmp_path / "idx"
+    assert run("tile", str(scene), "--index", str(index)).exit_code == 0
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.npz").write_text("mine")
+    bad_id = bad_id.replace("/abs", str(tmp_path))
+    with contextlib.closing(sqlite3.connect(index / "catalog.gpkg")) as con, con:
+        # GDAL's R-tree triggers call its SQL functions, which plain sqlite3 lacks: stand-ins for this edit.
+        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
+        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
+            con.create_function(f, 1, lambda _g: 0.0)
+        ((record,),) = con.execute("SELECT record FROM scenes").fetchall()
+        record = json.loads(record)
+        record["id"] = bad_id
+        con.execute("UPDATE scenes SET scene_id = ?, record = ?", (bad_id, json.dumps(record)))
+        con.execute("UPDATE tiles SET scene_id = ?", (bad_id,))
+    model = ["--backbone", "test", "--device", "cpu"]
+    for args in (["remove", scene.name], ["encode", *model], ["tile", str(make_geotiff("b.tif", seed=5)), *model]):
+        r = CliRunner().invoke(cli, ["-q", *args, "--index", str(index)])
+        assert r.exit_code == 1 and "is not 16 hex digits" in r.output, (args, r.output)
+    assert [f.name for f in victim.iterdir()] == ["thesis.npz"]
+    assert sorted(p.name for p in tmp_path.rglob("*.npz")) == ["thesis.npz"]  # none written anywhere
 
 
 def test_orphan_tiles_from_killed_run_are_reconciled(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

@@ -31,8 +31,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -199,6 +201,12 @@ class Bundle:
         _check_manifest(manifest, mf)
         bundle = cls(p, manifest)
         vdir = p / VECTORS
+        if vdir.is_symlink():
+            # geoir deletes what a killed run left in that folder: through a link it would delete elsewhere.
+            raise BundleError(
+                f"{vdir} is a symbolic link, but geoir keeps the scenes' vectors in a folder of the bundle's own (it "
+                "deletes leftovers there); put the real folder in its place, or copy the bundle without links"
+            )
         if vdir.exists() and not vdir.is_dir():
             # Every scene would look unencoded: a search would rebuild empty indexes over the good ones.
             raise BundleError(
@@ -434,6 +442,8 @@ class Bundle:
                 d = json.loads(record)
                 if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not isinstance(d.get("path"), str):
                     raise ValueError("no scene id or path")
+                if not SCENE_ID.fullmatch(d["id"]):  # it names the scene's vectors file
+                    raise ValueError(f"scene id {d['id']!r:.40} is not 16 hex digits")
             except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
                 raise BundleError(
                     f"{self.catalog_path}: the record of scene row {i} is damaged ({exc}); restore the file from a "
@@ -448,7 +458,14 @@ class Bundle:
         if not self.catalog_path.exists():
             return set()
         with contextlib.closing(self._connect()) as con:
-            return {sid for (sid,) in con.execute("SELECT scene_id FROM scenes")}
+            ids = {sid for (sid,) in con.execute("SELECT scene_id FROM scenes")}
+        bad = [sid for sid in ids if not (isinstance(sid, str) and SCENE_ID.fullmatch(sid))]
+        if bad:
+            raise BundleError(
+                f"{self.catalog_path}: scene id {bad[0]!r:.40} is not 16 hex digits (the file was damaged or edited); "
+                "restore it from a backup, or tile the scenes again into a new --index"
+            )
+        return ids
 
     def scene_ids_at(self, path: str) -> list[str]:
         """Ids of the committed scenes recorded at ``path`` (one SQL lookup, not a parse of every record)."""
@@ -572,9 +589,11 @@ class Bundle:
             self.write_manifest()
         committed = self.scene_ids()
         vdir = self.path / VECTORS
-        if vdir.exists():
+        if vdir.is_dir() and not vdir.is_symlink():
             for f in vdir.iterdir():
-                if f.name.startswith(".") or (f.suffix == ".npz" and f.stem not in committed):
+                # Only files geoir writes there: a scene's vectors never committed, and their temp files.
+                ours = _VECTORS_FILE.fullmatch(f.name)
+                if ours and (ours["temp"] or ours["id"] not in committed) and _is_plain_file(f):
                     f.unlink(missing_ok=True)
         # Temp files of the manifest, catalog and indexes (written beside them, renamed when whole) whose
         # process is gone: a search may be saving a rebuilt index under a temp name right now.
@@ -772,6 +791,8 @@ class Bundle:
 
     # ---------------------------------------------------------------- vectors
     def vectors_path(self, scene_id: str) -> Path:
+        if not SCENE_ID.fullmatch(scene_id):  # the catalog's ids are checked: a path must not come from one
+            raise BundleError(f"scene id {scene_id!r:.40} of {self.path} is not 16 hex digits; the catalog is damaged")
         return self.path / VECTORS / f"{scene_id}.npz"
 
     def write_vectors(
@@ -814,9 +835,19 @@ class Bundle:
         for sid in ids_:
             try:
                 with np.load(self.vectors_path(sid)) as z:
-                    for k in z.files if keys is None else [k for k in keys if k in z.files]:
-                        parts.setdefault(k, []).append(z[k])
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                    got = {k: z[k] for k in (z.files if keys is None else [k for k in keys if k in z.files])}
+                if any(a.ndim == 0 for a in got.values()):
+                    raise ValueError("an array without rows")
+                rows = {len(a) for a in got.values()}
+                widths = {k: a.shape[1:] for k, a in got.items()}
+                if len(rows) > 1:
+                    raise ValueError(f"its arrays hold {' and '.join(map(str, sorted(rows)))} rows")
+                for k, a in got.items():
+                    if parts.get(k) and parts[k][0].shape[1:] != widths[k]:
+                        raise ValueError(f"its {k} are {widths[k]} wide, the other scenes' {parts[k][0].shape[1:]}")
+                    parts.setdefault(k, []).append(a)
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
+                # (MemoryError: a header edited to declare a huge array.)
                 raise self._damaged_vectors(sid, exc) from exc
         return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -847,7 +878,7 @@ class Bundle:
                     at = np.searchsorted(stored, wanted, sorter=order).clip(max=len(stored) - 1)
                     here = (stored[order[at]] == wanted) & ~found if len(stored) else np.zeros_like(found)
                     rows = _npz_rows(z, "features", order[at[here]])
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
                 raise self._damaged_vectors(sid, exc) from exc
             if out is None:
                 out = np.empty((len(wanted), *rows.shape[1:]), dtype=rows.dtype)
@@ -1073,6 +1104,20 @@ def _npz_rows(z: zipfile.ZipFile, key: str, rows: np.ndarray | None = None) -> n
             f.seek(start + r * size)
             out[i] = np.frombuffer(f.read(size), dtype=dtype).reshape(row_shape)
         return out
+
+
+#: A scene id: the first 16 hex digits of its file's fingerprint (:func:`geoir.io.scene.content_fingerprint`).
+SCENE_ID = re.compile(r"[0-9a-f]{16}")
+#: The files of a bundle's vectors folder: ``ID.npz``, and ``.ID.npz.tmp.npz`` while one is written.
+_VECTORS_FILE = re.compile(r"(?P<temp>\.)?(?P<id>[0-9a-f]{16})\.npz(?(temp)\.tmp\.npz|)")
+
+
+def _is_plain_file(path: Path) -> bool:
+    """A regular file, not a link to one (a link's target is not the bundle's to delete)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _in_wal_mode(path: Path) -> bool:
