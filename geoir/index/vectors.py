@@ -60,6 +60,7 @@ import faiss as _faiss
 import numpy as np
 
 from geoir.errors import BundleError, QueryError
+from geoir.io.files import file_mode
 
 log = logging.getLogger("geoir")
 # A bundle's index files are derived from the vectors it stores, and rebuilt from them when missing.
@@ -576,8 +577,8 @@ class VectorIndex:
             raise BundleError(
                 f"cannot write {target}: {err.strerror}; check the folder exists and is writable"
             ) from None
-        # mkstemp makes the file 0600; a bundle's files are 0644 like its manifest (others may search it).
-        os.fchmod(fd, 0o644)
+        # mkstemp makes the file 0600: it gets the mode of the index it replaces, or the umask's.
+        os.fchmod(fd, file_mode(target))
         os.close(fd)
         try:
             if self.kind == "binary":

@@ -5,12 +5,37 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from geoir.errors import GeoirError
+
+
+def file_mode(path: str | os.PathLike[str]) -> int:
+    """The permissions a file written to ``path`` gets: those of the file it replaces, else what the umask
+    leaves of 0666, as for a file opened anew (temp files, made 0600 by ``mkstemp``, are set to it)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``os.umask`` can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -21,7 +46,8 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
     and GDAL's drivers pick their behaviour from it; it does not exist when the block starts. Folders
     missing above ``path`` are created first, and on failure (or interruption) the temp file (with any SQLite
     journal beside it) and every folder created here are removed again, so a failed write leaves nothing
-    behind. The file is 0644.
+    behind. The file keeps the permissions of the one it replaces; a new one gets the umask's (0644 under the
+    usual 022, 0600 under 077), as any file the user creates.
     """
     path = Path(path)
     tail = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix if ext is None else ext}"
@@ -35,7 +61,7 @@ def atomic_target(path: Path, ext: str | None = None) -> Iterator[Path]:
         try:
             yield tmp
             if tmp.is_file():
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, file_mode(path))
             os.replace(tmp, path)
         except BaseException as exc:
             # With the file, its SQLite sidecars: a GeoPackage's journal outlives a write that failed (older GDAL).
@@ -165,9 +191,10 @@ def ensure_writable_dir(path: Path, what: str, error: type[GeoirError] = GeoirEr
     """
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".geoir-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A fresh name of its own (not a fixed one, which a link put there would redirect to another file).
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".geoir-write-test.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise error(f"cannot write {what} {path} ({exc.strerror}); pick a writable directory") from exc
 

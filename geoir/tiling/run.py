@@ -16,6 +16,7 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
+from geoir.io.files import file_mode
 from geoir.io.scene import Scaling, Scene, band_numbers, expand_inputs, open_scene, stretch_scaling
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
@@ -424,7 +425,7 @@ def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid
     """Write a tile as a GeoTIFF (uint8 RGB as the model sees it, with its own transform, CRS and mask)."""
     out = chips_dir / chip_name(scene, tile)
     fd, tmp = tempfile.mkstemp(dir=chips_dir, prefix=".chip.", suffix=".tif")
-    os.fchmod(fd, 0o644)  # mkstemp makes it 0600; chips are for sharing
+    os.fchmod(fd, file_mode(out))  # mkstemp makes it 0600: the umask's, as any file the user creates
     os.close(fd)
     try:
         with rasterio.open(
