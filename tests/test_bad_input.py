@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner, Result
@@ -146,6 +148,17 @@ def test_scene_gone_since_tiling_is_named_without_worker_traceback(make_geotiff:
     r = geoir("encode", "--index", str(index), "--workers", "1", *BACKBONE)
     assert_clean_error(r, 1, "gone.tif can no longer be read", "geoir remove gone.tif --index")
     assert "DataLoader" not in r.output and "Original Traceback" not in r.output
+    # A path that is no local file is not handed to GDAL: a received catalog's /vsicurl/ path would be fetched.
+    with sqlite3.connect(index / "catalog.gpkg") as con:
+        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
+        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
+            con.create_function(f, 1, lambda _g: 0.0)
+        (record,) = con.execute("SELECT record FROM scenes").fetchone()
+        url = "/vsicurl/http://127.0.0.1:9/gone.tif"
+        con.execute("UPDATE scenes SET path = ?, record = ?", (url, json.dumps({**json.loads(record), "path": url})))
+    with mock.patch("rasterio.open", side_effect=AssertionError("GDAL was asked to open it")):
+        r = geoir("encode", "--index", str(index), "--workers", "0", *BACKBONE)
+    assert_clean_error(r, 1, f"{url} can no longer be read (no such file here)")
 
 
 def test_model_and_weights_files_of_garbage_get_a_short_reason(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
@@ -160,6 +173,57 @@ def test_model_and_weights_files_of_garbage_get_a_short_reason(make_geotiff: Mak
         # torch's own advice (load it unsafely, file a torch issue) is not for geoir's users.
         assert "weights_only" not in r.output and "file an issue" not in r.output
     assert not index.exists()
+
+
+def _edited_default_model(tmp_path: Path, name: str, edit: Callable[[dict], object]) -> Path:
+    import copy
+
+    import torch
+
+    from geoir.encoding.model import default_model_path
+
+    payload = copy.deepcopy(torch.load(default_model_path(), weights_only=True))
+    edit(payload)
+    out = tmp_path / f"{name}.pt"
+    torch.save(payload, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "reason"),
+    [
+        ("no_backbone", lambda p: p.pop("backbone"), "no backbone description"),
+        ("taps", lambda p: p["backbone"].update(taps=5), "taps are not a list"),
+        ("head_list", lambda p: p.update(head_config=[1, 2]), "config is not a mapping"),
+        ("no_weights", lambda p: p.update(head_state=None), "a head without weights"),
+        ("meta", lambda p: p.update(meta="x"), "(meta) is not a mapping"),
+        ("input", lambda p: p["backbone"]["preprocess"].update(input_size=[3, 100_000, 100_000]), "an input size of"),
+        # A layer of 10^12 x 1792 floats: sized on the meta device against the weights, never allocated.
+        ("huge", lambda p: p["head_config"].update(embed_dim=10**12), "weights do not fit head"),
+        ("negative", lambda p: p["head_config"].update(embed_dim=-5), "bad config for head"),
+    ],
+)
+def test_a_damaged_or_edited_model_file_is_named_not_a_traceback(
+    tmp_path: Path, name: str, edit: Callable[[dict], object], reason: str
+) -> None:
+    """Model files with the right format tag but edited fields ended in KeyError/TypeError tracebacks, and
+    an 18 kB file could ask for a 21 GB head before its weights were compared."""
+    path = _edited_default_model(tmp_path, name, edit)
+    r = geoir("info", str(path))
+    assert_clean_error(r, 1, str(path), reason)
+
+
+def test_model_metadata_cannot_forge_lines_of_info(tmp_path: Path) -> None:
+    """A newline or a terminal escape in a received model's name was printed raw by `geoir info`."""
+    path = _edited_default_model(tmp_path, "named", lambda p: p["meta"].update(name="ok\x1b[2J\nmodel       trusted"))
+    bad_history = _edited_default_model(
+        tmp_path, "hist", lambda p: p["meta"].update(history={"srl": {"best_val_mAP": "high"}})
+    )
+    r = geoir("info", str(path))
+    assert r.exit_code == 0 and r.output.splitlines()[0].startswith("model       ok\\x1b[2J\\nmodel       trusted")
+    assert sum(line.startswith("model ") for line in r.output.splitlines()) == 1
+    r = geoir("info", str(bad_history))
+    assert r.exit_code == 0 and "meta        (not as geoir writes it" in r.output, r.output
 
 
 def test_raster_without_crs_gives_its_message_without_rasterio_warnings(
@@ -281,6 +345,70 @@ def test_an_output_under_a_file_is_refused_before_any_work(make_geotiff: MakeGeo
     blocker.write_text("x")
     r = geoir("encode", str(make_geotiff()), "--out", str(blocker / "sub" / "v.npy"), *BACKBONE)
     assert_clean_error(r, 1, "cannot write the folder of v.npy", f"{blocker} is not a folder")
+
+
+def test_written_files_follow_the_umask_and_keep_the_mode_of_those_they_replace(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    """Every file was forced to 0644: under umask 077 a user's search results and bundle were readable by
+    all, and a 0600 GeoPackage given another search came out 0644."""
+    old = os.umask(0o077)
+    try:
+        index, out = tmp_path / "idx", tmp_path / "hits.gpkg"
+        chips = tmp_path / "chips"
+        r = geoir("tile", str(make_geotiff()), "--index", str(index), "--export-chips", str(chips), *BACKBONE)
+        assert r.exit_code == 0, r.output
+        tid = str(int(Bundle.open(index).tiles().tile_id[0]))
+        assert geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(out), *BACKBONE).exit_code == 0
+        written = [p for p in [*index.rglob("*"), *chips.iterdir(), out] if p.is_file() and p.name[0] != "."]
+        assert {p.suffix for p in written} >= {".json", ".gpkg", ".faiss", ".npz", ".tif"}
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o600" for p in written}
+    finally:
+        os.umask(old)
+    # Under the usual umask, a file replaced keeps its own mode: 0640 stays 0640.
+    out.chmod(0o640)
+    r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(out), "--layer", "again", *BACKBONE)
+    assert r.exit_code == 0 and out.stat().st_mode & 0o777 == 0o640
+    (index / "float.faiss").chmod(0o640)
+    assert geoir("tile", str(make_geotiff("b.tif", seed=4)), "--index", str(index), *BACKBONE).exit_code == 0
+    assert (index / "float.faiss").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("damage", ["rows", "huge"])
+def test_vector_files_edited_to_lie_are_named_not_a_traceback(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, damage: str
+) -> None:
+    """A vectors file whose arrays disagree, or whose header declares a huge array, ended in a ValueError or
+    MemoryError traceback."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    index = tmp_path / "idx"
+    assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+    (vec,) = (index / "vectors").iterdir()
+    with np.load(vec) as z:
+        arrays = {k: z[k] for k in z.files}
+    if damage == "rows":
+        arrays["embedding"] = arrays["embedding"][:2]
+        np.savez(vec, **arrays)
+    else:
+        with zipfile.ZipFile(vec, "w") as z:
+            for k, a in arrays.items():
+                buf = io.BytesIO()
+                if k == "features":  # 4 x 10^11 float16, 800 GB, in a member of a few bytes
+                    np.lib.format.write_array_header_1_0(
+                        buf, {"descr": "<f2", "fortran_order": False, "shape": (4, 10**11)}
+                    )
+                    buf.write(b"\0" * 64)
+                else:
+                    np.save(buf, a)
+                z.writestr(f"{k}.npy", buf.getvalue())
+    (index / "float.faiss").unlink()  # rebuilt from the vectors files
+    tid = str(int(Bundle.open(index).tiles().tile_id[0]))
+    r = geoir("search", f"tile:{tid}", "--index", str(index), "--out", str(tmp_path / "h.gpkg"), *BACKBONE)
+    assert_clean_error(r, 1, f"{vec} is corrupt", "geoir encode --index")
 
 
 def test_atomic_target_removes_its_temp_file_and_the_folders_it_made(tmp_path: Path) -> None:
@@ -442,6 +570,19 @@ def test_a_truncated_png_query_is_refused(tmp_path: Path) -> None:
     assert geoir("encode", str(png), "--out", str(out), *BACKBONE).exit_code == 0
     r = geoir("encode", str(cut), "--out", str(tmp_path / "w.npy"), *BACKBONE)
     assert_clean_error(r, 1, "cut.png cannot be read as an image", "truncated or damaged")
+
+
+def test_a_png_bomb_is_named_as_too_large_not_as_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIL's decompression-bomb refusal read "truncated or damaged ... copy or export it again"."""
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "big.png"
+    Image.fromarray(np.zeros((120, 100, 3), dtype=np.uint8)).save(png)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # PIL refuses over twice this: 12,000 pixels is a bomb
+    r = geoir("encode", str(png), "--out", str(tmp_path / "v.npy"), *BACKBONE)
+    assert_clean_error(r, 1, "big.png declares 12,000 pixels, too many for an image query", "crop or shrink it")
+    assert "damaged" not in r.output
 
 
 def test_encode_refuses_a_scene_whose_file_changed_since_it_was_tiled(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import click
@@ -110,8 +111,8 @@ def info(
         click.echo(json.dumps(data, indent=2))
         return
     m = bundle.model
-    click.echo(f"bundle   {data['path']}")
-    click.echo(
+    _say(f"bundle   {data['path']}")
+    _say(
         f"tiles    {data['counts']['tiles']} in {data['counts']['scenes']} scene(s); "
         f"size {bundle.params.size} px, stride {bundle.params.stride} px"
         + (f", gsd {bundle.params.gsd:g} m" if bundle.params.gsd else "")
@@ -119,16 +120,16 @@ def info(
     if m:
         code = f", {m['bits']}-bit codes" if m.get("bits") else ""
         code += ", averaged over 8 turns (--tta)" if m.get("backbone_tta") else ""
-        click.echo(
+        _say(
             f"model    {m.get('name')} ({m['backbone']}, {m['embedding_dim']}-d embedding{code}); "
             f"fingerprint {m['fingerprint'][:12]}"
         )
     else:
-        click.echo("model    none (not encoded)")
+        _say("model    none (not encoded)")
     for kind, d in data["index"].items():
         state = d.get("problem") or f"{d['vectors']} vectors"
-        click.echo(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {state}, {_human_bytes(d['bytes'])}")
-    click.echo(f"size     {_human_bytes(data['bytes']['total'])} on disk")
+        _say(f"index    {kind}: {d['factory'] or 'exact (flat)'}, {state}, {_human_bytes(d['bytes'])}")
+    _say(f"size     {_human_bytes(data['bytes']['total'])} on disk")
     for s in data["scenes"]:
         flag = "" if s["encoded"] else "  (not encoded)"
         read = f"bands {','.join(map(str, s['bands']))}"
@@ -136,7 +137,7 @@ def info(
             pairs = [f"{lo:.6g}..{hi:.6g}" for lo, hi in zip(s["stretch"]["low"], s["stretch"]["high"], strict=True)]
             read += f", {s['dtype']} stretched {pairs[0] if len(set(pairs)) == 1 else ' '.join(pairs)}"
             read += ", fixed" if s["stretch"].get("fixed") else ""
-        click.echo(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}  ({read})")
+        _say(f"scene    {s['id']}  {s['tiles']:>7} tiles  {s['crs']:<12} {s['path']}{flag}  ({read})")
 
 
 def _human_bytes(n: int) -> str:
@@ -166,6 +167,15 @@ def _target(ctx: click.Context, target: str, model_file: str | None) -> tuple[st
     return target, None
 
 
+def _say(line: str) -> None:
+    """Echo a line of text whose parts come from files (a model's name, a scene's path): their control
+    characters shown escaped, so a newline or a terminal escape in a received file cannot forge a line."""
+    click.echo(_CONTROL.sub(lambda m: repr(m.group())[1:-1], line))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _model_info(model_file: str, as_json: bool, weights: str | None = None, download: bool = False) -> None:
     """What a model file records: :meth:`Model.describe` and its metadata (recipe, data, split, history)."""
     from geoir.encoding.model import load_model
@@ -183,12 +193,12 @@ def _model_info(model_file: str, as_json: bool, weights: str | None = None, down
         click.echo(json.dumps({"model": desc, "meta": meta}, indent=2, default=str))
         return
     head = desc["head"] or {}
-    click.echo(f"model       {desc['name']} ({desc['path']})")
-    click.echo(f"fingerprint {desc['fingerprint'][:12]}")
+    _say(f"model       {desc['name']} ({desc['path']})")
+    _say(f"fingerprint {desc['fingerprint'][:12]}")
     pre = desc["preprocess"]
     taps = desc["backbone_taps"]
     pooled = f"blocks {', '.join(map(str, taps))} and the head, pooled" if taps else "the head, pooled"
-    click.echo(
+    _say(
         f"backbone    {desc['backbone']}, {desc['feature_dim']} features ({pooled}); "
         f"input {pre['input_size'][0]} px, {pre['interpolation']}"
         + (", 8 turns averaged" if desc["backbone_tta"] else "")
@@ -203,7 +213,15 @@ def _model_info(model_file: str, as_json: bool, weights: str | None = None, down
         parts.append(f"retention {head['retain']:.2f} rad")
     if head.get("fuse"):
         parts.append(f"the code's continuous output in the float embedding at weight {head['fuse']:g}")
-    click.echo(f"head        {model.kind}: {', '.join(parts)}")
+    _say(f"head        {model.kind}: {', '.join(parts)}")
+    try:
+        _meta_lines(meta)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        _say(f"meta        (not as geoir writes it: {type(exc).__name__}: {str(exc)[:80]}; the file was edited?)")
+
+
+def _meta_lines(meta: dict) -> None:  # type: ignore[type-arg]
+    """The lines of ``geoir info MODEL`` that come from its training record."""
     recipe = meta.get("recipe")
     if recipe:
         from geoir.errors import GeoirError
@@ -214,17 +232,17 @@ def _model_info(model_file: str, as_json: bool, weights: str | None = None, down
         except (GeoirError, TypeError):  # a recipe this release cannot read: as recorded
             shown = {k: v for k, v in recipe.items() if k != "options" and v is not None}
         opts = " ".join(f"{k}={v}" for k, v in shown.items())
-        click.echo(f"recipe      {opts}" + (f" options={recipe['options']}" if recipe.get("options") else ""))
+        _say(f"recipe      {opts}" + (f" options={recipe['options']}" if recipe.get("options") else ""))
     data = meta.get("data")
     if data:
         digest = f" (items sha256 {data['items_sha256'][:12]})" if data.get("items_sha256") else ""
-        click.echo(
+        _say(
             f"data        {data.get('dataset')}: {data.get('samples')} samples, {data.get('classes')} classes{digest}"
             + (" of --tta features (encode with --tta)" if data.get("features_tta") else "")
         )
     split = meta.get("split")
     if split:
-        click.echo(
+        _say(
             f"held out    {len(split.get('test_items', []))} for evaluation "
             f"(test fraction {split.get('test_fraction')}, seed {split.get('seed')})"
         )
@@ -232,7 +250,7 @@ def _model_info(model_file: str, as_json: bool, weights: str | None = None, down
         if isinstance(h, dict) and h.get("best_val_mAP") is not None:
             refit = h.get("refit")
             again = f"; then re-trained on all {refit['items']} items" if isinstance(refit, dict) else ""
-            click.echo(f"validation  {part}: mAP {h['best_val_mAP']:.3f} at epoch {h.get('best_epoch')}{again}")
+            _say(f"validation  {part}: mAP {h['best_val_mAP']:.3f} at epoch {h.get('best_epoch')}{again}")
 
 
 def _index_state(path: Path, expected: int) -> dict[str, object]:

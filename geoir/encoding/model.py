@@ -283,6 +283,12 @@ def load_model(
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path} is not a geoir model file; pass a file written by `geoir train`")
+    damage = _payload_damage(payload)
+    if damage:
+        raise ModelError(
+            f"{path} is a damaged geoir model file ({damage}); train it again with `geoir train`, or get the file "
+            "again from where it came"
+        )
     spec = payload["backbone"]
     if backbone is not None and canonical_backbone_name(backbone) != spec["name"]:
         raise ModelError(f"{path} was trained on backbone {spec['name']}, not {backbone}; drop --backbone")
@@ -320,6 +326,34 @@ def load_model(
     meta["path"] = str(path.resolve())
     bb.tta = tta
     return Model(bb, head, payload["head_config"], meta)
+
+
+def _payload_damage(payload: dict[str, Any]) -> str | None:
+    """What is wrong with the parts of a model file that loading reads, if anything (None: nothing)."""
+    spec = payload.get("backbone")
+    if not isinstance(spec, dict):
+        return "no backbone description"
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("fingerprint"), str):
+        return "the backbone has no name or fingerprint"
+    taps = spec.get("taps", ())
+    if not isinstance(taps, list | tuple) or not all(isinstance(t, int) and not isinstance(t, bool) for t in taps):
+        return "the backbone's taps are not a list of stage numbers"
+    pre = spec.get("preprocess", {})
+    if not isinstance(pre, dict):
+        return "the backbone's preprocessing is not a mapping"
+    size = pre.get("input_size", (3, 224, 224))
+    if not (isinstance(size, list | tuple) and all(isinstance(n, int) and 0 < n <= 8192 for n in size)):
+        return f"an input size of {str(size)[:40]} pixels"  # each image would be resized to it
+    config, state = payload.get("head_config"), payload.get("head_state")
+    if config is not None and not isinstance(config, dict):
+        return "the head's config is not a mapping"
+    if config is not None and not isinstance(state, dict):
+        return "a head without weights"
+    if config is not None and not (isinstance(config.get("in_dim", 0), int) and config.get("in_dim", 0) >= 0):
+        return "the head's input size is not a whole number"
+    if not isinstance(payload.get("meta") or {}, dict):
+        return "its description (meta) is not a mapping"
+    return None
 
 
 def model_for_bundle(

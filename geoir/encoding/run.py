@@ -43,7 +43,15 @@ def encode_catalogued_scene(
     """Encode the catalogued tiles of one committed scene without vectors (``rec``, its catalog record) into
     the in-memory indexes (the caller flushes them); returns the number of tiles encoded."""
     scene = Scene.from_record(rec)
-    if Path(scene.path).exists() and content_fingerprint(scene.path) != scene.fingerprint:
+    if not Path(scene.path).is_file():
+        # Not handed to GDAL: a path it would read over the network (/vsicurl/...) in a received bundle, or a
+        # file moved away.
+        raise SceneError(
+            f"{scene.path} can no longer be read (no such file here); was it moved? Tile it where it is now (`geoir "
+            f"tile NEW_PATH --index {bundle.path}` updates its path), or take it out of the bundle (`geoir remove "
+            f"{Path(scene.path).name} --index {bundle.path}`)"
+        )
+    if content_fingerprint(scene.path) != scene.fingerprint:
         # Its tiles' footprints and ids are those of the file as it was: other pixels must not fill them.
         raise SceneError(
             f"{scene.path} changed since it was tiled into {bundle.path} (scene {scene.id}); run "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def _check_whole_png(p: Path) -> None:
     try:
         with PILImage.open(p) as im:
             im.verify()
+    except PILImage.DecompressionBombError as exc:
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(declared[1]):,} pixels" if declared else "more pixels than PIL allows"
+        raise QueryError(
+            f"{p} declares {size}, too many for an image query (a decompression bomb?); crop or shrink it to "
+            "the place you are looking for"
+        ) from exc
     except Exception as exc:  # PIL raises OSError or SyntaxError for a damaged file
         raise QueryError(
             f"{p} cannot be read as an image (truncated or damaged: {exc}); copy or export it again"

@@ -13,7 +13,7 @@ Every head is serialisable as ``(config(), state_dict())``: ``config()`` is a sm
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -462,9 +462,22 @@ def head_from_config(config: dict[str, Any], state_dict: dict[str, Tensor] | Non
         raise ModelError(f"head config {config!r} has no 'name'; valid heads: {', '.join(sorted(HEADS))}")
     cls = get_head(name)
     try:
-        head = cls(**cfg)
-    except TypeError as exc:
-        raise ModelError(f"bad config for head {name!r}: {exc}") from None
+        # Sized on the meta device first (no memory): a model file's config must not allocate more than the
+        # weights it holds (an 18 kB file asking for a 21 GB layer), and its numbers may be anything.
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in cls(**cfg).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ModelError(f"bad config for head {name!r}: {str(exc)[:200]}") from None
+    if state_dict is not None:
+        if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+            raise ModelError(f"the weights of head {name!r} are not a state dict of tensors")
+        given = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if given != shapes:
+            wrong = sorted(set(given) ^ set(shapes)) or [k for k in shapes if shapes[k] != given[k]]
+            raise ModelError(
+                f"weights do not fit head {name!r} with config {str(config)[:200]}: {wrong[0]!r:.80} differs"
+            )
+    head = cls(**cfg)
     if state_dict is not None:
         try:
             head.load_state_dict(state_dict)
