@@ -411,6 +411,58 @@ def test_vector_files_edited_to_lie_are_named_not_a_traceback(
     assert_clean_error(r, 1, f"{vec} is corrupt", "geoir encode --index")
 
 
+def test_a_received_vrt_cannot_make_geoir_fetch_a_url(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
+    """A VRT query or examples file naming a /vsicurl/ source had GDAL send requests to that server (a beacon
+    telling whoever made the file when and where it was opened) before the command failed."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            requests.append(self.requestline)
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"/vsicurl/http://127.0.0.1:{server.server_port}"
+    try:
+        index = tmp_path / "idx"
+        assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
+        raster = tmp_path / "q.vrt"
+        raster.write_text(
+            '<VRTDataset rasterXSize="64" rasterYSize="64"><SRS>EPSG:32618</SRS>'
+            "<GeoTransform>500000,10,0,4005120,0,-10</GeoTransform>"
+            f'<VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename>{url}/q.tif</SourceFilename>'
+            "<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>"
+        )
+        vector = tmp_path / "examples.vrt"
+        vector.write_text(
+            f'<OGRVRTDataSource><OGRVRTLayer name="a"><SrcDataSource>{url}/a.geojson</SrcDataSource>'
+            "</OGRVRTLayer></OGRVRTDataSource>"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "CPL_VSIL_CURL_ALLOWED_EXTENSIONS"}
+        for query in ([str(raster)], ["--examples", str(vector)]):
+            args = ["-m", "geoir", "-q", "search", *query, "--index", str(index), "--out", "-", *BACKBONE]
+            r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+            assert r.returncode == 1 and r.stderr.startswith("Error: "), r.stderr
+        assert requests == []
+        # The variable is the user's to set: with it, GDAL may fetch (the server was reachable all along).
+        env["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"] = ".tif"
+        args = ["-m", "geoir", "-q", "search", str(raster), "--index", str(index), "--out", "-", *BACKBONE]
+        subprocess.run([sys.executable, *args], capture_output=True, env=env, timeout=300)
+        assert requests and "q.tif" in requests[0]
+    finally:
+        server.shutdown()
+
+
 def test_atomic_target_removes_its_temp_file_and_the_folders_it_made(tmp_path: Path) -> None:
     from geoir.io.files import atomic_target, atomic_write_text
 

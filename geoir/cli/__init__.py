@@ -25,6 +25,9 @@ from geoir.errors import GeoirError, user_message
 #: Reading a scene lowers the cache to what a row of its tiles needs (:func:`geoir.io.scene.fit_block_cache`).
 GDAL_CACHE_MB = 256
 
+#: The only extension GDAL's network file systems may fetch in a geoir command: none that exists.
+NO_NETWORK_EXTENSION = ".geoir-reads-local-files-only"
+
 #: Built-in subcommands: name -> "module:attribute".
 COMMANDS = {
     "tile": "geoir.cli.tile:tile",
@@ -117,6 +120,10 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     # suffice: this sets a ceiling before any GDAL call, and each scene's reader lowers the cache to what
     # its block layout needs, so memory follows a scene's width, not its area.
     os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
+    # geoir reads local files only: GDAL's network file systems (/vsicurl/, /vsis3/ and the others built on
+    # it) are shut, so that a received VRT, vector file or catalog naming a URL cannot make this machine
+    # fetch it. GDAL then finds no file of any other extension there. Set the variable yourself to open them.
+    os.environ.setdefault("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", NO_NETWORK_EXTENSION)
     handler = _BarSafeHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter("%(message)s"))
     log = logging.getLogger("geoir")
