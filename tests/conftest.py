@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,19 @@ def needs_repo_file(*names: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         bool(missing), reason=f"needs {', '.join(missing)} from a geoir checkout or sdist (not found under {REPO})"
     )
+
+
+@contextlib.contextmanager
+def editing_catalog(index: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to a bundle's catalog.gpkg for a test to damage it by hand, committed on leaving.
+
+    GDAL's R-tree triggers call its SQL functions, which plain sqlite3 lacks: stand-ins for such edits.
+    """
+    with contextlib.closing(sqlite3.connect(index / "catalog.gpkg")) as con, con:
+        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
+        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
+            con.create_function(f, 1, lambda _g: 0.0)
+        yield con
 
 
 def scenes_manifest() -> list[dict]:

@@ -24,7 +24,7 @@ from geoir.cli import cli
 from geoir.errors import BundleError, GeoirError, SceneError, user_message
 from geoir.index.bundle import Bundle, discard_if_unused
 from geoir.io.scene import open_scene
-from tests.conftest import MakeGeoTiff, truncated
+from tests.conftest import MakeGeoTiff, editing_catalog, truncated
 
 BACKBONE = ["--model", "backbone", "--backbone", "test", "--device", "cpu"]
 
@@ -149,10 +149,7 @@ def test_scene_gone_since_tiling_is_named_without_worker_traceback(make_geotiff:
     assert_clean_error(r, 1, "gone.tif can no longer be read", "geoir remove gone.tif --index")
     assert "DataLoader" not in r.output and "Original Traceback" not in r.output
     # A path that is no local file is not handed to GDAL: a received catalog's /vsicurl/ path would be fetched.
-    with sqlite3.connect(index / "catalog.gpkg") as con:
-        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
-        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
-            con.create_function(f, 1, lambda _g: 0.0)
+    with editing_catalog(index) as con:
         (record,) = con.execute("SELECT record FROM scenes").fetchone()
         url = "/vsicurl/http://127.0.0.1:9/gone.tif"
         con.execute("UPDATE scenes SET path = ?, record = ?", (url, json.dumps({**json.loads(record), "path": url})))
@@ -930,15 +927,10 @@ def test_bundle_files_of_the_wrong_kind_are_named(make_geotiff: MakeGeoTiff, tmp
 @pytest.mark.parametrize("record", ["{bad", "{}", "[1, 2]"])
 def test_a_damaged_scene_record_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path, record: str) -> None:
     """An edited catalog row gave JSONDecodeError or KeyError tracebacks in info and search."""
-    import sqlite3
 
     index = tmp_path / "idx"
     assert geoir("tile", str(make_geotiff()), "--index", str(index), *BACKBONE).exit_code == 0
-    with sqlite3.connect(index / "catalog.gpkg") as con:
-        # GDAL's R-tree triggers call its SQL functions, which plain sqlite3 lacks: stand-ins for this edit.
-        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
-        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
-            con.create_function(f, 1, lambda _g: 0.0)
+    with editing_catalog(index) as con:
         con.execute("UPDATE scenes SET record = ?", (record,))
     r = geoir("info", "--index", str(index))
     assert_clean_error(r, 1, "catalog.gpkg: the record of scene row 1 is damaged", "restore the file")

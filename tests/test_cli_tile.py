@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 from geoir.cli import cli
 from geoir.index.bundle import Bundle, tile_footprint_native
 from geoir.tiling.grid import tile_count
-from tests.conftest import MakeGeoTiff, needs_qgis, qgis_probe
+from tests.conftest import MakeGeoTiff, editing_catalog, needs_qgis, qgis_probe
 
 
 def run(*args: str) -> object:
@@ -568,7 +567,6 @@ def test_a_scene_id_that_is_not_one_is_refused_not_used_as_a_file_name(
 ) -> None:
     """Scene ids name the vectors files: one edited into a path made `geoir remove` delete, and `geoir encode`
     write, a .npz outside the bundle."""
-    import sqlite3
 
     scene = make_geotiff()
     index = tmp_path / "idx"
@@ -577,11 +575,7 @@ def test_a_scene_id_that_is_not_one_is_refused_not_used_as_a_file_name(
     victim.mkdir()
     (victim / "thesis.npz").write_text("mine")
     bad_id = bad_id.replace("/abs", str(tmp_path))
-    with contextlib.closing(sqlite3.connect(index / "catalog.gpkg")) as con, con:
-        # GDAL's R-tree triggers call its SQL functions, which plain sqlite3 lacks: stand-ins for this edit.
-        con.create_function("ST_IsEmpty", 1, lambda _g: 1)
-        for f in ("ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
-            con.create_function(f, 1, lambda _g: 0.0)
+    with editing_catalog(index) as con:
         ((record,),) = con.execute("SELECT record FROM scenes").fetchall()
         record = json.loads(record)
         record["id"] = bad_id
