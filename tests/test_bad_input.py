@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -543,6 +544,41 @@ def test_a_failed_run_leaves_a_bundle_another_process_created_meanwhile(tmp_path
     assert late._create_manifest() is False
     assert json.loads((new / "manifest.json").read_text())["created"] != "later"
     assert sorted(p.name for p in new.iterdir()) == ["manifest.json"]
+
+
+def test_a_failed_run_leaves_its_new_bundle_to_a_run_that_opened_it_and_writes_it(tmp_path: Path) -> None:
+    # Two runs start on one new --index: this one creates the bundle, the other opens it and takes its lock
+    # (a second lock on the file stands in for the other process: flock conflicts across open files), then
+    # this one fails before its first tile. Removing the bundle then deleted the other run's work.
+    for existed in (False, True):
+        new = tmp_path / f"new{int(existed)}"
+        if existed:
+            new.mkdir()
+        with contextlib.ExitStack() as other_run:
+            with pytest.raises(BundleError, match="being written by another"), discard_if_unused(new):
+                Bundle.open_or_create(new, None)
+                other_run.enter_context(Bundle.open(new).lock())
+                with Bundle.open(new).lock():
+                    pass
+            assert (new / "manifest.json").exists()
+        # Once nobody writes it, a failed run that created a bundle removes it (or empties the folder) ...
+        shutil.rmtree(new)
+        if existed:
+            new.mkdir()
+        with pytest.raises(GeoirError), discard_if_unused(new):
+            Bundle.open_or_create(new, None)
+            opened_meanwhile = Bundle.open(new)
+            raise GeoirError("this run failed")
+        assert not new.exists() or list(new.iterdir()) == []
+        # ... and a run that had opened it then says so, rather than writing into a removed bundle.
+        with (
+            pytest.raises(BundleError, match=r"removed by another geoir process .* run this command again"),
+            opened_meanwhile.lock(),
+        ):
+            pass
+        # A lock file left by that is no obstacle to a new bundle there.
+        assert not new.exists() or [p.name for p in new.iterdir()] in ([], [".lock"])
+        Bundle.check_new_location(new)
 
 
 def test_a_bundle_that_cannot_be_written_is_named_by_writers(

@@ -95,7 +95,7 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
         return
     existed = p.is_dir()
-    if existed and any(p.iterdir()):
+    if existed and _holds_files(p):
         yield  # not a bundle, and not empty: creating one there is refused, and nothing of it is ours
         return
     created: set[str] = set()
@@ -104,20 +104,44 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            tiles = json.loads((p / MANIFEST).read_text())["counts"]["tiles"] if (p / MANIFEST).exists() else 0
-            if tiles == 0 and p.is_dir() and str(p.resolve()) in created:
-                if existed:
-                    for child in p.iterdir():
-                        if child.is_dir():
-                            shutil.rmtree(child)
-                        else:
-                            child.unlink()
-                else:
-                    shutil.rmtree(p)
-                log.debug("removed the unused new bundle %s", p)
+            if p.is_dir() and str(p.resolve()) in created:
+                _remove_if_unused(p, existed)
         raise
     finally:
         _CREATED_HERE.reset(token)
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether a folder holds anything but a lock file (which a run that lost a race to create a bundle there
+    may leave behind): an empty folder may become a bundle."""
+    return any(child.name not in (".lock", ".index.lock") for child in folder.iterdir())
+
+
+def _remove_if_unused(p: Path, existed: bool) -> None:
+    """Remove (or empty, where the folder ``existed``) the new bundle at ``p`` unless it holds tiles or another
+    process writes it: one that started on the same new --index may have opened this bundle and be tiling into
+    it, its first tile not yet committed. The removal holds the bundle's lock, so no writer starts meanwhile."""
+    fd = os.open(p / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.debug("kept the new bundle %s: another geoir process is writing it", p)
+            return
+        mf = p / MANIFEST
+        if mf.exists() and json.loads(mf.read_text())["counts"]["tiles"]:
+            return
+        if existed:
+            for child in p.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        else:
+            shutil.rmtree(p)
+        log.debug("removed the unused new bundle %s", p)
+    finally:
+        os.close(fd)
 
 
 def _check_manifest(manifest: dict[str, Any], mf: Path) -> None:
@@ -296,7 +320,7 @@ class Bundle:
         p = Path(path)
         if (p / MANIFEST).exists():
             return
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        if p.exists() and (not p.is_dir() or _holds_files(p)):
             raise BundleError(f"{p} exists and is not a geoir bundle; pass an empty or new --index directory")
         check_writable_folder(p, "the index directory", BundleError)
 
@@ -328,6 +352,8 @@ class Bundle:
             raise BundleError(
                 f"{lock_path} is a folder, but geoir uses a file of that name to lock the bundle; remove that folder"
             ) from exc
+        except FileNotFoundError as exc:
+            raise self._removed_meanwhile() from exc
         except OSError as exc:
             raise BundleError(
                 f"cannot write {self.path} ({exc.strerror}); adding or removing scenes needs write access to the "
@@ -340,6 +366,8 @@ class Bundle:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise BundleError(f"{self.path} is being written by another geoir process; wait for it") from exc
                 raise
+            if not (self.path / MANIFEST).exists():
+                raise self._removed_meanwhile()
             try:
                 yield
             except BaseException:
@@ -356,6 +384,14 @@ class Bundle:
                 ) from exc
         finally:
             os.close(fd)
+
+    def _removed_meanwhile(self) -> BundleError:
+        # Another run that created this new bundle failed before its first tile, and removed it after this
+        # process had opened it (see discard_if_unused).
+        return BundleError(
+            f"{self.path} was removed by another geoir process (a run that created it and failed) while this one "
+            "opened it; run this command again"
+        )
 
     def check_writable(self) -> None:
         """Raise unless scenes could be added: the bundle's folder and files writable (creates nothing).
