@@ -174,11 +174,15 @@ def test_python_api_refuses_what_python_would_take_silently(make_geotiff: MakeGe
         (({"hits_merged": hits.hits}, tmp_path / "h.gpkg", "gpkg"), "a dict with a 'hits' GeoDataFrame"),
         (({"hits": hits.hits, "other": hits.hits}, tmp_path / "h.gpkg", "gpkg"), "'other' must be one of hits"),
         ((hits, 5, "gpkg"), "out must be a path"),
+        # The pairing the command line refuses: GeoJSON in a .gpkg file, which QGIS would not open.
+        ((hits, tmp_path / "w.gpkg", "geojson"), "fmt 'geojson' contradicts .*w.gpkg, whose suffix names gpkg"),
+        ((hits, tmp_path / "w.shp"), "cannot tell the format of .*w.shp from its suffix"),
     ):
         with pytest.raises(QueryError, match=message):
             write_layers(*args)  # type: ignore[arg-type]
-    # A search's Hits, as they are: its three layers.
-    write_layers(hits, tmp_path / "h.gpkg", "gpkg")
+    assert not list(tmp_path.glob("w.*"))
+    # A search's Hits, as they are: its three layers, in the format the suffix names.
+    write_layers(hits, tmp_path / "h.gpkg")
     with sqlite3.connect(tmp_path / "h.gpkg") as con:
         names = {r[0] for r in con.execute("SELECT table_name FROM gpkg_contents")}
     assert names == {"hits", "hits_merged", "query", "layer_styles"}

@@ -191,12 +191,13 @@ def _counter_clockwise(df: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 def write_layers(
     layers: Mapping[str, gpd.GeoDataFrame] | Any,
     out: str | os.PathLike[str],
-    fmt: str,
+    fmt: str | None = None,
     overwrite: bool = False,
     layer: str = "hits",
 ) -> None:
     """Write a search's layers (``hits``, ``hits_merged``, ``query``): a dict of them, or the
-    :class:`~geoir.retrieval.engine.Hits` of a search (all three), in ``fmt`` ``gpkg``, ``geojson`` or ``fgb``.
+    :class:`~geoir.retrieval.engine.Hits` of a search (all three), in ``fmt`` ``gpkg``, ``geojson`` or ``fgb``
+    (by default the one ``out``'s suffix names: ``.gpkg``, ``.geojson``/``.json``, ``.fgb``; ``-`` is GeoJSON).
 
     GeoPackage holds every layer in one file, named after ``layer`` (:func:`gpkg_layer_names`); an existing
     GeoPackage keeps its other layers, and its layers of the same names are replaced only with ``overwrite``.
@@ -209,11 +210,19 @@ def write_layers(
         QueryError: The output exists and ``overwrite`` is false, or cannot be written.
     """
     layers = _check_layers(layers)
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise QueryError(f"fmt {fmt!r:.40} is not an output format; give one of {', '.join(FORMATS)}")
     if not isinstance(out, str | os.PathLike):
         raise QueryError(f"out must be a path (str or pathlib.Path) or '-' for stdout, got {out!r:.60}")
     out = os.fspath(out)
+    named = suffix_format(out)
+    if fmt is None:
+        if named is None:
+            raise QueryError(f"cannot tell the format of {out} from its suffix; use .gpkg, .geojson or .fgb, or fmt")
+        fmt = named
+    elif named is not None and fmt != named:
+        # (GeoJSON in a .gpkg file: QGIS would refuse it.)
+        raise QueryError(f"fmt {fmt!r} contradicts {out}, whose suffix names {named}; leave fmt out, or change it")
     # Exterior rings counter-clockwise, holes clockwise, in every format: RFC 7946 requires it of GeoJSON,
     # and the catalog's rings run clockwise or not with the raster's orientation (south-up flips them).
     layers = {name: _counter_clockwise(df) for name, df in layers.items()}
