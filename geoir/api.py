@@ -236,6 +236,8 @@ def _query_items(value: object, name: str) -> list[str | os.PathLike | np.ndarra
             out.append(int(v))
         elif isinstance(v, str) and (tid := tile_ref(v)) is not None:
             out.append(tid)
+        elif isinstance(v, str | os.PathLike) and _empty_path(v):
+            raise QueryError(f"{name} holds an empty path; {_QUERY_KINDS}")
         elif isinstance(v, str | os.PathLike | np.ndarray):
             out.append(v)
         else:
@@ -249,20 +251,28 @@ def _path_arg(value: object, name: str) -> PathLike:
     """A path argument (str or os.PathLike), or a GeoirError naming it."""
     if not isinstance(value, str | os.PathLike):
         raise GeoirError(f"{name} must be a path (str or pathlib.Path), got {value!r:.60}")
+    if _empty_path(value):
+        raise GeoirError(f"{name} is an empty path; name the bundle's folder")
     return value
+
+
+def _empty_path(value: str | os.PathLike) -> bool:
+    """Whether a path is the empty string: pathlib reads it as the current folder (``Path("") == Path(".")``),
+    which would tile every raster below it."""
+    return os.fspath(value) == ""
 
 
 def _paths(scenes: Sequence[PathLike] | PathLike, name: str) -> list[PathLike]:
     """One path given alone is a list of one (a str is a sequence of characters, not of paths); anything
     but paths is refused, naming the argument ``name``."""
-    if isinstance(scenes, str | os.PathLike):
-        return [scenes]
-    if not isinstance(scenes, Iterable) or isinstance(scenes, bytes | np.ndarray | Mapping):
+    if not isinstance(scenes, str | os.PathLike | Iterable) or isinstance(scenes, bytes | np.ndarray | Mapping):
         raise GeoirError(f"{name} must be a path or a list of paths (str or pathlib.Path), got {_short(scenes)}")
-    out = list(scenes)
+    out = [scenes] if isinstance(scenes, str | os.PathLike) else list(scenes)
     for p in out:
         if not isinstance(p, str | os.PathLike):
             raise GeoirError(f"{name} must hold paths (str or pathlib.Path), not {_short(p)}")
+        if _empty_path(p):
+            raise GeoirError(f"{name} holds an empty path; name files, globs or folders")
     return out
 
 

@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 from geoir.cli import cli
 from geoir.errors import BundleError, GeoirError, SceneError, user_message
 from geoir.index.bundle import Bundle, discard_if_unused
-from geoir.io.scene import open_scene
+from geoir.io.scene import expand_inputs, open_scene
 from tests.conftest import MakeGeoTiff, editing_catalog, truncated
 
 BACKBONE = ["--model", "backbone", "--backbone", "test", "--device", "cpu"]
@@ -982,3 +982,91 @@ def test_a_manifest_model_without_fingerprint_is_named(make_geotiff: MakeGeoTiff
     (index / "manifest.json").write_text(json.dumps(manifest))
     r = geoir("tile", str(make_geotiff("b.tif", seed=5)), "--index", str(index), *BACKBONE)
     assert_clean_error(r, 1, "manifest.json is corrupt (bad or missing model fingerprint)")
+
+
+def test_chips_that_a_run_exported_into_the_scenes_folder_are_not_scenes_of_the_next_run(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    # A re-run over the folder indexed every chip as a scene of its own: each place twice.
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    scene = make_geotiff("scenes/a.tif")
+    index = tmp_path / "idx"
+    args = ["tile", str(scenes), "--index", str(index), *BACKBONE]
+    assert geoir(*args, "--export-chips", str(scenes / "chips")).exit_code == 0
+    assert len(list((scenes / "chips").glob("*.tif"))) == 4 and (scenes / "chips" / ".geoir-chips").is_file()
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert f"{scenes / 'chips'}: left out, chips that geoir tile --export-chips wrote" in r.output
+    assert [s["path"] for s in Bundle.open(index).scene_records()] == [str(scene)]
+    # Named itself, the chips folder is tiled: the user asks for it.
+    r = geoir("tile", str(scenes / "chips"), "--index", str(tmp_path / "chips-idx"), *BACKBONE)
+    assert r.exit_code == 0, r.output
+    assert len(Bundle.open(tmp_path / "chips-idx").scene_records()) == 4
+
+
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geoir as api
+
+    # `geoir tile "$SCENES"` with the variable unset tiled every raster below the current folder, exit 0.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    scene = make_geotiff("here/a.tif")
+    for args, what in (
+        (["tile", ""], "SCENE..."),
+        (["tile", str(scene), "--index", ""], "--index"),
+        (["tile", str(scene), "--index="], "--index"),
+        (["search", "", "--out", "h.gpkg"], "QUERY..."),
+        (["search", "tile:1", "--out", ""], "--out"),
+        (["encode", "", "--out", "v.npy"], "[IMAGE...]"),
+        (["info", ""], "[BUNDLE|MODEL]"),
+        (["remove", ""], "SCENE"),
+        (["train", "", "--out", "m.pt"], "DATASET"),
+    ):
+        r = geoir(*args)
+        assert_clean_error(r, 2, f"{what} is given an empty value (an unset shell variable?)")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["here"], args
+    model = api.load_model("backbone", backbone="test")
+    for scenes in ("", [str(scene), ""]):
+        with pytest.raises(GeoirError, match="scenes holds an empty path"):
+            api.tile(scenes, model=model)
+    with pytest.raises(SceneError, match="an empty path names no scene"):
+        expand_inputs([""])
+    with pytest.raises(GeoirError, match="index is an empty path"):
+        api.tile(str(scene), index="", model=model)
+    with pytest.raises(GeoirError, match="query holds an empty path"):
+        api.search("", model=model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_a_missing_input_file_is_bad_data_for_every_command(tmp_path: Path) -> None:
+    # README: a missing file exits 1, one line naming it. DATASET, --aoi and --examples gave click's usage error (2).
+    missing = str(tmp_path / "nosuch.gpkg")
+    for args in (
+        ["tile", missing],
+        ["search", missing, "--out", str(tmp_path / "h.gpkg")],
+        ["search", "tile:1", "--aoi", missing, "--out", str(tmp_path / "h.gpkg")],
+        ["search", "--examples", missing, "--out", str(tmp_path / "h.gpkg")],
+        ["encode", missing, "--out", str(tmp_path / "v.npy")],
+        ["train", missing, "--out", str(tmp_path / "m.pt")],
+        ["eval", missing, "--json", str(tmp_path / "r.json")],
+    ):
+        r = geoir(*args)
+        assert_clean_error(r, 1, missing)
+        assert "Usage:" not in r.output and r.output.count("\n") == 1, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_with_141_and_no_message() -> None:
+    # click exits 1 there, the code for bad data, which failed `set -o pipefail` scripts that read no further.
+    for args in (["info", "--json", "default"], ["search", "--help"]):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "geoir", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert p.stdout is not None
+        p.stdout.close()  # long before the command writes (its start-up takes a second)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 128 + signal.SIGPIPE, err
+        assert err == "", err

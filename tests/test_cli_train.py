@@ -618,8 +618,8 @@ def test_a_label_file_of_several_layers_is_read_by_the_layer_named(tmp_path: Pat
     invoke("train", f"{multi}:final", *args)
     data = load_model(out).meta["data"]
     assert data["samples"] == 16 and data["dataset"] == "multi.gpkg:final"
-    r = refused("train", f"{tmp_path / 'missing.gpkg'}:final", *args, "--overwrite", code=2)
-    assert "missing.gpkg:final does not exist" in r.output
+    r = refused("train", f"{tmp_path / 'missing.gpkg'}:final", *args, "--overwrite", code=1)
+    assert "missing.gpkg:final: no such file or folder ('DATASET'); check the path" in r.output
     # Search reads --examples and --aoi the same way.
     hits = tmp_path / "h.gpkg"
     search = ["search", "--index", str(index), "--out", str(hits), *TEST_BACKBONE]
@@ -863,6 +863,22 @@ def test_eval_reference_protocol_logs_its_own_figures(image_folder: Path, srl_mo
     # What the log says is what the report holds (before, the log showed the seen protocol's figures).
     assert "reference seed 0 backbone float" in r.output and "seen seed" not in r.output
     assert f"{backbone:.4f}" in r.output
+
+
+def test_eval_json_dash_prints_the_report_on_stdout_and_the_table_on_stderr(
+    image_folder: Path, srl_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--json -` wrote a file named "-" (replacing one there without --overwrite).
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(
+        cli, ["-q", "eval", str(image_folder), "--model", str(srl_model), "--protocol", "seen", "--seeds", "0",
+              "--json", "-"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["model_file"] == str(srl_model) and set(report["protocols"]) == {"seen"}
+    assert "| seen | srl float |" in r.stderr and "| seen |" not in r.stdout
+    assert not (tmp_path / "-").exists()
 
 
 def test_eval_papers_protocols_score_one_head_per_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

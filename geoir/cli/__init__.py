@@ -64,6 +64,14 @@ class GeoirGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            _refuse_empty_arguments(f"{ctx.info_name} {name}", cmd, rest)
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -83,6 +91,32 @@ class GeoirGroup(click.Group):
             # shell's 130 (128 + SIGINT), as for a process the signal killed, not click's 1 for an error.
             click.echo("\nAborted!", err=True)
             raise SystemExit(128 + signal.SIGINT) from None
+
+
+def _refuse_empty_arguments(prog: str, cmd: click.Command, args: list[str]) -> None:
+    """Refuse an empty argument before the command parses it: to a path option or argument "" is the current
+    folder, so ``geoir tile "$SCENES"`` with the variable unset tiled every raster below it; no geoir option
+    takes an empty value."""
+    takes_value = {
+        opt
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.is_flag and not p.count
+        for opt in (*p.opts, *p.secondary_opts)
+    }
+    arguments = [p for p in cmd.params if isinstance(p, click.Argument)]
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and arg.endswith("=") and arg[:-1] in takes_value:
+            what = arg[:-1]
+        elif arg == "" and i and args[i - 1] in takes_value:
+            what = args[i - 1]
+        elif arg == "":
+            what = " or ".join(p.human_readable_name for p in arguments) or "an argument"
+        else:
+            continue
+        raise click.UsageError(
+            f"{what} is given an empty value (an unset shell variable?); name a file, folder or value. "
+            f"Try '{prog} -h' for help."
+        )
 
 
 class _StderrFormatter(logging.Formatter):
@@ -148,6 +182,16 @@ def _exit_on_termination() -> None:
 
 
 def main() -> None:
-    """The ``geoir`` console script."""
+    """The ``geoir`` console script.
+
+    A reader that closes the pipe early (``geoir search ... --out - | head``) ends the command with 141 (128 +
+    SIGPIPE), as the shell reports for a process killed by that signal, not click's 1 for bad data."""
     _exit_on_termination()
-    cli()
+    stdout = sys.stdout
+    try:
+        cli()
+    except SystemExit as exc:
+        # click swaps stdout for a wrapper that ignores flushes when a write met a closed pipe, and exits 1.
+        if exc.code == 1 and sys.stdout is not stdout:
+            raise SystemExit(128 + signal.SIGPIPE) from None
+        raise

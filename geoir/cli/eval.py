@@ -65,7 +65,11 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
     "--unseen-seeds", type=SeedsType(), default="0,1,2", show_default=True, help="Seeds of the unseen-class splits."
 )
 @click.option(
-    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Report file (JSON)."
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
+    required=True,
+    help="Report file (JSON); - writes it to stdout, and the table to stderr.",
 )
 @click.option(
     "--pr-curve",
@@ -144,6 +148,7 @@ def evaluate(
       $ geoir eval ucmerced/ --protocol test --protocol reference --json papers.json
       $ geoir eval ucmerced/ --tta --json report_tta.json
       $ geoir eval ucmerced/ --expand 5 --json report_expand5.json
+      $ geoir eval ucmerced/ --protocol seen --json - | jq .model_fingerprint
       $ geoir eval labels.gpkg --index geoir-index --model mine.pt --protocol seen --json mine.json
     """
     from geoir.cli.train import check_dataset_kind
@@ -165,7 +170,8 @@ def evaluate(
             "the curves are the seen protocol's (first seed); add --protocol seen, or leave --pr-curve out",
             param_hint="--pr-curve",
         )
-    refuse_existing(json_out, overwrite)
+    to_stdout = str(json_out) == "-"
+    refuse_existing(json_out, overwrite, stdout_ok=True)
     if pr_curve is not None:
         refuse_existing(pr_curve, overwrite)
     defaulted = ctx.get_parameter_source("protocol") == click.core.ParameterSource.DEFAULT
@@ -215,11 +221,14 @@ def evaluate(
     which = {"model": report["model"], "model_file": model_path or "default", "model_fingerprint": model.fingerprint}
     report = {**which, **report}
     # The table first: a report that cannot be written (a full disk) must not take the results with it.
-    click.echo(summary_table(report))
-    atomic_write_text(json_out, json.dumps(report, indent=1, default=float))
+    click.echo(summary_table(report), err=to_stdout)
     if pr_curve is not None:
         write_pr_curve(report, pr_curve)
-    log.info("%s written", json_out)
+    if to_stdout:
+        click.echo(json.dumps(report, indent=1, default=float))
+    else:
+        atomic_write_text(json_out, json.dumps(report, indent=1, default=float))
+        log.info("%s written", json_out)
 
 
 def _protocols_for(

@@ -133,9 +133,10 @@ def overwrite_option(f: F) -> F:
     return click.option("--overwrite", is_flag=True, help="Replace existing output files.")(f)
 
 
-def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    """Fail before any work when an output exists without --overwrite, or cannot be written."""
-    if str(path) == "-":
+def refuse_existing(path: str | Path, overwrite: bool, stdout_ok: bool = False) -> None:
+    """Fail before any work when an output exists without --overwrite, or cannot be written (``-`` is stdout
+    where ``stdout_ok``; elsewhere a file of that name)."""
+    if stdout_ok and str(path) == "-":
         return
     p = Path(path)
     try:

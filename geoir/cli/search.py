@@ -175,7 +175,7 @@ def search(
     try:
         gpkg_layer_names(layer)
     except QueryError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"--layer {layer!r} "), param_hint="'--layer'") from None
+        raise click.BadParameter(str(exc).removeprefix("--layer "), param_hint="'--layer'") from None
     if fmt == "gpkg":
         from geoir.output.writers import check_gpkg_target
 

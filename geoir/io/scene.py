@@ -943,11 +943,17 @@ def _inside_mask(native: Window, width: int, height: int, shape: tuple[int, int]
     return ((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :]
 
 
+#: The file ``geoir tile --export-chips`` leaves in a chips folder, so that a later run over a folder above it
+#: does not take the chips for scenes (each place would be indexed twice).
+CHIPS_MARKER = ".geoir-chips"
+
+
 def expand_inputs(inputs: Sequence[str], exclude: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
     """Expand files, globs and directories into a sorted, de-duplicated list of raster paths.
 
     A directory is searched recursively, leaving out hidden files and folders (a killed run's temp files
-    start with a dot) and the folders in ``exclude`` (e.g. where chips are written).
+    start with a dot), the folders in ``exclude`` (e.g. where chips are written) and the chips folders that
+    earlier runs exported there (marked by :data:`CHIPS_MARKER`; named itself, a chips folder is tiled).
 
     Raises:
         SceneError: An input matches nothing.
@@ -956,9 +962,18 @@ def expand_inputs(inputs: Sequence[str], exclude: Sequence[str | os.PathLike[str
 
     out: list[Path] = []
     for item in inputs:
+        if os.fspath(item) == "":
+            # pathlib reads "" as the current folder: every raster below it would be tiled.
+            raise SceneError("an empty path names no scene; name files, globs or folders")
         p = Path(item)
         if p.is_dir():
-            skip = [Path(e).resolve() for e in exclude]
+            chips = sorted(m.parent for m in p.rglob(CHIPS_MARKER) if m.parent != p and m.is_file())
+            if chips:
+                log.info(
+                    "%s: left out, chips that geoir tile --export-chips wrote (name the folder to tile them)",
+                    ", ".join(map(str, chips)),
+                )
+            skip = [Path(e).resolve() for e in (*exclude, *chips)]
             files = [
                 q
                 for q in p.rglob("*")

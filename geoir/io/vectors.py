@@ -85,5 +85,7 @@ class VectorPathType(click.ParamType):
             value = os.fspath(value)
         path, _ = split_layer(str(value))
         if not path.exists():
-            self.fail(f"{path} does not exist", param, ctx)
+            # A missing input is bad data, as for scenes and images (exit 1), not a usage error.
+            hint = f" ({param.get_error_hint(ctx)})" if param is not None and ctx is not None else ""
+            raise click.ClickException(f"{path}: no such file or folder{hint}; check the path")
         return Path(str(value))

@@ -16,8 +16,8 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
-from geoir.io.files import file_mode
-from geoir.io.scene import Scaling, Scene, band_numbers, expand_inputs, open_scene, stretch_scaling
+from geoir.io.files import atomic_write_text, file_mode
+from geoir.io.scene import CHIPS_MARKER, Scaling, Scene, band_numbers, expand_inputs, open_scene, stretch_scaling
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
 
@@ -424,6 +424,13 @@ def check_chip_names(scene: Scene, params: TilingParams) -> None:
 def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid: np.ndarray) -> Path:
     """Write a tile as a GeoTIFF (uint8 RGB as the model sees it, with its own transform, CRS and mask)."""
     out = chips_dir / chip_name(scene, tile)
+    marker = chips_dir / CHIPS_MARKER
+    if not marker.exists():
+        atomic_write_text(
+            marker,
+            "geoir tile --export-chips wrote the chips in this folder. A geoir tile run over a folder above it "
+            "leaves them out (they are tiles of scenes already indexed); name this folder to tile them.\n",
+        )
     fd, tmp = tempfile.mkstemp(dir=chips_dir, prefix=".chip.", suffix=".tif")
     os.fchmod(fd, file_mode(out))  # mkstemp makes it 0600: the umask's, as any file the user creates
     os.close(fd)
