@@ -73,7 +73,8 @@ from geoir.errors import GeoirError
     "--export-chips",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Also write every kept tile as a small GeoTIFF into this directory.",
+    help="Also write every kept tile as a small GeoTIFF into this directory (later runs over a folder above it "
+    "leave the chips out; name the directory itself to tile them).",
 )
 @model_options
 @batch_options
