@@ -142,7 +142,7 @@ def search(
             the next search with the same file: pass a model from :func:`load_model` to choose it yourself).
         negatives: Examples the results should move away from.
         bbox: Only tiles sharing ground with ``(west, south, east, north)`` in degrees (not those that only
-            touch it).
+            touch it; west > east: a box across the antimeridian).
         include_query_overlap: Keep tiles overlapping a georeferenced query.
         rotations: Match image queries in any of their four quarter turns (False: only as given).
         expand: Query expansion (``geoir search --expand``): search again with the first ``expand`` hits
@@ -179,18 +179,23 @@ def search(
 
 
 def encode_images(
-    images: Sequence[PathLike] | PathLike, model: Model | str | None = None, tta: bool | None = None
+    images: Sequence[PathLike] | PathLike,
+    model: Model | str | None = None,
+    tta: bool | None = None,
+    batch_size: int = 64,
 ) -> np.ndarray:
     """Embeddings of image files, one row each (``geoir encode IMAGE... --out``); ``tta``: each image as the
     mean features of its 8 flips and quarter turns (``geoir encode --tta``), for a loaded ``model`` given to
-    :func:`load_model` instead."""
+    :func:`load_model` instead; ``batch_size``: consecutive images of one size encoded together."""
     from geoir.io.images import read_image
 
     _flag(tta, "tta", ModelError, none=True)
     _check_tta(model, tta)
+    if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ModelError(f"batch_size must be a positive number of images, got {batch_size!r:.40}")
     paths = _paths(images, "images")
     m = model if isinstance(model, Model) else load_model(model, tta=bool(tta))
-    return m.concat([m.encode_image(read_image(p).rgb) for p in paths]).embedding
+    return m.encode_images((read_image(p).rgb for p in paths), batch_size).embedding
 
 
 #: The model the last search loaded for its bundle, by what identifies it: a notebook searching in a loop

@@ -77,7 +77,7 @@ def test_skip_unreadable_leaves_bad_files_out_and_tiles_the_rest(
     bundle = Bundle.open(index)
     assert [s["path"] for s in bundle.scene_records()] == [str(good)]
     assert len(bundle.tiles()) == 4 and len(bundle.vectors()["ids"]) == 4
-    assert sorted(p.name[:6] for p in chips.iterdir()) == ["a_good"] * 4  # none of b_cut's first row is left
+    assert sorted(p.name[:6] for p in chips.glob("*.tif")) == ["a_good"] * 4  # none of b_cut's first row is left
 
 
 def test_skip_unreadable_with_nothing_readable_fails_and_leaves_nothing(
@@ -1022,7 +1022,7 @@ def test_an_empty_argument_is_refused_not_read_as_the_current_folder(
         (["search", "tile:1", "--out", ""], "--out"),
         (["encode", "", "--out", "v.npy"], "[IMAGE...]"),
         (["info", ""], "[BUNDLE|MODEL]"),
-        (["remove", ""], "SCENE"),
+        (["remove", ""], "SCENE..."),
         (["train", "", "--out", "m.pt"], "DATASET"),
     ):
         r = geoir(*args)
@@ -1057,6 +1057,10 @@ def test_a_missing_input_file_is_bad_data_for_every_command(tmp_path: Path) -> N
         assert_clean_error(r, 1, missing)
         assert "Usage:" not in r.output and r.output.count("\n") == 1, r.output
     assert list(tmp_path.iterdir()) == []
+    # --index is a folder in train and eval too, as in every other command (a file was read as a bundle there).
+    (tmp_path / "a.tif").write_text("")
+    for command in (["train", str(tmp_path), "--out", str(tmp_path / "m.pt")], ["eval", str(tmp_path), "--json", "-"]):
+        assert_clean_error(geoir(*command, "--index", str(tmp_path / "a.tif")), 2, "'--index'", "a.tif' is a file")
 
 
 def test_a_reader_that_closes_the_pipe_ends_the_command_with_141_and_no_message() -> None:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -346,6 +347,19 @@ def test_an_aoi_drawn_across_the_antimeridian_selects_the_tiles_there(
     hits = gpd.read_file(out, layer="hits")
     # The AOI was a band round the globe in lon/lat, and took in the far scene too.
     assert len(hits) == 4 and set(hits.scene_id) == {fiji_id}
+    # A --bbox across the line, west > east as RFC 7946 writes one, selects them too (it was refused) ...
+    invoke("search", f"tile:{far_tile}", "--index", str(index), "--bbox", "179.5,-17,-179.5,-15", "--out", str(out),
+           "-k", "20", "--overwrite", *TEST_MODEL)  # fmt: skip
+    assert set(gpd.read_file(out, layer="hits").tile_id) == set(hits.tile_id)
+    # ... and one east of the line alone only the tiles reaching past it.
+    invoke("search", f"tile:{far_tile}", "--index", str(index), "--bbox", "-179.9,-17,-179.5,-15", "--out", str(out),
+           "-k", "20", "--overwrite", *TEST_MODEL)  # fmt: skip
+    east = gpd.read_file(out, layer="hits")
+    assert 0 < len(east) < 4 and set(east.tile_id) < set(hits.tile_id)
+    # West and east swapped (a box round the rest of the globe) is refused, not searched.
+    r = CliRunner().invoke(cli, ["search", f"tile:{far_tile}", "--index", str(index), "--bbox", "10,0,5,1",
+                                 "--out", str(tmp_path / "x.gpkg"), *TEST_MODEL])  # fmt: skip
+    assert r.exit_code == 2 and "here 355 degrees wide; swap west and east" in r.output
 
 
 def test_geojson_is_rfc_7946_in_files_and_on_stdout_alike(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
@@ -902,6 +916,9 @@ def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) 
     info = json.loads(r.output)
     assert info["counts"] == {"scenes": 2, "tiles": 13} and info["model"]["backbone"] == "test_efficientnet"
     assert "float" in info["index"] and all(s["encoded"] for s in info["scenes"])
+    # Every scene named is looked up before any is removed.
+    r = invoke("remove", "b.tif", "nosuch.tif", "--index", str(bundle2), code=1)
+    assert "no scene 'nosuch.tif'" in r.output and Bundle.open(bundle2).n_tiles() == 13
     invoke("remove", "b.tif", "--index", str(bundle2))
     bundle = Bundle.open(bundle2)
     assert bundle.n_tiles() == 9 and len(bundle.indexes()["float"]) == 9
@@ -912,6 +929,11 @@ def test_info_remove_and_encode_later(bundle2: Path, make_geotiff: MakeGeoTiff) 
     invoke("encode", "--index", str(bundle2), *TILE_MODEL)
     bundle = Bundle.open(bundle2)
     assert len(bundle.indexes()["float"]) == 13 == bundle.n_tiles()
+    # Several scenes in one command (it took one).
+    a_id = next(r["id"] for r in bundle.scene_records() if Path(r["path"]).name == "a.tif")
+    invoke("remove", a_id, str(c), "--index", str(bundle2))
+    bundle = Bundle.open(bundle2)
+    assert bundle.n_tiles() == 0 and len(bundle.indexes()["float"]) == 0
 
 
 def test_tile_with_a_model_encodes_what_a_no_encode_run_catalogued(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:
@@ -949,6 +971,15 @@ def test_info_takes_the_bundle_as_its_argument(bundle2: Path, tmp_path: Path) ->
     assert "both name what to describe; give one of them" in r.output
     r = invoke("info", str(tmp_path / "none"), code=1)
     assert str(tmp_path / "none") in r.output
+    # A file is read as a model whatever its suffix (m.pth was told to pass --index), and said to be none.
+    import geoir
+
+    shutil.copy(Path(geoir.__file__).parent / "models" / "default.pt", tmp_path / "m.pth")
+    described = json.loads(invoke("info", str(tmp_path / "m.pth"), "--json").output)["model"]
+    assert described["fingerprint"] == json.loads(invoke("info", "default", "--json").output)["model"]["fingerprint"]
+    (tmp_path / "notes.txt").write_text("not a model")
+    r = invoke("info", str(tmp_path / "notes.txt"), code=1)
+    assert "is not a readable geoir model" in r.output and "--index" not in r.output
 
 
 def test_info_says_when_an_index_file_is_corrupt_or_stale(bundle2: Path) -> None:

@@ -44,6 +44,45 @@ def test_same_vectors_whatever_batch_size_and_workers(test_model: Model, make_ge
     assert np.abs(e1 - e7).max() < 1e-5 and np.abs(e1 - ew).max() < 1e-5
 
 
+def test_image_files_are_encoded_in_batches_of_one_size_in_their_order(
+    test_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `geoir encode IMAGE...` took --batch-size and --workers and used neither: one image per backbone pass.
+    rng = np.random.default_rng(0)
+    shapes = [(64, 64), (64, 64), (64, 64), (80, 48), (64, 64), (64, 64)]
+    paths = []
+    for i, (h, w) in enumerate(shapes):
+        paths.append(tmp_path / f"i{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    batches: list[int] = []
+    encode = Model.encode
+    monkeypatch.setattr(Model, "encode", lambda self, x: batches.append(len(x)) or encode(self, x))
+    one = np.load(_encode_cli(tmp_path / "one.npy", paths, "--batch-size", "1"))
+    assert batches == [1] * 6
+    batches.clear()
+    two = np.load(_encode_cli(tmp_path / "two.npy", paths, "--batch-size", "2"))
+    assert batches == [2, 1, 1, 2]  # a new size starts a batch
+    assert np.abs(one - two).max() < 1e-5
+    batches.clear()
+    import geoir
+
+    assert np.abs(geoir.encode_images(paths, test_model, batch_size=64) - one).max() < 1e-5
+    assert batches == [3, 1, 2]
+    r = CliRunner().invoke(cli, ["encode", *map(str, paths), "--out", str(tmp_path / "w.npy"), "--workers", "2",
+                                 "--model", "backbone", "--backbone", "test"])  # fmt: skip
+    assert r.exit_code == 2 and "IMAGE files are read here, one by one: leave it out" in r.output
+    with pytest.raises(ModelError, match="batch_size must be a positive number of images"):
+        geoir.encode_images(paths, test_model, batch_size=0)
+
+
+def _encode_cli(out: Path, paths: list[Path], *args: str) -> Path:
+    r = CliRunner().invoke(
+        cli, ["-q", "encode", *map(str, paths), "--out", str(out), "--model", "backbone", "--backbone", "test", *args]
+    )
+    assert r.exit_code == 0, r.output
+    return out
+
+
 @pytest.mark.filterwarnings("ignore:.*pin_memory:UserWarning")  # without a GPU torch pins nothing, and says so
 def test_feeding_a_gpu_leaves_the_callers_torch_threads_as_they_were(make_geotiff: MakeGeoTiff) -> None:
     # Reader processes feeding a GPU (pin_memory) take the process down to 2 torch threads while they run; a

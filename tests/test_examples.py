@@ -51,7 +51,7 @@ def test_python_api_takes_single_paths_numpy_ids_and_checks_its_arguments(
     assert isinstance(tid, np.integer)  # what a hits frame gives back is a query too
     hits = geoir.search(tid, index=index, k=2, model=model, negatives=np.full((3, 64, 64), 255, np.uint8)).hits
     assert len(hits) == 2 and tid not in hits.tile_id.tolist()
-    for kwargs, message in (({"k": 0}, "k must be a positive"), ({"bbox": (10, 0, 5, 1)}, "west < east")):
+    for kwargs, message in (({"k": 0}, "k must be a positive"), ({"bbox": (10, 0, 5, 1)}, "355 degrees wide; swap")):
         with pytest.raises(QueryError, match=message):
             geoir.search(tid, index=index, model=model, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ModelError, match="tta is a way of encoding"):
@@ -160,7 +160,7 @@ def test_python_api_refuses_what_python_would_take_silently(make_geotiff: MakeGe
         ({"expand": -1}, "expand must be 0"),
         ({"bbox": (4.98, 51.83, 5.0, "51.85")}, "give 4 numbers"),
         ({"bbox": 5}, "give 4 numbers"),
-        ({"bbox": (10, 0, 5, 1)}, "west < east"),
+        ({"bbox": (10, 0, 5, 1)}, "355 degrees wide; swap west and east"),
         ({"include_query_overlap": "yes"}, "include_query_overlap must be True or False"),
         ({"rotations": None}, "rotations must be True or False"),
         ({"query": {"a": 1}}, "is a mapping, not a query"),

@@ -78,7 +78,12 @@ def encode(
         if out is None:
             raise click.UsageError("encoding IMAGE files needs --out vectors.npy|vectors.npz")
         if out.suffix not in (".npy", ".npz"):
-            raise click.BadParameter(f"{out}: use a .npy or .npz file", param_hint="--out")
+            raise click.BadParameter(f"{out}: use a .npy or .npz file", param_hint="'--out'")
+        if workers:
+            raise click.UsageError(
+                "--workers sets the processes that read a bundle's scenes; IMAGE files are read here, one by one: "
+                "leave it out"
+            )
         refuse_existing(out, overwrite)
         refuse_missing_images(images)
         _encode_images(
@@ -113,16 +118,12 @@ def _encode_images(images: tuple[str, ...], out: Path, model, batch_size: int, p
 
     from geoir.io.images import read_image
 
-    parts = []
     bar = tqdm_progress(progress)(len(images), "images", unit="image")
     try:
-        # Images differ in size, so each is its own batch; the backbone resizes it to its input size.
-        for path in images:
-            parts.append(model.encode_image(read_image(path).rgb))
-            bar.update(1)
+        # Consecutive images of one size share a batch (--batch-size); the backbone resizes each to its input.
+        enc = model.encode_images((read_image(path).rgb for path in images), batch_size, on_batch=bar.update)
     finally:
         bar.close()
-    enc = model.concat(parts)
     emb = enc.embedding
     with atomic_target(out) as tmp:
         if out.suffix == ".npy":

@@ -97,6 +97,7 @@ def _refuse_existing_splits(splits_dir: Path, names: list[str], overwrite: bool)
 @click.option(
     "--index",
     "index_dir",
+    type=click.Path(file_okay=False, path_type=str),
     default=None,
     envvar="GEOIR_INDEX",
     help="Bundle whose tiles a vector DATASET labels (its stored features are scored; for a model whose "
@@ -164,11 +165,13 @@ def evaluate(
             "tiles' features; leave --tta out"
         )
     if pr_curve is not None and pr_curve.suffix.lower() != ".png":
-        raise click.BadParameter(f"{pr_curve}: the curves are drawn as a PNG; use a .png file", param_hint="--pr-curve")
+        raise click.BadParameter(
+            f"{pr_curve}: the curves are drawn as a PNG; use a .png file", param_hint="'--pr-curve'"
+        )
     if pr_curve is not None and "seen" not in protocol:
         raise click.BadParameter(
             "the curves are the seen protocol's (first seed); add --protocol seen, or leave --pr-curve out",
-            param_hint="--pr-curve",
+            param_hint="'--pr-curve'",
         )
     to_stdout = str(json_out) == "-"
     refuse_existing(json_out, overwrite, stdout_ok=True)

@@ -149,8 +149,9 @@ def _human_bytes(n: int) -> str:
 
 
 def _target(ctx: click.Context, target: str, model_file: str | None) -> tuple[str, str | None]:
-    """``(index_dir, model_file)`` for a positional TARGET: a model file (.pt) or 'default' is a model,
-    anything else a bundle; naming the bundle or model twice (TARGET and --index/--model) is refused."""
+    """``(index_dir, model_file)`` for a positional TARGET: a file (whatever its suffix: ``m.pth`` read as a
+    bundle was told to pass --index), a name ending .pt or 'default' is a model, anything else a bundle;
+    naming the bundle or model twice (TARGET and --index/--model) is refused."""
     from click.core import ParameterSource
 
     if model_file is not None or ctx.get_parameter_source("index_dir") is ParameterSource.COMMANDLINE:
@@ -162,7 +163,7 @@ def _target(ctx: click.Context, target: str, model_file: str | None) -> tuple[st
             "(a bundle directory named backbone: --index backbone)",
             param_hint="'[BUNDLE|MODEL]'",
         )
-    if target == "default" or Path(target).suffix.lower() == ".pt":
+    if target == "default" or Path(target).suffix.lower() == ".pt" or Path(target).is_file():
         return "geoir-index", target
     return target, None
 

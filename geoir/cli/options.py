@@ -322,14 +322,16 @@ def batch_options(f: F) -> F:
         "--workers",
         type=click.IntRange(min=0),
         default=None,
-        help="Reader processes feeding the model [default: CPU cores - 1, at most 8; none without a model].",
+        help="Processes reading scenes for the model (not IMAGE files, read one by one) [default: CPU cores - 1, "
+        "at most 8; none without a model].",
     )(f)
     f = click.option(
         "--batch-size",
         type=click.IntRange(min=1),
         default=64,
         show_default=True,
-        help="Tiles per model batch (a speed setting: vectors differ in their last digits, about 1e-7).",
+        help="Tiles (or images of one size) per model batch (a speed setting: vectors differ in their last "
+        "digits, about 1e-7).",
     )(f)
     return f
 
@@ -413,9 +415,13 @@ class BBoxType(click.ParamType):
             w, s, e, n = (float(v) for v in str(value).split(","))
         except ValueError:
             self.fail(f"{value!r} is not WEST,SOUTH,EAST,NORTH in degrees, e.g. -75.7,37.6,-75.5,37.8", param, ctx)
-        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-            self.fail(f"{value!r}: need -180 <= west < east <= 180 and -90 <= south < north <= 90", param, ctx)
-        return (w, s, e, n)
+        from geoir.errors import QueryError
+        from geoir.retrieval.engine import check_bbox
+
+        try:
+            return check_bbox((w, s, e, n))
+        except QueryError as exc:
+            self.fail(f"{value!r}: {str(exc).split(': ', 1)[1]}", param, ctx)
 
 
 class LonLatType(click.ParamType):

@@ -49,7 +49,9 @@ log = logging.getLogger("geoir")
     default=None,
     help="Output format [default: from the --out suffix].",
 )
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
+@click.option(
+    "-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True, metavar="N", help="Number of hits."
+)
 @click.option(
     "--point",
     "points",
@@ -75,7 +77,8 @@ log = logging.getLogger("geoir")
     "--bbox",
     type=BBoxType(),
     default=None,
-    help="Only tiles sharing ground with this lon/lat box (not those that only touch it).",
+    help="Only tiles sharing ground with this lon/lat box (not those that only touch it; WEST > EAST: a box "
+    "across the antimeridian).",
 )
 @click.option(
     "--aoi",
@@ -192,7 +195,7 @@ def search(
     try:
         refs = {q: tile_ref(q) for q in (*queries, *negatives)}
     except QueryError as exc:
-        raise click.BadParameter(str(exc), param_hint="QUERY") from None
+        raise click.BadParameter(str(exc), param_hint="'QUERY'") from None
     images = [q for q, tid in refs.items() if tid is None]
     refuse_missing_images(images, " (or use tile:ID for an indexed tile)")
     bundle = Bundle.open(index_dir)

@@ -164,9 +164,9 @@ def tile(
       $ geoir tile archive/ --skip-unreadable
     """
     from geoir.index.bundle import Bundle, discard_if_unused
-    from geoir.io.files import check_writable_folder, made_folder
+    from geoir.io.files import check_writable_folder
     from geoir.tiling.grid import TilingParams, tile_count
-    from geoir.tiling.run import check_chip_names, nothing_readable, prepare_scenes, tile_scenes
+    from geoir.tiling.run import check_chip_names, chips_folder, nothing_readable, prepare_scenes, tile_scenes
     from geoir.tiling.tiler import check_grid
 
     if overlap is not None and stride is not None:
@@ -176,7 +176,7 @@ def tile(
     if export_chips is not None and (scheduler or cluster):
         raise click.UsageError("--export-chips runs on one machine; drop --scheduler/--cluster")
     if cluster is not None and not re.fullmatch(r"local:[1-9][0-9]*", cluster):
-        raise click.BadParameter(f"{cluster!r}: use local:N with N >= 1 worker processes", param_hint="--cluster")
+        raise click.BadParameter(f"{cluster!r}: use local:N with N >= 1 worker processes", param_hint="'--cluster'")
     if tta and (scheduler or cluster):
         raise click.UsageError("--tta encodes on one machine; drop --scheduler/--cluster")
     if tta and no_encode:
@@ -262,7 +262,7 @@ def tile(
         bundle = Bundle.open_or_create(index, params)
         if export_chips is not None:
             # Made after the bundle (it may go inside it); removed again if the run fails before its first chip.
-            stack.enter_context(made_folder(export_chips))
+            stack.enter_context(chips_folder(export_chips))
         if kinds and bundle.model is None:
             bundle.manifest["index"] = {**bundle.manifest.get("index", {}), **kinds}
         elif kinds and kinds != {k: v for k, v in bundle.manifest.get("index", {}).items() if k in kinds}:
@@ -347,20 +347,20 @@ def check_index_kinds(kinds: dict[str, str], model, trains_on=None) -> None:  # 
         if kind == "binary" and not model.bits:
             raise click.BadParameter(
                 f"{factory!r} is a binary index, and model {model.meta.get('name')} gives no hash codes",
-                param_hint="--index-kind",
+                param_hint="'--index-kind'",
             )
         dim = int(model.bits) if kind == "binary" else int(model.embedding_dim)
         try:
             need = VectorIndex(dim, kind=kind, factory=factory).min_train  # type: ignore[arg-type]
         except GeoirError as exc:
-            raise click.BadParameter(str(exc), param_hint="--index-kind") from None
+            raise click.BadParameter(str(exc), param_hint="'--index-kind'") from None
         if trains_on is not None and trains_on[1] < need:
             scene, n = trains_on
             raise click.BadParameter(
                 f"{factory!r} trains on the tiles of the bundle's first scene and needs at least {need}, but "
                 f"{Path(scene.path).name} gives at most {n}; pick a kind with fewer lists/centroids, or leave "
                 "--index-kind out (exact search, best for bundles of this size)",
-                param_hint="--index-kind",
+                param_hint="'--index-kind'",
             )
 
 
@@ -370,6 +370,6 @@ def parse_index_kinds(values: tuple[str, ...]) -> dict[str, str]:
     for v in values:
         kind = "binary" if v.startswith("B") else "float"
         if kind in out:
-            raise click.BadParameter(f"two {kind} index kinds given ({out[kind]}, {v})", param_hint="--index-kind")
+            raise click.BadParameter(f"two {kind} index kinds given ({out[kind]}, {v})", param_hint="'--index-kind'")
         out[kind] = v
     return out

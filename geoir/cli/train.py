@@ -194,6 +194,7 @@ def resolve_augment(augment: str, dataset: Path, retain_dim: int, retain_gate: b
 @click.option(
     "--index",
     "index_dir",
+    type=click.Path(file_okay=False, path_type=str),
     default=None,
     envvar="GEOIR_INDEX",
     help="Bundle whose tiles a vector DATASET labels (env: GEOIR_INDEX).",
@@ -251,10 +252,10 @@ def train(
     from geoir.training.recipes import Recipe, history_summary
 
     if out.suffix.lower() != ".pt":
-        raise click.BadParameter(f"{out}: a model file is written as .pt; use e.g. {out.stem}.pt", param_hint="--out")
+        raise click.BadParameter(f"{out}: a model file is written as .pt; use e.g. {out.stem}.pt", param_hint="'--out'")
     if not dataset.is_dir() and dataset.suffix.lower() in _image_file_suffixes():
         raise click.BadParameter(
-            f"{dataset} is an image or raster file, not a data set; pass {DATASET_KINDS}", param_hint="DATASET"
+            f"{dataset} is an image or raster file, not a data set; pass {DATASET_KINDS}", param_hint="'DATASET'"
         )
     index_dir = check_dataset_kind(dataset, index_dir, ctx)
     refuse_existing(out, overwrite)

@@ -95,8 +95,14 @@ def iter_batches(
         persistent_workers=False,
         pin_memory=pin_memory,
     )
+    batches = iter(loader)
     try:
-        for indexes, rgb, frac in loader:
+        for indexes, rgb, frac in batches:
             yield Batch(indexes, rgb.numpy(), frac)
     finally:
         torch.set_num_threads(threads)
+        # The reader processes end here, also when a read or the caller failed, not when the garbage collector
+        # reaches the iterator: forked, they hold the bundle's lock file open, and with it the lock.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,9 @@ from geoir.io.files import atomic_write_bytes
 
 MODEL_FORMAT = "geoir-model"
 MODEL_FORMAT_VERSION = 1
+#: Most pixels of a batch of image files (:meth:`Model.encode_images`): 64 images of 1024 x 1024 px, 200 MB as
+#: uint8 RGB; larger images go through the backbone in smaller batches.
+BATCH_PIXELS = 64 * 1024 * 1024
 #: Name of the model shipped inside the package (geoir/models/default.pt), used when none is given.
 DEFAULT_MODEL = "default"
 
@@ -168,6 +172,33 @@ class Model:
     def encode_image(self, rgb: np.ndarray) -> Encoded:
         """Encode one uint8 image ``(3, H, W)`` of any size (the backbone resizes it to its input)."""
         return self.encode(torch.from_numpy(np.ascontiguousarray(rgb[None])))
+
+    def encode_images(
+        self, images: Iterable[np.ndarray], batch_size: int = 64, on_batch: Callable[[int], object] | None = None
+    ) -> Encoded:
+        """Encode uint8 images ``(3, H, W)`` of any sizes, one row each, in order: consecutive images of one
+        size go through the backbone together, up to ``batch_size`` of them and :data:`BATCH_PIXELS` pixels;
+        ``on_batch(n)`` after each batch of ``n``."""
+        parts: list[Encoded] = []
+        group: list[np.ndarray] = []
+
+        def flush() -> None:
+            parts.append(self.encode(torch.from_numpy(np.stack(group))))
+            if on_batch is not None:
+                on_batch(len(group))
+            group.clear()
+
+        for rgb in images:
+            if group and (
+                rgb.shape != group[0].shape
+                or len(group) >= batch_size
+                or (len(group) + 1) * rgb.shape[1] * rgb.shape[2] > BATCH_PIXELS
+            ):
+                flush()
+            group.append(rgb)
+        if group:
+            flush()
+        return self.concat(parts)
 
     def concat(self, parts: list[Encoded]) -> Encoded:
         """Rows of several encodings in order; empty arrays of this model's shapes when there are none."""

@@ -278,7 +278,7 @@ class Searcher:
             return None
         if bbox is not None:
             bbox = check_bbox(bbox)
-        tiles = self.bundle.tiles_at(shapely.box(*bbox), sharing_area()) if bbox is not None else None
+        tiles = self.bundle.tiles_at(bbox_polygon(bbox), sharing_area()) if bbox is not None else None
         if aoi is not None:
             in_aoi = self.bundle.tiles_at(aoi, sharing_area())
             tiles = in_aoi if tiles is None else tiles[tiles.tile_id.isin(in_aoi.tile_id)]
@@ -586,7 +586,9 @@ def check_counts(k: object, expand: object = 0) -> None:
 
 
 def check_bbox(bbox: object) -> tuple[float, float, float, float]:
-    """``bbox`` as 4 floats (west, south, east, north) in degrees, checked.
+    """``bbox`` as 4 floats (west, south, east, north) in degrees, checked; west > east is a box across the
+    antimeridian, as RFC 7946 (section 5.2) writes one: ``(179.5, -17, -179.5, -15)`` spans 1 degree. Such a
+    box wider than half the globe is refused as west and east swapped.
 
     Raises:
         QueryError: Not 4 real numbers, or not a box on the globe.
@@ -598,9 +600,23 @@ def check_bbox(bbox: object) -> tuple[float, float, float, float]:
     if len(values) != 4 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
         raise QueryError(f"bbox {tuple(values)!r:.80}: {example}")
     w, s, e, n = (float(v) for v in values)
-    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-        raise QueryError(f"bbox {(w, s, e, n)}: need -180 <= west < east <= 180 and -90 <= south < north <= 90")
+    if not (-180 <= w <= 180 and -180 <= e <= 180 and w != e and -90 <= s < n <= 90):
+        raise QueryError(
+            f"bbox {(w, s, e, n)}: need west and east in [-180, 180] and not equal (west > east is a box across "
+            "the antimeridian), -90 <= south < north <= 90"
+        )
+    if w > e and e + 360 - w > 180:
+        raise QueryError(
+            f"bbox {(w, s, e, n)}: west > east is a box across the antimeridian, here {e + 360 - w:g} degrees wide; "
+            "swap west and east"
+        )
     return w, s, e, n
+
+
+def bbox_polygon(bbox: tuple[float, float, float, float]) -> shapely.Polygon:
+    """A checked ``bbox`` as a polygon in continuous longitudes: one across the antimeridian runs past 180."""
+    w, s, e, n = bbox
+    return shapely.box(w, s, e + 360 if e < w else e, n)
 
 
 def _query_frame(parts: QueryParts) -> gpd.GeoDataFrame:

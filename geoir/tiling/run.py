@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -16,7 +17,7 @@ import rasterio
 
 from geoir.errors import SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
-from geoir.io.files import atomic_write_text, file_mode
+from geoir.io.files import atomic_write_text, file_mode, made_folder
 from geoir.io.scene import CHIPS_MARKER, Scaling, Scene, band_numbers, expand_inputs, open_scene, stretch_scaling
 from geoir.tiling.grid import Tile, TilingParams
 from geoir.tiling.tiler import TileSource
@@ -419,6 +420,20 @@ def check_chip_names(scene: Scene, params: TilingParams) -> None:
             f"{scene.path}: its chip names would be up to {len(longest.encode())} bytes, over the {NAME_MAX}-byte "
             f"limit on a file name; rename the scene file {over} bytes shorter, or leave out --export-chips"
         )
+
+
+@contextlib.contextmanager
+def chips_folder(folder: Path) -> Iterator[Path]:
+    """Create the chips folder (and those missing above it) for a run; if the run fails before its first chip
+    stays, remove them again, :data:`CHIPS_MARKER` included."""
+    with made_folder(folder):
+        try:
+            yield folder
+        except BaseException:
+            marker = folder / CHIPS_MARKER
+            if marker.is_file() and [p.name for p in folder.iterdir()] == [CHIPS_MARKER]:
+                marker.unlink(missing_ok=True)
+            raise
 
 
 def write_chip(chips_dir: Path, scene: Scene, tile: Tile, rgb: np.ndarray, valid: np.ndarray) -> Path:
