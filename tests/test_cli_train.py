@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import geopandas as gpd
@@ -602,6 +605,33 @@ def test_labels_are_cleaned_and_every_left_out_label_is_counted(
     assert sorted(set(_features_of(index, tmp_path / "numbers.gpkg").values())) == ["1", "2"]
 
 
+def test_bow_tie_labels_in_a_projected_crs_keep_both_areas_and_unplaceable_rows_are_counted(
+    tmp_path: Path, make_geotiff: MakeGeoTiff, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A self-crossing polygon drawn in UTM was densified before its repair, and GEOS dropped one of its two
+    # triangles: half its tiles unlabelled. A mistyped coordinate (inf in lon/lat) ended in an SQL traceback,
+    # and rows without a geometry were dropped unsaid.
+    index, _ = labelled_bundle(tmp_path, make_geotiff, 1024, 8)  # 4 x 4 tiles of 2,560 m in EPSG:32618
+    bow = shapely.Polygon([(500_000, 4_000_000), (510_240, 4_010_240), (510_240, 4_000_000), (500_000, 4_010_240)])
+    north = shapely.Point(503_800, 4_009_000)  # a tile the two triangles (west and east) only touch
+    drawn = gpd.GeoDataFrame(
+        {"label": ["x", "y", "x", "x"]}, geometry=[bow, north, None, shapely.Point(1e8, 1e8)], crs="EPSG:32618"
+    )
+    drawn.to_file(tmp_path / "drawn.gpkg")
+    repaired = gpd.GeoDataFrame({"label": ["x", "y"]}, geometry=[shapely.make_valid(bow), north], crs="EPSG:32618")
+    repaired.to_file(tmp_path / "repaired.gpkg")
+    caplog.set_level("WARNING", logger="geoir")
+    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
+    try:
+        got = _features_of(index, tmp_path / "drawn.gpkg")
+    finally:
+        logging.getLogger("geoir").removeHandler(caplog.handler)
+    assert got == _features_of(index, tmp_path / "repaired.gpkg")
+    assert list(got.values()).count("x") == 12 and list(got.values()).count("y") == 1  # of 16 tiles
+    assert "1 row of" in caplog.text and "has no geometry: left out" in caplog.text
+    assert "1 geometry of" in caplog.text and "coordinates that its CRS cannot place in lon/lat" in caplog.text
+
+
 def test_a_label_file_of_several_layers_is_read_by_the_layer_named(tmp_path: Path, make_geotiff: MakeGeoTiff) -> None:
     index, gpkg = labelled_bundle(tmp_path, make_geotiff, 1024, 8)
     tiles = Bundle.open(index).tiles()
@@ -738,6 +768,79 @@ def test_train_on_classes_too_small_for_validation_keeps_the_last_epoch(
     assert set(history) == {"srl", "dgssh"}
     assert meta["recipe"]["distill"] == 10.0
     assert all(h["best_epoch"] == 2 and h.get("best_val_mAP") is None for h in history.values())
+
+
+def _png16_rgb(path: Path, rgb: np.ndarray) -> None:
+    """Write a 16-bit RGB PNG (PIL writes none): what an export of reflectances gives."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    big = rgb.astype(">u2")
+    raw = b"".join(b"\x00" + big[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    head = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    body = chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_image_folders_as_archives_leave_them_are_read_or_refused_by_name(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bb = load_backbone("test")
+    beach = image_folder / "class0"
+    # A name that is not UTF-8 (unzipped from a Windows archive) and the formats PIL reads train; hidden
+    # images are left out, and said to be.
+    shutil.copy(beach / "0.png", image_folder / "class1" / os.fsdecode(b"caf\xe9.png"))
+    Image.open(beach / "1.png").save(beach / "extra.bmp")
+    Image.open(beach / "2.png").save(beach / "extra.webp", lossless=True)
+    shutil.copy(beach / "3.png", beach / ".hidden.png")
+    caplog.set_level("WARNING", logger="geoir")
+    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
+    try:
+        data = image_folder_features(image_folder, bb)
+    finally:
+        logging.getLogger("geoir").removeHandler(caplog.handler)
+    assert len(data.items) == 12 * 4 + 3 and "class0/extra.bmp" in data.items and "class0/extra.webp" in data.items
+    assert "1 hidden image(s)" in caplog.text and "class0/.hidden.png" in caplog.text
+    assert data.summary()["samples"] == 51
+    # A cache file of other features (the right rows, another width) is recomputed, not trained on.
+    cached = next(p for p in cache_dir().iterdir() if p.suffix == ".npz")
+    np.savez(cached, features=np.zeros((51, 10), np.float32))
+    again = image_folder_features(image_folder, bb)
+    np.testing.assert_array_equal(again.features, data.features)
+    # Refused, each naming the file and the fix, before any model is written:
+    cases: list[tuple[Callable[[Path], object], str]] = [
+        # a 16-bit RGB PNG, which PIL reads as RGB keeping the high bytes: a near-black image
+        (lambda p: _png16_rgb(p / "r.png", np.full((64, 64, 3), 2000, np.uint16)), "r.png has 16-bit RGB pixels"),
+        # a 16-bit GeoTIFF, which PIL cannot open ("not a readable image" said nothing of why)
+        (lambda p: _write_raster(p / "s.tif", np.zeros((3, 64, 64), np.uint16)), "is a 3-band uint16 raster"),
+        (lambda p: (p / "gone.png").symlink_to(tmp_path / "moved.png"), "gone.png is a broken link (to"),
+        (lambda p: Image.new("RGB", (200, 200)).save(p / "big.png"), "big.png declares 40,000 pixels, too many"),
+    ]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 px is then over twice the limit
+    for make, message in cases:
+        bad = tmp_path / "bad"
+        shutil.copytree(image_folder, bad, symlinks=True)
+        make(bad / "class2")
+        out = tmp_path / "m.pt"
+        r = refused("train", str(bad), "--out", str(out), "--epochs", "1", "--augment", "none", *TEST_BACKBONE,
+                    code=1)  # fmt: skip
+        assert message in r.output, r.output
+        assert not out.exists()
+        shutil.rmtree(bad)
+    monkeypatch.undo()
+
+
+def _write_raster(path: Path, data: np.ndarray) -> None:
+    import rasterio
+
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype=data.dtype) as dst:  # fmt: skip
+        dst.write(data)
 
 
 def test_train_refuses_a_class_too_small_before_reading_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

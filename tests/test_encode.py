@@ -174,6 +174,22 @@ def test_model_file_errors(tmp_path: Path) -> None:
         load_model(junk)
     with pytest.raises(ModelError, match="unknown timm model"):
         load_model("backbone", backbone="no_such_model_xyz")
+    # A head trained on features of another width (a damaged feature cache gave one) is not written, and a
+    # file holding one is refused on load, not at its first matrix product.
+    from geoir.training.heads import HashHead
+
+    backbone = load_model("backbone", backbone="test").backbone
+    narrow = HashHead(10, bits=16)
+    with pytest.raises(ModelError, match="the head takes 10 features, but test_efficientnet gives 256"):
+        Model(backbone, narrow, narrow.config()).save(tmp_path / "narrow.pt")
+    assert not (tmp_path / "narrow.pt").exists()
+    wide = HashHead(backbone.num_features, bits=16)
+    Model(backbone, wide, wide.config()).save(tmp_path / "edited.pt")
+    payload = torch.load(tmp_path / "edited.pt", weights_only=False)
+    payload["head_config"]["in_dim"], payload["head_state"] = 10, narrow.state_dict()
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ModelError, match=r"edited\.pt: its head takes 10 features, but its backbone .* gives 256"):
+        load_model(tmp_path / "edited.pt").encode(torch.zeros((1, 3, 64, 64), dtype=torch.uint8))
 
 
 def test_shipped_default_model_is_the_documented_recipe() -> None:

@@ -47,6 +47,8 @@ _OS_FIXES = {
     errno.EROFS: "the file system is read-only: write somewhere else",
     errno.EACCES: "check its permissions (and its folder's)",
     errno.EPERM: "check its permissions (and its folder's)",
+    # (A folder removed while a command ran, or a target GDAL or the OS cannot create.)
+    errno.ENOENT: "the file or its folder is gone: check the path",
 }
 
 

@@ -222,9 +222,15 @@ def search(
         aoi_df = read_vectors(aoi, "--aoi", QueryError, "pass a GeoPackage or GeoJSON")
         if not (aoi_df.geometry.notna() & ~aoi_df.geometry.is_empty).any():
             raise click.ClickException(f"--aoi {aoi} has no geometries; draw the area of interest in it")
-        from geoir.tiling.grid import to_lonlat
+        from geoir.tiling.grid import off_the_globe, to_lonlat
 
-        aoi_geom = shapely.union_all(to_lonlat(aoi_df).geometry.values)
+        aoi_df = to_lonlat(aoi_df)
+        if off_the_globe(aoi_df).any():
+            i = int(off_the_globe(aoi_df).argmax())
+            raise click.ClickException(
+                f"--aoi {aoi}: geometry {i} has coordinates that its CRS cannot place in lon/lat; check them"
+            )
+        aoi_geom = shapely.union_all(aoi_df.geometry.values)
     allowed = searcher.allowed_ids(bbox=bbox, aoi=aoi_geom, scenes=scenes)
     result = searcher.search(parts, k=k, allowed=allowed, include_query_overlap=include_query_overlap, expand=expand)
     layers = {"hits": result.hits, "hits_merged": merge_hits(result.hits)}

@@ -217,7 +217,17 @@ class Model:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save head, configs and metadata (not the backbone weights, which come from their package)."""
+        """Save head, configs and metadata (not the backbone weights, which come from their package).
+
+        Raises:
+            ModelError: The head takes other features than the backbone gives (it was trained on others).
+        """
+        in_dim = (self.head_config or {}).get("in_dim")
+        if in_dim is not None and in_dim != self.backbone.num_features:
+            raise ModelError(
+                f"the head takes {in_dim} features, but {self.backbone.name} gives {self.backbone.num_features}: it "
+                "was trained on other features; train it again"
+            )
         payload = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
@@ -332,6 +342,12 @@ def load_model(
             raise ModelError(
                 f"{path} was trained on other {spec['name']} weights (fingerprint {spec['fingerprint'][:12]}, "
                 f"loaded {created.fingerprint[:12]}); pass the --weights it was trained with"
+            )
+        in_dim = (payload["head_config"] or {}).get("in_dim")
+        if in_dim is not None and in_dim != created.num_features:
+            raise ModelError(
+                f"{path}: its head takes {in_dim} features, but its backbone {spec['name']} gives "
+                f"{created.num_features}; the file is damaged: train it again with `geoir train`"
             )
         return created
 

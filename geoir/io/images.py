@@ -70,11 +70,9 @@ def _check_whole_png(p: Path) -> None:
         with PILImage.open(p) as im:
             im.verify()
     except PILImage.DecompressionBombError as exc:
-        declared = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(declared[1]):,} pixels" if declared else "more pixels than PIL allows"
         raise QueryError(
-            f"{p} declares {size}, too many for an image query (a decompression bomb?); crop or shrink it to "
-            "the place you are looking for"
+            f"{p} declares {bomb_size(exc)}, too many for an image query (a decompression bomb?); crop or shrink it "
+            "to the place you are looking for"
         ) from exc
     except Exception as exc:  # PIL raises OSError or SyntaxError for a damaged file
         raise QueryError(
@@ -135,3 +133,9 @@ def _read(p: Path, scaling: Scaling | None, bands: tuple[int, ...] | None = None
             return Image(p, np.ascontiguousarray(lut[src.read(1, out_shape=shape)].transpose(2, 0, 1)))
         data = src.read([1, 1, 1] if src.count < 3 else [1, 2, 3], out_shape=(3, *shape))
     return Image(p, data)
+
+
+def bomb_size(exc: Exception) -> str:
+    """The pixel count PIL's ``DecompressionBombError`` names, for a message: "400,000,000 pixels"."""
+    declared = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(declared[1]):,} pixels" if declared else "more pixels than PIL allows"

@@ -34,7 +34,7 @@ from geoir.index.bundle import Bundle
 from geoir.io.images import read_image
 from geoir.io.scene import Scaling, open_scene
 from geoir.output.writers import query_frame
-from geoir.tiling.grid import to_lonlat
+from geoir.tiling.grid import off_the_globe, to_lonlat
 
 #: Without --include-query-overlap, tiles sharing more than this fraction of their area with a georeferenced
 #: query are left out (its own place). Tiles that merely touch it, or overlap by a sliver (footprints of
@@ -250,9 +250,12 @@ class Searcher:
             raise QueryError(f"{p} has no features; add example points or polygons")
         flags = _negative_flags(gdf["negative"], p) if "negative" in gdf.columns else [False] * len(gdf)
         gdf = to_lonlat(gdf)
+        off = off_the_globe(gdf)
         for i, (geom, negative) in enumerate(zip(gdf.geometry, flags, strict=True)):
             if geom is None or geom.is_empty:
                 raise QueryError(f"example {i} of {p} has no geometry; give it a point or polygon, or delete it")
+            if off[i]:
+                raise QueryError(f"example {i} of {p} has coordinates that its CRS cannot place in lon/lat; check them")
             tiles = self.bundle.tiles_at(geom, sharing_area())
             if tiles.empty:
                 raise QueryError(f"example {i} of {p} touches no tile of {self.bundle.path}")

@@ -317,6 +317,11 @@ def to_lonlat(gdf):  # type: ignore[no-untyped-def]
     they are, their edges already straight in lon/lat).
     """
     projected = gdf.crs is not None and not gdf.crs.is_geographic and len(gdf)
+    invalid = ~gdf.geometry.is_valid & gdf.geometry.notna()
+    if invalid.any():
+        # A self-crossing (bow-tie) polygon, as drawn by hand, is the areas it encloses; densified as it is,
+        # GEOS would repair it by dropping one of them.
+        gdf = gdf.set_geometry(gdf.geometry.where(~invalid, gdf.geometry[invalid].make_valid()))
     if projected:
         minx, miny, maxx, maxy = gdf.total_bounds
         step = max(maxx - minx, maxy - miny) / DENSIFY_PARTS
@@ -329,6 +334,14 @@ def to_lonlat(gdf):  # type: ignore[no-untyped-def]
         # tiles' footprints are.
         out = out.set_geometry(out.geometry.map(_continuous_geometry))
     return out
+
+
+def off_the_globe(gdf) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Which geometries of a layer :func:`to_lonlat` returned have coordinates that are not finite: those a
+    projection could not place in lon/lat (a mistyped coordinate, far outside the CRS's area of use)."""
+    bounds = shapely.bounds(np.asarray(gdf.geometry.values))
+    empty = np.asarray(gdf.geometry.isna() | gdf.geometry.is_empty)
+    return ~empty & ~np.isfinite(bounds).all(axis=1)
 
 
 def _continuous_geometry(g: shapely.Geometry | None) -> shapely.Geometry | None:

@@ -28,7 +28,7 @@ from geoir.training.progress import Progress
 
 log = logging.getLogger("geoir")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class FeatureSet:
             "samples": len(self.labels),
             "classes": len(self.classes),
             "per_class": dict(zip(self.classes, counts.tolist(), strict=True)),
-            "items_sha256": hashlib.sha256(lines.encode()).hexdigest(),
+            "items_sha256": hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest(),
         }
 
 
@@ -89,10 +89,15 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     paths: list[Path] = []
     labels: list[int] = []
     nested: list[Path] = []
+    hidden: list[Path] = [
+        p for c in root.iterdir() if c.is_dir() and c.name.startswith(".") for p in c.iterdir() if _is_image_name(p)
+    ]
     for i, c in enumerate(classes):
-        files = sorted(
-            p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
+        files = sorted(p for p in (root / c).iterdir() if _is_image_name(p) and not p.name.startswith("."))
+        hidden += [p for p in (root / c).iterdir() if _is_image_name(p) and p.name.startswith(".")]
+        for p in files:
+            if p.is_symlink() and not p.exists():
+                raise DatasetError(f"{p} is a broken link (to {os.readlink(p)}); remove it, or fix where it points")
         if not files:
             raise DatasetError(f"class folder {root / c} has no images ({', '.join(IMAGE_SUFFIXES)})")
         paths += files
@@ -103,6 +108,13 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
             if p.suffix.lower() in IMAGE_SUFFIXES
             and not any(part.startswith(".") for part in p.parts[len(root.parts) :])
         ]
+    if hidden:
+        log.warning(
+            "%d hidden image(s) (named with a leading dot, or in a hidden folder) are left out (e.g. %s); rename "
+            "them to count them",
+            len(hidden),
+            hidden[0].relative_to(root),
+        )
     if nested:
         # A class is the images directly in its folder: say what that leaves out, rather than nothing.
         log.warning(
@@ -114,6 +126,10 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
+def _is_image_name(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "geoir" / "features"
@@ -123,7 +139,8 @@ def _cache_key(root: Path, paths: list[Path], fingerprint: str) -> str:
     h = hashlib.sha256(fingerprint.encode())
     for p in paths:
         st = p.stat()
-        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        # (surrogateescape: a name that is not UTF-8, as unzipping a Windows archive leaves, is its bytes.)
+        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 
@@ -161,8 +178,16 @@ def image_folder_features(
         raise DatasetError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
     root = Path(root)
     paths, labels, classes = list_image_folder(root)
-    # An averaging backbone (tta) has its weights' fingerprint but other features: keep them apart.
-    key = _cache_key(root, paths, backbone.fingerprint + (":tta" if getattr(backbone, "tta", False) else ""))
+    # An averaging backbone (tta) has its weights' fingerprint but other features: keep them apart; so are
+    # features computed on a GPU (in bfloat16 there), which differ a little from the CPU's.
+    device = str(getattr(getattr(backbone, "device", None), "type", "cpu"))
+    key = _cache_key(
+        root,
+        paths,
+        backbone.fingerprint
+        + (":tta" if getattr(backbone, "tta", False) else "")
+        + ("" if device == "cpu" else f":{device}"),
+    )
     items = [str(p.relative_to(root)) for p in paths]
     n_views = 1 if augment == "none" else 8
     feats = [
@@ -191,8 +216,11 @@ def _view_features(
         try:
             with np.load(cached) as z:
                 feats = z["features"]
-            if feats.shape[0] != len(paths):
-                raise ValueError(f"{feats.shape[0]} rows for {len(paths)} images")
+            width = getattr(backbone, "num_features", None)
+            if feats.ndim != 2 or feats.shape[0] != len(paths) or (width is not None and feats.shape[1] != width):
+                raise ValueError(f"{feats.shape} features for {len(paths)} images of {width}")
+            if not np.isfinite(feats).all():
+                raise ValueError("features that are not finite")
             log.info("features of %s (view %d) read from the cache %s", root, view, cached)
             return feats
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -225,23 +253,61 @@ class _ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        import warnings
+
         from PIL import Image
 
+        from geoir.io.images import bomb_size
+
+        path = self.paths[i]
         try:
-            with Image.open(self.paths[i]) as im:
-                if im.mode not in _EIGHT_BIT_MODES:
-                    # PIL would clip 16-bit and float pixels to 255 in convert("RGB"): a white image.
-                    raise DatasetError(
-                        f"{self.paths[i]} has {im.mode} pixels, not 8-bit; save the images of the data set as 8-bit "
-                        "PNG or JPEG (stretched as you want them seen)"
-                    )
-                rgb = im.convert("RGB")
-                if rgb.size != (self.size, self.size):
-                    # Bilinear to a common size so images batch; the backbone then resizes to its input.
-                    rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
-                return dihedral(np.asarray(rgb).transpose(2, 0, 1), self.view)
+            with warnings.catch_warnings():
+                # Up to twice PIL's limit an image is read, with a warning the message below covers beyond it.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    # PIL reads a 16-bit RGB PNG as mode RGB, keeping the high byte of each value (a near-black
+                    # image); 16-bit and float modes it would clip to 255 in convert("RGB"): a white image.
+                    if im.mode not in _EIGHT_BIT_MODES or any(";16" in str(t[3]) for t in im.tile):
+                        raise DatasetError(f"{path} has {_depth(im)} pixels, not 8-bit; {_EIGHT_BIT_FIX}")
+                    rgb = im.convert("RGB")
+                    if rgb.size != (self.size, self.size):
+                        # Bilinear to a common size so images batch; the backbone then resizes to its input.
+                        rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
+                    return dihedral(np.asarray(rgb).transpose(2, 0, 1), self.view)
+        except Image.DecompressionBombError as exc:
+            raise DatasetError(
+                f"{path} declares {bomb_size(exc)}, too many for a training image (a decompression bomb?); cut it "
+                "into tiles (e.g. geoir tile --export-chips) or shrink it"
+            ) from exc
         except OSError as exc:
-            raise DatasetError(f"{self.paths[i]} is not a readable image ({exc}); remove or replace it") from exc
+            raster = _raster_kind(path)
+            if raster is not None:  # a GeoTIFF PIL cannot read: 16-bit, or more bands than RGB(A)
+                count, dtype = raster
+                what = "an 8-bit image" if dtype != "uint8" else "an image of 1, 3 or 4 bands"
+                raise DatasetError(f"{path} is a {count}-band {dtype} raster, not {what}; {_EIGHT_BIT_FIX}") from exc
+            raise DatasetError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
+
+
+_EIGHT_BIT_FIX = (
+    "save the images of the data set as 8-bit PNG or JPEG (stretched as you want them seen; for a scene, "
+    "geoir tile --export-chips writes such tiles)"
+)
+
+
+def _depth(im) -> str:  # type: ignore[no-untyped-def]
+    """An image's pixel kind for a message: its mode, or "16-bit RGB" where PIL names it RGB."""
+    return f"16-bit {im.mode}" if im.mode in _EIGHT_BIT_MODES else im.mode
+
+
+def _raster_kind(path: Path) -> tuple[int, str] | None:
+    """Bands and data type of a file GDAL reads (a GeoTIFF PIL cannot), None for one it cannot read either."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return src.count, src.dtypes[0]
+    except Exception:
+        return None
 
 
 def _encode_paths(
@@ -291,7 +357,7 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
 
     from geoir.io.vectors import read_vectors
     from geoir.retrieval.engine import shares_area
-    from geoir.tiling.grid import to_lonlat
+    from geoir.tiling.grid import off_the_globe, to_lonlat
 
     p = Path(labels_file)
     gdf = read_vectors(p, "labels file", DatasetError, "pass a GeoPackage or GeoJSON of labelled points or polygons")
@@ -302,19 +368,23 @@ def bundle_features(labels_file: str | os.PathLike[str], bundle, label_column: s
         raise DatasetError(f"{p} has no `{label_column}` column (its columns: {', '.join(others) or 'none'}); {hint}")
     if bundle.model is None:
         raise DatasetError(f"{bundle.path} is not encoded; run `geoir encode --index {bundle.path}` first")
-    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    has_geometry = gdf.geometry.notna() & ~gdf.geometry.is_empty
+    shapeless = int((~has_geometry).sum())
+    gdf = gdf[has_geometry]
     text = gdf[label_column].map(label_text)
     unlabelled = int(text.isna().sum())
     gdf = to_lonlat(gdf.assign(**{label_column: text})[text.notna()].reset_index(drop=True))
+    off = off_the_globe(gdf)
+    gdf = gdf[~off].reset_index(drop=True)
     if gdf.empty:
         raise DatasetError(f"{p} has no geometry with a `{label_column}`; label some points or polygons")
-    if unlabelled:
-        log.warning(
-            "%s of %s %s no label: left out",
-            _count(unlabelled, "geometry", "geometries"),
-            p,
-            "has" if unlabelled == 1 else "have",
-        )
+    for n, one, many, why in (
+        (shapeless, "row", "rows", "no geometry"),
+        (unlabelled, "geometry", "geometries", "no label"),
+        (int(off.sum()), "geometry", "geometries", "coordinates that its CRS cannot place in lon/lat (mistyped?)"),
+    ):
+        if n:
+            log.warning("%s of %s %s %s: left out", _count(n, one, many), p, "has" if n == 1 else "have", why)
     _warn_case_variants(gdf[label_column], p)
     tiles = bundle.tiles(bbox=tuple(gdf.total_bounds))
     joined = gpd.sjoin(tiles[["tile_id", "geometry"]], gdf[[label_column, "geometry"]], predicate="intersects")
