@@ -1430,6 +1430,33 @@ def test_a_writer_corrects_counts_and_removes_temp_files_a_killed_run_left(
     )
 
 
+def test_two_killed_runs_in_a_row_cannot_leave_an_index_of_the_right_count_and_wrong_tiles(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geoir as api
+    from geoir.index.vectors import VectorIndex
+
+    model = api.load_model("backbone", backbone="test")
+    a, b, c = (make_geotiff(f"{n}.tif", seed=i) for i, n in enumerate("abc"))  # 4 tiles each
+    index = tmp_path / "idx"
+    api.tile([a, b], index=index, model=model)
+    kept = (index / "float.faiss").read_bytes()
+    api.tile([c], index=index, model=model)
+    # A tile run killed after committing c, before saving the index: the file holds a and b.
+    (index / "float.faiss").write_bytes(kept)
+    bundle = Bundle.open(index)
+    a_id = next(r["id"] for r in bundle.scene_records() if r["path"] == str(a))
+    # Then a remove of a killed after its catalog commit, before its index save (the remove raises there).
+    monkeypatch.setattr(VectorIndex, "remove", lambda self, ids: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt), bundle.lock():
+        bundle.remove_scene(a_id)
+    monkeypatch.undo()
+    # The index had held a and b: 8 vectors for the catalog's 8 tiles of b and c, and c was never found.
+    bundle = Bundle.open(index)
+    assert set(bundle.indexes()["float"].ids().tolist()) == set(bundle.tiles().tile_id.tolist())
+    assert len(bundle.tiles()) == 8
+
+
 @pytest.mark.parametrize("fmt", ["fgb", "geojson", "gpkg"])
 def test_an_output_gdal_wrote_short_is_refused_and_leaves_nothing(
     bundle2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str

@@ -1102,6 +1102,15 @@ class Bundle:
         """Remove a scene and its tiles in one transaction; returns the number of tiles removed."""
         if scene_id not in self.scene_ids():
             raise BundleError(f"no scene {scene_id} in {self.path}; `geoir info --index {self.path}` lists them")
+        # An index an earlier run left behind the catalog (killed before saving it) is rebuilt first. Edited as
+        # it is, and this run killed in turn before saving it, it could hold as many vectors as the catalog
+        # has tiles, of other scenes: the count every reader checks it by would no longer tell.
+        expected = self.encoded_tiles()
+        for kind in self.index_kinds():
+            index = self._index(kind, changing=True)
+            if index is not None and len(index) != expected:
+                log.info("%s index of %s disagrees with the catalog; rebuilding it first", kind, self.path)
+                self.rebuild_index(kind)
         with self._writing() as con:
             ids = [r[0] for r in con.execute("SELECT tile_id FROM tiles WHERE scene_id = ?", (scene_id,))]
             # Scene row first: from that instant its tiles are invisible, whatever happens next.
