@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from geoir.cli import cli
 from geoir.cli.info import _human_bytes
+from geoir.errors import BundleError
 from geoir.index.bundle import Bundle
 from tests.conftest import SCENES, MakeGeoTiff, needs_qgis, needs_shared_data, qgis_probe
 
@@ -1455,6 +1456,29 @@ def test_two_killed_runs_in_a_row_cannot_leave_an_index_of_the_right_count_and_w
     bundle = Bundle.open(index)
     assert set(bundle.indexes()["float"].ids().tolist()) == set(bundle.tiles().tile_id.tolist())
     assert len(bundle.tiles()) == 8
+
+
+def test_a_writer_refuses_a_bundle_another_writer_changed_after_it_read_it(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    import geoir as api
+
+    model = api.load_model("backbone", backbone="test")
+    index = tmp_path / "idx"
+    api.tile([make_geotiff("a.tif", seed=1)], index=index, encode=False)
+    # `geoir encode` reads the bundle, then loads its model (seconds); a `geoir tile` commits meanwhile ...
+    slow = Bundle.open(index)
+    api.tile([make_geotiff("b.tif", seed=2)], index=index, model=model)
+    # ... and the encode, writing its copy of the manifest back, undid the other run's model and counts.
+    with pytest.raises(BundleError, match="changed by another geoir process while this one prepared"), slow.lock():
+        pass
+    assert Bundle.open(index).manifest["counts"]["scenes"] == 2 and Bundle.open(index).model is not None
+    # Its own writes are no change to it: one process takes the lock again and again.
+    bundle = Bundle.open(index)
+    for _ in range(2):
+        with bundle.lock():
+            bundle.reconcile()
+            bundle.write_manifest()
 
 
 @pytest.mark.parametrize("fmt", ["fgb", "geojson", "gpkg"])

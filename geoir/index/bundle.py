@@ -111,6 +111,10 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
         _CREATED_HERE.reset(token)
 
 
+def _canonical(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, sort_keys=True)
+
+
 def _holds_files(folder: Path) -> bool:
     """Whether a folder holds anything but a lock file (which a run that lost a race to create a bundle there
     may leave behind): an empty folder may become a bundle."""
@@ -191,6 +195,9 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
         self.manifest = manifest
+        # The manifest as this process read or last wrote it: a writer taking the lock checks that nobody
+        # changed the file since (see :meth:`lock`).
+        self._manifest_seen = _canonical(manifest)
         # FAISS indexes loaded by this process, so a run adding many scenes reads each file once.
         self._loaded: dict[str, VectorIndex] = {}
         # Kinds whose loaded index holds vectors its file lacks (saved by flush_indexes).
@@ -337,6 +344,7 @@ class Bundle:
     def write_manifest(self) -> None:
         self.manifest["updated"] = _now()
         atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+        self._manifest_seen = _canonical(self.manifest)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -368,6 +376,17 @@ class Bundle:
                 raise
             if not (self.path / MANIFEST).exists():
                 raise self._removed_meanwhile()
+            try:
+                on_disk = _canonical(json.loads((self.path / MANIFEST).read_text()))
+            except (OSError, ValueError):
+                on_disk = None
+            if on_disk != self._manifest_seen:
+                # Another writer committed between this process reading the manifest and taking the lock (a
+                # `geoir encode` loading its model while a `geoir tile` ran): writing this copy back would undo
+                # that writer's model and counts.
+                raise BundleError(
+                    f"{self.path} was changed by another geoir process while this one prepared; run this command again"
+                )
             try:
                 yield
             except BaseException:
