@@ -1074,3 +1074,36 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_with_141_and_no_message(
         _, err = p.communicate(timeout=120)
         assert p.returncode == 128 + signal.SIGPIPE, err
         assert err == "", err
+
+
+def test_a_writer_killed_outright_frees_its_bundle_at_once_not_when_its_readers_end(
+    make_geotiff: MakeGeoTiff, tmp_path: Path
+) -> None:
+    # Forked reader processes inherited the lock file, and flock belongs to the open file: a SIGKILLed `geoir
+    # tile` kept its bundle locked ("being written by another geoir process") until torch's watchdog ended them.
+    scene = make_geotiff(shape=(3, 1024, 1024))
+    index = tmp_path / "idx"
+    Bundle.open_or_create(index, None)
+    script = (
+        "import sys, time\n"
+        "from geoir.encoding.batches import iter_batches\n"
+        "from geoir.index.bundle import Bundle\n"
+        "from geoir.io.scene import open_scene\n"
+        "from geoir.tiling.grid import TilingParams\n"
+        "from geoir.tiling.tiler import TileSource\n"
+        "with Bundle.open(sys.argv[1]).lock():\n"
+        "    batches = iter_batches(TileSource(open_scene(sys.argv[2]), TilingParams()), 1, workers=1)\n"
+        "    next(batches)\n"
+        "    print('reading', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script, str(index), str(scene)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "reading"
+        p.kill()
+        p.wait(timeout=30)
+        time.sleep(0.5)
+        with Bundle.open(index).lock():  # not "being written by another geoir process"
+            pass
+    finally:
+        p.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -1452,10 +1453,42 @@ def test_two_killed_runs_in_a_row_cannot_leave_an_index_of_the_right_count_and_w
     with pytest.raises(KeyboardInterrupt), bundle.lock():
         bundle.remove_scene(a_id)
     monkeypatch.undo()
+    # Killed between its catalog commit and its index save, the remove leaves no index file (rebuilt on next
+    # use), not one still holding the removed scene, which a killed tile run could bring to the catalog's count.
+    assert not (index / "float.faiss").exists()
     # The index had held a and b: 8 vectors for the catalog's 8 tiles of b and c, and c was never found.
     bundle = Bundle.open(index)
     assert set(bundle.indexes()["float"].ids().tolist()) == set(bundle.tiles().tile_id.tolist())
     assert len(bundle.tiles()) == 8
+
+
+def test_a_search_that_a_remove_overlaps_leaves_the_removed_scenes_hits_out(
+    make_geotiff: MakeGeoTiff, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The search's index still held the removed scene's tiles, their catalog rows gone: a KeyError traceback.
+    import geoir as api
+    from geoir.retrieval.engine import QueryParts, Searcher
+
+    model = api.load_model("backbone", backbone="test")
+    a, b = make_geotiff("a.tif", seed=1), make_geotiff("b.tif", seed=2)
+    index = tmp_path / "idx"
+    api.tile([a, b], index=index, model=model)
+    bundle = Bundle.open(index)
+    searcher = Searcher(bundle, model)  # reads the index and the scenes ...
+    writer = Bundle.open(index)
+    a_id = next(r["id"] for r in writer.scene_records() if r["path"] == str(a))
+    with writer.lock():
+        writer.remove_scene(a_id)  # ... then a remove commits
+    parts = QueryParts()
+    searcher.add_tiles(parts, [int(writer.tiles().tile_id[0])], "b", False)
+    caplog.set_level("WARNING", logger="geoir")
+    logging.getLogger("geoir").addHandler(caplog.handler)
+    try:
+        hits = searcher.search(parts, k=8).hits
+    finally:
+        logging.getLogger("geoir").removeHandler(caplog.handler)
+    assert set(hits.scene_id) == {writer.scene_records()[0]["id"]} and len(hits) < 8
+    assert "hit(s) left out: their scene was removed from" in caplog.text
 
 
 def test_a_writer_refuses_a_bundle_another_writer_changed_after_it_read_it(

@@ -197,3 +197,9 @@ def main() -> None:
         if exc.code == 1 and sys.stdout is not stdout:
             raise SystemExit(128 + signal.SIGPIPE) from None
         raise
+    finally:
+        # The command is over: a SIGTERM now (while the interpreter shuts down) ends the process as the signal
+        # does, not with "Stopped by SIGTERM." and a traceback from an exit handler.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                signal.signal(sig, signal.SIG_DFL)

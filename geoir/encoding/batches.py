@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geoir.index.bundle import close_inherited_locks
 from geoir.tiling.tiler import TileSource
 
 
@@ -94,6 +95,7 @@ def iter_batches(
         prefetch_factor=4,
         persistent_workers=False,
         pin_memory=pin_memory,
+        worker_init_fn=close_inherited_locks,
     )
     batches = iter(loader)
     try:

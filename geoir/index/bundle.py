@@ -111,6 +111,21 @@ def discard_if_unused(path: str | os.PathLike[str]) -> Iterator[None]:
         _CREATED_HERE.reset(token)
 
 
+#: File descriptors of the bundle locks this process holds. A forked reader process inherits them, and with
+#: them the lock (flock belongs to the open file, not the process): it closes its copies
+#: (:func:`close_inherited_locks`), so a writer killed outright frees its bundle at once, not when its
+#: orphaned readers end.
+HELD_LOCKS: set[int] = set()
+
+
+def close_inherited_locks(*_: object) -> None:
+    """In a forked reader process: close the copies of the parent's bundle locks (a DataLoader worker_init_fn)."""
+    for fd in list(HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD_LOCKS.clear()
+
+
 def _canonical(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, sort_keys=True)
 
@@ -367,6 +382,7 @@ class Bundle:
                 f"cannot write {self.path} ({exc.strerror}); adding or removing scenes needs write access to the "
                 "bundle (searching does not): ask its owner, or copy it"
             ) from exc
+        HELD_LOCKS.add(fd)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -402,6 +418,7 @@ class Bundle:
                     "their vectors"
                 ) from exc
         finally:
+            HELD_LOCKS.discard(fd)
             os.close(fd)
 
     def _removed_meanwhile(self) -> BundleError:
@@ -1125,11 +1142,20 @@ class Bundle:
         # it is, and this run killed in turn before saving it, it could hold as many vectors as the catalog
         # has tiles, of other scenes: the count every reader checks it by would no longer tell.
         expected = self.encoded_tiles()
+        held: dict[str, VectorIndex] = {}
         for kind in self.index_kinds():
             index = self._index(kind, changing=True)
             if index is not None and len(index) != expected:
                 log.info("%s index of %s disagrees with the catalog; rebuilding it first", kind, self.path)
                 self.rebuild_index(kind)
+                index = self._loaded[kind]
+            if index is not None:
+                held[kind] = index
+        # The index files go before the catalog changes, and come back edited after: a run killed (or a disk
+        # full) in between leaves none, which the next use rebuilds. Left in place, an index still holding the
+        # removed scene, then missing a scene a killed tile run committed, could hold the catalog's count.
+        for kind in held:
+            self.index_path(kind).unlink(missing_ok=True)
         with self._writing() as con:
             ids = [r[0] for r in con.execute("SELECT tile_id FROM tiles WHERE scene_id = ?", (scene_id,))]
             # Scene row first: from that instant its tiles are invisible, whatever happens next.
@@ -1139,12 +1165,13 @@ class Bundle:
         counts["scenes"] -= 1
         counts["tiles"] -= n
         self.write_manifest()
-        for kind in self.index_kinds():
-            index = self._index(kind, changing=True)
-            if index is not None:
+        self.vectors_path(scene_id).unlink(missing_ok=True)
+        try:
+            for kind, index in held.items():
                 index.remove(np.asarray(ids, dtype=np.int64))
                 self._save_index(kind, index)
-        self.vectors_path(scene_id).unlink(missing_ok=True)
+        except BundleError as exc:
+            raise BundleError(f"{exc}; the scene is removed, and the next search or tile rebuilds the index") from exc
         return n
 
 

@@ -444,6 +444,17 @@ class Searcher:
         self, ids: np.ndarray, dist: np.ndarray, scores: np.ndarray, ham: np.ndarray | None, query: str
     ) -> gpd.GeoDataFrame:
         tiles = self.tiles_by_id(ids).set_index("tile_id")
+        found = np.isin(ids, tiles.index.to_numpy())
+        if not found.all():
+            # A scene removed (or replaced) while this search ran: its tiles were in the index this search
+            # read, their catalog rows are gone.
+            log.warning(
+                "%d hit(s) left out: their scene was removed from %s while this search ran",
+                int((~found).sum()),
+                self.bundle.path,
+            )
+            ids, dist, scores = ids[found], dist[found], scores[found]
+            ham = None if ham is None else ham[found]
         rows = []
         hams = [None] * len(ids) if ham is None else ham.tolist()
         for rank, (tid, d, sc, h) in enumerate(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import rasterio
 
-from geoir.errors import SceneError, TilingError, user_message
+from geoir.errors import BundleError, SceneError, TilingError, user_message
 from geoir.index.bundle import Bundle
 from geoir.io.files import atomic_write_text, file_mode, made_folder
 from geoir.io.scene import CHIPS_MARKER, Scaling, Scene, band_numbers, expand_inputs, open_scene, stretch_scaling
@@ -195,7 +195,12 @@ def tile_scenes(
         )
         commit_scene(bundle, source, idx, fracs, enc, report, black=black[0])
         known.have.add(scene.id)
-    bundle.flush_indexes()
+    try:
+        bundle.flush_indexes()
+    except BundleError as exc:
+        raise BundleError(
+            f"{exc}; the scenes added are committed, and the next search or tile rebuilds the index from their vectors"
+        ) from exc
     return report
 
 
