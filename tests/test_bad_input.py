@@ -593,8 +593,37 @@ def test_a_bundle_that_cannot_be_written_is_named_by_writers(
     monkeypatch.setattr(Bundle, "_connect", lambda self: sqlite3.connect(f"file:{self.catalog_path}?mode=ro", uri=True))
     r = geoir("remove", scene.name, "--index", str(index))
     assert_clean_error(r, 1, "cannot write", "catalog.gpkg", "needs write access to the bundle")
+    assert (index / "float.faiss").exists()  # a remove that changed nothing keeps the index
     r = geoir("tile", str(make_geotiff("b.tif", seed=3)), "--index", str(index), *BACKBONE)
     assert_clean_error(r, 1, "needs write access to the bundle")
+    # A full disk at the catalog's write is one line too, saying nothing was changed (it was a traceback).
+    monkeypatch.setattr(Bundle, "_connect", lambda self: _FullDisk(sqlite3.connect(self.catalog_path)), raising=True)
+    r = geoir("remove", scene.name, "--index", str(index))
+    assert_clean_error(r, 1, "catalog.gpkg (the disk is full); nothing of this change was written")
+    assert len(Bundle.open(index).scene_records()) == 1 and (index / "float.faiss").exists()
+
+
+class _FullDisk:
+    """An SQLite connection whose changes fail as on a full disk."""
+
+    def __init__(self, con: object) -> None:
+        self.con = con
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.con, name)
+
+    def __enter__(self) -> object:
+        return self.con.__enter__()  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> object:
+        return self.con.__exit__(*exc)  # type: ignore[attr-defined]
+
+    def execute(self, sql: str, *args: object) -> object:
+        import sqlite3
+
+        if sql.lstrip().upper().startswith("DELETE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.con.execute(sql, *args)  # type: ignore[attr-defined]
 
 
 def test_a_damaged_vector_file_is_named(make_geotiff: MakeGeoTiff, tmp_path: Path) -> None:

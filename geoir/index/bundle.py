@@ -458,6 +458,11 @@ class Bundle:
                     f"cannot write {self.catalog_path} ({exc}); adding or removing scenes needs write access to the "
                     "bundle (searching does not): ask its owner, or copy it"
                 ) from exc
+            if "disk is full" in str(exc) or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise BundleError(
+                    f"cannot write {self.catalog_path} (the disk is full); nothing of this change was written: free "
+                    "space there, and run the command again"
+                ) from exc
             raise
 
     def _check_catalog(self) -> None:
@@ -1151,16 +1156,17 @@ class Bundle:
                 index = self._loaded[kind]
             if index is not None:
                 held[kind] = index
-        # The index files go before the catalog changes, and come back edited after: a run killed (or a disk
-        # full) in between leaves none, which the next use rebuilds. Left in place, an index still holding the
-        # removed scene, then missing a scene a killed tile run committed, could hold the catalog's count.
-        for kind in held:
-            self.index_path(kind).unlink(missing_ok=True)
         with self._writing() as con:
             ids = [r[0] for r in con.execute("SELECT tile_id FROM tiles WHERE scene_id = ?", (scene_id,))]
             # Scene row first: from that instant its tiles are invisible, whatever happens next.
             con.execute("DELETE FROM scenes WHERE scene_id = ?", (scene_id,))
             n = con.execute("DELETE FROM tiles WHERE scene_id = ?", (scene_id,)).rowcount
+            # The index files go just before the catalog commits, and come back edited after: a run killed (or
+            # a disk full) in between leaves none, which the next use rebuilds. Left in place, an index still
+            # holding the removed scene, then missing a scene a killed tile run committed, could hold the
+            # catalog's count with other scenes' vectors.
+            for kind in held:
+                self.index_path(kind).unlink(missing_ok=True)
         counts = self.manifest["counts"]
         counts["scenes"] -= 1
         counts["tiles"] -= n
