@@ -175,3 +175,18 @@ def copy_scene(tmp_path: Path) -> Callable[[str], Path]:
         return dst
 
     return copy
+
+
+@contextlib.contextmanager
+def geoir_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Capture geoir's warnings in ``caplog`` in this block: its logger stops propagation once a command of
+    another test has run, so pytest's own capture misses them."""
+    import logging
+
+    caplog.set_level("WARNING", logger="geoir")
+    logger = logging.getLogger("geoir")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

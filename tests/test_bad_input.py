@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ from geoir.cli import cli
 from geoir.errors import BundleError, GeoirError, SceneError, user_message
 from geoir.index.bundle import Bundle, discard_if_unused
 from geoir.io.scene import expand_inputs, open_scene
-from tests.conftest import MakeGeoTiff, editing_catalog, truncated
+from tests.conftest import MakeGeoTiff, editing_catalog, geoir_warnings, truncated
 
 BACKBONE = ["--model", "backbone", "--backbone", "test", "--device", "cpu"]
 
@@ -750,12 +749,8 @@ def test_two_bands_are_refused_when_asked_for_and_named_when_a_raster_has_two(
     make_geotiff: MakeGeoTiff, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     two = make_geotiff("two.tif", shape=(2, 256, 256))
-    caplog.set_level("WARNING", logger="geoir")
-    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
-    try:
+    with geoir_warnings(caplog):
         scene = open_scene(two)
-    finally:
-        logging.getLogger("geoir").removeHandler(caplog.handler)
     assert scene.bands == (1, 2, 2) and "has 2 colour bands; they are read as 1,2,2" in caplog.text
     r = geoir("tile", str(make_geotiff()), "--index", str(tmp_path / "i"), "--bands", "1,2", "--no-encode")
     assert_clean_error(r, 1, "--bands 1,2: give 3 bands", "--bands 1,2,2")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from geoir.cli import cli
 from geoir.cli.info import _human_bytes
 from geoir.errors import BundleError
 from geoir.index.bundle import Bundle
-from tests.conftest import SCENES, MakeGeoTiff, needs_qgis, needs_shared_data, qgis_probe
+from tests.conftest import SCENES, MakeGeoTiff, geoir_warnings, needs_qgis, needs_shared_data, qgis_probe
 
 TEST_MODEL = ["--backbone", "test", "--device", "cpu"]
 #: For tile and encode, which also take --workers.
@@ -1481,12 +1480,8 @@ def test_a_search_that_a_remove_overlaps_leaves_the_removed_scenes_hits_out(
         writer.remove_scene(a_id)  # ... then a remove commits
     parts = QueryParts()
     searcher.add_tiles(parts, [int(writer.tiles().tile_id[0])], "b", False)
-    caplog.set_level("WARNING", logger="geoir")
-    logging.getLogger("geoir").addHandler(caplog.handler)
-    try:
+    with geoir_warnings(caplog):
         hits = searcher.search(parts, k=8).hits
-    finally:
-        logging.getLogger("geoir").removeHandler(caplog.handler)
     assert set(hits.scene_id) == {writer.scene_records()[0]["id"]} and len(hits) < 8
     assert "hit(s) left out: their scene was removed from" in caplog.text
 

@@ -25,7 +25,7 @@ from geoir.errors import DatasetError
 from geoir.index.bundle import Bundle
 from geoir.training.data import bundle_features, cache_dir, dihedral, image_folder_features, label_text
 from geoir.training.recipes import Recipe
-from tests.conftest import MakeGeoTiff
+from tests.conftest import MakeGeoTiff, geoir_warnings
 
 TEST_BACKBONE = ["--backbone", "test", "--device", "cpu"]
 
@@ -580,12 +580,8 @@ def test_labels_are_cleaned_and_every_left_out_label_is_counted(
     gdf = gpd.GeoDataFrame({"label": [*text, "desert", "b"]}, geometry=[*centres, far, centres[0]], crs=tiles.crs)
     gpkg = tmp_path / "labels.gpkg"
     gdf.to_file(gpkg)
-    caplog.set_level("WARNING", logger="geoir")
-    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
-    try:
+    with geoir_warnings(caplog):
         got = _features_of(index, gpkg)
-    finally:
-        logging.getLogger("geoir").removeHandler(caplog.handler)
     assert sorted(set(got.values())) == ["B", "a", "b"]
     ids = list(tiles.tile_id)
     assert f"tile:{ids[0]}" not in got and all(got[f"tile:{ids[i]}"] == "a" for i in range(1, 6))
@@ -620,12 +616,8 @@ def test_bow_tie_labels_in_a_projected_crs_keep_both_areas_and_unplaceable_rows_
     drawn.to_file(tmp_path / "drawn.gpkg")
     repaired = gpd.GeoDataFrame({"label": ["x", "y"]}, geometry=[shapely.make_valid(bow), north], crs="EPSG:32618")
     repaired.to_file(tmp_path / "repaired.gpkg")
-    caplog.set_level("WARNING", logger="geoir")
-    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
-    try:
+    with geoir_warnings(caplog):
         got = _features_of(index, tmp_path / "drawn.gpkg")
-    finally:
-        logging.getLogger("geoir").removeHandler(caplog.handler)
     assert got == _features_of(index, tmp_path / "repaired.gpkg")
     assert list(got.values()).count("x") == 12 and list(got.values()).count("y") == 1  # of 16 tiles
     assert "1 row of" in caplog.text and "has no geometry: left out" in caplog.text
@@ -798,12 +790,8 @@ def test_image_folders_as_archives_leave_them_are_read_or_refused_by_name(
     Image.open(beach / "1.png").save(beach / "extra.bmp")
     Image.open(beach / "2.png").save(beach / "extra.webp", lossless=True)
     shutil.copy(beach / "3.png", beach / ".hidden.png")
-    caplog.set_level("WARNING", logger="geoir")
-    logging.getLogger("geoir").addHandler(caplog.handler)  # the CLI of other tests stops propagation
-    try:
+    with geoir_warnings(caplog):
         data = image_folder_features(image_folder, bb)
-    finally:
-        logging.getLogger("geoir").removeHandler(caplog.handler)
     assert len(data.items) == 12 * 4 + 3 and "class0/extra.bmp" in data.items and "class0/extra.webp" in data.items
     assert "1 hidden image(s)" in caplog.text and "class0/.hidden.png" in caplog.text
     assert data.summary()["samples"] == 51
@@ -1168,7 +1156,6 @@ def test_images_in_sub_folders_of_a_class_are_named_as_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """They were skipped without a word (75 samples counted of 76)."""
-    import logging
 
     from geoir.training.data import list_image_folder
 
