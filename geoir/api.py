@@ -72,11 +72,8 @@ def tile(
     _check_tta(model, tta)
     if tta and not encode:
         raise ModelError("tta is a way of encoding; leave it out with encode=False")
-    if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size < 1:
-        raise TilingError(f"batch_size must be a positive number of tiles, got {batch_size!r}")
-    if not isinstance(workers, int | np.integer) or isinstance(workers, bool) or workers < 0:
-        raise TilingError(f"workers must be 0 (read in this process) or a number of processes, got {workers!r}")
-    batch_size, workers = int(batch_size), int(workers)
+    batch_size = _whole(batch_size, "batch_size", 1, "a positive number of tiles", TilingError)
+    workers = _whole(workers, "workers", 0, "0 (read in this process) or a number of processes", TilingError)
     if params is not None and not isinstance(params, TilingParams):
         raise TilingError(f"params must be a TilingParams, e.g. TilingParams(size=256, gsd=1.0), got {params!r:.60}")
     index = _path_arg(index, "index")
@@ -191,8 +188,7 @@ def encode_images(
 
     _flag(tta, "tta", ModelError, none=True)
     _check_tta(model, tta)
-    if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ModelError(f"batch_size must be a positive number of images, got {batch_size!r:.40}")
+    batch_size = _whole(batch_size, "batch_size", 1, "a positive number of images", ModelError)
     paths = _paths(images, "images")
     m = model if isinstance(model, Model) else load_model(model, tta=bool(tta))
     return m.encode_images((read_image(p).rgb for p in paths), batch_size).embedding
@@ -259,6 +255,13 @@ def _path_arg(value: object, name: str) -> PathLike:
     if _empty_path(value):
         raise GeoirError(f"{name} is an empty path; name the bundle's folder")
     return value
+
+
+def _whole(value: object, name: str, least: int, what: str, error: type[GeoirError]) -> int:
+    """An integer argument of at least ``least`` (numpy integers too, not bools), or ``error`` naming it."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
+        raise error(f"{name} must be {what}, got {value!r:.40}")
+    return int(value)
 
 
 def _empty_path(value: str | os.PathLike) -> bool:

@@ -225,10 +225,11 @@ def search(
         from geoir.tiling.grid import off_the_globe, to_lonlat
 
         aoi_df = to_lonlat(aoi_df)
-        if off_the_globe(aoi_df).any():
-            i = int(off_the_globe(aoi_df).argmax())
+        off = off_the_globe(aoi_df)
+        if off.any():
             raise click.ClickException(
-                f"--aoi {aoi}: geometry {i} has coordinates that its CRS cannot place in lon/lat; check them"
+                f"--aoi {aoi}: geometry {int(off.argmax())} has coordinates that its CRS cannot place in lon/lat; "
+                "check them"
             )
         aoi_geom = shapely.union_all(aoi_df.geometry.values)
     allowed = searcher.allowed_ids(bbox=bbox, aoi=aoi_geom, scenes=scenes)

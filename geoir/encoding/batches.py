@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoir.index.bundle import close_inherited_locks
 from geoir.tiling.tiler import TileSource
 
 
@@ -77,6 +76,8 @@ def iter_batches(
         return
     import torch
     from torch.utils.data import DataLoader
+
+    from geoir.index.bundle import close_inherited_locks
 
     # The parent must not hold an open GDAL handle that forked workers would share.
     source.close()

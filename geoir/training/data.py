@@ -93,8 +93,9 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         p for c in root.iterdir() if c.is_dir() and c.name.startswith(".") for p in c.iterdir() if _is_image_name(p)
     ]
     for i, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if _is_image_name(p) and not p.name.startswith("."))
-        hidden += [p for p in (root / c).iterdir() if _is_image_name(p) and p.name.startswith(".")]
+        images = [p for p in (root / c).iterdir() if _is_image_name(p)]
+        files = sorted(p for p in images if not p.name.startswith("."))
+        hidden += [p for p in images if p.name.startswith(".")]
         for p in files:
             if p.is_symlink() and not p.exists():
                 raise DatasetError(f"{p} is a broken link (to {os.readlink(p)}); remove it, or fix where it points")
@@ -105,8 +106,7 @@ def list_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         nested += [
             p
             for p in (root / c).glob("*/**/*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.parts[len(root.parts) :])
+            if _is_image_name(p) and not any(part.startswith(".") for part in p.parts[len(root.parts) :])
         ]
     if hidden:
         log.warning(
